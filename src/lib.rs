@@ -1,0 +1,8 @@
+//! `dynamic-vm`: pack more virtual machines into the same RAM.
+//!
+//! This facade re-exports the workspace's crates; see the README for the map.
+
+#![cfg_attr(not(test), no_std)]
+
+#[doc(inline)]
+pub use sdtree;
