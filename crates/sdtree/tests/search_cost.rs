@@ -1,0 +1,88 @@
+//! The tree reads each stored key at most once per search: a search over pages with a
+//! long common prefix reads about one page of stored keys, where a comparison tree reads
+//! the common prefix at every level.
+
+use sdtree::SdTree;
+
+const PAGE: usize = 4096;
+const PREFIX: usize = 2000;
+const N: usize = 10_000;
+
+fn pages() -> Vec<Vec<u8>> {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    (0..N)
+        .map(|_| {
+            let mut p = vec![0x5Au8; PAGE];
+            for b in &mut p[PREFIX..] {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            p
+        })
+        .collect()
+}
+
+/// Bytes a memcmp-ordered binary search reads of stored keys to find `probe`.
+fn comparison_search_bytes(sorted: &[&Vec<u8>], probe: &[u8]) -> usize {
+    let (mut lo, mut hi, mut read) = (0, sorted.len(), 0);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        let k = sorted[mid];
+        let same = k.iter().zip(probe).take_while(|(a, b)| a == b).count();
+        read += (same + 1).min(k.len());
+        match k.as_slice().cmp(probe) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => return read,
+        }
+    }
+    read
+}
+
+#[test]
+fn a_present_page_costs_one_page_of_stored_key_reads() {
+    let pages = pages();
+    let tree = SdTree::new(&pages);
+    for h in 0..N {
+        let _ = tree.insert_or_get(h);
+    }
+    let mut sorted: Vec<&Vec<u8>> = pages.iter().collect();
+    sorted.sort();
+    let mut worst = 0;
+    let mut comparison_total = 0;
+    for h in (0..N).step_by(97) {
+        let (found, stats) = tree.get_with_stats(&pages[h]);
+        assert_eq!(found, Some(h));
+        assert!(
+            stats.stored_key_bytes <= PAGE + 256,
+            "search for page {h} read {} bytes of stored keys",
+            stats.stored_key_bytes
+        );
+        worst = worst.max(stats.stored_key_bytes);
+        comparison_total += comparison_search_bytes(&sorted, &pages[h]);
+    }
+    let searches = N.div_ceil(97);
+    // The data really is the hard case: a comparison search reads the prefix per level.
+    assert!(
+        comparison_total / searches >= 13 * PREFIX,
+        "comparison search read only {} bytes on average",
+        comparison_total / searches
+    );
+    assert!(worst <= PAGE + 256);
+}
+
+#[test]
+fn a_missing_page_is_rejected_after_reading_at_most_one_page() {
+    let pages = pages();
+    let tree = SdTree::new(&pages[..N - 1]);
+    for h in 0..N - 1 {
+        let _ = tree.insert_or_get(h);
+    }
+    let (found, stats) = tree.get_with_stats(&pages[N - 1]);
+    assert_eq!(found, None);
+    assert!(stats.stored_key_bytes <= PAGE + 256);
+    // A random 10,000-key trie is about log2(n) deep, never near n.
+    assert!(stats.nodes_visited < 64, "visited {} nodes", stats.nodes_visited);
+}
