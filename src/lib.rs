@@ -6,3 +6,8 @@
 
 #[doc(inline)]
 pub use sdtree;
+
+// The README's examples compile and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

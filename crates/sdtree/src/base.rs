@@ -87,7 +87,7 @@ struct Sourced<'s, S: ?Sized>(&'s S);
 // SAFETY: `key` returns a slice borrowed from the source, valid for the borrow; `retire`
 // frees nothing (handles belong to the user).
 unsafe impl<S: KeySource + ?Sized> Leaves for Sourced<'_, S> {
-    unsafe fn key<'a>(&'a self, handle: usize) -> &'a [u8] {
+    unsafe fn key(&self, handle: usize) -> &[u8] {
         self.0.key(handle)
     }
     unsafe fn retire(&self, _handle: usize, _guard: &Guard) {}
@@ -257,7 +257,7 @@ struct Entries<K, V>(PhantomData<Box<Entry<K, V>>>);
 // guard once unlinked (`retire`), or when the map is dropped, so `key` reads live memory
 // for as long as the caller stays pinned.
 unsafe impl<K: AsRef<[u8]>, V> Leaves for Entries<K, V> {
-    unsafe fn key<'a>(&'a self, handle: usize) -> &'a [u8] {
+    unsafe fn key(&self, handle: usize) -> &[u8] {
         // SAFETY: the caller read `handle` from the map while pinned; the entry is freed
         // no earlier than every such pin ends.
         unsafe { (*entry_ptr::<K, V>(handle)).key.as_ref() }
@@ -379,7 +379,11 @@ where
     }
 
     /// The key and value stored under `key`.
-    pub fn get_entry<'g>(&'g self, key: impl AsRef<[u8]>, guard: &'g Guard) -> Option<(&'g K, &'g V)> {
+    pub fn get_entry<'g>(
+        &'g self,
+        key: impl AsRef<[u8]>,
+        guard: &'g Guard,
+    ) -> Option<(&'g K, &'g V)> {
         self.raw.check_guard(guard);
         let h = self
             .raw

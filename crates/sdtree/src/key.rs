@@ -94,8 +94,18 @@ mod tests {
     #[test]
     fn diff_matches_bitwise_definition() {
         let keys: &[&[u8]] = &[
-            b"", b"a", b"ab", b"abc", b"abd", b"\0", b"\0\0", b"\x80", b"abcdefghij",
-            b"abcdefghik", b"abcdefgh", b"abcdefgh\0",
+            b"",
+            b"a",
+            b"ab",
+            b"abc",
+            b"abd",
+            b"\0",
+            b"\0\0",
+            b"\x80",
+            b"abcdefghij",
+            b"abcdefghik",
+            b"abcdefgh",
+            b"abcdefgh\0",
         ];
         for a in keys {
             for b in keys {

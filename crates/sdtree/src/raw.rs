@@ -84,15 +84,15 @@ unsafe fn node<'g>(word: usize) -> &'g Node {
 /// How a tree reads the key of a leaf, and what it does with a leaf it unlinks.
 ///
 /// # Safety
-/// Implementations must return, for a handle, a slice that stays valid for `'a`, and
-/// `retire` must only schedule the leaf's storage for release through `guard` (never free
+/// Implementations must return, for a handle, a slice that stays valid while the caller
+/// stays pinned, and `retire` must only schedule the leaf's storage for release through `guard` (never free
 /// it at once), because other pinned threads may still read the key.
 pub(crate) unsafe trait Leaves {
     /// The key bytes of `handle`.
     ///
     /// # Safety
     /// `handle` was read from this tree while the caller was pinned, and still is.
-    unsafe fn key<'a>(&'a self, handle: usize) -> &'a [u8];
+    unsafe fn key(&self, handle: usize) -> &[u8];
 
     /// `handle`'s leaf was unlinked from the tree; called exactly once per removed leaf.
     ///
@@ -513,9 +513,9 @@ impl Raw {
 
     /// A cursor for ordered iteration under a guard.
     pub(crate) fn cursor(&self) -> Cursor {
-        let mut stack = Vec::new();
-        stack.push(self.head.load(Ordering::Acquire));
-        Cursor { stack }
+        Cursor {
+            stack: alloc::vec![self.head.load(Ordering::Acquire)],
+        }
     }
 
     /// Frees every node and passes every leaf still linked to `release`, once.
@@ -523,8 +523,7 @@ impl Raw {
     /// # Safety
     /// No other thread may use the tree, now or later.
     pub(crate) unsafe fn destroy(&mut self, mut release: impl FnMut(usize)) {
-        let mut stack: Vec<usize> = Vec::new();
-        stack.push(self.head.load(Ordering::Relaxed));
+        let mut stack: Vec<usize> = alloc::vec![self.head.load(Ordering::Relaxed)];
         while let Some(w) = stack.pop() {
             if w == EMPTY {
                 continue;

@@ -157,8 +157,8 @@ proptest! {
 fn prefixes_and_empty_key_are_distinct_and_ordered() {
     let keys: Vec<&[u8]> = vec![b"abc", b"", b"ab", b"a", b"abc\0", b"b", b"\0"];
     let tree = SdTree::new(keys.clone());
-    for h in 0..keys.len() {
-        assert_eq!(tree.insert_or_get(h), Insert::Inserted, "key {:?}", keys[h]);
+    for (h, k) in keys.iter().enumerate() {
+        assert_eq!(tree.insert_or_get(h), Insert::Inserted, "key {k:?}");
     }
     let order: Vec<&[u8]> = tree.iter().map(|h| keys[h]).collect();
     let mut sorted = keys.clone();
