@@ -191,7 +191,11 @@ fn reader_during_unlink() {
         });
         assert_eq!(w.join().unwrap(), Some(1));
         let (kept, order) = r.join().unwrap();
-        assert_eq!(kept, (Some(0), Some(2)), "a key present throughout was missed");
+        assert_eq!(
+            kept,
+            (Some(0), Some(2)),
+            "a key present throughout was missed"
+        );
         assert!(order == [0, 1, 2] || order == [0, 2], "{order:?}");
         assert_eq!(contents(&t, &c), [0, 2]);
     });

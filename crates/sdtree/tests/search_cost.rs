@@ -84,5 +84,9 @@ fn a_missing_page_is_rejected_after_reading_at_most_one_page() {
     assert_eq!(found, None);
     assert!(stats.stored_key_bytes <= PAGE + 256);
     // A random 10,000-key trie is about log2(n) deep, never near n.
-    assert!(stats.nodes_visited < 64, "visited {} nodes", stats.nodes_visited);
+    assert!(
+        stats.nodes_visited < 64,
+        "visited {} nodes",
+        stats.nodes_visited
+    );
 }

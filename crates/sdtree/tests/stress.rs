@@ -91,7 +91,11 @@ fn handles_are_never_lost_or_duplicated() {
     });
     let present: Vec<usize> = tree.iter().collect();
     let present_set: BTreeSet<usize> = present.iter().copied().collect();
-    assert_eq!(present.len(), present_set.len(), "a handle was yielded twice");
+    assert_eq!(
+        present.len(),
+        present_set.len(),
+        "a handle was yielded twice"
+    );
     for h in 0..keys.len() {
         let net: i64 = nets.iter().map(|n| n[h]).sum();
         assert!(net == 0 || net == 1, "handle {h}: net {net}");
@@ -141,8 +145,15 @@ fn map_values_are_removed_at_most_once() {
     let inserted: BTreeSet<u64> = inserted.into_iter().flatten().collect();
     let removed_all: Vec<u64> = removed.into_iter().flatten().collect();
     let removed: BTreeSet<u64> = removed_all.iter().copied().collect();
-    assert_eq!(removed.len(), removed_all.len(), "a value was removed twice");
-    assert!(removed.is_subset(&inserted), "removed a value never inserted");
+    assert_eq!(
+        removed.len(),
+        removed_all.len(),
+        "a value was removed twice"
+    );
+    assert!(
+        removed.is_subset(&inserted),
+        "removed a value never inserted"
+    );
     let mut remaining = BTreeSet::new();
     map.for_each(|_, v| {
         remaining.insert(*v);
