@@ -25,7 +25,7 @@ use crossbeam_epoch::{Collector, Guard};
 use smallvec::SmallVec;
 
 use crate::key::{bit, diff, Diff, Pos};
-use crate::sync::{AtomicUsize, Ordering};
+use crate::sync::{AtomicIsize, AtomicUsize, Ordering};
 
 const FLAG: usize = 0b001;
 const TAG: usize = 0b010;
@@ -158,7 +158,9 @@ type Path = SmallVec<[Step; 48]>;
 /// The lock-free trie. Keys are read through a [`Leaves`] passed to every call.
 pub(crate) struct Raw {
     head: AtomicUsize,
-    len: AtomicUsize,
+    /// Inserts minus removes. Signed: a remove may decrement before the insert it undoes
+    /// has incremented.
+    len: AtomicIsize,
     collector: Collector,
 }
 
@@ -166,7 +168,7 @@ impl Raw {
     pub(crate) fn new(collector: Collector) -> Self {
         Raw {
             head: AtomicUsize::new(EMPTY),
-            len: AtomicUsize::new(0),
+            len: AtomicIsize::new(0),
             collector,
         }
     }
@@ -187,7 +189,7 @@ impl Raw {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.len.load(Ordering::Relaxed).max(0) as usize
     }
 
     #[inline(always)]

@@ -5,6 +5,6 @@
 //! `loom` feature, which this crate turns on under `sdtree_loom`).
 
 #[cfg(not(sdtree_loom))]
-pub(crate) use core::sync::atomic::{AtomicUsize, Ordering};
+pub(crate) use core::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 #[cfg(sdtree_loom)]
-pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
