@@ -192,7 +192,12 @@ fn map_op(
                 "map op {i}: insert_or_get({}) refused",
                 show(&key)
             );
-            assert_eq!(got, want, "map op {i}: insert_or_get({}, {value})", show(&key));
+            assert_eq!(
+                got,
+                want,
+                "map op {i}: insert_or_get({}, {value})",
+                show(&key)
+            );
             model.entry(key).or_insert(value);
         }
         1 => {
@@ -246,7 +251,11 @@ fn run_map(data: &[u8]) {
                 let mut key = if model.is_empty() {
                     Vec::new()
                 } else {
-                    model.keys().nth(n % model.len()).cloned().unwrap_or_default()
+                    model
+                        .keys()
+                        .nth(n % model.len())
+                        .cloned()
+                        .unwrap_or_default()
                 };
                 let letter = ALPHABET[usize::from(s / 4) % ALPHABET.len()];
                 match s % 4 {
@@ -282,11 +291,7 @@ fn run_map(data: &[u8]) {
 }
 
 /// Every handle of `tree` in iteration order must be the model's, in the model's order.
-fn check_tree_contents(
-    tree: &SdTree<Vec<Vec<u8>>>,
-    model: &BTreeMap<Vec<u8>, usize>,
-    i: usize,
-) {
+fn check_tree_contents(tree: &SdTree<Vec<Vec<u8>>>, model: &BTreeMap<Vec<u8>, usize>, i: usize) {
     let got: Vec<usize> = tree.iter().collect();
     let want: Vec<usize> = model.values().copied().collect();
     if got != want {
@@ -309,7 +314,12 @@ fn check_tree_contents(
 }
 
 /// `insert_or_get(h)` on the tree and the model.
-fn tree_insert(tree: &SdTree<Vec<Vec<u8>>>, model: &mut BTreeMap<Vec<u8>, usize>, i: usize, h: usize) {
+fn tree_insert(
+    tree: &SdTree<Vec<Vec<u8>>>,
+    model: &mut BTreeMap<Vec<u8>, usize>,
+    i: usize,
+    h: usize,
+) {
     let key = &tree.source()[h];
     let want = match model.get(key) {
         Some(&stored) => Insert::Present(stored),
@@ -322,7 +332,12 @@ fn tree_insert(tree: &SdTree<Vec<Vec<u8>>>, model: &mut BTreeMap<Vec<u8>, usize>
         "tree op {i}: insert_or_get({h}) refused (key {})",
         show(key)
     );
-    assert_eq!(got, want, "tree op {i}: insert_or_get({h}) (key {})", show(key));
+    assert_eq!(
+        got,
+        want,
+        "tree op {i}: insert_or_get({h}) (key {})",
+        show(key)
+    );
     model.entry(key.clone()).or_insert(h);
 }
 
