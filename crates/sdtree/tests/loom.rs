@@ -200,3 +200,52 @@ fn reader_during_unlink() {
         assert_eq!(contents(&t, &c), [0, 2]);
     });
 }
+
+#[test]
+fn remove_remove_nested_unlinks_a_chain() {
+    // 0xFF hangs off the root; 0x00 off the root's other child. Removing both can leave
+    // a chain of two frozen nodes that one splice unlinks.
+    loom::model(|| {
+        let (t, c) = tree(&[&[0x00], &[0x01], &[0xFF]], &[0, 1, 2]);
+        let a = spawn(&t, &c, |t, g| t.remove(&[0xFF], g));
+        let b = spawn(&t, &c, |t, g| t.remove(&[0x00], g));
+        assert_eq!(a.join().unwrap(), Some(2));
+        assert_eq!(b.join().unwrap(), Some(0));
+        assert_eq!(contents(&t, &c), [1]);
+    });
+}
+
+#[test]
+fn map_entries_are_retired_through_the_collector() {
+    use sdtree::base::{MapInsert, SdMap};
+    loom::model(|| {
+        let collector = Collector::new();
+        let map = Arc::new(SdMap::new(collector.clone()));
+        {
+            let h = collector.register();
+            let g = h.pin();
+            assert!(matches!(map.insert_or_get(vec![1u8], 10u32, &g), MapInsert::Inserted(&10)));
+            assert!(matches!(map.insert_or_get(vec![2u8], 20u32, &g), MapInsert::Inserted(&20)));
+        }
+        let (m, c) = (map.clone(), collector.clone());
+        let remover = thread::spawn(move || {
+            let h = c.register();
+            let g = h.pin();
+            m.remove([1u8], &g).copied()
+        });
+        let (m, c) = (map.clone(), collector.clone());
+        let reader = thread::spawn(move || {
+            let h = c.register();
+            let g = h.pin();
+            // A value borrowed under a pin stays readable even if removed meanwhile.
+            m.get([1u8], &g).copied()
+        });
+        assert_eq!(remover.join().unwrap(), Some(10));
+        assert!(matches!(reader.join().unwrap(), None | Some(10)));
+        let h = collector.register();
+        let g = h.pin();
+        assert_eq!(map.get([1u8], &g), None);
+        assert_eq!(map.get([2u8], &g), Some(&20));
+        assert_eq!(map.len(), 1);
+    });
+}
