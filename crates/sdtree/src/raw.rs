@@ -155,20 +155,25 @@ struct Step {
 /// is about 2·log2(n) = 40 deep); deeper paths spill to the heap.
 type Path = SmallVec<[Step; 48]>;
 
+/// Keeps a hot word on its own cache lines (two, for the adjacent-line prefetcher), so
+/// that updates of `len` do not evict the head edge every operation reads first.
+#[repr(align(128))]
+struct Padded<T>(T);
+
 /// The lock-free trie. Keys are read through a [`Leaves`] passed to every call.
 pub(crate) struct Raw {
-    head: AtomicUsize,
+    head: Padded<AtomicUsize>,
     /// Inserts minus removes. Signed: a remove may decrement before the insert it undoes
     /// has incremented.
-    len: AtomicIsize,
+    len: Padded<AtomicIsize>,
     collector: Collector,
 }
 
 impl Raw {
     pub(crate) fn new(collector: Collector) -> Self {
         Raw {
-            head: AtomicUsize::new(EMPTY),
-            len: AtomicIsize::new(0),
+            head: Padded(AtomicUsize::new(EMPTY)),
+            len: Padded(AtomicIsize::new(0)),
             collector,
         }
     }
@@ -189,13 +194,13 @@ impl Raw {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed).max(0) as usize
+        self.len.0.load(Ordering::Relaxed).max(0) as usize
     }
 
     #[inline(always)]
     fn edge(&self, step: &Step) -> &AtomicUsize {
         if step.owner.is_null() {
-            &self.head
+            &self.head.0
         } else {
             // SAFETY: `owner` was read from the tree under the pin every operation holds
             // for its whole run (see `node`).
@@ -214,7 +219,7 @@ impl Raw {
         _guard: &Guard,
         meter: &mut M,
     ) -> Option<usize> {
-        let mut w = self.head.load(Ordering::Acquire);
+        let mut w = self.head.0.load(Ordering::Acquire);
         while !is_leaf(w) {
             if w == EMPTY {
                 return None;
@@ -272,7 +277,7 @@ impl Raw {
             }
             path.pop();
         }
-        path[0].word = self.head.load(Ordering::Acquire);
+        path[0].word = self.head.0.load(Ordering::Acquire);
     }
 
     fn start(&self) -> Path {
@@ -280,7 +285,7 @@ impl Raw {
         path.push(Step {
             owner: ptr::null(),
             dir: 0,
-            word: self.head.load(Ordering::Acquire),
+            word: self.head.0.load(Ordering::Acquire),
         });
         path
     }
@@ -308,7 +313,7 @@ impl Raw {
             if w == EMPTY {
                 // Only the head edge is ever empty.
                 if self.cas(&path[last], EMPTY, new_leaf) {
-                    self.len.fetch_add(1, Ordering::Relaxed);
+                    self.len.0.fetch_add(1, Ordering::Relaxed);
                     return Insert::Inserted;
                 }
                 self.backtrack(&mut path);
@@ -370,7 +375,7 @@ impl Raw {
             if self.cas(&path[j], expected, raw) {
                 // The node is now owned by the tree.
                 core::mem::forget(spare.take());
-                self.len.fetch_add(1, Ordering::Relaxed);
+                self.len.0.fetch_add(1, Ordering::Relaxed);
                 return Insert::Inserted;
             }
             let now = self.edge(&path[j]).load(Ordering::Acquire);
@@ -421,7 +426,7 @@ impl Raw {
             // Linearization point of a successful remove: the CAS that flags the leaf.
             if self.cas(&path[last], w, w | FLAG) {
                 path[last].word = w | FLAG;
-                self.len.fetch_sub(1, Ordering::Relaxed);
+                self.len.0.fetch_sub(1, Ordering::Relaxed);
                 break h;
             }
             let now = self.edge(&path[last]).load(Ordering::Acquire);
@@ -451,14 +456,8 @@ impl Raw {
     fn help<L: Leaves>(&self, path: &Path, j: usize, guard: &Guard, leaves: &L) -> bool {
         if j == 0 {
             // A flagged leaf hanging from the head: the tree becomes empty.
-            let w = self.head.load(Ordering::Acquire);
-            if is_leaf(w)
-                && w & FLAG != 0
-                && self
-                    .head
-                    .compare_exchange(w, EMPTY, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
+            let w = self.head.0.load(Ordering::Acquire);
+            if is_leaf(w) && w & FLAG != 0 && self.cas(&path[0], w, EMPTY) {
                 // SAFETY: the leaf is unreachable now; we won the unlink, so we are the
                 // only one to retire it.
                 unsafe { leaves.retire(handle_of(w), guard) };
@@ -516,7 +515,7 @@ impl Raw {
     /// A cursor for ordered iteration under a guard.
     pub(crate) fn cursor(&self) -> Cursor {
         Cursor {
-            stack: alloc::vec![self.head.load(Ordering::Acquire)],
+            stack: alloc::vec![self.head.0.load(Ordering::Acquire)],
         }
     }
 
@@ -525,7 +524,7 @@ impl Raw {
     /// # Safety
     /// No other thread may use the tree, now or later.
     pub(crate) unsafe fn destroy(&mut self, mut release: impl FnMut(usize)) {
-        let mut stack: Vec<usize> = alloc::vec![self.head.load(Ordering::Relaxed)];
+        let mut stack: Vec<usize> = alloc::vec![self.head.0.load(Ordering::Relaxed)];
         while let Some(w) = stack.pop() {
             if w == EMPTY {
                 continue;
@@ -541,7 +540,7 @@ impl Raw {
             stack.push(n.child[0].load(Ordering::Relaxed));
             stack.push(n.child[1].load(Ordering::Relaxed));
         }
-        self.head = AtomicUsize::new(EMPTY);
+        self.head = Padded(AtomicUsize::new(EMPTY));
     }
 }
 
