@@ -224,8 +224,14 @@ fn map_entries_are_retired_through_the_collector() {
         {
             let h = collector.register();
             let g = h.pin();
-            assert!(matches!(map.insert_or_get(vec![1u8], 10u32, &g), MapInsert::Inserted(&10)));
-            assert!(matches!(map.insert_or_get(vec![2u8], 20u32, &g), MapInsert::Inserted(&20)));
+            assert!(matches!(
+                map.insert_or_get(vec![1u8], 10u32, &g),
+                MapInsert::Inserted(&10)
+            ));
+            assert!(matches!(
+                map.insert_or_get(vec![2u8], 20u32, &g),
+                MapInsert::Inserted(&20)
+            ));
         }
         let (m, c) = (map.clone(), collector.clone());
         let remover = thread::spawn(move || {
