@@ -1,0 +1,203 @@
+//! The page-memory contract the engines run over, and an in-process simulated memory.
+//!
+//! PageONE (deduplication) and the Per Page Recycler never touch guest RAM directly: they
+//! call a [`PageMemory`]. Two backends implement it: [`sim::SimMemory`], an in-process
+//! memory of refcounted 4 KiB frames with real copy-on-write (tests, benchmarks, no
+//! privileges), and a Linux backend over a VM's anonymous memory (userfaultfd
+//! write-protect, a memfd canonical store, `MADV_DONTNEED`; a later issue).
+//!
+//! # The contract
+//! - **Regions.** Guest memory is a set of regions ([`RegionInfo`]) of 4 KiB pages, each
+//!   with a trust domain ([`DomainId`]). Pages are named by [`PageId`] (region, index).
+//! - **Protection and tokens.** [`PageMemory::protect`] write-protects pages and returns a
+//!   [`ProtectToken`] per page. A guest write to a protected page is never lost and never
+//!   blocked for long: it lands in a private copy of the page (copy-on-write), and the
+//!   page's token becomes stale. [`PageMemory::written_since`] tells whether that
+//!   happened. Tokens are the engines' only way to know a page stayed unchanged.
+//! - **Canonical frames.** [`PageMemory::canonicalize`] turns a protected, unchanged page
+//!   into an immutable [`PageMemory::Frame`]: bytes that never change while any clone of
+//!   the frame lives, so a search tree can read them in place. The page stays protected
+//!   and keeps those contents.
+//! - **Merging.** [`PageMemory::merge`] makes a duplicate page share a canonical frame. It
+//!   happens only if the duplicate is still protected under its token *and* compares
+//!   equal to the frame, both checked atomically with the switch; otherwise it reports
+//!   why and changes nothing. A merged page is read-only; its next write breaks the
+//!   sharing into a private copy.
+//! - **Recycling.** [`PageMemory::recycle`] makes pages read as zeros (their old contents
+//!   are dropped): the Per Page Recycler's end of a freed page.
+//! - **Unmerging.** [`PageMemory::unmerge`] gives a page a private, writable copy of its
+//!   contents again.
+//! - **Dirty hook.** Every page a backend changes on the engine's behalf (merge, recycle,
+//!   unmerge, canonicalize where it remaps) is reported to the [`DirtyHook`], so a VMM's
+//!   live-migration bitmap stays correct.
+//! - **Errors.** Nothing panics on a page that went away or a bad id: every operation
+//!   returns a typed [`PageError`].
+
+#![warn(missing_docs)]
+
+use std::fmt;
+use std::sync::Arc;
+
+pub mod sim;
+
+/// Bytes in a page.
+pub const PAGE_SIZE: usize = 4096;
+/// 64-bit words in a page.
+pub const PAGE_WORDS: usize = PAGE_SIZE / 8;
+
+/// A region of guest memory (one VM's RAM, or one slot of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionId(pub u32);
+
+/// A trust domain. Pages of different domains are never merged unless the embedder joins
+/// the domains (see the engines' configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct DomainId(pub u32);
+
+/// A page: a region and the page's index in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageId {
+    /// The region.
+    pub region: RegionId,
+    /// The page's index in the region.
+    pub index: u32,
+}
+
+impl PageId {
+    /// Page `index` of `region`.
+    pub const fn new(region: RegionId, index: u32) -> Self {
+        PageId { region, index }
+    }
+}
+
+impl fmt::Display for PageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "page {} of region {}", self.index, self.region.0)
+    }
+}
+
+/// What an engine needs to know of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// The region.
+    pub id: RegionId,
+    /// Its size in pages.
+    pub pages: u32,
+    /// Its trust domain.
+    pub domain: DomainId,
+}
+
+/// Proof of a page's protection: valid until the page is next written or unprotected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProtectToken(pub u64);
+
+/// Why a merge did not happen (the call itself succeeded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeOutcome {
+    /// The page now shares the canonical frame.
+    Merged,
+    /// The page was written (or unprotected) since its token: nothing changed.
+    Changed,
+    /// The page's contents differ from the canonical frame: nothing changed.
+    Differs,
+}
+
+/// Errors of page-memory operations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PageError {
+    /// The region does not exist (or was removed).
+    NoSuchRegion(RegionId),
+    /// The page index is beyond the region's end.
+    NoSuchPage(PageId),
+    /// The page was written or unprotected since the token was issued.
+    Stale(PageId),
+    /// The backend cannot do this here; the string says what and why.
+    Unsupported(&'static str),
+    /// An operating-system call failed.
+    Os {
+        /// The operation that failed.
+        op: &'static str,
+        /// The OS error number.
+        errno: i32,
+    },
+}
+
+impl fmt::Display for PageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PageError::NoSuchRegion(r) => write!(f, "no region {}", r.0),
+            PageError::NoSuchPage(p) => write!(f, "no {p}: index beyond the region's end"),
+            PageError::Stale(p) => write!(f, "{p} was written or unprotected since its token"),
+            PageError::Unsupported(what) => write!(f, "not supported by this backend: {what}"),
+            PageError::Os { op, errno } => write!(f, "{op} failed with OS error {errno}"),
+        }
+    }
+}
+
+impl std::error::Error for PageError {}
+
+/// Called with every page a backend changes on an engine's behalf.
+pub type DirtyHook = Arc<dyn Fn(PageId) + Send + Sync>;
+
+/// Guest memory as the engines see it. See the crate docs for the contract.
+pub trait PageMemory: Send + Sync {
+    /// An immutable page of contents: canonical copies and the zero page. Its bytes never
+    /// change while any clone of it lives.
+    type Frame: AsRef<[u8]> + Clone + Send + Sync + 'static;
+
+    /// The regions, with their sizes and trust domains.
+    fn regions(&self) -> Vec<RegionInfo>;
+
+    /// Copies `page`'s current contents into `buf`. A page written concurrently may be
+    /// seen half-written; a protected page is seen exactly.
+    fn read_page(&self, page: PageId, buf: &mut [u8; PAGE_SIZE]) -> Result<(), PageError>;
+
+    /// Reads `out.len()` 64-bit words (native endian) from the start of `page`, each word
+    /// read atomically: what a scanner needs to look for a mark in a freed page.
+    fn read_words(&self, page: PageId, out: &mut [u64]) -> Result<(), PageError>;
+
+    /// Write-protects `pages`; one result per page, in order.
+    fn protect(&self, pages: &[PageId]) -> Vec<Result<ProtectToken, PageError>>;
+
+    /// Removes write protection from `pages` (their tokens become stale).
+    fn unprotect(&self, pages: &[PageId]) -> Vec<Result<(), PageError>>;
+
+    /// Whether `page` was written or unprotected since `token` was issued.
+    fn written_since(&self, page: PageId, token: ProtectToken) -> Result<bool, PageError>;
+
+    /// The contents of a protected, unchanged page as an immutable frame, which the page
+    /// keeps mapping (still protected). [`PageError::Stale`] if written since `token`.
+    fn canonicalize(&self, page: PageId, token: ProtectToken) -> Result<Self::Frame, PageError>;
+
+    /// Makes `dup` share `canonical` if `dup` is still protected under `token` and equal
+    /// to it, both checked atomically with the switch.
+    fn merge(
+        &self,
+        dup: PageId,
+        token: ProtectToken,
+        canonical: &Self::Frame,
+    ) -> Result<MergeOutcome, PageError>;
+
+    /// The shared all-zero frame: merging a page with it makes the page a zero page.
+    fn zero_frame(&self) -> Self::Frame;
+
+    /// Makes `pages` read as zeros, dropping their contents; one result per page.
+    fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>>;
+
+    /// Gives `page` a private, writable copy of its contents (no-op if it has one).
+    fn unmerge(&self, page: PageId) -> Result<(), PageError>;
+
+    /// Installs (or, with `None`, removes) the hook told of every page the backend
+    /// changes on the engine's behalf.
+    fn set_dirty_hook(&self, hook: Option<DirtyHook>);
+}
+
+/// Whether a page of bytes is all zeros (word at a time).
+pub fn is_zero_page(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; `align_to` only reinterprets the
+        // aligned middle of the slice.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
