@@ -1,0 +1,162 @@
+//! Canonical pages and the SD trees that index them, one tree per trust-domain group.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use page_memory::DomainId;
+use sdtree::{Insert, SdMap};
+
+use crate::stats::Counters;
+
+/// A canonical page: an immutable frame and the pages that map it.
+pub(crate) struct Canon<F> {
+    pub(crate) frame: F,
+    /// Pages mapping this frame (the page it came from included).
+    pub(crate) sharers: AtomicU32,
+}
+
+/// The tree key: a frame, read in place by the tree (never copied).
+pub(crate) struct FrameKey<F>(pub(crate) F);
+
+impl<F: AsRef<[u8]>> AsRef<[u8]> for FrameKey<F> {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_ref()
+    }
+}
+
+type Tree<F> = SdMap<FrameKey<F>, Arc<Canon<F>>>;
+
+/// The trees of canonical pages, one per group of joined trust domains.
+pub(crate) struct Canons<F: AsRef<[u8]> + Send + Sync + 'static> {
+    trees: Vec<Tree<F>>,
+    group_of: HashMap<DomainId, usize>,
+    max_sharing: u32,
+}
+
+/// What [`Canons::find_or_insert`] found.
+pub(crate) enum Found<F> {
+    /// An equal canonical page with room for another sharer.
+    Existing(Arc<Canon<F>>),
+    /// None: the caller's page becomes canonical.
+    Vacant,
+}
+
+impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
+    /// Trees for `domains`, joining the groups in `joined`.
+    pub(crate) fn new(domains: &[DomainId], joined: &[Vec<DomainId>], max_sharing: u32) -> Self {
+        let mut group_of = HashMap::new();
+        let mut groups = 0;
+        for set in joined {
+            for d in set {
+                group_of.insert(*d, groups);
+            }
+            groups += 1;
+        }
+        for d in domains {
+            group_of.entry(*d).or_insert_with(|| {
+                groups += 1;
+                groups - 1
+            });
+        }
+        Canons {
+            trees: (0..groups).map(|_| SdMap::new()).collect(),
+            group_of,
+            max_sharing: max_sharing.max(1),
+        }
+    }
+
+    /// The tree for `domain`'s group.
+    fn tree(&self, domain: DomainId) -> &Tree<F> {
+        let g = self.group_of.get(&domain).copied().unwrap_or(0);
+        &self.trees[g]
+    }
+
+    /// Looks `bytes` up in `domain`'s tree. A canonical page that is full (reached
+    /// `max_page_sharing`) is taken out of the tree: it keeps its sharers, and the
+    /// caller's page will start a new canonical page (KSM's stable-node chains, flat).
+    pub(crate) fn find(&self, domain: DomainId, bytes: &[u8]) -> Found<F> {
+        let tree = self.tree(domain);
+        match tree.get(bytes) {
+            Some(c) if c.sharers.load(Ordering::Relaxed) < self.max_sharing => Found::Existing(c),
+            Some(full) => {
+                tree.remove_if(bytes, |v| Arc::ptr_eq(v, &full));
+                Found::Vacant
+            }
+            None => Found::Vacant,
+        }
+    }
+
+    /// Makes `frame` canonical in `domain`'s tree unless an equal page got there first.
+    pub(crate) fn insert(
+        &self,
+        domain: DomainId,
+        frame: F,
+        counters: &Counters,
+    ) -> Result<Arc<Canon<F>>, Arc<Canon<F>>> {
+        let canon = Arc::new(Canon {
+            frame: frame.clone(),
+            sharers: AtomicU32::new(1),
+        });
+        match self
+            .tree(domain)
+            .insert_or_get(FrameKey(frame), canon.clone())
+        {
+            Insert::Inserted => {
+                counters.pages_unshared.fetch_add(1, Ordering::Relaxed);
+                Ok(canon)
+            }
+            Insert::Present(other) => Err(other),
+            // Frames are immutable, so stored keys never change: cannot happen. Treat the
+            // page as unique and unindexed rather than fail.
+            Insert::Refused => {
+                counters.pages_unshared.fetch_add(1, Ordering::Relaxed);
+                Ok(canon)
+            }
+        }
+    }
+
+    /// Records that one more page maps `canon`.
+    pub(crate) fn add_sharer(&self, canon: &Canon<F>, counters: &Counters) {
+        let old = canon.sharers.fetch_add(1, Ordering::Relaxed);
+        adjust_on_change(old, old + 1, counters);
+    }
+
+    /// Records that a page stopped mapping `canon`; the last one takes it out of the tree.
+    pub(crate) fn drop_sharer(&self, domain: DomainId, canon: &Arc<Canon<F>>, counters: &Counters) {
+        let old = canon.sharers.fetch_sub(1, Ordering::Relaxed);
+        adjust_on_change(old, old - 1, counters);
+        if old == 1 {
+            self.tree(domain)
+                .remove_if(canon.frame.as_ref(), |v| Arc::ptr_eq(v, canon));
+        }
+    }
+
+    /// Canonical pages indexed, over all trees.
+    pub(crate) fn indexed(&self) -> usize {
+        self.trees.iter().map(|t| t.len()).sum()
+    }
+}
+
+/// Keeps `pages_shared` / `pages_sharing` / `pages_unshared` exact across one change of a
+/// canonical page's sharer count.
+fn adjust_on_change(old: u32, new: u32, c: &Counters) {
+    let weight = |n: u32| -> (i64, i64, i64) {
+        // (shared, sharing, unshared) contributed by a canonical page with n sharers.
+        match n {
+            0 => (0, 0, 0),
+            1 => (0, 0, 1),
+            n => (1, n as i64 - 1, 0),
+        }
+    };
+    let (a, b) = (weight(old), weight(new));
+    add(&c.pages_shared, b.0 - a.0);
+    add(&c.pages_sharing, b.1 - a.1);
+    add(&c.pages_unshared, b.2 - a.2);
+}
+
+fn add(a: &AtomicI64, d: i64) {
+    if d != 0 {
+        a.fetch_add(d, Ordering::Relaxed);
+    }
+}

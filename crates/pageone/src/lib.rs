@@ -1,0 +1,412 @@
+//! PageONE: a multithreaded page-deduplication engine (KSM's job, done by N threads over
+//! the lock-free SD tree).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use page_memory::sim::SimMemory;
+//! use page_memory::{DomainId, PageId};
+//! use pageone::{Config, PageOne};
+//!
+//! let mem = Arc::new(SimMemory::new());
+//! let vm = mem.add_region(64, DomainId(0));
+//! for i in 0..64 {
+//!     mem.write(PageId::new(vm, i), 0, &[(i % 4) as u8 + 1; 4096]).unwrap();
+//! }
+//! let engine = PageOne::new(mem.clone(), Config { work_threads: 2, ..Config::default() });
+//! for _ in 0..3 {
+//!     engine.merge_pass(); // or engine.start() for the periodic daemon
+//! }
+//! assert_eq!(engine.stats().pages_sharing, 60); // 64 pages, 4 distinct contents
+//! assert_eq!(mem.accounting().frames, 4);
+//! ```
+//!
+//! # Page life cycle
+//! Every page starts **volatile**. A merge pass write-protects volatile pages (**watch**).
+//! A watched page that stays unwritten for [`Config::stable_periods`] merge passes (two,
+//! as in the original: "observe for two periods, merge in the third") is merged:
+//! - all zeros: it is mapped to the shared zero frame (no tree);
+//! - otherwise it is looked up, by its contents read in place, in the SD tree of
+//!   canonical pages of its trust-domain group; an equal canonical page is merged with it
+//!   through [`PageMemory::merge`], which re-checks protection and compares the page in
+//!   full atomically with the switch; if none, the page itself becomes canonical
+//!   ([`PageMemory::canonicalize`]) and is inserted with `insert_or_get` (if another
+//!   thread inserted an equal page first, it is merged with that one instead).
+//!
+//! A guest write to a watched, canonical, merged or zero page breaks the protection (copy
+//! on write in the backend): the next pass sees the token stale, drops the page's
+//! reference to its canonical page (the last reference takes the canonical page out of the
+//! tree), and makes it volatile again, to be skipped for one more pass each time it
+//! changed (up to [`Config::max_backoff`]), like KSM's smart scan.
+//!
+//! # Threads
+//! A daemon thread ([`PageOne::start`]) wakes every base period and, every merge period,
+//! runs a merge pass; on the other ticks it runs a base pass that only notices writes and
+//! offers volatile pages to the [`ScanHook`] (the Per Page Recycler). Passes are split in
+//! chunks of 512 pages of one region; a region's chunks are queued on one work thread
+//! (so a VM's merges stay together), and a thread whose queue is empty steals from the
+//! back of another's. The daemon only schedules.
+//!
+//! # Consistency
+//! - Only identical pages are merged: the tree verifies equality against the page's
+//!   snapshot, and the backend re-verifies it under protection as it switches mappings.
+//! - A guest write is never lost: it lands in a private copy (the backend's contract).
+//! - Counters (`pages_shared`, `pages_sharing`, `pages_unshared`, `zero_pages`) are exact
+//!   when no pass is running; gauges (`pages_volatile`, `pages_watched`) are as of the
+//!   last merge pass over each chunk.
+//!
+//! # Security
+//! Pages of different trust domains ([`page_memory::DomainId`]) are indexed in different
+//! trees and never merged, unless [`Config::joined_domains`] puts their domains in one
+//! group: cross-tenant merging opens deduplication side channels (CAIN, Flip Feng Shui),
+//! so it is off by default.
+
+#![warn(missing_docs)]
+
+mod canon;
+mod config;
+mod page;
+mod pool;
+mod stats;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use page_memory::{DomainId, PageId, PageMemory};
+
+use crate::canon::{Canon, Canons};
+use crate::config::Knobs;
+use crate::page::{Chunk, Ctx, PassKind, CHUNK_PAGES};
+use crate::pool::Pool;
+use crate::stats::{get, Counters};
+
+pub use crate::config::Config;
+pub use crate::stats::{Stats, WorkerStats};
+
+/// Something that looks at volatile pages during every pass before the engine does: the
+/// Per Page Recycler's host side plugs in here.
+pub trait ScanHook<M: PageMemory>: Send + Sync {
+    /// Examines `page`, which is volatile (changed recently, unprotected). Returns `true`
+    /// if the hook took the page (for instance recycled it), so the engine leaves it
+    /// alone this pass.
+    fn examine(&self, memory: &M, page: PageId) -> bool;
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Pages examined.
+    pub pages: u64,
+    /// Whether the pass completed a full scan of all pages.
+    pub full_scan: bool,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+/// State shared by the engine handle, the daemon and the work threads.
+pub(crate) struct Shared<M: PageMemory> {
+    memory: Arc<M>,
+    chunks: Vec<Chunk<M::Frame>>,
+    /// Home work thread of each chunk.
+    home: Vec<usize>,
+    canons: Canons<M::Frame>,
+    counters: Counters,
+    knobs: Knobs,
+    hook: Option<Arc<dyn ScanHook<M>>>,
+    zero: M::Frame,
+    config: Config,
+    /// Serializes passes (daemon and callers).
+    pass_lock: Mutex<Cursor>,
+    /// Wakes the daemon early (stop, knob changes).
+    daemon_wake: (Mutex<bool>, Condvar),
+}
+
+/// Where the next budgeted merge pass starts.
+struct Cursor {
+    chunk: usize,
+}
+
+impl<M: PageMemory + 'static> Shared<M> {
+    fn ctx<'a>(&'a self, worker: &'a stats::WorkerCounters) -> Ctx<'a, M> {
+        Ctx {
+            memory: &self.memory,
+            canons: &self.canons,
+            counters: &self.counters,
+            worker,
+            hook: self.hook.as_deref(),
+            zero: &self.zero,
+            stable_periods: self.config.stable_periods.max(1),
+            max_backoff: self.config.max_backoff,
+        }
+    }
+}
+
+/// A running deduplication engine over a [`PageMemory`]. Dropping it stops its threads.
+pub struct PageOne<M: PageMemory + 'static> {
+    shared: Arc<Shared<M>>,
+    pool: Pool<M>,
+    daemon: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<M: PageMemory + 'static> PageOne<M> {
+    /// An engine over `memory`'s current regions, with its work threads started. The
+    /// periodic daemon starts with [`start`](Self::start); passes can also be run by hand.
+    pub fn new(memory: Arc<M>, config: Config) -> Self {
+        Self::build(memory, config, None)
+    }
+
+    /// Like [`new`](Self::new), with a hook that sees volatile pages first.
+    pub fn with_hook(memory: Arc<M>, config: Config, hook: Arc<dyn ScanHook<M>>) -> Self {
+        Self::build(memory, config, Some(hook))
+    }
+
+    fn build(memory: Arc<M>, config: Config, hook: Option<Arc<dyn ScanHook<M>>>) -> Self {
+        let threads = config.work_threads.max(1);
+        let regions = memory.regions();
+        let domains: Vec<DomainId> = regions.iter().map(|r| r.domain).collect();
+        let mut chunks = Vec::new();
+        let mut home = Vec::new();
+        for (n, r) in regions.iter().enumerate() {
+            let mut first = 0;
+            while first < r.pages {
+                let len = CHUNK_PAGES.min(r.pages - first);
+                chunks.push(Chunk::new(r.id, r.domain, first, len));
+                home.push(n % threads);
+                first += len;
+            }
+        }
+        let zero = memory.zero_frame();
+        let shared = Arc::new(Shared {
+            canons: Canons::new(&domains, &config.joined_domains, config.max_page_sharing),
+            memory,
+            chunks,
+            home,
+            counters: Counters::default(),
+            knobs: Knobs::new(&config),
+            hook,
+            zero,
+            pass_lock: Mutex::new(Cursor { chunk: 0 }),
+            daemon_wake: (Mutex::new(false), Condvar::new()),
+            config,
+        });
+        let pool = Pool::start(shared.clone(), threads);
+        PageOne {
+            shared,
+            pool,
+            daemon: Mutex::new(None),
+        }
+    }
+
+    /// The memory the engine works on.
+    pub fn memory(&self) -> &Arc<M> {
+        &self.shared.memory
+    }
+
+    /// Starts the periodic daemon (no-op if running).
+    pub fn start(&self) {
+        let mut daemon = self.daemon.lock().unwrap_or_else(|e| e.into_inner());
+        if daemon.is_some() {
+            return;
+        }
+        self.shared.knobs.run.store(true, Ordering::Relaxed);
+        *self
+            .shared
+            .daemon_wake
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = false;
+        let shared = self.shared.clone();
+        let pool = self.pool.handle();
+        *daemon = Some(
+            std::thread::Builder::new()
+                .name("pageone-daemon".into())
+                .spawn(move || daemon_loop(&shared, &pool))
+                .expect("spawning the PageONE daemon thread"),
+        );
+    }
+
+    /// Stops the daemon after its current pass (merged pages stay merged).
+    pub fn stop(&self) {
+        self.shared.knobs.run.store(false, Ordering::Relaxed);
+        {
+            let (lock, cv) = &self.shared.daemon_wake;
+            *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+        }
+        let handle = self.daemon.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    /// Whether the daemon is running.
+    pub fn is_running(&self) -> bool {
+        self.shared.knobs.run.load(Ordering::Relaxed)
+    }
+
+    /// Runs one merge pass now, on the work threads, and waits for it.
+    pub fn merge_pass(&self) -> PassReport {
+        run_pass(&self.shared, &self.pool.handle(), PassKind::Merge)
+    }
+
+    /// Runs one base pass now (notice writes, offer volatile pages to the hook).
+    pub fn base_pass(&self) -> PassReport {
+        run_pass(&self.shared, &self.pool.handle(), PassKind::Base)
+    }
+
+    /// Stops the daemon and gives every merged page a private copy of its contents again.
+    pub fn unmerge_all(&self) -> PassReport {
+        self.stop();
+        run_pass(&self.shared, &self.pool.handle(), PassKind::Unmerge)
+    }
+
+    /// Frees the canonical pages the engine has retired (taken out of its trees) as soon
+    /// as no thread can still read them. The work threads do this after every chunk; call
+    /// it to get memory back promptly after [`unmerge_all`](Self::unmerge_all).
+    pub fn collect_garbage(&self) {
+        for _ in 0..4 {
+            sdtree::epoch::pin().flush();
+        }
+    }
+
+    /// Sets the merge period (takes effect at the daemon's next tick).
+    pub fn set_merge_period(&self, period: Duration) {
+        let k = &self.shared.knobs;
+        k.merge_period_ns
+            .store(period.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Sets the base period (takes effect at the daemon's next tick).
+    pub fn set_base_period(&self, period: Duration) {
+        let k = &self.shared.knobs;
+        k.base_period_ns
+            .store(period.as_nanos().max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// Sets the CPU budget: the most pages one merge pass examines (`None`: all).
+    pub fn set_pages_per_pass(&self, pages: Option<u64>) {
+        self.shared
+            .knobs
+            .pages_per_pass
+            .store(pages.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared;
+        let c = &s.counters;
+        let (mut volatile, mut watched, mut pages) = (0u64, 0u64, 0u64);
+        for ch in &s.chunks {
+            let (v, w) = ch.gauges();
+            volatile += v as u64;
+            watched += w as u64;
+            pages += ch.len() as u64;
+        }
+        let canonical_indexed = s.canons.indexed() as u64;
+        let per_page = page::entry_bytes::<M::Frame>();
+        // Per canonical page: its record (behind an Arc: two counters), the tree's map
+        // entry (key + value) and one tree node.
+        let per_canon = std::mem::size_of::<Canon<M::Frame>>()
+            + 2 * std::mem::size_of::<usize>()
+            + std::mem::size_of::<(canon::FrameKey<M::Frame>, Arc<Canon<M::Frame>>)>()
+            + sdtree::NODE_BYTES;
+        let canon_records = get(&c.pages_shared) + get(&c.pages_unshared);
+        let metadata_bytes = pages * per_page as u64 + canon_records * per_canon as u64;
+        let mut stats = Stats {
+            pages_scanned: c.pages_scanned.load(Ordering::Relaxed),
+            pages_shared: get(&c.pages_shared),
+            pages_sharing: get(&c.pages_sharing),
+            pages_unshared: get(&c.pages_unshared),
+            pages_volatile: volatile,
+            pages_watched: watched,
+            full_scans: c.full_scans.load(Ordering::Relaxed),
+            zero_pages: get(&c.zero_pages),
+            merges: c.merges.load(Ordering::Relaxed),
+            merge_races: c.merge_races.load(Ordering::Relaxed),
+            cow_breaks: c.cow_breaks.load(Ordering::Relaxed),
+            recycled: c.recycled.load(Ordering::Relaxed),
+            canonical_indexed,
+            metadata_bytes_per_page: per_page,
+            metadata_bytes,
+            general_profit: 0,
+            workers: self.pool.worker_stats(),
+        };
+        stats.general_profit = stats.bytes_saved() as i64 - metadata_bytes as i64;
+        stats
+    }
+}
+
+impl<M: PageMemory + 'static> Drop for PageOne<M> {
+    fn drop(&mut self) {
+        self.stop();
+        self.pool.shutdown();
+    }
+}
+
+/// Runs one pass of `kind` over the scheduled chunks and waits for it.
+fn run_pass<M: PageMemory + 'static>(
+    shared: &Arc<Shared<M>>,
+    pool: &pool::PoolHandle<M>,
+    kind: PassKind,
+) -> PassReport {
+    let start = Instant::now();
+    let mut cursor = shared.pass_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let n = shared.chunks.len();
+    let budget = Knobs::get(&shared.knobs.pages_per_pass);
+    let mut chosen = Vec::new();
+    let mut pages = 0u64;
+    let mut full_scan = false;
+    if kind != PassKind::Merge || budget == u64::MAX {
+        chosen.extend(0..n);
+        pages = shared.chunks.iter().map(|c| c.len() as u64).sum();
+        full_scan = kind == PassKind::Merge;
+    } else {
+        let mut i = cursor.chunk.min(n);
+        while pages < budget.max(1) && chosen.len() < n {
+            if i == n {
+                i = 0;
+            }
+            chosen.push(i);
+            pages += shared.chunks[i].len() as u64;
+            i += 1;
+            if i == n {
+                full_scan = true;
+            }
+        }
+        cursor.chunk = i % n.max(1);
+    }
+    pool.run(kind, &chosen);
+    if full_scan {
+        shared.counters.full_scans.fetch_add(1, Ordering::Relaxed);
+    }
+    PassReport {
+        pages,
+        full_scan,
+        elapsed: start.elapsed(),
+    }
+}
+
+fn daemon_loop<M: PageMemory + 'static>(shared: &Arc<Shared<M>>, pool: &pool::PoolHandle<M>) {
+    let mut last_merge = Instant::now();
+    let (lock, cv) = &shared.daemon_wake;
+    loop {
+        let base = Duration::from_nanos(Knobs::get(&shared.knobs.base_period_ns));
+        {
+            let stop = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (stop, _) = cv
+                .wait_timeout_while(stop, base, |stop| !*stop)
+                .unwrap_or_else(|e| e.into_inner());
+            if *stop || !shared.knobs.run.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+        let merge = Duration::from_nanos(Knobs::get(&shared.knobs.merge_period_ns));
+        if last_merge.elapsed() + base / 2 >= merge {
+            last_merge = Instant::now();
+            run_pass(shared, pool, PassKind::Merge);
+        } else if shared.hook.is_some() {
+            run_pass(shared, pool, PassKind::Base);
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Statistics, with Linux KSM's names where the meaning is the same.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use page_memory::PAGE_SIZE;
+
+/// Engine-wide counters, updated by the work threads.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) pages_scanned: AtomicU64,
+    pub(crate) pages_shared: AtomicI64,
+    pub(crate) pages_sharing: AtomicI64,
+    pub(crate) pages_unshared: AtomicI64,
+    pub(crate) zero_pages: AtomicI64,
+    pub(crate) full_scans: AtomicU64,
+    pub(crate) merges: AtomicU64,
+    pub(crate) merge_races: AtomicU64,
+    pub(crate) cow_breaks: AtomicU64,
+    pub(crate) recycled: AtomicU64,
+}
+
+/// Per-work-thread counters.
+#[derive(Default)]
+pub(crate) struct WorkerCounters {
+    pub(crate) pages_scanned: AtomicU64,
+    pub(crate) busy_ns: AtomicU64,
+    pub(crate) tasks: AtomicU64,
+    pub(crate) steals: AtomicU64,
+}
+
+/// One work thread's share of the work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Pages this thread examined.
+    pub pages_scanned: u64,
+    /// Time it spent working (not waiting).
+    pub busy: Duration,
+    /// Chunks of pages it processed.
+    pub tasks: u64,
+    /// Of those, chunks it stole from another thread's queue.
+    pub steals: u64,
+}
+
+impl WorkerStats {
+    /// Pages examined per second of work.
+    pub fn scan_rate(&self) -> f64 {
+        let s = self.busy.as_secs_f64();
+        if s > 0.0 {
+            self.pages_scanned as f64 / s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A snapshot of an engine's statistics.
+///
+/// `pages_shared`, `pages_sharing`, `pages_unshared`, `pages_volatile`, `full_scans`,
+/// `pages_scanned` and `general_profit` mean what they mean in Linux KSM's sysfs;
+/// `zero_pages` is `ksm_zero_pages`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Pages examined, all passes together.
+    pub pages_scanned: u64,
+    /// Canonical pages mapped by two or more pages.
+    pub pages_shared: u64,
+    /// Pages mapping a canonical page beyond its first: pages saved.
+    pub pages_sharing: u64,
+    /// Canonical pages mapped only by the page they came from.
+    pub pages_unshared: u64,
+    /// Pages that changed too recently to be merged (at the end of the last pass).
+    pub pages_volatile: u64,
+    /// Pages write-protected and being watched for stability (end of the last pass).
+    pub pages_watched: u64,
+    /// Merge passes that covered every page.
+    pub full_scans: u64,
+    /// Pages merged with the zero page.
+    pub zero_pages: u64,
+    /// Successful merges, all time.
+    pub merges: u64,
+    /// Merges abandoned because the page was written while being merged.
+    pub merge_races: u64,
+    /// Merged or canonical pages whose sharing a guest write broke.
+    pub cow_breaks: u64,
+    /// Pages a scan hook (the Per Page Recycler) recycled.
+    pub recycled: u64,
+    /// Canonical pages indexed in the SD trees.
+    pub canonical_indexed: u64,
+    /// Engine metadata per tracked page, in bytes (page state; the SD tree's node and
+    /// entry per canonical page are counted in `metadata_bytes`).
+    pub metadata_bytes_per_page: usize,
+    /// All engine metadata, in bytes (page states, canonical records, tree nodes).
+    pub metadata_bytes: u64,
+    /// Bytes saved by sharing and zero pages, minus the engine's metadata.
+    pub general_profit: i64,
+    /// Per work thread.
+    pub workers: Vec<WorkerStats>,
+}
+
+impl Stats {
+    /// Bytes of guest memory freed by merging (sharing plus zero pages).
+    pub fn bytes_saved(&self) -> u64 {
+        (self.pages_sharing + self.zero_pages) * PAGE_SIZE as u64
+    }
+}
+
+pub(crate) fn get(a: &AtomicI64) -> u64 {
+    a.load(Ordering::Relaxed).max(0) as u64
+}
