@@ -58,6 +58,7 @@ pub(crate) struct Chunk<F> {
     pub(crate) region: RegionId,
     pub(crate) domain: DomainId,
     pub(crate) first: u32,
+    pages: u32,
     pub(crate) entries: Mutex<Vec<PageEntry<F>>>,
     /// Gauges written at the end of each merge pass over this chunk.
     volatile: AtomicU32,
@@ -70,6 +71,7 @@ impl<F> Chunk<F> {
             region,
             domain,
             first,
+            pages,
             entries: Mutex::new((0..pages).map(|_| PageEntry::new()).collect()),
             volatile: AtomicU32::new(pages),
             watched: AtomicU32::new(0),
@@ -77,7 +79,7 @@ impl<F> Chunk<F> {
     }
 
     pub(crate) fn len(&self) -> u32 {
-        self.lock().len() as u32
+        self.pages
     }
 
     pub(crate) fn gauges(&self) -> (u32, u32) {
