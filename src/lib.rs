@@ -2,8 +2,10 @@
 //!
 //! This facade re-exports the workspace's crates; see the README for the map.
 
-#![cfg_attr(not(test), no_std)]
-
+#[doc(inline)]
+pub use page_memory;
+#[doc(inline)]
+pub use pageone;
 #[doc(inline)]
 pub use sdtree;
 
