@@ -6,9 +6,9 @@ use std::mem::size_of;
 
 use pip::sync::{AtomicU64, Ordering};
 use pip::{
-    Alloc, AttachError, Free, Guest, HostPool, LayoutError, PoolStorage, PoolView,
-    RegisterError, Release, Scan, CLAIMED, HEADER_BYTES, MAGIC, MAX_SHARDS, MAX_SLOTS,
-    SHARD_BYTES, STATE_READY, STATE_REGISTERED, VERSION,
+    Alloc, AttachError, Free, Guest, HostPool, LayoutError, PoolStorage, PoolView, RegisterError,
+    Release, Scan, CLAIMED, HEADER_BYTES, MAGIC, MAX_SHARDS, MAX_SLOTS, SHARD_BYTES, STATE_READY,
+    STATE_REGISTERED, VERSION,
 };
 
 /// 64-byte aligned raw memory.
@@ -122,6 +122,7 @@ fn c_guest_pool_round_trip() {
     assert_eq!(raw.get32(shard1), 2);
     assert_eq!(raw.get64(shard1 + 8), 2); // offered
     assert_eq!(raw.get64(shard1 + 32), 1); // cancelled
+
     // Shard 0: one offer, cursor 1.
     assert_eq!(raw.get32(64), 1);
     assert_eq!(raw.get64(64 + 8), 1);
