@@ -161,7 +161,8 @@ impl<'a> Guest<'a> {
     ///
     /// Probes at most [`PROBES`] slots of the shard from its cursor; takes the first empty
     /// one with a CAS `0 → frame` (*linearization point* of the offer), then writes the
-    /// location word and, last, the indicator (`Release`). Wait-free.
+    /// location word and, last, the indicator (`Release`). The cursor moves past the slot
+    /// taken, or past the whole window when none was empty. Wait-free.
     #[inline]
     pub fn on_free<P: MarkWords + ?Sized>(&self, cpu: usize, frame: u64, page: &P) -> Free {
         let index = self.shard_index(cpu);
@@ -197,6 +198,9 @@ impl<'a> Guest<'a> {
                 return Free::Offered(index);
             }
         }
+        // Move the cursor past the crowded window, so the next free probes fresh slots
+        // instead of failing on the same ones.
+        shard.cursor.store(at as u32, Ordering::Relaxed);
         page.store(INDICATOR, 0);
         bump(&shard.full);
         Free::Full

@@ -80,6 +80,8 @@ impl Model {
                 return Some(i);
             }
         }
+        let window = SHARD_SLOTS.min(pip::PROBES);
+        self.cursors[s] = (self.cursors[s] + window) % SHARD_SLOTS;
         None
     }
 }
