@@ -22,6 +22,7 @@
 //! - [`MarkWords`]: how both sides read and write a page's first words (atomically).
 //!
 //! `no_std`, no allocation, no locks; every operation is wait-free (bounded loops only).
+//! Needs a target with 64-bit atomics (`target_has_atomic = "64"`).
 //!
 //! ```
 //! use pip::sync::AtomicU64;
@@ -268,6 +269,9 @@
 
 #![no_std]
 #![warn(missing_docs)]
+
+#[cfg(not(target_has_atomic = "64"))]
+compile_error!("pip needs 64-bit atomics (slots and mark words are AtomicU64)");
 
 mod guest;
 mod host;
