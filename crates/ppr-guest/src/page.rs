@@ -1,0 +1,99 @@
+//! Pages as the user-space allocator sees them.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use pip::MarkWords;
+
+/// Words in a 4 KiB page.
+pub const PAGE_WORDS: usize = 512;
+
+/// What [`PageAllocator`](crate::PageAllocator)'s users need from a page besides its
+/// mark words: writing a whole page and checking it, to prove that no allocated page is
+/// ever changed behind the guest's back.
+pub trait GuestPage: MarkWords {
+    /// Writes a pattern derived from `seed` over the whole page, mark words included (a
+    /// page in use belongs to its user entirely).
+    fn fill(&self, seed: u64);
+    /// Whether the page holds exactly the pattern [`GuestPage::fill`] wrote for `seed`.
+    fn verify(&self, seed: u64) -> bool;
+}
+
+/// A 4 KiB page of atomics, for tests, examples and benchmarks: both the guest (through
+/// [`MarkWords`] and [`GuestPage`]) and a simulated host ([`SimPage::zero`]) access it
+/// concurrently, always atomically.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct SimPage {
+    words: [AtomicU64; PAGE_WORDS],
+}
+
+impl SimPage {
+    /// A zeroed page.
+    pub fn new() -> Self {
+        SimPage {
+            words: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Word `i` (`Relaxed`).
+    pub fn word(&self, i: usize) -> u64 {
+        self.words[i].load(Ordering::Relaxed)
+    }
+
+    /// The host's recycle, done in place: zeroes every word from the last to the first,
+    /// so the indicator (word 0) turns zero last, with `Release`, as
+    /// [`pip::Claim::complete`] requires of an in-place recycle.
+    pub fn zero(&self) {
+        for w in self.words.iter().rev() {
+            w.store(0, Ordering::Release);
+        }
+    }
+
+    /// Whether every word reads zero.
+    pub fn is_zero(&self) -> bool {
+        self.words.iter().all(|w| w.load(Ordering::Acquire) == 0)
+    }
+}
+
+impl Default for SimPage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MarkWords for SimPage {
+    #[inline]
+    fn load(&self, i: usize) -> u64 {
+        self.words[i].load(Ordering::Acquire)
+    }
+
+    #[inline]
+    fn store(&self, i: usize, v: u64) {
+        self.words[i].store(v, Ordering::Release)
+    }
+}
+
+/// Word `i` of the pattern for `seed` (splitmix64 of `seed` and `i`): never 0 in
+/// practice, so a zeroed word is always caught.
+#[inline]
+fn pattern(seed: u64, i: usize) -> u64 {
+    let mut z = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) | 1
+}
+
+impl GuestPage for SimPage {
+    fn fill(&self, seed: u64) {
+        for (i, w) in self.words.iter().enumerate() {
+            w.store(pattern(seed, i), Ordering::Relaxed);
+        }
+    }
+
+    fn verify(&self, seed: u64) -> bool {
+        self.words
+            .iter()
+            .enumerate()
+            .all(|(i, w)| w.load(Ordering::Relaxed) == pattern(seed, i))
+    }
+}
