@@ -260,8 +260,9 @@
 //!   wrote host kernel pointers into the pool header).
 //!
 //! # Verification
-//! loom models of offer / cancel / claim races (`RUSTFLAGS="--cfg pip_loom"
-//! LOOM_MAX_PREEMPTIONS=2 cargo test -p pip --test loom --release`), proptest model
+//! loom models of offer / cancel / claim races (`RUSTFLAGS="--cfg pip_loom" cargo test
+//! -p pip --test loom --release`; small enough to explore every interleaving, with no
+//! preemption bound, in a few seconds), proptest model
 //! tests of operation sequences (with a hostile guest rewriting slots and marks), layout
 //! tests of the byte offsets through raw memory, and a fuzz target
 //! (`fuzz/fuzz_targets/pip_validate.rs`) running host validation and claims over
