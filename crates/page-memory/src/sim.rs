@@ -422,6 +422,23 @@ fn write_bytes(words: &[AtomicU64], offset: usize, data: &[u8]) {
 }
 
 fn read_bytes(words: &[AtomicU64], offset: usize, buf: &mut [u8]) {
+    if offset % 8 == 0 {
+        // Whole words: one load and one 8-byte copy each.
+        let first = offset / 8;
+        let whole = buf.len() / 8 * 8;
+        let (head, rest) = buf.split_at_mut(whole);
+        for (c, w) in head.chunks_exact_mut(8).zip(&words[first..]) {
+            c.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        if !rest.is_empty() {
+            read_partial(words, offset + whole, rest);
+        }
+        return;
+    }
+    read_partial(words, offset, buf);
+}
+
+fn read_partial(words: &[AtomicU64], offset: usize, buf: &mut [u8]) {
     let mut i = 0;
     while i < buf.len() {
         let at = offset + i;
