@@ -7,6 +7,10 @@ pub use page_memory;
 #[doc(inline)]
 pub use pageone;
 #[doc(inline)]
+pub use pip;
+#[doc(inline)]
+pub use ppr_guest;
+#[doc(inline)]
 pub use sdtree;
 
 // The README's examples compile and run as doc tests.
