@@ -223,6 +223,15 @@ impl<'a> Guest<'a> {
     #[inline]
     pub fn on_alloc<P: MarkWords + ?Sized>(&self, cpu: usize, frame: u64, page: &P) -> Alloc {
         let shard = self.shard(cpu);
+        if frame == 0 || frame > MAX_FRAME {
+            // Never offered (on_free refuses such frames): any mark on it is stale.
+            if page.load(INDICATOR) != self.secret {
+                return Alloc::Unmarked;
+            }
+            clear(page);
+            bump(&shard.stale);
+            return Alloc::Stale;
+        }
         let mut budget = self.spins;
         loop {
             // `Acquire`: pairs with the host's zeroing (indicator last, `Release`), so a

@@ -296,3 +296,24 @@ fn a_dropped_claim_restores_the_offer() {
         Scan::Invalid(pip::Invalid::NotOffered)
     );
 }
+
+#[test]
+fn unofferable_frames_are_refused_and_never_cancelled() {
+    let pool = PoolStorage::<1, 4>::new();
+    let view = pool.init().unwrap();
+    HostPool::register(view, 1, 0xfeed, 1000).unwrap();
+    let guest = Guest::attach(view).unwrap();
+    let page: [AtomicU64; 2] = Default::default();
+    for frame in [0, pip::MAX_FRAME + 1, 5 | CLAIMED, u64::MAX] {
+        page[0].store(0xfeed, Ordering::Relaxed);
+        page[1].store(pip::location(1, 0), Ordering::Relaxed);
+        assert_eq!(guest.on_alloc(0, frame, &page), Alloc::Stale);
+        assert_eq!(page[0].load(Ordering::Relaxed), 0);
+        assert_eq!(guest.on_alloc(0, frame, &page), Alloc::Unmarked);
+        page[0].store(0xfeed, Ordering::Relaxed);
+        assert_eq!(guest.on_free(0, frame, &page), Free::Refused);
+        assert_eq!(page[0].load(Ordering::Relaxed), 0);
+    }
+    assert_eq!(view.occupied(), 0);
+    assert_eq!(view.counters().refused, 4);
+}
