@@ -259,6 +259,48 @@
 //! - No host address or other host secret is written into guest memory (the 2017 design
 //!   wrote host kernel pointers into the pool header).
 //!
+//! # For a host's recycler
+//! Glue to page memory is one [`MarkWords`] implementation for a page of guest memory
+//! (atomic `u64` loads and stores at byte offsets 0 and 8 of the page's host mapping,
+//! little-endian) and a recycle that makes the page read zeros. Then:
+//!
+//! ```
+//! use pip::sync::{AtomicU64, Ordering};
+//! use pip::{HostPool, Invalid, PoolView, Release, Scan};
+//! # let storage = pip::PoolStorage::<1, 8>::new();
+//! # storage.init().unwrap();
+//! # let (addr, len) = (storage.as_ptr(), core::mem::size_of_val(&storage));
+//! # let (pool_id, secret, guest_frames) = (7, 0x1234_5678_9abc_def1, 1 << 20);
+//! // Once, when the guest hands over its pool (`addr`, `len`: its host mapping).
+//! // SAFETY: the mapping stays valid, and is accessed only atomically, while `pool` lives.
+//! let view = unsafe { PoolView::from_raw(addr, len) }.unwrap(); // validated, lengths fixed
+//! let pool = HostPool::register(view, pool_id, secret, guest_frames).unwrap();
+//! # let guest = pip::Guest::attach(storage.view().unwrap()).unwrap();
+//! # let page: [AtomicU64; 2] = Default::default();
+//! # guest.on_free(0, 42, &page);
+//! # let frame = 42;
+//! # let recycle = || { page[1].store(0, Ordering::Release); page[0].store(0, Ordering::Release); true };
+//! let (mut invalid, mut lost, mut recycled, mut failed) = ([0u64; Invalid::COUNT], 0, 0, 0);
+//!
+//! // For each scanned page `frame`, with `page: impl MarkWords` and `recycle` returning
+//! // whether the page now reads zeros (false: untouched).
+//! match pool.scan(frame, &page, recycle) {
+//!     Scan::NotMarked => {}                             // most pages: one load, one compare
+//!     Scan::Invalid(why) => invalid[why.index()] += 1,  // counted and skipped
+//!     Scan::Lost => lost += 1,                          // the guest withdrew it first
+//!     Scan::Recycled(Release::Clean) => recycled += 1,
+//!     Scan::Recycled(Release::Tampered) => recycled += 1, // the guest broke the protocol
+//!     Scan::Restored(_) => failed += 1,                 // the guest may withdraw it again
+//! }
+//! # assert_eq!((recycled, lost, failed), (1, 0, 0));
+//! ```
+//!
+//! To batch recycles: [`Mark::read`] and [`HostPool::is_marked`] (the cheap test),
+//! [`HostPool::validate_mark`], then [`HostPool::claim`] each page whose recycle is ready
+//! to go, recycle the batch, and end each [`Claim`] with [`Claim::complete`] or
+//! [`Claim::restore`]. Keep claims short: a guest allocating a claimed page waits a
+//! bounded time and then defers it.
+//!
 //! # Verification
 //! loom models of offer / cancel / claim races (`RUSTFLAGS="--cfg pip_loom" cargo test
 //! -p pip --test loom --release`; small enough to explore every interleaving, with no
