@@ -30,8 +30,14 @@
 //! A key of `n` bytes is read as `n` nine-bit symbols (`0x100 | byte`) followed by zero
 //! symbols: the leading "present" bit makes a proper prefix differ from its extensions,
 //! at the first symbol past its end, and sort before them. So variable-length keys need
-//! no terminator, and the tree's order is byte-lexicographic. A bit position (`pos`) is
-//! `symbol << 4 | offset`; positions compare like the bits they name.
+//! no terminator, and the tree's order is byte-lexicographic. In front of those symbols
+//! the tree reads a 64-bit **zero-run header** that ranks the key's leading run of zero
+//! bytes in that same order: pages that begin with zero runs of many different lengths
+//! (the 2017 seeds' hard case) would otherwise form a comb of one node per distinct first
+//! 1 bit, over a thousand deep; with the header a search stays about log2(n) deep
+//! (`tests/search_cost.rs`). The probe's run is scanned once per operation, a stored
+//! key's only in the final comparison. A bit position (`pos`) is `symbol << 4 | offset`;
+//! positions compare like the bits they name. See `key.rs` for the proof of order.
 //!
 //! # Layout
 //! - An **internal node** is 24 bytes on 64-bit targets: two edge words and the bit

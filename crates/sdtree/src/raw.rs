@@ -24,7 +24,7 @@ use alloc::vec::Vec;
 use crossbeam_epoch::{Collector, Guard};
 use smallvec::SmallVec;
 
-use crate::key::{bit, diff, Diff, Pos};
+use crate::key::{diff, Diff, Pos, Probe};
 use crate::sync::{AtomicIsize, AtomicUsize, Ordering};
 
 const FLAG: usize = 0b001;
@@ -219,6 +219,7 @@ impl Raw {
         _guard: &Guard,
         meter: &mut M,
     ) -> Option<usize> {
+        let probe = &Probe::new(probe);
         let mut w = self.head.0.load(Ordering::Acquire);
         while !is_leaf(w) {
             if w == EMPTY {
@@ -227,7 +228,7 @@ impl Raw {
             // SAFETY: `w` was read from the tree under `_guard`.
             let n = unsafe { node(w) };
             meter.node();
-            w = n.child[bit(probe, n.pos)].load(Ordering::Acquire);
+            w = n.child[probe.bit(n.pos)].load(Ordering::Acquire);
         }
         // Linearization point of a lookup: the load of the leaf's edge. A flagged leaf was
         // already removed (its remove linearized at the flag).
@@ -244,7 +245,7 @@ impl Raw {
 
     /// Extends `path` from its last step down to a leaf word (or the empty head).
     #[inline]
-    fn descend<M: Meter>(&self, path: &mut Path, probe: &[u8], meter: &mut M) {
+    fn descend<M: Meter>(&self, path: &mut Path, probe: &Probe<'_>, meter: &mut M) {
         loop {
             let Some(last) = path.last() else { return };
             let w = last.word;
@@ -254,7 +255,7 @@ impl Raw {
             // SAFETY: `w` was read from the tree under the caller's guard.
             let n = unsafe { node(w) };
             meter.node();
-            let dir = bit(probe, n.pos);
+            let dir = probe.bit(n.pos);
             let word = n.child[dir].load(Ordering::Acquire);
             path.push(Step {
                 owner: n as *const Node,
@@ -302,6 +303,7 @@ impl Raw {
             handle <= MAX_HANDLE,
             "sdtree: handle {handle:#x} is above MAX_HANDLE ({MAX_HANDLE:#x})"
         );
+        let probe = &Probe::new(probe);
         let new_leaf = leaf_word(handle);
         // The node this insert will publish, allocated once and reused across retries.
         let mut spare: Option<Box<Node>> = None;
@@ -358,7 +360,7 @@ impl Raw {
                 self.backtrack(&mut path);
                 continue;
             }
-            let side = bit(probe, d);
+            let side = probe.bit(d);
             let n = spare.get_or_insert_with(|| {
                 Box::new(Node {
                     child: [AtomicUsize::new(EMPTY), AtomicUsize::new(EMPTY)],
@@ -403,6 +405,7 @@ impl Raw {
         mut accept: impl FnMut(usize) -> bool,
         guard: &Guard,
     ) -> Option<usize> {
+        let probe = &Probe::new(probe);
         let mut path = self.start();
         let h = loop {
             self.descend(&mut path, probe, &mut ());

@@ -108,8 +108,8 @@ proptest! {
 #[test]
 fn an_insert_blocked_by_a_changed_key_is_refused_not_misplaced() {
     let src = Flipping {
-        a: vec![vec![0x00], vec![0x80], vec![0x00, 0x05]],
-        b: vec![vec![0x80, 0x01], vec![0x80], vec![0x00, 0x05]],
+        a: vec![vec![0x01], vec![0x81], vec![0x01, 0x05]],
+        b: vec![vec![0x81, 0x01], vec![0x81], vec![0x01, 0x05]],
         flipped: Cell::new(0),
     };
     let tree = SdTree::new(&src);
@@ -120,6 +120,6 @@ fn an_insert_blocked_by_a_changed_key_is_refused_not_misplaced() {
     src.flipped.set(1);
     assert_eq!(tree.insert_or_get(2), Insert::Refused);
     assert_eq!(tree.len(), 2);
-    assert_eq!(tree.get(&[0x00, 0x05]), None);
-    assert_eq!(tree.get(&[0x80]), Some(1));
+    assert_eq!(tree.get(&[0x01, 0x05]), None);
+    assert_eq!(tree.get(&[0x81]), Some(1));
 }

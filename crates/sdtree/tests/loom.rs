@@ -60,9 +60,9 @@ fn contents(tree: &Tree, collector: &Collector) -> Vec<usize> {
 
 #[test]
 fn insert_insert_same_crit_bit() {
-    // 0x80 and 0xC0 both first differ from 0x00 at the top data bit of byte 0.
+    // 0x80 and 0xC0 both first differ from 0x10 at the top data bit of byte 0.
     loom::model(|| {
-        let (t, c) = tree(&[&[0x00], &[0x80], &[0xC0]], &[0]);
+        let (t, c) = tree(&[&[0x10], &[0x80], &[0xC0]], &[0]);
         let a = spawn(&t, &c, |t, g| t.insert_or_get(1, g));
         let b = spawn(&t, &c, |t, g| t.insert_or_get(2, g));
         assert_eq!(a.join().unwrap(), Insert::Inserted);
@@ -91,7 +91,7 @@ fn insert_insert_equal_keys_one_wins() {
 fn insert_remove_siblings() {
     // 0 and 1 are siblings; 2 lands next to 0 while 1 is removed.
     loom::model(|| {
-        let (t, c) = tree(&[&[0x00], &[0xFF], &[0x01]], &[0, 1]);
+        let (t, c) = tree(&[&[0x10], &[0xFF], &[0x11]], &[0, 1]);
         let a = spawn(&t, &c, |t, g| t.insert_or_get(2, g));
         let b = spawn(&t, &c, |t, g| t.remove(&[0xFF], g));
         assert_eq!(a.join().unwrap(), Insert::Inserted);
@@ -104,9 +104,9 @@ fn insert_remove_siblings() {
 fn remove_remove_siblings() {
     // Removing both children of one node: the unlinks chain through each other.
     loom::model(|| {
-        let (t, c) = tree(&[&[0x00], &[0x01], &[0xFF]], &[0, 1, 2]);
-        let a = spawn(&t, &c, |t, g| t.remove(&[0x00], g));
-        let b = spawn(&t, &c, |t, g| t.remove(&[0x01], g));
+        let (t, c) = tree(&[&[0x10], &[0x11], &[0xFF]], &[0, 1, 2]);
+        let a = spawn(&t, &c, |t, g| t.remove(&[0x10], g));
+        let b = spawn(&t, &c, |t, g| t.remove(&[0x11], g));
         assert_eq!(a.join().unwrap(), Some(0));
         assert_eq!(b.join().unwrap(), Some(1));
         assert_eq!(contents(&t, &c), [2]);
@@ -117,8 +117,8 @@ fn remove_remove_siblings() {
 fn remove_remove_last_two() {
     // Both leaves of a two-key tree: the tree must end empty, through the head edge.
     loom::model(|| {
-        let (t, c) = tree(&[&[0x00], &[0xFF]], &[0, 1]);
-        let a = spawn(&t, &c, |t, g| t.remove(&[0x00], g));
+        let (t, c) = tree(&[&[0x10], &[0xFF]], &[0, 1]);
+        let a = spawn(&t, &c, |t, g| t.remove(&[0x10], g));
         let b = spawn(&t, &c, |t, g| t.remove(&[0xFF], g));
         assert_eq!(a.join().unwrap(), Some(0));
         assert_eq!(b.join().unwrap(), Some(1));
@@ -203,12 +203,12 @@ fn reader_during_unlink() {
 
 #[test]
 fn remove_remove_nested_unlinks_a_chain() {
-    // 0xFF hangs off the root; 0x00 off the root's other child. Removing both can leave
+    // 0xFF hangs off the root; 0x10 off the root's other child. Removing both can leave
     // a chain of two frozen nodes that one splice unlinks.
     loom::model(|| {
-        let (t, c) = tree(&[&[0x00], &[0x01], &[0xFF]], &[0, 1, 2]);
+        let (t, c) = tree(&[&[0x10], &[0x11], &[0xFF]], &[0, 1, 2]);
         let a = spawn(&t, &c, |t, g| t.remove(&[0xFF], g));
-        let b = spawn(&t, &c, |t, g| t.remove(&[0x00], g));
+        let b = spawn(&t, &c, |t, g| t.remove(&[0x10], g));
         assert_eq!(a.join().unwrap(), Some(2));
         assert_eq!(b.join().unwrap(), Some(0));
         assert_eq!(contents(&t, &c), [1]);

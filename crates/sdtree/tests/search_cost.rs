@@ -90,3 +90,42 @@ fn a_missing_page_is_rejected_after_reading_at_most_one_page() {
         stats.nodes_visited
     );
 }
+
+/// Pages that begin with a random run of zero bytes (0 to 256, the seeds' hard case). Read
+/// plainly, their first 1 bits form a comb thousands of nodes deep; the tree's zero-run
+/// header keeps searches about log2(n) deep.
+#[test]
+fn zero_prefixed_pages_do_not_build_a_comb() {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let pages: Vec<Vec<u8>> = (0..N)
+        .map(|_| {
+            let run = (next() % 257) as usize;
+            let mut p = vec![0u8; PAGE];
+            for b in &mut p[run..] {
+                *b = next() as u8;
+            }
+            p
+        })
+        .collect();
+    let tree = SdTree::new(&pages);
+    for h in 0..N {
+        let _ = tree.insert_or_get(h);
+    }
+    let mut deepest = 0;
+    for h in (0..N).step_by(7) {
+        let (found, stats) = tree.get_with_stats(&pages[h]);
+        assert!(found.is_some());
+        deepest = deepest.max(stats.nodes_visited);
+        assert!(stats.stored_key_bytes <= PAGE + 256);
+    }
+    assert!(deepest < 64, "a search visited {deepest} nodes");
+    // Still byte-ordered.
+    let order: Vec<&Vec<u8>> = tree.iter().map(|h| &pages[h]).collect();
+    assert!(order.windows(2).all(|w| w[0] <= w[1]));
+}
