@@ -4,7 +4,7 @@
 //! tree hands out live as long as that guard. This is crossbeam-skiplist's `base` split:
 //! the types at the crate root wrap these and pin for you (with `std`).
 //!
-//! Two front ends share one algorithm ([`crate::raw`]):
+//! Two front ends share one algorithm (the private `raw` module):
 //! - [`SdTree`] stores small integer *handles* and reads each handle's key in place
 //!   through a [`KeySource`] you supply (for pages: a page id, read from guest memory).
 //! - [`SdMap`] owns its keys and values (`K: AsRef<[u8]>`), one heap entry per key.

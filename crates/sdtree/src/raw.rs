@@ -101,7 +101,7 @@ pub(crate) unsafe trait Leaves {
     unsafe fn retire(&self, handle: usize, guard: &Guard);
 }
 
-/// What one search cost: counted by [`Raw::get_metered`].
+/// What one search cost, as reported by `get_with_stats`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SearchStats {
     /// Internal nodes visited (each tests one bit of the probe key).
