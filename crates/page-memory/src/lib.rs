@@ -113,6 +113,16 @@ pub enum PageError {
     Stale(PageId),
     /// The backend cannot do this here; the string says what and why.
     Unsupported(&'static str),
+    /// The region's memory is no longer mapped: its owner unmapped it while in use.
+    Unmapped(RegionId),
+    /// Merging stopped short of `vm.max_map_count`: the change could need mappings (VMAs)
+    /// the process may not have. Raise the limit (`sysctl -w vm.max_map_count=N`).
+    MapCountLimit {
+        /// `vm.max_map_count`.
+        limit: u64,
+        /// The process's mappings at the last count.
+        mappings: u64,
+    },
     /// An operating-system call failed.
     Os {
         /// The operation that failed.
@@ -129,7 +139,21 @@ impl fmt::Display for PageError {
             PageError::NoSuchPage(p) => write!(f, "no {p}: index beyond the region's end"),
             PageError::Stale(p) => write!(f, "{p} was written or unprotected since its token"),
             PageError::Unsupported(what) => write!(f, "not supported by this backend: {what}"),
-            PageError::Os { op, errno } => write!(f, "{op} failed with OS error {errno}"),
+            PageError::Unmapped(r) => write!(
+                f,
+                "region {} is no longer mapped: its owner unmapped it while in use",
+                r.0
+            ),
+            PageError::MapCountLimit { limit, mappings } => write!(
+                f,
+                "merging stopped short of vm.max_map_count ({limit}; the process has {mappings} \
+                 mappings): raise it with `sysctl -w vm.max_map_count=N`"
+            ),
+            PageError::Os { op, errno } => write!(
+                f,
+                "{op} failed: {} (OS error {errno})",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
         }
     }
 }
