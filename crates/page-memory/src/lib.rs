@@ -3,8 +3,8 @@
 //! PageONE (deduplication) and the Per Page Recycler never touch guest RAM directly: they
 //! call a [`PageMemory`]. Two backends implement it: [`sim::SimMemory`], an in-process
 //! memory of refcounted 4 KiB frames with real copy-on-write (tests, benchmarks, no
-//! privileges), and a Linux backend over a VM's anonymous memory (userfaultfd
-//! write-protect, a memfd canonical store, `MADV_DONTNEED`; a later issue).
+//! privileges), and `linux::LinuxMemory` (feature `linux`), over a VM's anonymous memory
+//! in this process (userfaultfd write-protect, a memfd canonical store, `MADV_DONTNEED`).
 //!
 //! # The contract
 //! - **Regions.** Guest memory is a set of regions ([`RegionInfo`]) of 4 KiB pages, each
@@ -38,6 +38,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+#[cfg(feature = "linux")]
+pub mod linux;
 pub mod sim;
 
 /// Bytes in a page.

@@ -1,0 +1,286 @@
+//! The canonical store: a memfd that holds each canonical content once, and the frames
+//! that name its pages.
+//!
+//! # Layout
+//! The memfd is sparse: a page of it uses memory only once written, so offsets are free
+//! and the layout is chosen for the mappings, not for space.
+//! - **Home slots.** Each region gets a run of slots as long as the region (its *home*):
+//!   page `i` of the region, when it becomes canonical, goes to home slot `home + i` if
+//!   that slot is free. Consecutive canonical pages of a region so sit at consecutive
+//!   offsets, and so do the pages merged with them when the duplicates are laid out in the
+//!   same order (two VMs booted from one image): their `MAP_PRIVATE` mappings of the store
+//!   are contiguous in both address and file offset, and the kernel coalesces them into
+//!   one mapping (VMA), which is what keeps merging under `vm.max_map_count`.
+//! - **Overflow slots.** A page whose home slot is still taken (its old contents are
+//!   still shared by other pages) gets a slot of the overflow area, handed out in order
+//!   (freed ones first).
+//!
+//! # Lifetime of a slot
+//! A slot is an `Arc<Slot>`: the engine's frames ([`LinuxFrame`]) hold clones, and so
+//! does every page whose page-table entry may still map the slot's file page. When the
+//! last clone goes, nothing can read the slot any more, and its page is punched out of
+//! the memfd (`fallocate(PUNCH_HOLE)`), giving the memory back, before the slot is free
+//! again. A page that stops mapping the slot (a copy-on-write break that the fault thread
+//! completed itself, a remap) drops its clone only once that is certain: punching a slot
+//! that a page still maps would change what the page reads.
+//!
+//! The store is read through one shared, read-only view of the whole memfd, so a frame's
+//! bytes are an ordinary slice of memory.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+
+use crate::{PageError, PAGE_SIZE};
+
+/// The all-zero page the zero frame reads.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// The memfd, its read-only view and the slot allocator.
+pub(crate) struct Store {
+    fd: OwnedFd,
+    /// Address of the `MAP_SHARED`, `PROT_READ` view of the whole memfd.
+    view: usize,
+    /// Slots in the home area (slot numbers `0..home_slots`).
+    home_slots: u64,
+    /// Slots in all (home area, then the overflow area).
+    slots: u64,
+    alloc: Mutex<Alloc>,
+    /// Slots allocated now.
+    pub(crate) live: AtomicU64,
+    /// Slots punched out since the start.
+    pub(crate) punched: AtomicU64,
+    /// Punch-hole calls that failed (the memory stays held until the slot is reused).
+    pub(crate) punch_errors: AtomicU64,
+}
+
+struct Alloc {
+    /// Next home slot not yet given to a region.
+    home_next: u64,
+    /// One bit per home slot: allocated.
+    home_used: Vec<u64>,
+    /// Next overflow slot never used.
+    overflow_next: u64,
+    /// Freed overflow slots.
+    overflow_free: Vec<u64>,
+}
+
+impl Store {
+    /// A store with room for `home_slots` home slots and as many overflow slots.
+    pub(crate) fn new(home_slots: u64) -> Result<Arc<Store>, PageError> {
+        let os = |op| {
+            move |e: rustix::io::Errno| PageError::Os {
+                op,
+                errno: e.raw_os_error(),
+            }
+        };
+        let slots = home_slots
+            .checked_mul(2)
+            .filter(|s| s.checked_mul(PAGE_SIZE as u64).is_some())
+            .ok_or(PageError::Unsupported("canonical store too large"))?;
+        let bytes = slots * PAGE_SIZE as u64;
+        let fd = rustix::fs::memfd_create(super::sys::STORE_NAME, MemfdFlags::CLOEXEC)
+            .map_err(os("memfd_create (canonical store)"))?;
+        rustix::fs::ftruncate(&fd, bytes).map_err(os("ftruncate (canonical store)"))?;
+        let len = usize::try_from(bytes).map_err(|_| PageError::Unsupported("store too large"))?;
+        // SAFETY: a fresh shared read-only mapping chosen by the kernel (no address given),
+        // of a memfd we own and just sized to `len`; it overlaps nothing of anyone else.
+        let view = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                &fd,
+                0,
+            )
+        }
+        .map_err(os("mmap (view of the canonical store)"))?;
+        Ok(Arc::new(Store {
+            fd,
+            view: view as usize,
+            home_slots,
+            slots,
+            alloc: Mutex::new(Alloc {
+                home_next: 0,
+                home_used: Vec::new(),
+                overflow_next: home_slots,
+                overflow_free: Vec::new(),
+            }),
+            live: AtomicU64::new(0),
+            punched: AtomicU64::new(0),
+            punch_errors: AtomicU64::new(0),
+        }))
+    }
+
+    fn alloc(&self) -> std::sync::MutexGuard<'_, Alloc> {
+        self.alloc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The memfd.
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Gives a region of `pages` pages its home: the first of `pages` consecutive slots.
+    pub(crate) fn reserve_home(&self, pages: u32) -> Result<u64, PageError> {
+        let mut a = self.alloc();
+        let base = a.home_next;
+        let next = base + pages as u64;
+        if next > self.home_slots {
+            return Err(PageError::Unsupported(
+                "the canonical store's home area is full: raise LinuxConfig::home_slots",
+            ));
+        }
+        a.home_next = next;
+        let words = next.div_ceil(64) as usize;
+        if a.home_used.len() < words {
+            a.home_used.resize(words, 0);
+        }
+        Ok(base)
+    }
+
+    /// A free slot: `home` if it is free, else an overflow slot.
+    pub(crate) fn allocate(self: &Arc<Self>, home: u64) -> Result<Arc<Slot>, PageError> {
+        let index = {
+            let mut a = self.alloc();
+            let (w, b) = ((home / 64) as usize, home % 64);
+            match a.home_used.get_mut(w) {
+                Some(word) if home < self.home_slots && *word & (1 << b) == 0 => {
+                    *word |= 1 << b;
+                    home
+                }
+                _ => match a.overflow_free.pop() {
+                    Some(s) => s,
+                    None if a.overflow_next < self.slots => {
+                        a.overflow_next += 1;
+                        a.overflow_next - 1
+                    }
+                    None => {
+                        return Err(PageError::Unsupported(
+                            "the canonical store's overflow area is full",
+                        ))
+                    }
+                },
+            }
+        };
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(Slot {
+            store: self.clone(),
+            index,
+        }))
+    }
+
+    /// Punches `index` out and makes it free again.
+    fn release(&self, index: u64) {
+        let r = rustix::fs::fallocate(
+            &self.fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            index * PAGE_SIZE as u64,
+            PAGE_SIZE as u64,
+        );
+        match r {
+            Ok(()) => self.punched.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.punch_errors.fetch_add(1, Ordering::Relaxed),
+        };
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        let mut a = self.alloc();
+        if index < self.home_slots {
+            if let Some(word) = a.home_used.get_mut((index / 64) as usize) {
+                *word &= !(1 << (index % 64));
+            }
+        } else {
+            a.overflow_free.push(index);
+        }
+    }
+
+    /// Bytes of memory the memfd holds (its allocated blocks).
+    pub(crate) fn bytes(&self) -> Result<u64, PageError> {
+        let st = rustix::fs::fstat(&self.fd).map_err(|e| PageError::Os {
+            op: "fstat (canonical store)",
+            errno: e.raw_os_error(),
+        })?;
+        Ok(st.st_blocks as u64 * 512)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: `view` is the mapping made in `new`, of `slots` pages; no slot (hence no
+        // frame, hence no slice of it) outlives the store, since each holds an `Arc` of it.
+        unsafe {
+            let _ = rustix::mm::munmap(self.view as *mut _, (self.slots as usize) * PAGE_SIZE);
+        }
+    }
+}
+
+/// A page of the canonical store, allocated while any clone of its `Arc` lives.
+pub(crate) struct Slot {
+    pub(crate) store: Arc<Store>,
+    pub(crate) index: u64,
+}
+
+impl Slot {
+    /// The slot's offset in the memfd.
+    pub(crate) fn offset(&self) -> u64 {
+        self.index * PAGE_SIZE as u64
+    }
+
+    /// The slot's bytes, through the store's view.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: the view maps the whole memfd read-only and lives as long as the store,
+        // which `self.store` keeps alive. The slot's page is written once, before the slot
+        // is handed out (canonicalize), and punched only when the last `Arc<Slot>` is gone,
+        // so its bytes do not change while `self` is borrowed. `index < slots`.
+        unsafe {
+            std::slice::from_raw_parts(
+                (self.store.view + self.index as usize * PAGE_SIZE) as *const u8,
+                PAGE_SIZE,
+            )
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.store.release(self.index);
+    }
+}
+
+/// An immutable page of a [`LinuxMemory`](super::LinuxMemory): a page of the canonical
+/// store, or the zero page. Its bytes never change while any clone of it lives.
+#[derive(Clone)]
+pub struct LinuxFrame(pub(crate) Option<Arc<Slot>>);
+
+impl LinuxFrame {
+    /// Whether this is the zero frame.
+    pub fn is_zero(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The frame's offset in the canonical store's memfd (`None` for the zero frame).
+    pub fn store_offset(&self) -> Option<u64> {
+        self.0.as_ref().map(|s| s.offset())
+    }
+}
+
+impl AsRef<[u8]> for LinuxFrame {
+    fn as_ref(&self) -> &[u8] {
+        match &self.0 {
+            Some(slot) => slot.bytes(),
+            None => &ZERO_PAGE,
+        }
+    }
+}
+
+impl std::fmt::Debug for LinuxFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(s) => write!(f, "LinuxFrame(slot {})", s.index),
+            None => write!(f, "LinuxFrame(zero)"),
+        }
+    }
+}

@@ -1,0 +1,743 @@
+//! The Linux backend keeps the page-memory contract on real memory, and PageONE runs on
+//! it. Tests skip, with the reason printed, where userfaultfd write-protect is unavailable
+//! (no privilege: see `LinuxMemory`'s module docs).
+#![cfg(feature = "linux")]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use page_memory::linux::{Backing, LinuxConfig, LinuxFrame, LinuxMemory, LinuxUsage};
+use page_memory::{
+    is_zero_page, DomainId, MergeOutcome, PageError, PageId, PageMemory, RegionId, PAGE_SIZE,
+    PAGE_WORDS,
+};
+use pageone::{Config, PageOne};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+fn memory() -> Option<LinuxMemory> {
+    memory_with(LinuxConfig::default())
+}
+
+fn memory_with(config: LinuxConfig) -> Option<LinuxMemory> {
+    match LinuxMemory::with_config(config) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            let knob = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+                .unwrap_or_else(|_| "unknown".into());
+            eprintln!(
+                "SKIPPED: no userfaultfd write-protect here: {e} (vm.unprivileged_userfaultfd = {})",
+                knob.trim()
+            );
+            None
+        }
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Word `i` of the page with contents `seed`.
+fn pattern(seed: u64, i: usize) -> u64 {
+    splitmix(seed.wrapping_mul(PAGE_WORDS as u64) + i as u64) | 1
+}
+
+/// Word `i` of `page`, as the guest sees it.
+fn word(mem: &LinuxMemory, page: PageId, i: usize) -> &AtomicU64 {
+    assert!(i < PAGE_WORDS);
+    let base = mem.page_ptr(page).unwrap().cast::<u64>();
+    // SAFETY: `page` is a page of a region of `mem` that no test removes or unmaps while
+    // the returned reference is used (it borrows `mem`); word `i` is inside it and
+    // aligned. All test accesses to guest memory are atomic.
+    unsafe { AtomicU64::from_ptr(base.add(i)) }
+}
+
+/// Guest write of the page with contents `seed` to `page`.
+fn fill(mem: &LinuxMemory, page: PageId, seed: u64) {
+    for i in 0..PAGE_WORDS {
+        word(mem, page, i).store(pattern(seed, i), Ordering::Relaxed);
+    }
+}
+
+/// Whether `page` holds the contents `seed` (read through the backend).
+fn holds(mem: &LinuxMemory, page: PageId, seed: u64) -> bool {
+    let mut buf = [0u8; PAGE_SIZE];
+    mem.read_page(page, &mut buf).unwrap();
+    buf.chunks_exact(8)
+        .enumerate()
+        .all(|(i, c)| u64::from_ne_bytes(c.try_into().unwrap()) == pattern(seed, i))
+}
+
+fn pages(r: RegionId, range: std::ops::Range<u32>) -> Vec<PageId> {
+    range.map(|i| PageId::new(r, i)).collect()
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn show(label: &str, u: &LinuxUsage) {
+    eprintln!(
+        "{label}: anonymous {:.2} MiB, store {:.2} MiB, total {:.2} MiB; rss {:.2} MiB, pss {:.2} MiB, \
+         {} mappings; census {:?}",
+        mib(u.region_anonymous),
+        mib(u.store_bytes),
+        mib(u.total_bytes()),
+        mib(u.region_rss),
+        mib(u.region_pss),
+        u.region_mappings,
+        u.census
+    );
+}
+
+#[test]
+fn reports_its_mechanisms() {
+    let Some(mem) = memory() else { return };
+    eprintln!(
+        "dirty tracking {:?}, window check {:?}, caps {:?}",
+        mem.dirty_tracking(),
+        mem.window_check(),
+        mem.caps()
+    );
+    assert_eq!(
+        mem.dirty_tracking(),
+        page_memory::linux::DirtyTracking::UffdWriteProtect
+    );
+}
+
+#[test]
+fn merge_and_recycle_free_the_expected_memory() {
+    let Some(mem) = memory() else { return };
+    const N: u32 = 2048;
+    const HALF: u32 = N / 2;
+    let r = mem.add_region(N, DomainId(0)).unwrap();
+    for i in 0..N {
+        fill(&mem, PageId::new(r, i), (i % HALF) as u64 + 1);
+    }
+    let before = mem.usage().unwrap();
+    show("filled (2048 pages, 1024 distinct)", &before);
+    assert_eq!(before.region_anonymous, N as u64 * PAGE);
+    assert_eq!(before.store_bytes, 0);
+
+    let all = pages(r, 0..N);
+    let tokens: Vec<_> = mem.protect(&all).into_iter().map(Result::unwrap).collect();
+    let mut frames = Vec::new();
+    for i in 0..HALF {
+        let canon = mem
+            .canonicalize(PageId::new(r, i), tokens[i as usize])
+            .unwrap();
+        let dup = PageId::new(r, i + HALF);
+        assert_eq!(
+            mem.merge(dup, tokens[(i + HALF) as usize], &canon).unwrap(),
+            MergeOutcome::Merged
+        );
+        frames.push(canon);
+    }
+    for i in 0..N {
+        assert!(holds(&mem, PageId::new(r, i), (i % HALF) as u64 + 1));
+    }
+    let merged = mem.usage().unwrap();
+    show("merged", &merged);
+    // Every page maps the store now: no private memory left, one store page per content.
+    assert_eq!(merged.region_anonymous, 0);
+    assert_eq!(merged.store_bytes, HALF as u64 * PAGE);
+    assert_eq!(
+        before.total_bytes() - merged.total_bytes(),
+        HALF as u64 * PAGE
+    );
+    if let Some(c) = merged.census {
+        assert_eq!((c.store, c.private, c.not_present), (N as u64, 0, 0));
+    }
+    // Canonical pages sit at consecutive store offsets, and so do their duplicates: two
+    // coalesced mappings.
+    assert!(merged.region_mappings <= 2, "{}", merged.region_mappings);
+
+    // Recycling a duplicate frees nothing (its content is still the canonical page's)...
+    let dups = pages(r, HALF..HALF + 256);
+    assert!(mem.recycle(&dups).iter().all(Result::is_ok));
+    let u = mem.usage().unwrap();
+    assert_eq!(u.total_bytes(), merged.total_bytes());
+    // ...recycling the canonical pages too, once the engine lets go of their frames, frees
+    // their store pages.
+    assert!(mem.recycle(&pages(r, 0..256)).iter().all(Result::is_ok));
+    frames.drain(..256);
+    let recycled = mem.usage().unwrap();
+    show("recycled 256 contents (512 pages)", &recycled);
+    assert_eq!(recycled.store_bytes, (HALF as u64 - 256) * PAGE);
+    assert_eq!(merged.total_bytes() - recycled.total_bytes(), 256 * PAGE);
+    for i in 0..256 {
+        let mut buf = [1u8; PAGE_SIZE];
+        mem.read_page(PageId::new(r, i), &mut buf).unwrap();
+        assert!(is_zero_page(&buf));
+    }
+
+    // Private pages: recycling 512 of a fresh region frees exactly 512 pages.
+    let r2 = mem.add_region(1024, DomainId(0)).unwrap();
+    for i in 0..1024 {
+        fill(&mem, PageId::new(r2, i), 10_000 + i as u64);
+    }
+    let filled = mem.usage().unwrap();
+    assert!(mem.recycle(&pages(r2, 0..512)).iter().all(Result::is_ok));
+    let after = mem.usage().unwrap();
+    show("second region: 1024 private pages, 512 recycled", &after);
+    assert_eq!(filled.region_anonymous - after.region_anonymous, 512 * PAGE);
+    assert_eq!(mem.stats().recycled, 256 + 256 + 512);
+}
+
+#[test]
+fn zero_pages_are_dropped_and_stay_protected() {
+    let Some(mem) = memory() else { return };
+    let r = mem.add_region(64, DomainId(0)).unwrap();
+    for i in 0..64 {
+        let p = PageId::new(r, i);
+        fill(&mem, p, 1);
+        // Written all zeros again: allocated, but empty.
+        for w in 0..PAGE_WORDS {
+            word(&mem, p, w).store(0, Ordering::Relaxed);
+        }
+    }
+    let before = mem.usage().unwrap();
+    assert_eq!(before.region_anonymous, 64 * PAGE);
+    let all = pages(r, 0..64);
+    let tokens: Vec<_> = mem.protect(&all).into_iter().map(Result::unwrap).collect();
+    let zero = mem.zero_frame();
+    for (p, t) in all.iter().zip(&tokens) {
+        assert_eq!(mem.merge(*p, *t, &zero).unwrap(), MergeOutcome::Merged);
+        assert_eq!(mem.backing(*p).unwrap(), Backing::Zero);
+    }
+    let after = mem.usage().unwrap();
+    show("64 zero pages merged with the zero page", &after);
+    assert_eq!(after.region_anonymous, 0);
+    // Still protected: a write is seen and makes the token stale.
+    let p = all[5];
+    assert!(!mem.written_since(p, tokens[5]).unwrap());
+    word(&mem, p, 3).store(42, Ordering::Relaxed);
+    assert!(mem.written_since(p, tokens[5]).unwrap());
+    assert!(!mem.written_since(all[6], tokens[6]).unwrap());
+    assert_eq!(word(&mem, p, 3).load(Ordering::Relaxed), 42);
+}
+
+#[test]
+fn a_write_after_merge_gets_a_private_copy_and_leaves_the_sharers_alone() {
+    let Some(mem) = memory() else { return };
+    let r = mem.add_region(3, DomainId(0)).unwrap();
+    let [a, b, c] = [0, 1, 2].map(|i| PageId::new(r, i));
+    for p in [a, b, c] {
+        fill(&mem, p, 77);
+    }
+    let t = mem.protect(&[a, b, c]);
+    let t: Vec<_> = t.into_iter().map(Result::unwrap).collect();
+    let canon = mem.canonicalize(a, t[0]).unwrap();
+    for (p, tok) in [(b, t[1]), (c, t[2])] {
+        assert_eq!(mem.merge(p, tok, &canon).unwrap(), MergeOutcome::Merged);
+    }
+    assert!(mem.shares_frame(a, b).unwrap() && mem.shares_frame(a, c).unwrap());
+    let stats = mem.stats();
+    // The guest writes the merged page: the fault thread breaks the sharing, the write lands.
+    word(&mem, b, 100).store(0xdead_beef, Ordering::Relaxed);
+    assert_eq!(word(&mem, b, 100).load(Ordering::Relaxed), 0xdead_beef);
+    assert!(mem.written_since(b, t[1]).unwrap());
+    assert_eq!(mem.backing(b).unwrap(), Backing::PrivateCopy);
+    assert!(holds(&mem, a, 77) && holds(&mem, c, 77));
+    assert!(!mem.written_since(a, t[0]).unwrap() && !mem.written_since(c, t[2]).unwrap());
+    assert!(mem.shares_frame(a, c).unwrap());
+    assert_eq!(&canon.as_ref()[..8], &pattern(77, 0).to_ne_bytes());
+    // The rest of b is intact: the copy was of the shared page.
+    for i in (0..PAGE_WORDS).filter(|&i| i != 100) {
+        assert_eq!(word(&mem, b, i).load(Ordering::Relaxed), pattern(77, i));
+    }
+    // A write to the canonical page itself: c keeps the old contents, and so does the frame.
+    word(&mem, a, 0).store(5, Ordering::Relaxed);
+    assert!(holds(&mem, c, 77));
+    assert_eq!(canon.as_ref()[..8], pattern(77, 0).to_ne_bytes());
+    let after = mem.stats();
+    assert_eq!(after.cow_breaks - stats.cow_breaks, 2);
+    assert!(after.write_faults - stats.write_faults >= 2);
+}
+
+#[test]
+fn tokens_merges_and_errors_keep_the_contract() {
+    let Some(mem) = memory() else { return };
+    let r = mem.add_region(4, DomainId(3)).unwrap();
+    let [a, b, c, d] = [0, 1, 2, 3].map(|i| PageId::new(r, i));
+    fill(&mem, a, 1);
+    fill(&mem, b, 1);
+    fill(&mem, c, 2);
+    fill(&mem, d, 1);
+    let t: Vec<_> = mem
+        .protect(&[a, b, c, d])
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(mem.is_protected(a).unwrap());
+    let canon = mem.canonicalize(a, t[0]).unwrap();
+    // Different contents: nothing happens.
+    assert_eq!(mem.merge(c, t[2], &canon).unwrap(), MergeOutcome::Differs);
+    assert_eq!(mem.backing(c).unwrap(), Backing::Private);
+    // Written since the token: nothing happens.
+    word(&mem, b, 7).store(pattern(1, 7), Ordering::Relaxed); // same value, still a write
+    assert_eq!(mem.merge(b, t[1], &canon).unwrap(), MergeOutcome::Changed);
+    assert_eq!(mem.canonicalize(b, t[1]).unwrap_err(), PageError::Stale(b));
+    // Unprotected: tokens are stale.
+    assert!(mem.unprotect(&[d]).iter().all(Result::is_ok));
+    assert!(mem.written_since(d, t[3]).unwrap());
+    assert_eq!(mem.merge(d, t[3], &canon).unwrap(), MergeOutcome::Changed);
+    // Merging twice is a no-op; canonicalizing a merged page gives its frame.
+    let t2: Vec<_> = mem.protect(&[d]).into_iter().map(Result::unwrap).collect();
+    assert_eq!(mem.merge(d, t2[0], &canon).unwrap(), MergeOutcome::Merged);
+    assert_eq!(mem.merge(d, t2[0], &canon).unwrap(), MergeOutcome::Merged);
+    let again = mem.canonicalize(d, t2[0]).unwrap();
+    assert_eq!(again.store_offset(), canon.store_offset());
+    // Bad ids.
+    let beyond = PageId::new(r, 4);
+    let mut buf = [0u8; PAGE_SIZE];
+    assert_eq!(
+        mem.read_page(beyond, &mut buf),
+        Err(PageError::NoSuchPage(beyond))
+    );
+    assert_eq!(
+        mem.protect(&[PageId::new(RegionId(9), 0)])[0],
+        Err(PageError::NoSuchRegion(RegionId(9)))
+    );
+    // A frame of another memory is refused.
+    if let Some(other) = memory() {
+        assert!(matches!(
+            other.merge(a, t[0], &canon),
+            Err(PageError::Unsupported(_)) | Err(PageError::NoSuchRegion(_))
+        ));
+    }
+    // read_words.
+    let mut words = [0u64; 4];
+    mem.read_words(c, &mut words).unwrap();
+    assert_eq!(words[3], pattern(2, 3));
+    assert_eq!(mem.regions().len(), 1);
+    assert_eq!(mem.regions()[0].domain, DomainId(3));
+}
+
+#[test]
+fn the_dirty_hook_hears_every_change() {
+    let Some(mem) = memory() else { return };
+    let r = mem.add_region(4, DomainId(0)).unwrap();
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = heard.clone();
+    mem.set_dirty_hook(Some(Arc::new(move |p| h.lock().unwrap().push(p.index))));
+    for i in 0..4 {
+        fill(&mem, PageId::new(r, i), 9);
+    }
+    let t: Vec<_> = mem
+        .protect(&pages(r, 0..4))
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let canon = mem.canonicalize(PageId::new(r, 0), t[0]).unwrap();
+    mem.merge(PageId::new(r, 1), t[1], &canon).unwrap();
+    mem.recycle(&[PageId::new(r, 2)]);
+    mem.unmerge(PageId::new(r, 1)).unwrap();
+    assert_eq!(*heard.lock().unwrap(), vec![0, 1, 2, 1]);
+}
+
+/// Writer threads write and check patterns while another thread merges, canonicalizes,
+/// unmerges and drops frames as fast as it can: no write is lost.
+#[test]
+fn writers_lose_no_write_across_merge_and_copy_on_write_cycles() {
+    let Some(mem) = memory() else { return };
+    let mem = Arc::new(mem);
+    const N: u32 = 256;
+    const WRITERS: u32 = 4;
+    let r = mem.add_region(N, DomainId(0)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(WRITERS as usize + 1));
+    let rounds = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (mem, stop, start) = (mem.clone(), stop.clone(), start.clone());
+            thread::spawn(move || {
+                // Shadow of every page this writer owns: the contents it must read back.
+                let mine: Vec<u32> = (0..N).filter(|i| i % WRITERS == w).collect();
+                let mut shadow: HashMap<u32, Vec<u64>> =
+                    mine.iter().map(|&i| (i, vec![0u64; PAGE_WORDS])).collect();
+                let mut rng = splitmix(w as u64 + 1);
+                let mut writes = 0u64;
+                start.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    rng = splitmix(rng);
+                    let i = mine[(rng % mine.len() as u64) as usize];
+                    let p = PageId::new(r, i);
+                    let s = shadow.get_mut(&i).unwrap();
+                    if rng % 4 == 0 {
+                        // One word: the rest of the page must survive merges untouched.
+                        let k = (rng >> 8) as usize % PAGE_WORDS;
+                        let v = rng >> 16;
+                        word(&mem, p, k).store(v, Ordering::Relaxed);
+                        s[k] = v;
+                    } else {
+                        // A whole page, one of few contents, so that pages keep merging.
+                        let seed = (rng >> 8) % 3 + 1;
+                        for (k, sk) in s.iter_mut().enumerate() {
+                            let v = pattern(seed, k);
+                            word(&mem, p, k).store(v, Ordering::Relaxed);
+                            *sk = v;
+                        }
+                    }
+                    writes += 1;
+                    for (k, &v) in s.iter().enumerate() {
+                        let got = word(&mem, p, k).load(Ordering::Relaxed);
+                        assert_eq!(got, v, "writer {w}: page {i} word {k} lost a write");
+                    }
+                    if writes % 8 == 0 {
+                        // Let pages stay unwritten for a while, so they get merged.
+                        thread::sleep(Duration::from_micros(300));
+                    }
+                }
+                (shadow, writes)
+            })
+        })
+        .collect();
+    start.wait();
+    // The merger: protect everything, merge what is equal, unmerge some, drop frames.
+    let all = pages(r, 0..N);
+    let mut by_contents: HashMap<Vec<u8>, LinuxFrame> = HashMap::new();
+    let mut buf = [0u8; PAGE_SIZE];
+    let mut outcomes = [0u64; 4];
+    while Instant::now() < deadline {
+        let n = rounds.fetch_add(1, Ordering::Relaxed);
+        let tokens = mem.protect(&all);
+        for (p, t) in all.iter().zip(tokens) {
+            let t = t.unwrap();
+            mem.read_page(*p, &mut buf).unwrap();
+            let frame = if is_zero_page(&buf) {
+                mem.zero_frame()
+            } else if let Some(f) = by_contents.get(&buf[..]) {
+                f.clone()
+            } else {
+                match mem.canonicalize(*p, t) {
+                    Ok(f) => {
+                        if f.as_ref() == &buf[..] {
+                            by_contents.insert(buf.to_vec(), f);
+                        }
+                        outcomes[3] += 1;
+                        continue;
+                    }
+                    Err(PageError::Stale(_)) => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            match mem.merge(*p, t, &frame).unwrap() {
+                MergeOutcome::Merged => outcomes[0] += 1,
+                MergeOutcome::Changed => outcomes[1] += 1,
+                MergeOutcome::Differs => outcomes[2] += 1,
+            }
+        }
+        if n % 5 == 4 {
+            for p in all.iter().step_by(7) {
+                mem.unmerge(*p).unwrap();
+            }
+        }
+        if n % 3 == 2 {
+            by_contents.clear();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total_writes = 0;
+    for w in writers {
+        let (shadow, writes) = w.join().expect("a writer saw a lost write");
+        total_writes += writes;
+        for (i, s) in shadow {
+            let p = PageId::new(r, i);
+            mem.read_page(p, &mut buf).unwrap();
+            for (k, c) in buf.chunks_exact(8).enumerate() {
+                assert_eq!(
+                    u64::from_ne_bytes(c.try_into().unwrap()),
+                    s[k],
+                    "page {i} word {k}"
+                );
+            }
+        }
+    }
+    let st = mem.stats();
+    eprintln!(
+        "{} merger rounds, {total_writes} guest writes; merged {}, changed {}, differs {}, \
+         canonicalized {}; {:?}",
+        rounds.load(Ordering::Relaxed),
+        outcomes[0],
+        outcomes[1],
+        outcomes[2],
+        outcomes[3],
+        st
+    );
+    assert!(outcomes[0] > 100, "too few merges to mean anything");
+    assert!(
+        st.cow_breaks > 100,
+        "too few copy-on-write breaks to mean anything"
+    );
+    drop(by_contents);
+    drop(mem);
+}
+
+fn fill_duplicates(mem: &LinuxMemory, regions: &[RegionId], pages_each: u32, distinct: u64) {
+    for (n, &r) in regions.iter().enumerate() {
+        for i in 0..pages_each {
+            let p = PageId::new(r, i);
+            // Two thirds of the regions are copies of the first third, page for page; one
+            // page in 16 is zeros.
+            if i % 16 == 15 {
+                continue;
+            }
+            let base = (n % (regions.len().div_ceil(3))) as u64 * pages_each as u64;
+            fill(mem, p, 1 + (base + i as u64) % distinct);
+        }
+    }
+}
+
+/// PageONE on real memory: merges, frees the memory, survives writes, unmerges all.
+#[test]
+fn pageone_deduplicates_real_memory_and_unmerge_all_restores_every_page() {
+    let Some(mem) = memory() else { return };
+    let mem = Arc::new(mem);
+    const PAGES: u32 = 1024;
+    let regions: Vec<RegionId> = (0..6)
+        .map(|_| mem.add_region(PAGES, DomainId(0)).unwrap())
+        .collect();
+    let distinct = u64::MAX; // every page of a region distinct
+    fill_duplicates(&mem, &regions, PAGES, distinct);
+    let expect = |n: usize, i: u32| -> Option<u64> {
+        (i % 16 != 15).then(|| 1 + ((n % 2) as u64 * PAGES as u64 + i as u64))
+    };
+    let before = mem.usage().unwrap();
+    show("pageone: before", &before);
+    let engine = PageOne::new(
+        mem.clone(),
+        Config {
+            work_threads: 2,
+            ..Config::default()
+        },
+    );
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        engine.merge_pass();
+    }
+    let elapsed = t0.elapsed();
+    let s = engine.stats();
+    let nonzero = PAGES as u64 * 15 / 16;
+    // 2 distinct regions' worth of non-zero contents; 6 regions.
+    assert_eq!(s.pages_shared + s.pages_unshared, 2 * nonzero);
+    assert_eq!(s.pages_sharing, 4 * nonzero);
+    assert_eq!(s.zero_pages, 6 * PAGES as u64 / 16);
+    let merged = mem.usage().unwrap();
+    show("pageone: merged", &merged);
+    eprintln!(
+        "pageone: 3 merge passes over {} pages in {:?}; backend {:?}",
+        6 * PAGES,
+        elapsed,
+        mem.stats()
+    );
+    assert_eq!(merged.region_anonymous, 0);
+    assert_eq!(merged.store_bytes, 2 * nonzero * PAGE);
+    // The zero pages were never written, so they held no memory to free.
+    assert_eq!(
+        before.total_bytes() - merged.total_bytes(),
+        4 * nonzero * PAGE
+    );
+    // Same layouts: each run of 15 merged pages is one mapping (the zero page between two
+    // runs is another), not one per page.
+    assert_eq!(merged.region_mappings, 6 * 2 * (PAGES as u64 / 16));
+    for (n, &r) in regions.iter().enumerate() {
+        for i in 0..PAGES {
+            match expect(n, i) {
+                Some(seed) => assert!(holds(&mem, PageId::new(r, i), seed)),
+                None => assert_eq!(mem.backing(PageId::new(r, i)).unwrap(), Backing::Zero),
+            }
+        }
+    }
+    // The guest writes some merged pages; the next pass notices.
+    for i in 0..10 {
+        word(&mem, PageId::new(regions[3], i), 0).store(i as u64, Ordering::Relaxed);
+    }
+    engine.merge_pass();
+    assert_eq!(engine.stats().cow_breaks, 10);
+    // Unmerge all: every page private again, with its contents.
+    engine.unmerge_all();
+    // The engine's trees retire canonical frames through an epoch: let it free them.
+    let t0 = Instant::now();
+    while mem.stats().store_slots > 0 && t0.elapsed() < Duration::from_secs(5) {
+        engine.collect_garbage();
+        thread::sleep(Duration::from_millis(5));
+    }
+    drop(engine);
+    for (n, &r) in regions.iter().enumerate() {
+        for i in 0..PAGES {
+            let p = PageId::new(r, i);
+            let b = mem.backing(p).unwrap();
+            assert!(
+                matches!(b, Backing::Private | Backing::PrivateCopy),
+                "{p}: {b:?}"
+            );
+            if n == 3 && i < 10 {
+                assert_eq!(word(&mem, p, 0).load(Ordering::Relaxed), i as u64);
+            } else {
+                match expect(n, i) {
+                    Some(seed) => assert!(holds(&mem, p, seed)),
+                    None => {
+                        let mut buf = [1u8; PAGE_SIZE];
+                        mem.read_page(p, &mut buf).unwrap();
+                        assert!(is_zero_page(&buf));
+                    }
+                }
+            }
+        }
+    }
+    let after = mem.usage().unwrap();
+    show("pageone: unmerged all", &after);
+    assert_eq!(after.store_bytes, 0, "every store page freed");
+    assert_eq!(mem.stats().store_slots, 0);
+    assert_eq!(after.region_anonymous, 6 * PAGES as u64 * PAGE);
+}
+
+/// An embedder unmaps a region under a running engine: errors, no crash.
+#[test]
+fn a_region_unmapped_under_a_running_engine_yields_errors() {
+    let Some(mem) = memory() else { return };
+    let mem = Arc::new(mem);
+    const PAGES: usize = 512;
+    let len = PAGES * PAGE_SIZE;
+    let base = embedder_mmap(len);
+    // SAFETY: the mapping just made: private, anonymous, page-aligned, ours.
+    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    let keep = mem.add_region(64, DomainId(0)).unwrap();
+    for i in 0..PAGES as u32 {
+        fill(&mem, PageId::new(r, i), 1 + (i % 8) as u64);
+    }
+    for i in 0..64 {
+        fill(&mem, PageId::new(keep, i), 1 + (i % 8) as u64);
+    }
+    let engine = PageOne::new(
+        mem.clone(),
+        Config {
+            work_threads: 2,
+            merge_period: Duration::from_millis(4),
+            base_period: Duration::from_millis(2),
+            stable_periods: 1,
+            ..Config::default()
+        },
+    );
+    engine.start();
+    let t0 = Instant::now();
+    while engine.stats().pages_sharing < 100 && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(2));
+    }
+    assert!(engine.stats().pages_sharing >= 100);
+    // The embedder unmaps the region behind the engine's back.
+    // SAFETY: the test's own mapping; nothing in the test touches it afterwards (the
+    // backend only reaches it through fault-checked calls).
+    unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let passes = engine.stats().full_scans;
+    thread::sleep(Duration::from_millis(50));
+    assert!(
+        engine.stats().full_scans > passes,
+        "the engine keeps running"
+    );
+    engine.stop();
+    // Every operation on the region fails cleanly once the backend has noticed.
+    let mut buf = [0u8; PAGE_SIZE];
+    let reads: Vec<_> = (0..PAGES as u32)
+        .map(|i| mem.read_page(PageId::new(r, i), &mut buf))
+        .collect();
+    assert!(reads
+        .iter()
+        .any(|r| matches!(r, Err(PageError::Unmapped(_)))));
+    let p = PageId::new(r, 3);
+    assert_eq!(mem.protect(&[p])[0], Err(PageError::Unmapped(r)));
+    assert_eq!(mem.recycle(&[p])[0], Err(PageError::Unmapped(r)));
+    assert_eq!(mem.unmerge(p), Err(PageError::Unmapped(r)));
+    assert!(mem.usage().is_ok());
+    // The other region is fine.
+    assert!(holds(&mem, PageId::new(keep, 9), 2));
+    drop(engine);
+}
+
+/// Maps `len` bytes of private anonymous memory, as an embedder would.
+fn embedder_mmap(len: usize) -> *mut u8 {
+    // SAFETY: a fresh private anonymous mapping at an address the kernel chooses.
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
+        )
+    }
+    .expect("mmap")
+    .cast()
+}
+
+/// Merging stops short of vm.max_map_count, with a typed, counted reason.
+#[test]
+fn merging_stops_before_the_map_count_limit() {
+    let limit = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(65_530);
+    let now = std::fs::read_to_string("/proc/self/maps")
+        .map(|m| m.lines().count() as u64)
+        .unwrap_or(0);
+    // Leave room for about 300 more mappings (other tests in this process use some).
+    let Some(mem) = memory_with(LinuxConfig {
+        map_count_reserve: Some(limit.saturating_sub(now + 300)),
+        ..LinuxConfig::default()
+    }) else {
+        return;
+    };
+    const N: u32 = 1000;
+    const HALF: u32 = N / 2;
+    let r = mem.add_region(N, DomainId(0)).unwrap();
+    for i in 0..N {
+        // Pages HALF.. duplicate pages 0..HALF in reverse order: no run coalesces.
+        let seed = if i < HALF { i } else { N - 1 - i };
+        fill(&mem, PageId::new(r, i), seed as u64 + 1);
+    }
+    let t: Vec<_> = mem
+        .protect(&pages(r, 0..N))
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    // Canonical pages in order coalesce into one mapping: no trouble with the limit.
+    let frames: Vec<_> = (0..HALF)
+        .map(|i| mem.canonicalize(PageId::new(r, i), t[i as usize]).unwrap())
+        .collect();
+    // Every other duplicate, each in a mapping of its own between two others: two more
+    // mappings per merge.
+    let mut refused = 0;
+    for i in (HALF..N).step_by(2) {
+        let canon = &frames[(N - 1 - i) as usize];
+        match mem.merge(PageId::new(r, i), t[i as usize], canon) {
+            Ok(MergeOutcome::Merged) => {}
+            Err(PageError::MapCountLimit { limit: l, mappings }) => {
+                assert_eq!(l, limit);
+                assert!(mappings < limit);
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let s = mem.stats();
+    let u = mem.usage().unwrap();
+    eprintln!(
+        "map-count guard: {refused} of {} merges refused; region mappings {}; {s:?}",
+        HALF / 2,
+        u.region_mappings
+    );
+    assert!(refused > 0);
+    assert_eq!(s.map_limit_refusals, refused);
+    assert!(s.merges >= 50);
+    let shown = PageError::MapCountLimit { limit, mappings: 1 }.to_string();
+    assert!(shown.contains("sysctl -w vm.max_map_count"));
+}
