@@ -741,3 +741,132 @@ fn merging_stops_before_the_map_count_limit() {
     let shown = PageError::MapCountLimit { limit, mappings: 1 }.to_string();
     assert!(shown.contains("sysctl -w vm.max_map_count"));
 }
+
+/// Without userfaultfd: nothing is protected or merged, recycling still frees memory, and
+/// PageONE keeps running.
+#[test]
+fn without_userfaultfd_nothing_merges_but_recycling_works() {
+    let strict = LinuxMemory::with_config(LinuxConfig {
+        use_userfaultfd: false,
+        ..LinuxConfig::default()
+    });
+    assert!(matches!(strict, Err(PageError::Unsupported(_))));
+    let mem = Arc::new(
+        LinuxMemory::with_config(LinuxConfig {
+            use_userfaultfd: false,
+            require_userfaultfd: false,
+            ..LinuxConfig::default()
+        })
+        .unwrap(),
+    );
+    assert_eq!(
+        mem.dirty_tracking(),
+        page_memory::linux::DirtyTracking::Unavailable
+    );
+    assert!(mem.caps().userfaultfd_error.is_some());
+    let r = mem.add_region(64, DomainId(0)).unwrap();
+    for i in 0..64 {
+        fill(&mem, PageId::new(r, i), 1);
+    }
+    let p = PageId::new(r, 0);
+    assert!(matches!(
+        mem.protect(&[p])[0],
+        Err(PageError::Unsupported(_))
+    ));
+    assert!(mem.written_since(p, page_memory::ProtectToken(0)).unwrap());
+    let zero = mem.zero_frame();
+    assert!(matches!(
+        mem.merge(p, page_memory::ProtectToken(0), &zero),
+        Err(PageError::Unsupported(_))
+    ));
+    assert!(matches!(
+        mem.canonicalize(p, page_memory::ProtectToken(0)),
+        Err(PageError::Unsupported(_))
+    ));
+    let engine = PageOne::new(mem.clone(), Config::default());
+    for _ in 0..3 {
+        engine.merge_pass();
+    }
+    assert_eq!(engine.stats().pages_sharing, 0);
+    drop(engine);
+    let before = mem.usage().unwrap();
+    assert!(mem.recycle(&pages(r, 0..32)).iter().all(Result::is_ok));
+    let after = mem.usage().unwrap();
+    assert_eq!(before.region_anonymous - after.region_anonymous, 32 * PAGE);
+    assert!(holds(&mem, PageId::new(r, 40), 1));
+}
+
+/// Removing an adopted region gives it back as plain anonymous memory with its contents.
+#[test]
+fn removing_an_adopted_region_gives_it_back_as_plain_memory() {
+    let Some(mem) = memory() else { return };
+    const PAGES: usize = 64;
+    let len = PAGES * PAGE_SIZE;
+    let base = embedder_mmap(len);
+    // SAFETY: the test's own fresh private anonymous mapping, unmapped only at the end.
+    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    for i in 0..PAGES as u32 {
+        fill(&mem, PageId::new(r, i), 1 + (i % 4) as u64);
+    }
+    let all = pages(r, 0..PAGES as u32);
+    let t: Vec<_> = mem.protect(&all).into_iter().map(Result::unwrap).collect();
+    let frames: Vec<_> = (0..4)
+        .map(|i| mem.canonicalize(all[i], t[i]).unwrap())
+        .collect();
+    for i in 4..PAGES {
+        assert_eq!(
+            mem.merge(all[i], t[i], &frames[i % 4]).unwrap(),
+            MergeOutcome::Merged
+        );
+    }
+    word(&mem, all[9], 1).store(99, Ordering::Relaxed); // a private copy in a store mapping
+    assert!(mem.usage().unwrap().store_bytes > 0);
+    mem.remove_region(r).unwrap();
+    assert_eq!(mem.region_ptr(r), Err(PageError::NoSuchRegion(r)));
+    assert_eq!(mem.remove_region(r), Err(PageError::NoSuchRegion(r)));
+    // SAFETY: the region is the test's again; all accesses are atomic, as before.
+    let at = |i: usize, w: usize| unsafe {
+        AtomicU64::from_ptr(base.add(i * PAGE_SIZE).cast::<u64>().add(w))
+    };
+    for i in 0..PAGES {
+        for w in 0..PAGE_WORDS {
+            let want = if (i, w) == (9, 1) {
+                99
+            } else {
+                pattern(1 + (i % 4) as u64, w)
+            };
+            assert_eq!(at(i, w).load(Ordering::Relaxed), want, "page {i} word {w}");
+        }
+    }
+    // Nothing of the store is left in the range: it is anonymous memory again, so dropping
+    // a page reads zeros (a private mapping of the store would read the store again).
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let (start, end) = (base as usize, base as usize + len);
+    for line in maps.lines() {
+        let mut it = line.split_ascii_whitespace();
+        let (s, e) = it.next().unwrap().split_once('-').unwrap();
+        let (s, e) = (
+            usize::from_str_radix(s, 16).unwrap(),
+            usize::from_str_radix(e, 16).unwrap(),
+        );
+        if s < end && e > start {
+            assert!(!line.contains("memfd"), "{line}");
+        }
+    }
+    drop(frames);
+    // SAFETY: a page of the test's own mapping, which no one else uses now.
+    unsafe {
+        rustix::mm::madvise(
+            base.add(5 * PAGE_SIZE).cast(),
+            PAGE_SIZE,
+            rustix::mm::Advice::LinuxDontNeed,
+        )
+    }
+    .unwrap();
+    assert_eq!(at(5, 0).load(Ordering::Relaxed), 0);
+    at(6, 0).store(7, Ordering::Relaxed);
+    drop(mem);
+    assert_eq!(at(6, 0).load(Ordering::Relaxed), 7);
+    // SAFETY: the test's own mapping; nothing refers to it any more.
+    unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
+}

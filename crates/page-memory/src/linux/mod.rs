@@ -145,6 +145,9 @@ pub struct LinuxConfig {
     /// Fail [`LinuxMemory::new`] if userfaultfd write-protect is unavailable (default).
     /// Off: the memory works without protection, so nothing is ever merged.
     pub require_userfaultfd: bool,
+    /// Use userfaultfd at all (default). Off: as if it were unavailable (the fallback
+    /// described under *Failures*), for embedders that only recycle.
+    pub use_userfaultfd: bool,
     /// Handle writes made by the kernel for the guest (KVM, `read(2)` into guest memory)
     /// to protected pages (default). Needs privilege (see the module docs); off, such a
     /// write to a protected page fails with `EFAULT` in the kernel.
@@ -170,6 +173,7 @@ impl Default for LinuxConfig {
     fn default() -> Self {
         LinuxConfig {
             require_userfaultfd: true,
+            use_userfaultfd: true,
             kernel_faults: true,
             fault_threads: 1,
             home_slots: 1 << 26,
@@ -512,7 +516,12 @@ impl LinuxMemory {
     /// A memory set up by `config`, with no regions; starts the fault thread(s).
     pub fn with_config(config: LinuxConfig) -> Result<LinuxMemory, PageError> {
         let store = Store::new(config.home_slots)?;
-        let (uffd, wp_unpopulated, uffd_error) = match open_uffd(config.kernel_faults) {
+        let opened = if config.use_userfaultfd {
+            open_uffd(config.kernel_faults)
+        } else {
+            Err("turned off by LinuxConfig::use_userfaultfd".to_string())
+        };
+        let (uffd, wp_unpopulated, uffd_error) = match opened {
             Ok((u, unpop)) => (Some(u), unpop, None),
             Err(why) => (None, false, Some(why)),
         };
@@ -946,6 +955,9 @@ fn unsupported_reason(why: &str) -> &'static str {
          vm.unprivileged_userfaultfd = 1, or LinuxConfig::kernel_faults = false)"
     } else if why.contains("CONFIG_USERFAULTFD") {
         "userfaultfd: the kernel has none (CONFIG_USERFAULTFD)"
+    } else if why.starts_with("turned off") {
+        "userfaultfd turned off by LinuxConfig::use_userfaultfd, yet required by \
+         LinuxConfig::require_userfaultfd"
     } else if why.contains("write-protect") {
         "userfaultfd: the kernel lacks write-protect mode (Linux 5.7+)"
     } else {
@@ -1409,27 +1421,105 @@ impl Inner {
     fn retire(&self, region: &Region) {
         let gone = region.unmapped.load(Ordering::Relaxed) || !self.still_mapped(region);
         if !gone && !region.owned {
-            for i in 0..region.pages.len() {
-                let mut st = region.lock(i);
-                if st.kind == Kind::Store {
-                    let _ = self.break_store(region, region.addr(i as u32), &mut st);
-                }
-            }
+            self.give_back(region);
         }
         if let (Some(uffd), false) = (&self.uffd, gone) {
+            // Also wakes writers waiting on pages still registered; the fault thread wakes
+            // the others once we are done (the region is no longer live).
             let _ = uffd.unregister(region.base as *mut _, region.len());
         }
         if region.owned && !gone {
-            // SAFETY: the region's mapping, made by `add_region` and still registered with
-            // our userfaultfd (so still ours); no operation runs on it (`live` is held).
+            // SAFETY: the region's mapping, made by `add_region`, still laid out as we left
+            // it (so still ours); no operation runs on it (`live` is held).
             let _ = unsafe { rustix::mm::munmap(region.base as *mut _, region.len()) };
         }
         for i in 0..region.pages.len() {
             let mut st = region.lock(i);
-            if region.owned || gone || st.kind != Kind::Store {
+            if region.owned || gone || !matches!(st.kind, Kind::Store | Kind::StoreCow) {
                 st.slot = None;
             }
         }
+    }
+
+    /// Turns every run of pages of an adopted region that lie in store mappings back into
+    /// plain anonymous memory with the same contents: the run is write-protected (writers
+    /// wait), copied into a fresh anonymous mapping, and that mapping is moved over it with
+    /// `mremap`, which replaces the old mappings atomically. (A private mapping of the store
+    /// left in the embedder's memory would show store contents again after an
+    /// `MADV_DONTNEED`.) A run that fails is left as it is, its slots kept.
+    fn give_back(&self, region: &Region) {
+        let n = region.pages.len();
+        let mut guards: Vec<MutexGuard<'_, PageState>> = (0..n).map(|i| region.lock(i)).collect();
+        let in_store = |g: &PageState| matches!(g.kind, Kind::Store | Kind::StoreCow);
+        let mut k = 0;
+        while k < n {
+            if !in_store(&guards[k]) {
+                k += 1;
+                continue;
+            }
+            let mut j = k;
+            while j < n && in_store(&guards[j]) {
+                j += 1;
+            }
+            let (addr, len) = (region.addr(k as u32), (j - k) * PAGE_SIZE);
+            if self.move_anon_over(region, addr, len).is_ok() {
+                for g in &mut guards[k..j] {
+                    g.kind = Kind::Anon;
+                    g.slot = None;
+                    g.protected = false;
+                    g.gen += 1;
+                }
+            }
+            k = j;
+        }
+    }
+
+    /// Replaces `[addr, addr + len)` (pages of `region`, locked) by anonymous memory with
+    /// the same contents.
+    fn move_anon_over(&self, region: &Region, addr: usize, len: usize) -> Result<(), PageError> {
+        self.wp(region, addr, len)?;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel chooses.
+        let scratch = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| PageError::Os {
+            op: "mmap (anonymous copy of a region given back)",
+            errno: e.raw_os_error(),
+        })?;
+        // SAFETY: `scratch` is our fresh mapping of `len` bytes; nothing else refers to it.
+        let copy = unsafe { std::slice::from_raw_parts_mut(scratch.cast::<u8>(), len) };
+        let r = sys::read_guest(self.pid, addr, copy)
+            .map_err(|e| gone_or(region, "process_vm_readv (copy)", e, &[Errno::FAULT]))
+            .and_then(|()| {
+                // SAFETY: moves our scratch mapping over pages of a live region locked by us
+                // and write-protected (no write can land meanwhile), with their exact
+                // contents: no reader sees a change. The destination's old mappings are
+                // replaced atomically.
+                unsafe {
+                    rustix::mm::mremap_fixed(
+                        scratch,
+                        len,
+                        len,
+                        rustix::mm::MremapFlags::MAYMOVE,
+                        addr as *mut _,
+                    )
+                }
+                .map(|_| ())
+                .map_err(|e| PageError::Os {
+                    op: "mremap (give a region back as anonymous memory)",
+                    errno: e.raw_os_error(),
+                })
+            });
+        if r.is_err() {
+            // SAFETY: the scratch mapping, not moved: still ours alone.
+            let _ = unsafe { rustix::mm::munmap(scratch, len) };
+        }
+        r
     }
 
     /// Whether the region's range is still mapped the way this backend left it: no hole,
