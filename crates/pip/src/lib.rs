@@ -221,9 +221,11 @@
 //! Invariants (for a guest that follows the protocol):
 //! 1. At most one slot holds `F` or `F|CLAIMED`, and only while page `F` is free (between
 //!    its `on_free` and an `on_alloc` that returns usable).
-//! 2. While a slot holds `F` or `F|CLAIMED`, page `F`'s mark names that slot (the offer
-//!    writes it; only cancel, which empties the slot first, or the recycle, which holds
-//!    the claim, remove it).
+//! 2. While a slot holds `F` or `F|CLAIMED`, page `F`'s mark names that slot, from the
+//!    offer's indicator store on (the offer writes it right after its CAS; only cancel,
+//!    which empties the slot first, or the recycle, which holds the claim, remove it).
+//!    The guest reads the mark only in `on_alloc`, which follows its `on_free` in the
+//!    guest allocator's order, so it always sees the whole mark.
 //! 3. The host writes a page only between a successful claim and its end.
 //!
 //! Guarantees:
