@@ -101,7 +101,7 @@ mod page;
 
 #[cfg(feature = "alloc")]
 pub use allocator::{AllocStats, FreeError, PageAllocator};
-pub use page::{GuestPage, SimPage, PAGE_WORDS};
+pub use page::{pattern, GuestPage, SimPage, PAGE_WORDS};
 pub use pip::{Alloc, AttachError, Free, MarkWords, PoolView};
 
 /// The guest's two hooks, over an attached pool, or disabled.

@@ -73,10 +73,11 @@ impl MarkWords for SimPage {
     }
 }
 
-/// Word `i` of the pattern for `seed` (splitmix64 of `seed` and `i`): never 0 in
-/// practice, so a zeroed word is always caught.
+/// Word `i` of the pattern [`GuestPage::fill`] writes for `seed` (splitmix64 of `seed`
+/// and `i`, with the low bit set): never 0, so a zeroed word is always caught. Other
+/// [`GuestPage`] implementations use it too, so every page checks the same way.
 #[inline]
-fn pattern(seed: u64, i: usize) -> u64 {
+pub fn pattern(seed: u64, i: usize) -> u64 {
     let mut z = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
