@@ -23,6 +23,9 @@
 //!   equal to the frame, both checked atomically with the switch; otherwise it reports
 //!   why and changes nothing. A merged page is read-only; its next write breaks the
 //!   sharing into a private copy.
+//! - **Batches.** [`PageMemory::canonicalize_batch`] and [`PageMemory::merge_batch`] do
+//!   the same as one call per page, in order (their default implementations are those
+//!   calls); a backend may do runs of pages at once, and an engine should use them.
 //! - **Recycling.** [`PageMemory::recycle`] makes pages read as zeros (their old contents
 //!   are dropped): the Per Page Recycler's end of a freed page.
 //! - **Unmerging.** [`PageMemory::unmerge`] gives a page a private, writable copy of its
@@ -203,6 +206,35 @@ pub trait PageMemory: Send + Sync {
         token: ProtectToken,
         canonical: &Self::Frame,
     ) -> Result<MergeOutcome, PageError>;
+
+    /// [`canonicalize`](Self::canonicalize) of each `(page, token)`; one result per item,
+    /// in order, exactly as if `canonicalize` were called on each in turn (the default
+    /// does that). A backend may do runs of consecutive pages at once: the Linux backend
+    /// copies and remaps each run with one system call of each kind.
+    fn canonicalize_batch(
+        &self,
+        pages: &[(PageId, ProtectToken)],
+    ) -> Vec<Result<Self::Frame, PageError>> {
+        pages
+            .iter()
+            .map(|&(page, token)| self.canonicalize(page, token))
+            .collect()
+    }
+
+    /// [`merge`](Self::merge) of each `(dup, token, canonical)`; one result per item, in
+    /// order, exactly as if `merge` were called on each in turn (the default does that).
+    /// A backend may do runs at once: the Linux backend maps a run of consecutive pages
+    /// whose canonical frames lie at consecutive offsets of its store with one `mmap`.
+    /// Callers get the most out of it by passing pages in address order.
+    fn merge_batch(
+        &self,
+        items: &[(PageId, ProtectToken, &Self::Frame)],
+    ) -> Vec<Result<MergeOutcome, PageError>> {
+        items
+            .iter()
+            .map(|&(dup, token, canonical)| self.merge(dup, token, canonical))
+            .collect()
+    }
 
     /// The shared all-zero frame: merging a page with it makes the page a zero page.
     fn zero_frame(&self) -> Self::Frame;

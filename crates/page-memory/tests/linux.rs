@@ -870,3 +870,93 @@ fn removing_an_adopted_region_gives_it_back_as_plain_memory() {
     // SAFETY: the test's own mapping; nothing refers to it any more.
     unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
 }
+
+/// `canonicalize_batch` and `merge_batch` give what one call per page gives, with mixed
+/// outcomes inside a run, and a run of duplicates of a run of canonical pages becomes one
+/// mapping.
+#[test]
+fn batches_do_what_single_calls_do() {
+    let Some(mem) = memory() else { return };
+    const N: u32 = 200;
+    let r = mem.add_region(2 * N, DomainId(0)).unwrap();
+    for i in 0..N {
+        fill(&mem, PageId::new(r, i), 1 + i as u64);
+        fill(&mem, PageId::new(r, N + i), 1 + i as u64);
+    }
+    let all = pages(r, 0..2 * N);
+    let t: Vec<_> = mem.protect(&all).into_iter().map(Result::unwrap).collect();
+    // Page 7 is written after protection: its canonicalization is stale.
+    word(&mem, PageId::new(r, 7), 0).store(3, Ordering::Relaxed);
+    let canon: Vec<_> = (0..N).map(|i| (PageId::new(r, i), t[i as usize])).collect();
+    let frames = mem.canonicalize_batch(&canon);
+    assert_eq!(frames.len(), N as usize);
+    assert_eq!(frames[7].as_ref().unwrap_err(), &PageError::Stale(PageId::new(r, 7)));
+    for (i, f) in frames.iter().enumerate() {
+        if i != 7 {
+            let f = f.as_ref().unwrap();
+            assert!(holds(&mem, PageId::new(r, i as u32), 1 + i as u64));
+            assert_eq!(f.as_ref(), {
+                let mut b = [0u8; PAGE_SIZE];
+                mem.read_page(PageId::new(r, i as u32), &mut b).unwrap();
+                b
+            });
+        }
+    }
+    // Canonicalizing again gives the same frames (no change).
+    let again = mem.canonicalize_batch(&canon[10..20]);
+    for (k, f) in again.iter().enumerate() {
+        assert_eq!(
+            f.as_ref().unwrap().store_offset(),
+            frames[10 + k].as_ref().unwrap().store_offset()
+        );
+    }
+    let stats = mem.stats();
+    assert_eq!(stats.canonicalized, N as u64 - 1);
+    // Merge the second half with the first, in one batch: page N+7 gets page 8's frame
+    // (differs), page N+20 was written (changed), the rest merge.
+    word(&mem, PageId::new(r, N + 20), 5).store(9, Ordering::Relaxed);
+    let zero = mem.zero_frame();
+    let items: Vec<(PageId, page_memory::ProtectToken, &LinuxFrame)> = (0..N)
+        .map(|i| {
+            let f = if i == 7 {
+                frames[8].as_ref().unwrap()
+            } else {
+                frames[i as usize].as_ref().unwrap()
+            };
+            (PageId::new(r, N + i), t[(N + i) as usize], f)
+        })
+        .chain(std::iter::once((PageId::new(r, N + 7), t[(N + 7) as usize], &zero)))
+        .collect();
+    let out = mem.merge_batch(&items);
+    for (k, o) in out.iter().enumerate() {
+        let want = match k as u32 {
+            7 | 200 => MergeOutcome::Differs,
+            20 => MergeOutcome::Changed,
+            _ => MergeOutcome::Merged,
+        };
+        assert_eq!(*o, Ok(want), "item {k}");
+    }
+    // Merging again: already merged, nothing changes.
+    let out2 = mem.merge_batch(&items[30..40]);
+    assert!(out2.iter().all(|o| *o == Ok(MergeOutcome::Merged)));
+    assert_eq!(mem.stats().merges, N as u64 - 2);
+    for i in 0..N {
+        let p = PageId::new(r, N + i);
+        match i {
+            7 => assert!(holds(&mem, p, 8)),
+            20 => assert_eq!(word(&mem, p, 5).load(Ordering::Relaxed), 9),
+            _ => {
+                assert!(holds(&mem, p, 1 + i as u64));
+                assert!(mem.shares_frame(p, PageId::new(r, i)).unwrap());
+            }
+        }
+    }
+    // Runs coalesce: the merged pages map consecutive store offsets, so the region is a
+    // handful of mappings (split only around pages 7 and 20), not one per page.
+    let u = mem.usage().unwrap();
+    assert!(u.region_mappings <= 8, "{} mappings", u.region_mappings);
+    // A write to a merged page still breaks the sharing for that page alone.
+    word(&mem, PageId::new(r, N + 50), 0).store(1, Ordering::Relaxed);
+    assert!(holds(&mem, PageId::new(r, 50), 51));
+    assert!(holds(&mem, PageId::new(r, N + 51), 52));
+}

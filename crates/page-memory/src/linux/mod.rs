@@ -201,6 +201,11 @@ pub struct LinuxConfig {
     /// are read in place with atomic word loads (faster, and `read_words` reads each word
     /// atomically), and regions must stay mapped until removed.
     pub checked_access: bool,
+    /// The most consecutive pages [`PageMemory::merge_batch`] and
+    /// [`PageMemory::canonicalize_batch`] remap with one `mmap` (default 64). The pages of
+    /// a run stay locked while it is compared and remapped, so a guest write to one of
+    /// them waits for at most that one run (tens of microseconds at 64 pages).
+    pub max_run_pages: usize,
 }
 
 impl Default for LinuxConfig {
@@ -213,6 +218,7 @@ impl Default for LinuxConfig {
             home_slots: 1 << 26,
             map_count_reserve: None,
             checked_access: true,
+            max_run_pages: 64,
         }
     }
 }
@@ -527,6 +533,12 @@ pub struct LinuxMemory {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
     stop: Option<Arc<OwnedFd>>,
+}
+
+thread_local! {
+    /// A reusable buffer for reading runs of guest pages (kept between calls, so a run's
+    /// read allocates nothing).
+    static RUN_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The message of every protect-type operation when there is no userfaultfd.
@@ -1324,6 +1336,302 @@ impl Inner {
         Ok(())
     }
 
+    /// Maps the store slots `slots` (consecutive offsets) over as many consecutive pages of
+    /// `region` at `addr` (locked in `sts`, protected, equal to the slots) with one `mmap`,
+    /// then registers, protects and checks them as one range.
+    fn map_slots_run(
+        &self,
+        region: &Region,
+        addr: usize,
+        sts: &mut [MutexGuard<'_, PageState>],
+        slots: &[Arc<Slot>],
+    ) -> Result<(), PageError> {
+        debug_assert_eq!(sts.len(), slots.len());
+        self.guard.admit()?;
+        // SAFETY: as in `map_slot`, for each page of the run: pages of a live region that
+        // this backend may remap, locked by us, protected, and each mapped to a slot with
+        // its exact current contents (compared, or copied from it, while protected). The
+        // slots are consecutive in the memfd, so one mapping covers them all; each page's
+        // `st.slot` keeps its slot allocated while the page maps it.
+        let r = unsafe {
+            rustix::mm::mmap(
+                addr as *mut _,
+                slots.len() * PAGE_SIZE,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::FIXED,
+                self.store.fd(),
+                slots[0].offset(),
+            )
+        };
+        if let Err(e) = r {
+            return Err(self.mmap_error("mmap of store pages over guest pages", e));
+        }
+        for (st, slot) in sts.iter_mut().zip(slots) {
+            st.kind = Kind::Store;
+            st.slot = Some(slot.clone());
+        }
+        self.settle_run(region, addr, sts);
+        Ok(())
+    }
+
+    /// [`settle`](Self::settle) for a run of freshly remapped pages at `addr`: one
+    /// register, one protect, one `PAGEMAP_SCAN` for the whole run where they work.
+    fn settle_run(&self, region: &Region, addr: usize, sts: &mut [MutexGuard<'_, PageState>]) {
+        let len = sts.len() * PAGE_SIZE;
+        let registered = self
+            .uffd()
+            .ok()
+            .and_then(|u| {
+                u.register_with_mode(addr as *mut _, len, RegisterMode::WRITE_PROTECT)
+                    .ok()
+            })
+            .is_some();
+        if !registered || self.wp(region, addr, len).is_err() {
+            // Page by page, as a single remap would.
+            for (k, st) in sts.iter_mut().enumerate() {
+                self.settle(region, addr + k * PAGE_SIZE, st);
+            }
+            return;
+        }
+        for st in sts.iter_mut() {
+            st.registered = true;
+        }
+        // A write in the window left a private page: present and not a file page (or not
+        // the zero page). Only those pages are looked at again, one by one.
+        let suspects = self.present_private(addr, addr + len);
+        match suspects {
+            Some(pages) => {
+                for k in pages {
+                    self.check_window(region, addr + k * PAGE_SIZE, &mut sts[k]);
+                }
+            }
+            None => {
+                for (k, st) in sts.iter_mut().enumerate() {
+                    self.check_window(region, addr + k * PAGE_SIZE, st);
+                }
+            }
+        }
+    }
+
+    /// The pages of `[start, end)` (as indices from `start`) that are present and map
+    /// neither a file page nor the zero page, by `PAGEMAP_SCAN`; `None` without it.
+    fn present_private(&self, start: usize, end: usize) -> Option<Vec<usize>> {
+        use sys::{PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT};
+        let fd = self.pagemap.as_ref()?;
+        let mut out = [sys::PageRegion::default(); 32];
+        let mut found = Vec::new();
+        let mut at = start;
+        while at < end {
+            let ret = PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_PFNZERO;
+            let (n, walk_end) =
+                sys::pagemap_scan(fd.as_fd(), at, end, PAGE_IS_PRESENT, ret, &mut out).ok()?;
+            for r in &out[..n] {
+                if r.categories & (PAGE_IS_FILE | PAGE_IS_PFNZERO) == 0 {
+                    let (a, b) = (r.start as usize, r.end as usize);
+                    found.extend((a - start) / PAGE_SIZE..(b - start) / PAGE_SIZE);
+                }
+            }
+            if walk_end <= at {
+                break;
+            }
+            at = walk_end;
+        }
+        Some(found)
+    }
+
+    /// Locks `run` (consecutive pages of one live region, in bounds) and gives its region,
+    /// or pushes an error for each page and returns `None`.
+    fn lock_run<'r, T>(
+        &self,
+        region: &'r Region,
+        run_len: usize,
+        first: u32,
+        out: &mut Vec<Result<T, PageError>>,
+    ) -> Option<Vec<MutexGuard<'r, PageState>>> {
+        let e = if region.unmapped.load(Ordering::Relaxed) {
+            PageError::Unmapped(region.info.id)
+        } else {
+            let f = first as usize;
+            return Some((f..f + run_len).map(|i| region.lock(i)).collect());
+        };
+        out.extend((0..run_len).map(|_| Err(e.clone())));
+        None
+    }
+
+    /// `merge` of a run of consecutive pages whose frames are consecutive store slots.
+    /// Pushes one result per item; returns which pages changed (for the dirty hook).
+    fn merge_run(
+        &self,
+        items: &[(PageId, ProtectToken, &LinuxFrame)],
+        out: &mut Vec<Result<MergeOutcome, PageError>>,
+    ) -> Vec<bool> {
+        let n = items.len();
+        let pages: Vec<PageId> = items.iter().map(|i| i.0).collect();
+        let mut changed = vec![false; n];
+        let Some(region) = self.run_region(&pages, out) else {
+            return changed;
+        };
+        let live = region.live.read().unwrap_or_else(|e| e.into_inner());
+        if !*live {
+            out.extend((0..n).map(|_| Err(PageError::NoSuchRegion(region.info.id))));
+            return changed;
+        }
+        let Some(mut guards) = self.lock_run(&region, n, pages[0].index, out) else {
+            return changed;
+        };
+        let mut res: Vec<Option<Result<MergeOutcome, PageError>>> = vec![None; n];
+        for (k, (g, &(_, token, frame))) in guards.iter().zip(items).enumerate() {
+            if !g.protected || g.gen != token.0 {
+                res[k] = Some(Ok(MergeOutcome::Changed));
+            } else if let (Kind::Store, Some(s), Some(c)) = (g.kind, &g.slot, &frame.0) {
+                if Arc::ptr_eq(s, c) {
+                    res[k] = Some(Ok(MergeOutcome::Merged));
+                }
+            }
+        }
+        // Protected: no write can land while we compare and remap. One read for the run.
+        let addr = region.addr(pages[0].index);
+        RUN_BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            buf.resize(n * PAGE_SIZE, 0);
+            if let Err(e) = self.read_guest(&region, addr, &mut buf[..]) {
+                for r in res.iter_mut().filter(|r| r.is_none()) {
+                    *r = Some(Err(e.clone()));
+                }
+                return;
+            }
+            for (k, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+                if res[k].is_none() && page != items[k].2.as_ref() {
+                    res[k] = Some(Ok(MergeOutcome::Differs));
+                }
+            }
+        });
+        let mut k = 0;
+        while k < n {
+            if res[k].is_some() {
+                k += 1;
+                continue;
+            }
+            let mut j = k;
+            while j < n && res[j].is_none() {
+                j += 1;
+            }
+            let slots: Vec<Arc<Slot>> = items[k..j].iter().filter_map(|i| i.2 .0.clone()).collect();
+            let r = self.map_slots_run(
+                &region,
+                region.addr(pages[k].index),
+                &mut guards[k..j],
+                &slots,
+            );
+            for (x, c) in res[k..j].iter_mut().zip(&mut changed[k..j]) {
+                *x = Some(r.clone().map(|()| MergeOutcome::Merged));
+                *c = r.is_ok();
+            }
+            if r.is_ok() {
+                self.counters
+                    .merges
+                    .fetch_add((j - k) as u64, Ordering::Relaxed);
+            }
+            k = j;
+        }
+        drop(guards);
+        drop(live);
+        out.extend(
+            res.into_iter()
+                .map(|r| r.unwrap_or(Ok(MergeOutcome::Changed))),
+        );
+        changed
+    }
+
+    /// `canonicalize` of a run of consecutive pages: each page goes to its home slot where
+    /// free, and each sub-run of consecutive slots is copied with one `pwrite` and mapped
+    /// with one `mmap`. Pushes one result per page; returns which pages changed.
+    fn canonicalize_run(
+        &self,
+        run: &[(PageId, ProtectToken)],
+        out: &mut Vec<Result<LinuxFrame, PageError>>,
+    ) -> Vec<bool> {
+        let n = run.len();
+        let pages: Vec<PageId> = run.iter().map(|i| i.0).collect();
+        let mut changed = vec![false; n];
+        let Some(region) = self.run_region(&pages, out) else {
+            return changed;
+        };
+        let live = region.live.read().unwrap_or_else(|e| e.into_inner());
+        if !*live {
+            out.extend((0..n).map(|_| Err(PageError::NoSuchRegion(region.info.id))));
+            return changed;
+        }
+        let Some(mut guards) = self.lock_run(&region, n, pages[0].index, out) else {
+            return changed;
+        };
+        let mut res: Vec<Option<Result<LinuxFrame, PageError>>> = vec![None; n];
+        let mut slots: Vec<Option<Arc<Slot>>> = vec![None; n];
+        for (k, (g, &(page, token))) in guards.iter().zip(run).enumerate() {
+            res[k] = if !g.protected || g.gen != token.0 {
+                Some(Err(PageError::Stale(page)))
+            } else {
+                match (g.kind, &g.slot) {
+                    (Kind::Store, Some(slot)) => Some(Ok(LinuxFrame(Some(slot.clone())))),
+                    (Kind::Zero, _) => Some(Ok(LinuxFrame(None))),
+                    _ => match self.store.allocate(region.home + page.index as u64) {
+                        Ok(s) => {
+                            slots[k] = Some(s);
+                            None
+                        }
+                        Err(e) => Some(Err(e)),
+                    },
+                }
+            };
+        }
+        let mut k = 0;
+        while k < n {
+            let Some(s0) = slots[k].as_ref().map(|s| s.index) else {
+                k += 1;
+                continue;
+            };
+            let mut j = k + 1;
+            while j < n && slots[j].as_ref().map(|s| s.index) == Some(s0 + (j - k) as u64) {
+                j += 1;
+            }
+            let addr = region.addr(pages[k].index);
+            let run_slots: Vec<Arc<Slot>> =
+                slots[k..j].iter_mut().filter_map(Option::take).collect();
+            let r = sys::pwrite_from_guest(
+                self.store.fd(),
+                addr,
+                (j - k) * PAGE_SIZE,
+                run_slots[0].offset(),
+            )
+            .map_err(|e| {
+                gone_or(
+                    &region,
+                    "pwrite (copy pages into the store)",
+                    e,
+                    &[Errno::FAULT],
+                )
+            })
+            .and_then(|()| self.map_slots_run(&region, addr, &mut guards[k..j], &run_slots));
+            for (i, slot) in (k..j).zip(run_slots) {
+                res[i] = Some(r.clone().map(|()| LinuxFrame(Some(slot))));
+                changed[i] = r.is_ok();
+            }
+            if r.is_ok() {
+                self.counters
+                    .canonicalized
+                    .fetch_add((j - k) as u64, Ordering::Relaxed);
+            }
+            k = j;
+        }
+        drop(guards);
+        drop(live);
+        out.extend(
+            res.into_iter()
+                .map(|r| r.unwrap_or(Err(PageError::Unsupported("unreachable")))),
+        );
+        changed
+    }
+
     /// Maps fresh anonymous memory (zeros) over the page at `addr`, which maps the store.
     fn map_anon(&self, region: &Region, addr: usize, st: &mut PageState) -> Result<(), PageError> {
         // Make sure the page is still ours (its mapping is still registered) first. The
@@ -1628,14 +1936,16 @@ impl PageMemory for LinuxMemory {
                 _ => {}
             }
             let slot = inner.store.allocate(region.home + page.index as u64)?;
-            sys::pwrite_from_guest(inner.store.fd(), addr, slot.offset()).map_err(|e| {
-                gone_or(
-                    region,
-                    "pwrite (copy a page into the store)",
-                    e,
-                    &[Errno::FAULT],
-                )
-            })?;
+            sys::pwrite_from_guest(inner.store.fd(), addr, PAGE_SIZE, slot.offset()).map_err(
+                |e| {
+                    gone_or(
+                        region,
+                        "pwrite (copy a page into the store)",
+                        e,
+                        &[Errno::FAULT],
+                    )
+                },
+            )?;
             inner.map_slot(region, addr, st, &slot)?;
             bump(&inner.counters.canonicalized);
             Ok((LinuxFrame(Some(slot)), true))
@@ -1692,6 +2002,85 @@ impl PageMemory for LinuxMemory {
             inner.dirty(dup);
         }
         Ok(outcome.0)
+    }
+
+    fn canonicalize_batch(
+        &self,
+        pages: &[(PageId, ProtectToken)],
+    ) -> Vec<Result<LinuxFrame, PageError>> {
+        let mut out = Vec::with_capacity(pages.len());
+        let max = self.inner.config.max_run_pages.max(1);
+        let mut k = 0;
+        while k < pages.len() {
+            let first = pages[k].0;
+            let mut j = k + 1;
+            while j < pages.len()
+                && j - k < max
+                && pages[j].0.region == first.region
+                && pages[j].0.index as u64 == first.index as u64 + (j - k) as u64
+            {
+                j += 1;
+            }
+            if j - k == 1 || self.inner.uffd.is_none() {
+                out.extend(pages[k..j].iter().map(|&(p, t)| self.canonicalize(p, t)));
+            } else {
+                let done = out.len();
+                let changed = self.inner.canonicalize_run(&pages[k..j], &mut out);
+                for (&(p, _), c) in pages[k..j].iter().zip(&changed) {
+                    if *c {
+                        self.inner.dirty(p);
+                    }
+                }
+                debug_assert_eq!(out.len(), done + (j - k));
+            }
+            k = j;
+        }
+        out
+    }
+
+    fn merge_batch(
+        &self,
+        items: &[(PageId, ProtectToken, &LinuxFrame)],
+    ) -> Vec<Result<MergeOutcome, PageError>> {
+        let inner = &self.inner;
+        let mut out = Vec::with_capacity(items.len());
+        let max = inner.config.max_run_pages.max(1);
+        // The store slot of a frame of this memory (`None`: the zero frame, or foreign).
+        let slot = |f: &LinuxFrame| -> Option<u64> {
+            f.0.as_ref()
+                .filter(|s| Arc::ptr_eq(&s.store, &inner.store))
+                .map(|s| s.index)
+        };
+        let mut k = 0;
+        while k < items.len() {
+            let (first, _, frame) = items[k];
+            let mut j = k + 1;
+            if let (Some(s0), true) = (slot(frame), inner.uffd.is_some()) {
+                while j < items.len() && j - k < max {
+                    let (p, _, f) = items[j];
+                    let d = (j - k) as u64;
+                    if p.region != first.region
+                        || p.index as u64 != first.index as u64 + d
+                        || slot(f) != Some(s0 + d)
+                    {
+                        break;
+                    }
+                    j += 1;
+                }
+            }
+            if j - k == 1 {
+                out.push(self.merge(first, items[k].1, frame));
+            } else {
+                let changed = inner.merge_run(&items[k..j], &mut out);
+                for (&(p, _, _), c) in items[k..j].iter().zip(&changed) {
+                    if *c {
+                        inner.dirty(p);
+                    }
+                }
+            }
+            k = j;
+        }
+        out
     }
 
     fn zero_frame(&self) -> LinuxFrame {

@@ -157,11 +157,12 @@ pub(crate) fn read_guest(pid: i32, addr: usize, buf: &mut [u8]) -> Result<(), Er
     }
 }
 
-/// Writes the page at address `addr` of this process to `file` at `offset`, without
-/// dereferencing `addr`: `Err(EFAULT)` if it is not mapped.
+/// Writes the `len` bytes at address `addr` of this process to `file` at `offset`,
+/// without dereferencing `addr`: `Err(EFAULT)` if any of it is not mapped.
 pub(crate) fn pwrite_from_guest(
     file: BorrowedFd<'_>,
     addr: usize,
+    len: usize,
     offset: u64,
 ) -> Result<(), Errno> {
     use std::os::fd::AsRawFd;
@@ -171,7 +172,7 @@ pub(crate) fn pwrite_from_guest(
         libc::pwrite(
             file.as_fd().as_raw_fd(),
             addr as *const c_void,
-            crate::PAGE_SIZE,
+            len,
             offset as libc::off_t,
         )
     };
@@ -179,7 +180,7 @@ pub(crate) fn pwrite_from_guest(
         Err(Errno::from_raw_os_error(
             std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
         ))
-    } else if n as usize != crate::PAGE_SIZE {
+    } else if n as usize != len {
         Err(Errno::NOSPC)
     } else {
         Ok(())
