@@ -87,6 +87,11 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
         }
     }
 
+    /// Whether `canon` can take `more` more sharers without passing `max_page_sharing`.
+    pub(crate) fn has_room(&self, canon: &Canon<F>, more: u32) -> bool {
+        canon.sharers.load(Ordering::Relaxed).saturating_add(more) <= self.max_sharing
+    }
+
     /// Makes `frame` canonical in `domain`'s tree unless an equal page got there first.
     pub(crate) fn insert(
         &self,

@@ -122,7 +122,7 @@ impl<M: PageMemory> Ctx<'_, M> {
     pub(crate) fn run(&self, chunk: &Chunk<M::Frame>, kind: PassKind) {
         let mut entries = chunk.lock();
         let mut to_protect: Vec<u32> = Vec::new();
-        let mut buf = Box::new([0u8; PAGE_SIZE]);
+        let mut stable: Vec<(u32, ProtectToken)> = Vec::new();
         for (i, e) in entries.iter_mut().enumerate() {
             let page = PageId::new(chunk.region, chunk.first + i as u32);
             self.counters.pages_scanned.fetch_add(1, Ordering::Relaxed);
@@ -151,7 +151,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                 }
                 Phase::Watch { token, periods } if kind == PassKind::Merge => {
                     if periods + 1 >= self.stable_periods {
-                        self.try_merge(e, page, chunk.domain, token, &mut buf);
+                        stable.push((i as u32, token));
                     } else {
                         e.phase = Phase::Watch {
                             token,
@@ -161,6 +161,9 @@ impl<M: PageMemory> Ctx<'_, M> {
                 }
                 _ => {}
             }
+        }
+        if !stable.is_empty() {
+            self.merge_stable(chunk, &mut entries, &stable);
         }
         if !to_protect.is_empty() {
             let pages: Vec<PageId> = to_protect
@@ -219,63 +222,136 @@ impl<M: PageMemory> Ctx<'_, M> {
         e.skip = e.backoff;
     }
 
-    /// A page stayed unwritten for `stable_periods` passes: merge it with an equal
-    /// canonical page, with the zero page, or make it canonical.
-    fn try_merge(
+    /// Pages that stayed unwritten for `stable_periods` passes (`stable`, in page order):
+    /// merge each with an equal canonical page or the zero page, or make it canonical.
+    ///
+    /// Done in batches, so the backend can remap runs of pages at once: pages are read
+    /// (protected and unwritten, so what we read is what they hold) and looked up; the
+    /// ones with no canonical match are canonicalized together
+    /// ([`PageMemory::canonicalize_batch`]) and inserted; then the merges go to the backend
+    /// together ([`PageMemory::merge_batch`]), which re-checks each page's protection and
+    /// compares it in full as it switches. The result is what merging page by page gives:
+    /// a batch is flushed early when a page would take a canonical page past
+    /// `max_page_sharing` counting the batch's own merges, or may equal a page of the batch
+    /// that is to become canonical (same fingerprint), so that the lookup after the flush
+    /// sees it.
+    fn merge_stable(
         &self,
-        e: &mut PageEntry<M::Frame>,
-        page: PageId,
-        domain: DomainId,
-        token: ProtectToken,
-        buf: &mut [u8; PAGE_SIZE],
+        chunk: &Chunk<M::Frame>,
+        entries: &mut [PageEntry<M::Frame>],
+        stable: &[(u32, ProtectToken)],
     ) {
-        // Protected and unwritten: what we read is what the page holds.
-        if self.memory.read_page(page, buf).is_err() {
-            e.phase = Phase::Volatile;
-            return;
-        }
-        if is_zero_page(&buf[..]) {
-            match self.memory.merge(page, token, self.zero) {
-                Ok(MergeOutcome::Merged) => {
-                    e.phase = Phase::Zero { token };
-                    e.backoff = 0;
-                    self.counters.zero_pages.fetch_add(1, Ordering::Relaxed);
-                    self.counters.merges.fetch_add(1, Ordering::Relaxed);
-                }
-                _ => self.raced(e),
+        let domain = chunk.domain;
+        let id = |i: u32| PageId::new(chunk.region, chunk.first + i);
+        let mut buf = Box::new([0u8; PAGE_SIZE]);
+        let mut batch = Batch::default();
+        for &(i, token) in stable {
+            if self.memory.read_page(id(i), &mut buf).is_err() {
+                entries[i as usize].phase = Phase::Volatile;
+                continue;
             }
-            return;
+            if is_zero_page(&buf[..]) {
+                batch.merges.push((i, token, None));
+                continue;
+            }
+            let print = fingerprint(&buf[..]);
+            if batch.prints.contains(&print) {
+                self.flush(chunk, entries, &mut batch);
+            }
+            loop {
+                match self.canons.find(domain, &buf[..]) {
+                    Found::Existing(c) => {
+                        let extra =
+                            batch.pending.iter().filter(|p| Arc::ptr_eq(p, &c)).count() as u32;
+                        if extra > 0 && !self.canons.has_room(&c, extra + 1) {
+                            // Merging would overfill it: settle the batch, then look again
+                            // (the full page is then taken out of the tree).
+                            self.flush(chunk, entries, &mut batch);
+                            continue;
+                        }
+                        batch.pending.push(c.clone());
+                        batch.merges.push((i, token, Some(c)));
+                    }
+                    Found::Vacant => {
+                        batch.prints.push(print);
+                        batch.vacant.push((id(i), token));
+                    }
+                }
+                break;
+            }
         }
-        let canon = match self.canons.find(domain, &buf[..]) {
-            Found::Existing(c) => c,
-            Found::Vacant => {
-                let Ok(frame) = self.memory.canonicalize(page, token) else {
-                    return self.raced(e);
+        self.flush(chunk, entries, &mut batch);
+    }
+
+    /// Canonicalizes and merges what `batch` holds, and empties it.
+    fn flush(
+        &self,
+        chunk: &Chunk<M::Frame>,
+        entries: &mut [PageEntry<M::Frame>],
+        batch: &mut Batch<M::Frame>,
+    ) {
+        let domain = chunk.domain;
+        let id = |i: u32| PageId::new(chunk.region, chunk.first + i);
+        let mut to_merge = std::mem::take(&mut batch.merges);
+        let vacant = std::mem::take(&mut batch.vacant);
+        batch.pending.clear();
+        batch.prints.clear();
+        if !vacant.is_empty() {
+            let frames = self.memory.canonicalize_batch(&vacant);
+            let mut late = false;
+            for (&(page, token), r) in vacant.iter().zip(frames) {
+                let i = page.index - chunk.first;
+                let e = &mut entries[i as usize];
+                let Ok(frame) = r else {
+                    self.raced(e);
+                    continue;
                 };
                 match self.canons.insert(domain, frame, self.counters) {
                     Ok(mine) => {
                         e.phase = Phase::Canonical { token, canon: mine };
                         e.backoff = 0;
-                        return;
                     }
-                    // An equal page became canonical meanwhile: merge with it.
-                    Err(other) => other,
+                    // An equal page became canonical meanwhile (another thread's): merge
+                    // with it.
+                    Err(other) => {
+                        to_merge.push((i, token, Some(other)));
+                        late = true;
+                    }
                 }
             }
-        };
-        match self.memory.merge(page, token, &canon.frame) {
-            Ok(MergeOutcome::Merged) => {
-                self.canons.add_sharer(&canon, self.counters);
-                self.counters.merges.fetch_add(1, Ordering::Relaxed);
-                e.phase = Phase::Merged { token, canon };
-                e.backoff = 0;
+            // Keep page order, so the backend sees runs.
+            if late {
+                to_merge.sort_by_key(|m| m.0);
             }
-            Ok(MergeOutcome::Differs) => {
-                // The tree verified equality against our snapshot of a protected page, so
-                // this means the backend saw a write we did not: treat it as one.
-                self.raced(e)
+        }
+        if to_merge.is_empty() {
+            return;
+        }
+        let items: Vec<(PageId, ProtectToken, &M::Frame)> = to_merge
+            .iter()
+            .map(|(i, token, c)| (id(*i), *token, c.as_ref().map_or(self.zero, |c| &c.frame)))
+            .collect();
+        let outcomes = self.memory.merge_batch(&items);
+        drop(items);
+        for ((i, token, canon), r) in to_merge.into_iter().zip(outcomes) {
+            let e = &mut entries[i as usize];
+            match (r, canon) {
+                (Ok(MergeOutcome::Merged), None) => {
+                    e.phase = Phase::Zero { token };
+                    e.backoff = 0;
+                    self.counters.zero_pages.fetch_add(1, Ordering::Relaxed);
+                    self.counters.merges.fetch_add(1, Ordering::Relaxed);
+                }
+                (Ok(MergeOutcome::Merged), Some(canon)) => {
+                    self.canons.add_sharer(&canon, self.counters);
+                    self.counters.merges.fetch_add(1, Ordering::Relaxed);
+                    e.phase = Phase::Merged { token, canon };
+                    e.backoff = 0;
+                }
+                // `Differs`: the tree verified equality against our snapshot of a protected
+                // page, so the backend saw a write we did not: treat it as one.
+                (Ok(MergeOutcome::Differs | MergeOutcome::Changed) | Err(_), _) => self.raced(e),
             }
-            Ok(MergeOutcome::Changed) | Err(_) => self.raced(e),
         }
     }
 
@@ -303,6 +379,47 @@ impl<M: PageMemory> Ctx<'_, M> {
         e.backoff = 0;
         e.skip = 0;
     }
+}
+
+/// A merge to do: (index in the chunk, token, canonical page; `None` for the zero frame).
+type PendingMerge<F> = (u32, ProtectToken, Option<Arc<Canon<F>>>);
+
+/// Merges and canonicalizations gathered for one call of each batch operation.
+struct Batch<F> {
+    /// (index in the chunk, token, canonical page; `None` for the zero frame), page order.
+    merges: Vec<PendingMerge<F>>,
+    /// Pages to become canonical, page order.
+    vacant: Vec<(PageId, ProtectToken)>,
+    /// The canonical pages `merges` adds sharers to, once per merge.
+    pending: Vec<Arc<Canon<F>>>,
+    /// Fingerprints of the pages in `vacant`.
+    prints: Vec<u64>,
+}
+
+impl<F> Default for Batch<F> {
+    fn default() -> Self {
+        Batch {
+            merges: Vec::new(),
+            vacant: Vec::new(),
+            pending: Vec::new(),
+            prints: Vec::new(),
+        }
+    }
+}
+
+/// A 64-bit fingerprint of a page (every word counts): equal pages have equal ones.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut lanes = [1u64, 2, 3, 4];
+    for c in bytes.chunks_exact(32) {
+        for (l, w) in lanes.iter_mut().zip(c.chunks_exact(8)) {
+            let w = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            *l = (*l ^ w).wrapping_mul(K).rotate_left(29);
+        }
+    }
+    lanes
+        .iter()
+        .fold(0u64, |h, &l| (h ^ l).wrapping_mul(K).rotate_left(31))
 }
 
 /// Bytes of engine state per tracked page.
