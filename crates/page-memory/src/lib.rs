@@ -44,6 +44,8 @@ use std::sync::Arc;
 #[cfg(feature = "linux")]
 pub mod linux;
 pub mod sim;
+#[cfg(feature = "vm-memory")]
+pub mod vmm;
 
 /// Bytes in a page.
 pub const PAGE_SIZE: usize = 4096;

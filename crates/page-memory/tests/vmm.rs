@@ -1,0 +1,288 @@
+//! The vm-memory adapter: a `GuestMemoryMmap` deduplicated on the Linux backend keeps its
+//! dirty bitmap exact and its contents readable through vm-memory's `Bytes` API. Tests
+//! skip, with the reason printed, where userfaultfd write-protect is unavailable.
+#![cfg(feature = "vm-memory")]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use page_memory::linux::{Backing, LinuxMemory};
+use page_memory::vmm::vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use page_memory::vmm::vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+use page_memory::vmm::{AdoptedGuest, VmMemoryAdapter};
+use page_memory::{DomainId, MergeOutcome, PageError, PageId, PageMemory, PAGE_SIZE};
+use pageone::{Config, PageOne};
+
+type Guest = GuestMemoryMmap<AtomicBitmap>;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Two guest regions, with a hole between them.
+const STARTS: [u64; 2] = [0, 1 << 32];
+
+fn adapter() -> Option<VmMemoryAdapter> {
+    match LinuxMemory::new() {
+        Ok(m) => Some(VmMemoryAdapter::new(Arc::new(m))),
+        Err(e) => {
+            eprintln!("SKIPPED: no userfaultfd write-protect here: {e}");
+            None
+        }
+    }
+}
+
+fn guest(pages: u64) -> Guest {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(STARTS[0]), (pages * PAGE) as usize),
+        (GuestAddress(STARTS[1]), (pages * PAGE) as usize),
+    ])
+    .expect("GuestMemoryMmap")
+}
+
+/// The contents `seed` (0: a zero page).
+fn content(seed: u64) -> Vec<u8> {
+    if seed == 0 {
+        return vec![0; PAGE_SIZE];
+    }
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..PAGE_SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Guest address of page `i` of region `r`.
+fn gpa(r: usize, i: u64) -> GuestAddress {
+    GuestAddress(STARTS[r] + i * PAGE)
+}
+
+fn clear_bitmaps(g: &Guest) {
+    for r in g.iter() {
+        r.get_mmap().bitmap().reset();
+    }
+}
+
+/// Guest addresses (page-aligned) whose dirty bit is set.
+fn dirty(g: &Guest) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for r in g.iter() {
+        let b = r.bitmap();
+        for off in (0..r.len()).step_by(PAGE_SIZE) {
+            if b.dirty_at(off as usize) {
+                out.insert(r.start_addr().0 + off);
+            }
+        }
+    }
+    out
+}
+
+fn read(g: &Guest, addr: GuestAddress) -> Vec<u8> {
+    let mut buf = vec![0u8; PAGE_SIZE];
+    g.read_slice(&mut buf, addr).expect("read_slice");
+    buf
+}
+
+fn page(vm: &AdoptedGuest, addr: GuestAddress) -> PageId {
+    vm.page_of(addr).expect("an adopted page")
+}
+
+/// The backend's own operations mark exactly the pages they change, at the right guest
+/// addresses, and nothing else.
+#[test]
+fn dirty_bits_are_set_exactly_on_changed_pages() {
+    let Some(adapter) = adapter() else { return };
+    let mem = adapter.memory().clone();
+    const N: u64 = 64;
+    let g = guest(N);
+    for r in 0..2 {
+        for i in 0..N {
+            // Pages 16..32 repeat pages 0..16; the rest are distinct.
+            let seed = 1 + r as u64 * 1000 + if (16..32).contains(&i) { i - 16 } else { i };
+            g.write_slice(&content(seed), gpa(r, i)).unwrap();
+        }
+    }
+    // SAFETY: the test's own guest memory; nothing else remaps or madvises it.
+    let vm = unsafe { adapter.adopt(&g, DomainId(7)) }.unwrap();
+    assert_eq!(vm.regions().len(), 2);
+    assert_eq!(vm.guest_addr(page(&vm, gpa(1, 5))), Some(gpa(1, 5)));
+    assert_eq!(mem.regions()[1].domain, DomainId(7));
+    // The fill marked everything; a migration pass would now have copied and cleared it.
+    assert_eq!(dirty(&g).len(), 2 * N as usize);
+    clear_bitmaps(&g);
+    assert!(dirty(&g).is_empty());
+
+    let mut expect = BTreeSet::new();
+    for r in 0..2 {
+        let ids: Vec<PageId> = (0..48).map(|i| page(&vm, gpa(r, i))).collect();
+        let tokens: Vec<_> = mem.protect(&ids).into_iter().map(Result::unwrap).collect();
+        // Protecting changes nothing the guest sees: no bit.
+        assert_eq!(dirty(&g), expect);
+        // Canonicalize 0..16 and merge 16..32 with them, as batches (runs) ...
+        let canon =
+            mem.canonicalize_batch(&(0..16).map(|i| (ids[i], tokens[i])).collect::<Vec<_>>());
+        let frames: Vec<_> = canon.into_iter().map(Result::unwrap).collect();
+        let merges: Vec<_> = (16..32)
+            .map(|i| (ids[i], tokens[i], &frames[i - 16]))
+            .collect();
+        assert!(mem
+            .merge_batch(&merges)
+            .iter()
+            .all(|o| *o == Ok(MergeOutcome::Merged)));
+        // ... a merge with different contents changes nothing, nor does a stale one ...
+        assert_eq!(
+            mem.merge(ids[40], tokens[40], &frames[0]),
+            Ok(MergeOutcome::Differs)
+        );
+        g.write_obj(1u64, gpa(r, 41)).unwrap();
+        assert_eq!(
+            mem.merge(ids[41], tokens[41], &frames[0]),
+            Ok(MergeOutcome::Changed)
+        );
+        // ... and recycle 32..40.
+        assert!(mem.recycle(&ids[32..40]).iter().all(Result::is_ok));
+        for i in 0..40 {
+            expect.insert(gpa(r, i).0);
+        }
+        // The guest's own write went through vm-memory, which marked it.
+        expect.insert(gpa(r, 41).0);
+        assert_eq!(mem.backing(ids[20]).unwrap(), mem.backing(ids[4]).unwrap());
+    }
+    assert_eq!(dirty(&g), expect);
+
+    // Unmerging a merged page marks it again (after a migration pass cleared the bits).
+    clear_bitmaps(&g);
+    let p = page(&vm, gpa(1, 20));
+    mem.unmerge(p).unwrap();
+    assert_eq!(dirty(&g), BTreeSet::from([gpa(1, 20).0]));
+
+    // Contents are intact through vm-memory.
+    for r in 0..2 {
+        for i in 0..N {
+            let seed = 1 + r as u64 * 1000 + if (16..32).contains(&i) { i - 16 } else { i };
+            let want = match i {
+                32..40 => content(0),
+                _ => content(seed),
+            };
+            let got = read(&g, gpa(r, i));
+            if i == 41 {
+                assert_eq!(&got[..8], &1u64.to_ne_bytes());
+                assert_eq!(&got[8..], &want[8..]);
+            } else {
+                assert_eq!(got, want, "page {i} of region {r}");
+            }
+        }
+    }
+    adapter.release(vm).unwrap();
+    assert_eq!(adapter.adopted_regions(), 0);
+    // Released: the backend no longer knows the pages, the guest still reads them.
+    assert_eq!(read(&g, gpa(0, 20)), content(5));
+}
+
+/// PageONE deduplicates a `GuestMemoryMmap`: memory is freed, every merged page is marked
+/// dirty, and vm-memory's `Bytes` API reads (and writes) correct contents throughout.
+#[test]
+fn pageone_deduplicates_guest_memory_readable_through_bytes() {
+    let Some(adapter) = adapter() else { return };
+    const N: u64 = 1024;
+    let g = guest(N);
+    // Region 1 is a copy of region 0 (two VMs from one image would be two guests; one
+    // guest with repeated contents is the same to the engine); one page in 8 is zeros.
+    let seed = |i: u64| if i % 8 == 7 { 0 } else { 1 + i };
+    for r in 0..2 {
+        for i in 0..N {
+            g.write_slice(&content(seed(i)), gpa(r, i)).unwrap();
+        }
+    }
+    // SAFETY: the test's own guest memory; nothing else remaps or madvises it.
+    let vm = unsafe { adapter.adopt(&g, DomainId(0)) }.unwrap();
+    let mem = adapter.memory().clone();
+    clear_bitmaps(&g);
+    let before = mem.usage().unwrap();
+    let engine = PageOne::new(
+        mem.clone(),
+        Config {
+            work_threads: 2,
+            ..Config::default()
+        },
+    );
+    for _ in 0..3 {
+        engine.merge_pass();
+    }
+    let s = engine.stats();
+    let nonzero = N * 7 / 8;
+    assert_eq!(s.pages_shared, nonzero);
+    assert_eq!(s.pages_sharing, nonzero);
+    assert_eq!(s.zero_pages, 2 * N / 8);
+    let after = mem.usage().unwrap();
+    eprintln!(
+        "guest memory: {} KiB -> {} KiB ({} mappings)",
+        before.total_bytes() / 1024,
+        after.total_bytes() / 1024,
+        after.region_mappings
+    );
+    // Half of the non-zero pages freed; the zero pages held memory too (they were written).
+    assert_eq!(
+        before.total_bytes() - after.total_bytes(),
+        (nonzero + 2 * N / 8) * PAGE
+    );
+    // Every page the engine changed is dirty: here every page (canonical, merged, zero).
+    // (Two threads may both canonicalize a content before one merges with the other's.)
+    let b = mem.stats();
+    assert!(b.canonicalized + b.merges + b.zero_merges >= 2 * N);
+    assert_eq!(b.merges + b.zero_merges, s.pages_sharing + s.zero_pages);
+    assert_eq!(dirty(&g).len(), 2 * N as usize);
+    for r in 0..2 {
+        for i in 0..N {
+            assert_eq!(read(&g, gpa(r, i)), content(seed(i)), "page {i} of {r}");
+        }
+    }
+    // A write through vm-memory to a merged page gets a private copy; its twin keeps the
+    // old contents, and the next pass notices.
+    let addr = gpa(1, 3).unchecked_add(100);
+    g.write_obj(0xDEAD_BEEF_u32, addr).unwrap();
+    assert_eq!(g.read_obj::<u32>(addr).unwrap(), 0xDEAD_BEEF);
+    assert_eq!(read(&g, gpa(0, 3)), content(seed(3)));
+    assert_eq!(
+        mem.backing(page(&vm, gpa(1, 3))).unwrap(),
+        Backing::PrivateCopy
+    );
+    engine.merge_pass();
+    assert_eq!(engine.stats().cow_breaks, 1);
+    engine.unmerge_all();
+    drop(engine);
+    // Give the guest back: plain memory with the same contents.
+    adapter.release(vm).unwrap();
+    let mut want = content(seed(3));
+    want[100..104].copy_from_slice(&0xDEAD_BEEF_u32.to_ne_bytes());
+    assert_eq!(read(&g, gpa(1, 3)), want);
+    assert_eq!(read(&g, gpa(1, 4)), content(seed(4)));
+}
+
+/// Memory vm-memory maps from a file cannot be adopted; nothing is adopted then.
+#[test]
+fn file_backed_guest_memory_is_refused() {
+    let Some(adapter) = adapter() else { return };
+    use page_memory::vmm::vm_memory::FileOffset;
+    let file = std::fs::File::from(
+        rustix::fs::memfd_create("vmm-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap(),
+    );
+    file.set_len(16 * PAGE).unwrap();
+    let g: Guest = GuestMemoryMmap::from_ranges_with_files(&[
+        (GuestAddress(0), 16 * PAGE_SIZE, None),
+        (
+            GuestAddress(1 << 20),
+            16 * PAGE_SIZE,
+            Some(FileOffset::new(file, 0)),
+        ),
+    ])
+    .unwrap();
+    // SAFETY: the test's own guest memory; nothing else remaps or madvises it.
+    let r = unsafe { adapter.adopt(&g, DomainId(0)) };
+    assert!(matches!(r, Err(PageError::Unsupported(_))), "{r:?}");
+    assert_eq!(adapter.adopted_regions(), 0);
+    assert!(adapter.memory().regions().is_empty());
+}
