@@ -1,0 +1,554 @@
+//! PageONE side by side with real Linux KSM, on real anonymous memory of this process.
+//!
+//! The seeds' experiment scaled to one machine: `--vms` regions ("VMs") of `--mib` MiB each
+//! (default 12 × 128 MiB), two thirds of all pages duplicates (every content three times,
+//! in three different VMs, page for page as VMs booted from one image), data sets
+//! `random` and `zero-prefix` (each page starts with a random run of 0–256 zero bytes).
+//! Each data set is deduplicated from scratch three ways:
+//! - **KSM**: the regions get `MADV_MERGEABLE`; ksmd runs with `pages_to_scan` large,
+//!   `sleep_millisecs=0`, `smart_scan=0`, advisor off; we wait until `pages_sharing`
+//!   reaches the number of duplicates, take ksmd's CPU time from `/proc/<ksmd>/schedstat`,
+//!   then unmerge (`run=2`) and restore every knob as it was;
+//! - **PageONE** with 1 and with 2 work threads, on `page_memory::linux::LinuxMemory`
+//!   (userfaultfd write-protect, memfd canonical store), merge passes back to back until
+//!   every duplicate is merged; CPU time is the whole process's (work threads, fault
+//!   thread, kernel time in their system calls).
+//!
+//! Memory is measured, not counted: KSM's is the `Pss` of the regions' mappings in
+//! `/proc/self/smaps` (a KSM page mapped by three guest pages counts once); PageONE's is
+//! the regions' `Anonymous` memory plus the canonical store's allocated blocks (what
+//! `LinuxUsage::total_bytes` reads). Both start from the same filled memory.
+//!
+//! Needs root (KSM's sysfs knobs; PageONE's userfaultfd for kernel faults) and no other
+//! KSM user: it says so and exits 0 without them. Run with
+//! `cargo run --release --features linux --example ksm_vs_pageone -- [--mib 128] [--vms 12]
+//! [--sets random,zero-prefix] [--engines ksm,pageone-1t,pageone-2t] [--pages-to-scan N]
+//! [--reps 3]`. Each figure in the table is the median of the repetitions (which
+//! interleave the engines).
+
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use page_memory::linux::LinuxMemory;
+use page_memory::{DomainId, PAGE_SIZE};
+use pageone::{Config, PageOne};
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataSet {
+    Random,
+    ZeroPrefix,
+}
+
+impl DataSet {
+    fn name(self) -> &'static str {
+        match self {
+            DataSet::Random => "random",
+            DataSet::ZeroPrefix => "zero-prefix",
+        }
+    }
+
+    /// Writes content number `c` into `page`.
+    fn fill(self, c: u64, page: &mut [u8]) {
+        let mut rng = fastrand::Rng::with_seed(0x5EED_0000 ^ c);
+        let start = match self {
+            DataSet::Random => 0,
+            DataSet::ZeroPrefix => rng.usize(0..=256),
+        };
+        page[..start].fill(0);
+        rng.fill(&mut page[start..]);
+        if page[start..].iter().all(|&b| b == 0) {
+            page[PAGE_SIZE - 1] = 1;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Ksm,
+    PageOne(usize),
+}
+
+impl Engine {
+    fn name(self) -> String {
+        match self {
+            Engine::Ksm => "ksm".into(),
+            Engine::PageOne(t) => format!("pageone-{t}t"),
+        }
+    }
+}
+
+struct Args {
+    mib: usize,
+    vms: usize,
+    sets: Vec<DataSet>,
+    engines: Vec<Engine>,
+    pages_to_scan: u64,
+    reps: usize,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        mib: 128,
+        vms: 12,
+        sets: vec![DataSet::Random, DataSet::ZeroPrefix],
+        engines: vec![Engine::Ksm, Engine::PageOne(1), Engine::PageOne(2)],
+        pages_to_scan: 4096,
+        reps: 3,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_default();
+        match k.as_str() {
+            "--mib" => a.mib = v.parse().expect("--mib N"),
+            "--vms" => a.vms = v.parse().expect("--vms N"),
+            "--pages-to-scan" => a.pages_to_scan = v.parse().expect("--pages-to-scan N"),
+            "--reps" => a.reps = v.parse::<usize>().expect("--reps N").max(1),
+            "--sets" => {
+                a.sets = v
+                    .split(',')
+                    .map(|s| match s {
+                        "random" => DataSet::Random,
+                        "zero-prefix" => DataSet::ZeroPrefix,
+                        _ => panic!("unknown data set {s}"),
+                    })
+                    .collect()
+            }
+            "--engines" => {
+                a.engines = v
+                    .split(',')
+                    .map(|s| match s {
+                        "ksm" => Engine::Ksm,
+                        "pageone-1t" => Engine::PageOne(1),
+                        "pageone-2t" => Engine::PageOne(2),
+                        _ => panic!("unknown engine {s}"),
+                    })
+                    .collect()
+            }
+            _ => panic!("unknown argument {k}"),
+        }
+    }
+    a
+}
+
+/// Process CPU time (all threads, user and system).
+fn process_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+fn ksm_read(knob: &str) -> String {
+    fs::read_to_string(format!("{KSM}/{knob}"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn ksm_num(knob: &str) -> u64 {
+    ksm_read(knob).parse().unwrap_or(0)
+}
+
+fn ksm_write(knob: &str, v: &str) {
+    if let Err(e) = fs::write(format!("{KSM}/{knob}"), v) {
+        panic!("writing {v} to {KSM}/{knob}: {e}");
+    }
+}
+
+/// The pid of ksmd.
+fn ksmd_pid() -> Option<u32> {
+    for e in fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ksmd") {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// CPU time ksmd has used: `/proc/<pid>/schedstat` (nanoseconds), else `stat` (ticks).
+fn ksmd_cpu(pid: u32) -> Duration {
+    if let Some(ns) = fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+    {
+        return Duration::from_nanos(ns);
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("ksmd's stat");
+    let after = &stat[stat.rfind(')').expect("stat") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the state field.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = rustix::param::clock_ticks_per_second();
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
+/// `Rss`, `Pss` and `Anonymous` (bytes) of the mappings of this process inside `ranges`.
+fn smaps(ranges: &[(usize, usize)]) -> (u64, u64, u64) {
+    let text = fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
+    let (mut rss, mut pss, mut anon) = (0, 0, 0);
+    let mut inside = false;
+    for line in text.lines() {
+        let mut f = line.split_ascii_whitespace();
+        let first = f.next().unwrap_or("");
+        if !first.ends_with(':') {
+            if let Some((s, e)) = first.split_once('-') {
+                let (s, e) = (
+                    usize::from_str_radix(s, 16).unwrap_or(0),
+                    usize::from_str_radix(e, 16).unwrap_or(0),
+                );
+                inside = ranges.iter().any(|&(a, b)| s < b && e > a);
+            }
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let kb = f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+        match first {
+            "Rss:" => rss += kb,
+            "Pss:" => pss += kb,
+            "Anonymous:" => anon += kb,
+            _ => {}
+        }
+    }
+    (rss, pss, anon)
+}
+
+/// What one run measured.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    wall: Duration,
+    cpu: Duration,
+    merged: u64,
+    before: u64,
+    after: u64,
+}
+
+impl Run {
+    /// The median of each figure over `runs` (one engine's repetitions).
+    fn median(runs: &[Run]) -> Run {
+        fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        }
+        Run {
+            wall: mid(runs.iter().map(|r| r.wall).collect()),
+            cpu: mid(runs.iter().map(|r| r.cpu).collect()),
+            merged: mid(runs.iter().map(|r| r.merged).collect()),
+            before: mid(runs.iter().map(|r| r.before).collect()),
+            after: mid(runs.iter().map(|r| r.after).collect()),
+        }
+    }
+
+    fn saved(&self) -> u64 {
+        self.before.saturating_sub(self.after)
+    }
+
+    fn per_cpu_s(&self) -> f64 {
+        self.merged as f64 / self.cpu.as_secs_f64()
+    }
+}
+
+/// Fills `vms` regions at `bases` with the experiment's data.
+fn fill(set: DataSet, bases: &[*mut u8], per_vm: usize) {
+    let total = bases.len() * per_vm;
+    let distinct = (total / 3) as u64;
+    std::thread::scope(|s| {
+        for (v, &base) in bases.iter().enumerate() {
+            let base = base as usize;
+            s.spawn(move || {
+                for i in 0..per_vm {
+                    let slot = (v * per_vm + i) as u64;
+                    // SAFETY: page `i` of a region of `per_vm` pages this process mapped
+                    // and owns; each thread fills its own region, and nothing else reads
+                    // or writes it meanwhile.
+                    let page = unsafe {
+                        std::slice::from_raw_parts_mut((base + i * PAGE_SIZE) as *mut u8, PAGE_SIZE)
+                    };
+                    set.fill(slot % distinct, page);
+                }
+            });
+        }
+    });
+}
+
+fn mmap_region(len: usize) -> *mut u8 {
+    // SAFETY: a fresh private anonymous mapping at an address the kernel chooses.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE,
+        )
+    }
+    .expect("mmap a region");
+    // SAFETY: our fresh mapping; the advice changes how it is backed, not its contents.
+    // (LinuxMemory::add_region does the same: 4 KiB pages for both engines.)
+    unsafe { rustix::mm::madvise(p, len, rustix::mm::Advice::LinuxNoHugepage) }
+        .expect("MADV_NOHUGEPAGE");
+    p.cast()
+}
+
+fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
+    let per_vm = a.mib * 256;
+    let len = per_vm * PAGE_SIZE;
+    let bases: Vec<*mut u8> = (0..a.vms).map(|_| mmap_region(len)).collect();
+    fill(set, &bases, per_vm);
+    let ranges: Vec<(usize, usize)> = bases
+        .iter()
+        .map(|&b| (b as usize, b as usize + len))
+        .collect();
+    let before = smaps(&ranges).1;
+    ksm_write("pages_to_scan", &a.pages_to_scan.to_string());
+    ksm_write("sleep_millisecs", "0");
+    let cpu0 = ksmd_cpu(ksmd);
+    let own0 = process_cpu();
+    let t0 = Instant::now();
+    for &b in &bases {
+        // SAFETY: our own mapping; MADV_MERGEABLE only lets ksmd merge its pages.
+        unsafe { rustix::mm::madvise(b.cast(), len, rustix::mm::Advice::LinuxMergeable) }
+            .expect("MADV_MERGEABLE");
+    }
+    ksm_write("run", "1");
+    let limit = Duration::from_secs(600);
+    while ksm_num("pages_sharing") < expected && t0.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let wall = t0.elapsed();
+    let cpu = (ksmd_cpu(ksmd) - cpu0) + (process_cpu() - own0);
+    ksm_write("run", "0");
+    let merged = ksm_num("pages_sharing");
+    let after = smaps(&ranges).1;
+    eprintln!(
+        "  ksm: pages_shared {} pages_sharing {} full_scans {}",
+        ksm_num("pages_shared"),
+        merged,
+        ksm_num("full_scans")
+    );
+    // Unmerge and stop, then give the memory back.
+    ksm_write("run", "2");
+    while ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ksm_write("run", "0");
+    for &b in &bases {
+        // SAFETY: our own mapping, not used after this.
+        unsafe { rustix::mm::munmap(b.cast(), len) }.expect("munmap");
+    }
+    assert_eq!(merged, expected, "KSM did not converge in {limit:?}");
+    Run {
+        wall,
+        cpu,
+        merged,
+        before,
+        after,
+    }
+}
+
+fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
+    let per_vm = a.mib * 256;
+    let mem = Arc::new(LinuxMemory::new().expect("userfaultfd write-protect"));
+    let regions: Vec<_> = (0..a.vms)
+        .map(|_| {
+            mem.add_region(per_vm as u32, DomainId(0))
+                .expect("add_region")
+        })
+        .collect();
+    let bases: Vec<*mut u8> = regions
+        .iter()
+        .map(|&r| mem.region_ptr(r).unwrap())
+        .collect();
+    fill(set, &bases, per_vm);
+    let before = mem.usage().expect("usage").total_bytes();
+    let engine = PageOne::new(
+        mem.clone(),
+        Config {
+            work_threads: threads,
+            ..Config::default()
+        },
+    );
+    let cpu0 = process_cpu();
+    let t0 = Instant::now();
+    let mut passes = 0;
+    while engine.stats().pages_sharing < expected && passes < 10 {
+        engine.merge_pass();
+        passes += 1;
+    }
+    let wall = t0.elapsed();
+    let cpu = process_cpu() - cpu0;
+    let s = engine.stats();
+    let usage = mem.usage().expect("usage");
+    eprintln!(
+        "  {}: {passes} passes; pages_shared {} pages_sharing {} merge_races {}; backend {:?}; \
+         {} mappings",
+        Engine::PageOne(threads).name(),
+        s.pages_shared,
+        s.pages_sharing,
+        s.merge_races,
+        mem.stats(),
+        usage.region_mappings
+    );
+    engine.unmerge_all();
+    drop(engine);
+    drop(mem);
+    assert_eq!(s.pages_sharing, expected, "PageONE did not converge");
+    Run {
+        wall,
+        cpu,
+        merged: s.pages_sharing,
+        before,
+        after: usage.total_bytes(),
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn main() {
+    let a = parse_args();
+    if !rustix::process::geteuid().is_root() {
+        println!("SKIPPED: KSM's sysfs knobs ({KSM}) need root; run as root.");
+        return;
+    }
+    if !std::path::Path::new(KSM).exists() {
+        println!("SKIPPED: this kernel has no KSM ({KSM} is missing).");
+        return;
+    }
+    let Some(ksmd) = ksmd_pid() else {
+        println!("SKIPPED: no ksmd thread found.");
+        return;
+    };
+    if ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 || ksm_read("run") == "1" {
+        println!("SKIPPED: KSM is in use by another process (pages_shared > 0 or run = 1).");
+        return;
+    }
+    if a.engines.iter().any(|e| matches!(e, Engine::PageOne(_))) {
+        if let Err(e) = LinuxMemory::new() {
+            println!("SKIPPED: PageONE's Linux backend is unavailable here: {e}");
+            return;
+        }
+    }
+    let knobs = [
+        "run",
+        "pages_to_scan",
+        "sleep_millisecs",
+        "smart_scan",
+        "advisor_mode",
+        "max_page_sharing",
+        "use_zero_pages",
+    ];
+    let saved: Vec<(&str, String)> = knobs
+        .iter()
+        .map(|&k| (k, ksm_read(k)))
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    // Knobs that only take effect while KSM is stopped with nothing merged.
+    ksm_write("run", "0");
+    for (k, v) in [
+        ("smart_scan", "0"),
+        ("use_zero_pages", "0"),
+        ("max_page_sharing", "256"),
+    ] {
+        if !ksm_read(k).is_empty() {
+            ksm_write(k, v);
+        }
+    }
+    if ksm_read("advisor_mode").contains('[') {
+        ksm_write("advisor_mode", "none");
+    }
+
+    let per_vm = a.mib * 256;
+    let total = (a.vms * per_vm) as u64;
+    let expected = total - total / 3;
+    println!(
+        "{} regions x {} MiB = {} pages, {} duplicates; ksm pages_to_scan {}, sleep_millisecs 0, \
+         smart_scan 0",
+        a.vms, a.mib, total, expected, a.pages_to_scan
+    );
+    let mut rows = Vec::new();
+    for &set in &a.sets {
+        let mut all: Vec<Vec<Run>> = vec![Vec::new(); a.engines.len()];
+        // Repetitions interleave the engines, so a burst of load elsewhere hits all.
+        for rep in 0..a.reps {
+            for (k, &e) in a.engines.iter().enumerate() {
+                eprintln!("{} / {} (run {})", set.name(), e.name(), rep + 1);
+                let r = match e {
+                    Engine::Ksm => run_ksm(set, &a, expected, ksmd),
+                    Engine::PageOne(t) => run_pageone(set, &a, t, expected),
+                };
+                eprintln!(
+                "  wall {:.3} s, cpu {:.3} s, merged {}, {:.0} merged/cpu-s, memory {:.1} -> {:.1} MiB",
+                r.wall.as_secs_f64(),
+                r.cpu.as_secs_f64(),
+                r.merged,
+                r.per_cpu_s(),
+                mib(r.before),
+                mib(r.after)
+                );
+                all[k].push(r);
+            }
+        }
+        let runs: Vec<(Engine, Run)> = a
+            .engines
+            .iter()
+            .zip(&all)
+            .map(|(&e, r)| (e, Run::median(r)))
+            .collect();
+        rows.push((set, runs));
+    }
+    for (k, v) in saved.iter().rev() {
+        let v = if *k == "advisor_mode" {
+            v.split('[')
+                .nth(1)
+                .and_then(|x| x.split(']').next())
+                .unwrap_or("none")
+        } else {
+            v.as_str()
+        };
+        let _ = fs::write(format!("{KSM}/{k}"), v);
+    }
+
+    println!();
+    println!("medians of {} runs each", a.reps);
+    println!(
+        "| data set | engine | wall to converge (s) | CPU (s) | merged pages | merged/CPU-s | memory before → after (MiB) | saved (MiB) | speed vs KSM (wall) | merged/CPU-s vs KSM | saved vs KSM | final memory vs KSM |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (set, runs) in &rows {
+        let ksm = runs
+            .iter()
+            .find(|(e, _)| *e == Engine::Ksm)
+            .map(|(_, r)| *r);
+        for (e, r) in runs {
+            let ratio = |f: &dyn Fn(&Run) -> f64, inv: bool| -> String {
+                match ksm {
+                    Some(k) if inv => format!("{:.2}×", f(&k) / f(r)),
+                    Some(k) => format!("{:.2}×", f(r) / f(&k)),
+                    None => "–".into(),
+                }
+            };
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {} | {:.0} | {:.0} → {:.0} | {:.0} | {} | {} | {} | {} |",
+                set.name(),
+                e.name(),
+                r.wall.as_secs_f64(),
+                r.cpu.as_secs_f64(),
+                r.merged,
+                r.per_cpu_s(),
+                mib(r.before),
+                mib(r.after),
+                mib(r.saved()),
+                ratio(&|x| x.wall.as_secs_f64(), true),
+                ratio(&|x| x.per_cpu_s(), false),
+                ratio(&|x| x.saved() as f64, false),
+                ratio(&|x| x.after as f64, false),
+            );
+        }
+    }
+}
