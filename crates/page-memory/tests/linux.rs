@@ -890,7 +890,10 @@ fn batches_do_what_single_calls_do() {
     let canon: Vec<_> = (0..N).map(|i| (PageId::new(r, i), t[i as usize])).collect();
     let frames = mem.canonicalize_batch(&canon);
     assert_eq!(frames.len(), N as usize);
-    assert_eq!(frames[7].as_ref().unwrap_err(), &PageError::Stale(PageId::new(r, 7)));
+    assert_eq!(
+        frames[7].as_ref().unwrap_err(),
+        &PageError::Stale(PageId::new(r, 7))
+    );
     for (i, f) in frames.iter().enumerate() {
         if i != 7 {
             let f = f.as_ref().unwrap();
@@ -925,7 +928,11 @@ fn batches_do_what_single_calls_do() {
             };
             (PageId::new(r, N + i), t[(N + i) as usize], f)
         })
-        .chain(std::iter::once((PageId::new(r, N + 7), t[(N + 7) as usize], &zero)))
+        .chain(std::iter::once((
+            PageId::new(r, N + 7),
+            t[(N + 7) as usize],
+            &zero,
+        )))
         .collect();
     let out = mem.merge_batch(&items);
     for (k, o) in out.iter().enumerate() {
