@@ -23,14 +23,15 @@
 //! KSM user: it says so and exits 0 without them. Run with
 //! `cargo run --release --features linux --example ksm_vs_pageone -- [--mib 128] [--vms 12]
 //! [--sets random,zero-prefix] [--engines ksm,pageone-1t,pageone-2t] [--pages-to-scan N]
-//! [--reps 3]`. Each figure in the table is the median of the repetitions (which
+//! [--reps 3] [--run-pages 64]`. `--run-pages 1` makes the Linux backend remap page by
+//! page (`LinuxConfig::max_run_pages`), as it did before batches. Each figure in the table is the median of the repetitions (which
 //! interleave the engines).
 
 use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use page_memory::linux::LinuxMemory;
+use page_memory::linux::{LinuxConfig, LinuxMemory};
 use page_memory::{DomainId, PAGE_SIZE};
 use pageone::{Config, PageOne};
 
@@ -87,6 +88,7 @@ struct Args {
     engines: Vec<Engine>,
     pages_to_scan: u64,
     reps: usize,
+    run_pages: usize,
 }
 
 fn parse_args() -> Args {
@@ -97,6 +99,7 @@ fn parse_args() -> Args {
         engines: vec![Engine::Ksm, Engine::PageOne(1), Engine::PageOne(2)],
         pages_to_scan: 4096,
         reps: 3,
+        run_pages: LinuxConfig::default().max_run_pages,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -105,6 +108,7 @@ fn parse_args() -> Args {
             "--mib" => a.mib = v.parse().expect("--mib N"),
             "--vms" => a.vms = v.parse().expect("--vms N"),
             "--pages-to-scan" => a.pages_to_scan = v.parse().expect("--pages-to-scan N"),
+            "--run-pages" => a.run_pages = v.parse().expect("--run-pages N"),
             "--reps" => a.reps = v.parse::<usize>().expect("--reps N").max(1),
             "--sets" => {
                 a.sets = v
@@ -314,9 +318,14 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
         unsafe { rustix::mm::madvise(b.cast(), len, rustix::mm::Advice::LinuxMergeable) }
             .expect("MADV_MERGEABLE");
     }
+    let scans0 = ksm_num("full_scans");
     ksm_write("run", "1");
+    // Converged, or given up: 10 full scans (it needs 2 or 3), or 10 minutes.
     let limit = Duration::from_secs(600);
-    while ksm_num("pages_sharing") < expected && t0.elapsed() < limit {
+    while ksm_num("pages_sharing") < expected
+        && t0.elapsed() < limit
+        && ksm_num("full_scans") < scans0 + 10
+    {
         std::thread::sleep(Duration::from_millis(2));
     }
     let wall = t0.elapsed();
@@ -332,7 +341,10 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
     );
     // Unmerge and stop, then give the memory back.
     ksm_write("run", "2");
-    while ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 {
+    let t1 = Instant::now();
+    while ksm_num("pages_shared") + ksm_num("pages_sharing") > 0
+        && t1.elapsed() < Duration::from_secs(120)
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     ksm_write("run", "0");
@@ -340,7 +352,10 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
         // SAFETY: our own mapping, not used after this.
         unsafe { rustix::mm::munmap(b.cast(), len) }.expect("munmap");
     }
-    assert_eq!(merged, expected, "KSM did not converge in {limit:?}");
+    assert_eq!(
+        merged, expected,
+        "KSM did not converge (10 full scans or {limit:?})"
+    );
     Run {
         wall,
         cpu,
@@ -352,7 +367,13 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
 
 fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
     let per_vm = a.mib * 256;
-    let mem = Arc::new(LinuxMemory::new().expect("userfaultfd write-protect"));
+    let mem = Arc::new(
+        LinuxMemory::with_config(LinuxConfig {
+            max_run_pages: a.run_pages,
+            ..LinuxConfig::default()
+        })
+        .expect("userfaultfd write-protect"),
+    );
     let regions: Vec<_> = (0..a.vms)
         .map(|_| {
             mem.add_region(per_vm as u32, DomainId(0))
@@ -375,8 +396,9 @@ fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
     let cpu0 = process_cpu();
     let t0 = Instant::now();
     let mut passes = 0;
+    let mut pass_s = Vec::new();
     while engine.stats().pages_sharing < expected && passes < 10 {
-        engine.merge_pass();
+        pass_s.push(format!("{:.3}", engine.merge_pass().elapsed.as_secs_f64()));
         passes += 1;
     }
     let wall = t0.elapsed();
@@ -384,9 +406,14 @@ fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
     let s = engine.stats();
     let usage = mem.usage().expect("usage");
     eprintln!(
-        "  {}: {passes} passes; pages_shared {} pages_sharing {} merge_races {}; backend {:?}; \
-         {} mappings",
+        "  {}: {passes} passes ({} s); workers busy {:?} s; pages_shared {} pages_sharing {} \
+         merge_races {}; backend {:?}; {} mappings",
         Engine::PageOne(threads).name(),
+        pass_s.join(", "),
+        s.workers
+            .iter()
+            .map(|w| format!("{:.3}", w.busy.as_secs_f64()))
+            .collect::<Vec<_>>(),
         s.pages_shared,
         s.pages_sharing,
         s.merge_races,
@@ -403,6 +430,25 @@ fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
         merged: s.pages_sharing,
         before,
         after: usage.total_bytes(),
+    }
+}
+
+/// KSM's knobs as they were; written back on drop (`run` last).
+struct Restore(Vec<(&'static str, String)>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        for (k, v) in self.0.iter().rev() {
+            let v = if *k == "advisor_mode" {
+                v.split('[')
+                    .nth(1)
+                    .and_then(|x| x.split(']').next())
+                    .unwrap_or("none")
+            } else {
+                v.as_str()
+            };
+            let _ = fs::write(format!("{KSM}/{k}"), v);
+        }
     }
 }
 
@@ -443,11 +489,14 @@ fn main() {
         "max_page_sharing",
         "use_zero_pages",
     ];
-    let saved: Vec<(&str, String)> = knobs
-        .iter()
-        .map(|&k| (k, ksm_read(k)))
-        .filter(|(_, v)| !v.is_empty())
-        .collect();
+    // Put every knob back as it was when we are done, even after a panic.
+    let _restore = Restore(
+        knobs
+            .iter()
+            .map(|&k| (k, ksm_read(k)))
+            .filter(|(_, v)| !v.is_empty())
+            .collect(),
+    );
     // Knobs that only take effect while KSM is stopped with nothing merged.
     ksm_write("run", "0");
     for (k, v) in [
@@ -468,8 +517,8 @@ fn main() {
     let expected = total - total / 3;
     println!(
         "{} regions x {} MiB = {} pages, {} duplicates; ksm pages_to_scan {}, sleep_millisecs 0, \
-         smart_scan 0",
-        a.vms, a.mib, total, expected, a.pages_to_scan
+         smart_scan 0; pageone runs of up to {} pages",
+        a.vms, a.mib, total, expected, a.pages_to_scan, a.run_pages
     );
     let mut rows = Vec::new();
     for &set in &a.sets {
@@ -501,17 +550,6 @@ fn main() {
             .map(|(&e, r)| (e, Run::median(r)))
             .collect();
         rows.push((set, runs));
-    }
-    for (k, v) in saved.iter().rev() {
-        let v = if *k == "advisor_mode" {
-            v.split('[')
-                .nth(1)
-                .and_then(|x| x.split(']').next())
-                .unwrap_or("none")
-        } else {
-            v.as_str()
-        };
-        let _ = fs::write(format!("{KSM}/{k}"), v);
     }
 
     println!();
