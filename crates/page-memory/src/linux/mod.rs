@@ -115,8 +115,20 @@
 //! 4–6 µs. A guest's first write to a protected page waits about 7 µs (median) for the
 //! fault thread, 12 µs on a merged page (the copy included). With one fault thread, a
 //! write may also wait for the faults queued before it ([`LinuxConfig::fault_threads`]).
-//! Merging runs of consecutive pages with one `mmap` each would cut most of the merge
-//! cost; the [`PageMemory`] trait merges one page per call today.
+//!
+//! # Batches: runs of pages with one system call each
+//! Those per-page costs are mostly fixed costs of the calls, so
+//! [`PageMemory::canonicalize_batch`] and [`PageMemory::merge_batch`] work on runs: a run
+//! of consecutive pages of one region (at most [`LinuxConfig::max_run_pages`], default 64)
+//! is locked together and read with one `process_vm_readv` to compare it; pages going to
+//! consecutive store slots (canonical pages go to their home slots, so the duplicates of a
+//! run of canonical pages laid out in the same order do too) are copied into the store
+//! with one `pwrite` and mapped with one `mmap`, then registered, write-protected and
+//! checked for window writes (`PAGEMAP_SCAN`) with one call each. Pages of a run that
+//! are stale, differ or already merged only split it. PageONE calls them per chunk: a
+//! whole merge pass then costs about 4–5 µs per page on this machine, against 15–22 µs
+//! page by page (`docs/benchmarks.md`, "PageONE vs Linux KSM on real memory"). A writer
+//! to a page of a run waits for that run, at most `max_run_pages` pages.
 //!
 //! # Accounting
 //! [`LinuxMemory::usage`] reads the real figures: `Rss`, `Pss`, `Anonymous` and `Swap`
