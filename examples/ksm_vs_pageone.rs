@@ -7,7 +7,8 @@
 //! Each data set is deduplicated from scratch three ways:
 //! - **KSM**: the regions get `MADV_MERGEABLE`; ksmd runs with `pages_to_scan` large,
 //!   `sleep_millisecs=0`, `smart_scan=0`, advisor off; we wait until `pages_sharing`
-//!   reaches the number of duplicates, take ksmd's CPU time from `/proc/<ksmd>/schedstat`,
+//!   reaches the number of duplicates (polled every 5 ms), take ksmd's CPU time from
+//!   `/proc/<ksmd>/schedstat` (plus our `madvise` calls),
 //!   then unmerge (`run=2`) and restore every knob as it was;
 //! - **PageONE** with 1 and with 2 work threads, on `page_memory::linux::LinuxMemory`
 //!   (userfaultfd write-protect, memfd canonical store), merge passes back to back until
@@ -318,6 +319,8 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
         unsafe { rustix::mm::madvise(b.cast(), len, rustix::mm::Advice::LinuxMergeable) }
             .expect("MADV_MERGEABLE");
     }
+    // Our own share: the madvise calls (not the polling below).
+    let own = process_cpu() - own0;
     let scans0 = ksm_num("full_scans");
     ksm_write("run", "1");
     // Converged, or given up: 10 full scans (it needs 2 or 3), or 10 minutes.
@@ -326,10 +329,10 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
         && t0.elapsed() < limit
         && ksm_num("full_scans") < scans0 + 10
     {
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let wall = t0.elapsed();
-    let cpu = (ksmd_cpu(ksmd) - cpu0) + (process_cpu() - own0);
+    let cpu = (ksmd_cpu(ksmd) - cpu0) + own;
     ksm_write("run", "0");
     let merged = ksm_num("pages_sharing");
     let after = smaps(&ranges).1;
