@@ -11,6 +11,8 @@ pub use pip;
 #[doc(inline)]
 pub use ppr_guest;
 #[doc(inline)]
+pub use ppr_host;
+#[doc(inline)]
 pub use sdtree;
 
 // The README's examples compile and run as doc tests.
