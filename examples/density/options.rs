@@ -1,0 +1,148 @@
+//! The command line: a handful of flags, parsed by hand.
+
+use std::path::PathBuf;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// VMs (regions) per run.
+    pub vms: u32,
+    /// Memory of each VM, MiB.
+    pub vm_mib: u32,
+    /// Wall-clock seconds of each run (warm-up and measured window together).
+    pub seconds: f64,
+    /// Whether `--seconds` was given (`--real` has a longer default).
+    pub seconds_given: bool,
+    /// PageONE work threads.
+    pub threads: usize,
+    /// Run on the Linux backend (real memory, real RSS) instead of the simulated memory.
+    pub real: bool,
+    /// Run the reclaim period × merge period sweep.
+    pub sweep: bool,
+    /// Print the live progress line.
+    pub progress: bool,
+    /// Where the plot goes.
+    pub svg: PathBuf,
+    /// Seed of the workload (VM phases, contents).
+    pub seed: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            vms: 8,
+            vm_mib: 64,
+            seconds: 8.0,
+            seconds_given: false,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            real: false,
+            sweep: true,
+            progress: true,
+            svg: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/density.svg")),
+            seed: 2017,
+        }
+    }
+}
+
+/// `--seconds` with `--real` unless given: guest writes to write-protected pages of the
+/// Linux backend go through its userfaultfd fault thread (about 10 µs each), so the guests
+/// need a less compressed schedule to keep up.
+pub const REAL_SECONDS: f64 = 30.0;
+
+/// The help text.
+pub const USAGE: &str = "\
+cargo run --release --example density -- [FLAGS]
+
+The 2017 density experiment, scaled down: VMs whose applications allocate and free
+memory on a cycle, plus the same OS image in every VM, under three set-ups (raw, a
+KSM-like single-threaded dedup, PPR + PageONE), then a reclaim x merge period sweep.
+
+  --vms N         VMs per run (default 8)
+  --vm-mib M      memory of each VM in MiB (default 64)
+  --seconds S     wall seconds of each run, warm-up included (default 8, or 30 with
+                  --real; 6 runs by default); simulated time is compressed to fit
+  --threads T     PageONE work threads (default: the available cores)
+  --real          run on the Linux backend (needs `--features linux`; real memory, RSS
+                  read from /proc/self/smaps)
+  --no-sweep      skip the reclaim x merge period sweep (3 runs instead of 6)
+  --no-progress   no live progress line
+  --svg PATH      where to write the plot (default docs/density.svg)
+  --seed N        workload seed (default 2017)
+  -h, --help      this text";
+
+/// Why the command line was not accepted, or that help was asked for.
+#[derive(Debug, PartialEq)]
+pub enum ParseError {
+    /// `-h` / `--help`.
+    Help,
+    /// A bad flag or value.
+    Bad(String),
+}
+
+impl Options {
+    /// Parses `args` (without the program name).
+    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, ParseError> {
+        let mut o = Options::default();
+        let mut args = args.into_iter();
+        while let Some(flag) = args.next() {
+            let mut value = |name: &str| {
+                args.next()
+                    .ok_or_else(|| ParseError::Bad(format!("{name} needs a value")))
+            };
+            match flag.as_str() {
+                "-h" | "--help" => return Err(ParseError::Help),
+                "--vms" => o.vms = number(&flag, &value(&flag)?, 1.0, 4096.0)? as u32,
+                "--vm-mib" => o.vm_mib = number(&flag, &value(&flag)?, 1.0, 65536.0)? as u32,
+                "--seconds" => {
+                    o.seconds = number(&flag, &value(&flag)?, 0.5, 86400.0)?;
+                    o.seconds_given = true;
+                }
+                "--threads" => o.threads = number(&flag, &value(&flag)?, 1.0, 1024.0)? as usize,
+                "--seed" => o.seed = number(&flag, &value(&flag)?, 0.0, 1e15)? as u64,
+                "--svg" => o.svg = PathBuf::from(value(&flag)?),
+                "--real" => o.real = true,
+                "--no-sweep" => o.sweep = false,
+                "--no-progress" => o.progress = false,
+                other => return Err(ParseError::Bad(format!("unknown flag {other:?}"))),
+            }
+        }
+        if o.real && !o.seconds_given {
+            o.seconds = REAL_SECONDS;
+        }
+        Ok(o)
+    }
+
+    /// Pages of each VM.
+    pub fn vm_pages(&self) -> u32 {
+        self.vm_mib * 256
+    }
+}
+
+fn number(flag: &str, v: &str, min: f64, max: f64) -> Result<f64, ParseError> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && (min..=max).contains(&x) => Ok(x),
+        _ => Err(ParseError::Bad(format!(
+            "{flag} {v:?}: expected a number from {min} to {max}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Options, ParseError> {
+        Options::parse(s.split_whitespace().map(String::from))
+    }
+
+    #[test]
+    fn flags() {
+        let o = parse("--vms 3 --vm-mib 16 --seconds 2.5 --threads 1 --real --no-sweep").unwrap();
+        assert_eq!((o.vms, o.vm_mib, o.seconds, o.threads), (3, 16, 2.5, 1));
+        assert!(o.real && !o.sweep);
+        assert_eq!(parse("--help").unwrap_err(), ParseError::Help);
+        assert!(matches!(parse("--vms"), Err(ParseError::Bad(_))));
+        assert!(matches!(parse("--vms 0"), Err(ParseError::Bad(_))));
+        assert!(matches!(parse("--frobnicate"), Err(ParseError::Bad(_))));
+    }
+}
