@@ -150,6 +150,7 @@ fn many_vm_estimate_is_linear_when_memory_is_flat() {
 #[cfg(not(feature = "linux"))]
 #[test]
 fn without_the_linux_feature_real_says_how_to_get_it() {
-    let why = real::run_all(&Options::default()).err().unwrap();
+    let why = real::check().unwrap_err();
     assert!(why.contains("--features linux"), "{why}");
+    assert!(real::run_all(&Options::default()).is_err());
 }

@@ -6,30 +6,41 @@
 //!
 //! Needs the `linux` feature (page-memory's Linux backend; its `userfaultfd-sys`
 //! dependency runs bindgen, so libclang must be installed) and userfaultfd write-protect
-//! (Linux 5.7+; root, `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd = 1` for the
-//! kernel-fault mode the backend uses by default).
+//! (Linux 5.7+). Without the privilege for kernel faults (root, `CAP_SYS_PTRACE`,
+//! `vm.unprivileged_userfaultfd = 1`) it uses a user-mode-only userfaultfd (Linux 5.11+):
+//! the guests here write from user space only.
 
 use crate::demo::Report;
 use crate::options::Options;
 
-/// Runs the demo on real memory, or says exactly what is missing.
+/// What is missing for `--real` in a build without the `linux` feature.
 #[cfg(not(feature = "linux"))]
-pub fn run_all(_opts: &Options) -> Result<Report, String> {
-    Err(
-        "--real runs on page-memory's Linux backend, which this build does not include: \
-         rebuild with the `linux` feature:\n\n    \
-         cargo run --release --features linux --example density -- --real\n\n\
-         (the feature builds userfaultfd-sys, whose bindgen needs libclang: \
-         `apt-get install libclang-dev` on Debian/Ubuntu)"
-            .into(),
-    )
+const NO_FEATURE: &str = "--real runs on page-memory's Linux backend, which this build does \
+     not include: rebuild with the `linux` feature:\n\n    \
+     cargo run --release --features linux --example density -- --real\n\n\
+     (the feature builds userfaultfd-sys, whose bindgen needs libclang: \
+     `apt-get install libclang-dev` on Debian/Ubuntu)";
+
+/// Whether `--real` can run here; if not, exactly what is missing.
+pub fn check() -> Result<(), String> {
+    #[cfg(not(feature = "linux"))]
+    return Err(NO_FEATURE.into());
+    #[cfg(feature = "linux")]
+    linux::check()
 }
 
-/// Runs the demo on real memory, or says exactly what is missing.
-#[cfg(feature = "linux")]
+/// Runs the demo on real memory ([`check`] says whether it can).
 pub fn run_all(opts: &Options) -> Result<Report, String> {
-    linux::check()?;
-    crate::demo::run_all::<page_memory::linux::LinuxMemory>(opts)
+    #[cfg(not(feature = "linux"))]
+    {
+        let _ = opts;
+        Err(NO_FEATURE.into())
+    }
+    #[cfg(feature = "linux")]
+    {
+        linux::check()?;
+        crate::demo::run_all::<page_memory::linux::LinuxMemory>(opts)
+    }
 }
 
 #[cfg(feature = "linux")]
@@ -44,24 +55,33 @@ mod linux {
 
     use crate::host::{word, Host, VmPage};
 
-    fn config() -> LinuxConfig {
+    fn config(kernel_faults: bool) -> LinuxConfig {
         LinuxConfig {
             // The demo's regions stay mapped until the memory is dropped: the engines may
             // read guest pages in place (atomic loads) instead of through process_vm_readv.
             checked_access: false,
+            kernel_faults,
             ..LinuxConfig::default()
         }
     }
 
+    /// A memory with kernel faults handled where this process may (root, CAP_SYS_PTRACE,
+    /// `vm.unprivileged_userfaultfd = 1`), else in user-mode-only userfaultfd: the demo's
+    /// guests write their memory from user space only, so either works for it.
+    fn memory() -> Result<LinuxMemory, String> {
+        LinuxMemory::with_config(config(true))
+            .or_else(|_| LinuxMemory::with_config(config(false)))
+            .map_err(|e| e.to_string())
+    }
+
     /// Whether the backend works here; if not, what is missing.
     pub fn check() -> Result<(), String> {
-        LinuxMemory::with_config(config()).map(drop).map_err(|e| {
+        memory().map(drop).map_err(|e| {
             format!(
                 "the Linux backend is not usable here: {e}.\n\
-                 It needs userfaultfd with write-protect (Linux 5.7 or later) and, for the \
-                 kernel-fault mode it uses, root, CAP_SYS_PTRACE or \
-                 `sysctl -w vm.unprivileged_userfaultfd=1`. The simulated demo (without \
-                 --real) runs anywhere."
+                 It needs userfaultfd with write-protect (Linux 5.7 or later; user-mode-only \
+                 userfaultfd, which is enough for this demo, since 5.11). The simulated demo \
+                 (without --real) runs anywhere."
             )
         })
     }
@@ -130,9 +150,7 @@ mod linux {
         const THREADS: &'static [&'static str] = &["page-memory-uff"];
 
         fn fresh() -> Result<Arc<Self>, String> {
-            LinuxMemory::with_config(config())
-                .map(Arc::new)
-                .map_err(|e| e.to_string())
+            memory().map(Arc::new)
         }
 
         fn add_vm(&self, pages: u32, domain: DomainId) -> Result<RegionId, String> {
