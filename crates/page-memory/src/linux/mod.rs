@@ -125,10 +125,10 @@
 //! run of canonical pages laid out in the same order do too) are copied into the store
 //! with one `pwrite` and mapped with one `mmap`, then registered, write-protected and
 //! checked for window writes (`PAGEMAP_SCAN`) with one call each. Pages of a run that
-//! are stale, differ or already merged only split it. PageONE calls them per chunk: a
-//! whole merge pass then costs about 4–5 µs per page on this machine, against 15–22 µs
-//! page by page (`docs/benchmarks.md`, "PageONE vs Linux KSM on real memory"). A writer
-//! to a page of a run waits for that run, at most `max_run_pages` pages.
+//! are stale, differ or already merged only split it. PageONE calls them per chunk: its
+//! merge passes then cost about 6–7 µs of CPU per page on this machine, against about
+//! 15 µs page by page (`docs/benchmarks.md`, "PageONE vs Linux KSM on real memory").
+//! A writer to a page of a run waits for that run, at most `max_run_pages` pages.
 //!
 //! # Accounting
 //! [`LinuxMemory::usage`] reads the real figures: `Rss`, `Pss`, `Anonymous` and `Swap`
