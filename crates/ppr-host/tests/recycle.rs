@@ -55,6 +55,7 @@ fn guests_churning_pages_never_lose_data_and_freed_pages_come_back_in_two_period
                     barrier.wait();
                     let mut round = 0u64;
                     let mut held = Vec::new();
+                    let mut unoffered = std::collections::BTreeSet::new();
                     while !stop.load(Ordering::Relaxed) {
                         round += 1;
                         // Take a handful of pages, write them, verify them, give them back.
@@ -71,12 +72,20 @@ fn guests_churning_pages_never_lose_data_and_freed_pages_come_back_in_two_period
                                 page.verify(seed),
                                 "allocated frame {frame} changed under the guest"
                             );
+                            let before = alloc.stats().not_offered;
                             alloc.free(cpu, frame).unwrap();
+                            // A free whose offer found no slot (a crowded probe window)
+                            // leaves the page unmarked: counted, not the host's to recycle.
+                            if alloc.stats().not_offered > before {
+                                unoffered.insert(frame);
+                            } else {
+                                unoffered.remove(&frame);
+                            }
                         }
                     }
                     let stats = alloc.stats();
                     assert_eq!(alloc.free_pages() + alloc.deferred_pages(), 256);
-                    stats
+                    (stats, unoffered)
                 })
             })
             .collect();
@@ -88,12 +97,18 @@ fn guests_churning_pages_never_lose_data_and_freed_pages_come_back_in_two_period
             .map(|v| v.join().unwrap())
             .collect::<Vec<_>>()
     });
-    for g in &guest_stats {
-        assert_eq!(g.not_offered, 0, "an offer found no slot: {g:?}");
+    let mut unoffered = std::collections::BTreeSet::new();
+    for (g, frames) in &guest_stats {
         assert!(g.frees > 256, "the guest barely ran: {g:?}");
+        // Slot exhaustion is rare with four slots per page, and always counted.
+        assert!(
+            g.not_offered * 100 <= g.frees,
+            "offers failed too often: {g:?}"
+        );
+        unoffered.extend(frames.iter().map(|&f| (f - 1) as u32));
     }
     // Every page is free now. Within two reclaim periods (plus the pass in flight) every
-    // one of them is recycled.
+    // one that was offered on its last free is recycled.
     let deadline = Instant::now() + 2 * PERIOD + recycler.stats().scan_lag;
     while Instant::now() < deadline {
         thread::sleep(Duration::from_millis(1));
@@ -101,13 +116,17 @@ fn guests_churning_pages_never_lose_data_and_freed_pages_come_back_in_two_period
     let not_back: Vec<u32> = (0..PAGES)
         .filter(|&i| !mem.is_zero_mapped(PageId::new(info.id, i)).unwrap())
         .collect();
-    assert!(
-        not_back.is_empty(),
-        "not recycled in two periods: {not_back:?}"
+    let unoffered: Vec<u32> = unoffered.into_iter().collect();
+    assert_eq!(
+        not_back, unoffered,
+        "not recycled in two periods (left) vs never offered"
     );
-    assert_eq!(mem.accounting().frames, 0);
+    assert_eq!(mem.accounting().frames, unoffered.len() as u64);
     let stats = recycler.stats();
-    assert!(stats.recycled >= PAGES as u64, "{stats:?}");
+    assert!(
+        stats.recycled >= PAGES as u64 - unoffered.len() as u64,
+        "{stats:?}"
+    );
     // An honest guest's marks are never malformed. `NotOffered` can happen: the host may
     // read a mark just as the guest withdraws its offer (the slot is already empty).
     for why in [Invalid::Frame, Invalid::Pool, Invalid::Slot] {
