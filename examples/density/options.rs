@@ -23,6 +23,8 @@ pub struct Options {
     pub progress: bool,
     /// Where the plot goes.
     pub svg: PathBuf,
+    /// Whether `--svg` was given (`--real` has its own default file).
+    pub svg_given: bool,
     /// Seed of the workload (VM phases, contents).
     pub seed: u64,
 }
@@ -39,6 +41,7 @@ impl Default for Options {
             sweep: true,
             progress: true,
             svg: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/density.svg")),
+            svg_given: false,
             seed: 2017,
         }
     }
@@ -66,7 +69,8 @@ KSM-like single-threaded dedup, PPR + PageONE), then a reclaim x merge period sw
                   read from /proc/self/smaps)
   --no-sweep      skip the reclaim x merge period sweep (3 runs instead of 6)
   --no-progress   no live progress line
-  --svg PATH      where to write the plot (default docs/density.svg)
+  --svg PATH      where to write the plot (default docs/density.svg, with --real
+                  docs/density-real.svg)
   --seed N        workload seed (default 2017)
   -h, --help      this text";
 
@@ -99,7 +103,10 @@ impl Options {
                 }
                 "--threads" => o.threads = number(&flag, &value(&flag)?, 1.0, 1024.0)? as usize,
                 "--seed" => o.seed = number(&flag, &value(&flag)?, 0.0, 1e15)? as u64,
-                "--svg" => o.svg = PathBuf::from(value(&flag)?),
+                "--svg" => {
+                    o.svg = PathBuf::from(value(&flag)?);
+                    o.svg_given = true;
+                }
                 "--real" => o.real = true,
                 "--no-sweep" => o.sweep = false,
                 "--no-progress" => o.progress = false,
@@ -108,6 +115,12 @@ impl Options {
         }
         if o.real && !o.seconds_given {
             o.seconds = REAL_SECONDS;
+        }
+        if o.real && !o.svg_given {
+            o.svg = PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/docs/density-real.svg"
+            ));
         }
         Ok(o)
     }
@@ -140,6 +153,11 @@ mod tests {
         let o = parse("--vms 3 --vm-mib 16 --seconds 2.5 --threads 1 --real --no-sweep").unwrap();
         assert_eq!((o.vms, o.vm_mib, o.seconds, o.threads), (3, 16, 2.5, 1));
         assert!(o.real && !o.sweep);
+        assert!(o.svg.ends_with("docs/density-real.svg"));
+        let o = parse("--real").unwrap();
+        assert_eq!(o.seconds, REAL_SECONDS);
+        let o = parse("--real --svg x.svg --seconds 3").unwrap();
+        assert_eq!((o.seconds, o.svg.to_str()), (3.0, Some("x.svg")));
         assert_eq!(parse("--help").unwrap_err(), ParseError::Help);
         assert!(matches!(parse("--vms"), Err(ParseError::Bad(_))));
         assert!(matches!(parse("--vms 0"), Err(ParseError::Bad(_))));

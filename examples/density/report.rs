@@ -77,7 +77,8 @@ pub fn vms_that_fit_many(r: &RunResult, w: &Workload) -> u64 {
     (root * root).floor() as u64
 }
 
-/// The engine's CPU, in words: `ksmd 99.1%`, `2 workers avg 3.2%, daemon 0.4%`.
+/// The engine's CPU, in words: `ksmd 99.1%`, `workers 2 x 3.2%, daemon 0.4%` (the
+/// memory's fault threads apart).
 pub fn cpu_words(r: &RunResult) -> String {
     let mut s = String::new();
     if let Some(k) = r.cpu_avg("ksmd") {
@@ -91,13 +92,6 @@ pub fn cpu_words(r: &RunResult) -> String {
             r.cpu_sum("daemon")
         );
     }
-    if let Some(f) = r.cpu_avg("fault") {
-        let _ = write!(
-            s,
-            "{}fault thread(s) {f:.1}%",
-            if s.is_empty() { "" } else { "; " }
-        );
-    }
     if s.is_empty() {
         s.push('-');
     }
@@ -109,7 +103,7 @@ pub fn run_line(r: &RunResult) -> String {
     let g = &r.guests;
     let mut s = format!(
         "  {:<20} mean {:.1} MiB, peak {:.1} MiB; in the window: {} merged, {} recycled; \
-         CPU: {}\n",
+         CPU: {}",
         r.setup.name(),
         mib(r.mean),
         mib(r.peak as f64),
@@ -117,6 +111,10 @@ pub fn run_line(r: &RunResult) -> String {
         r.recycled,
         cpu_words(r),
     );
+    if let Some(f) = r.cpu_avg("fault") {
+        let _ = write!(s, "; memory's fault thread {f:.1}%");
+    }
+    s.push('\n');
     let mut detail = format!(
         "guests: {} pages allocated, {} freed, {} allocations failed, {} frees not offered, \
          {} busy; longest step {:.1} ms. Engine metadata {:.1} MiB, PIP pools {:.1} MiB.",
@@ -158,23 +156,23 @@ pub fn density_table(results: &[RunResult], w: &Workload) -> String {
     );
     let _ = writeln!(
         s,
-        "  {:<20} {:>16} {:>22}  {:<32} 2017 (230 GB, 4 GB VMs)",
+        "  {:<20} {:>16} {:>25}  {:<32} 2017 (230 GB, 4 GB VMs)",
         "", "VMs that fit", "memory in use, MiB", "engine CPU"
     );
     let _ = writeln!(
         s,
-        "  {:<20} {:>7} {:>8} {:>9} {:>12}  {:<32}",
-        "set-up", "linear", "many*", "mean", "low-peak", "(% of one core)"
+        "  {:<20} {:>7} {:>8} {:>9} {:>15}  (% of one core)",
+        "set-up", "linear", "many*", "mean", "low-peak"
     );
     for (i, r) in results.iter().enumerate() {
         let _ = writeln!(
             s,
-            "  {:<20} {:>7} {:>8} {:>9.1} {:>12}  {:<32} {}",
+            "  {:<20} {:>7} {:>8} {:>9.1} {:>15}  {:<32} {}",
             r.setup.name(),
             vms_that_fit(r, w),
             vms_that_fit_many(r, w),
             mib(r.mean),
-            format!("{:.0}-{:.0}", mib(r.low as f64), mib(r.peak as f64)),
+            format!("{:.1}-{:.1}", mib(r.low as f64), mib(r.peak as f64)),
             cpu_words(r),
             DENSITY_2017.get(i).copied().unwrap_or(""),
         );
