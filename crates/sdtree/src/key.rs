@@ -75,6 +75,12 @@ impl<'a> Probe<'a> {
         Probe { bytes, head, zeros }
     }
 
+    /// The key bytes.
+    #[inline(always)]
+    pub(crate) fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
     /// Symbol `i` of the header-then-key reading.
     #[inline(always)]
     fn symbol(&self, i: usize) -> u32 {
@@ -135,7 +141,11 @@ pub(crate) fn diff(probe: &Probe<'_>, stored: &[u8]) -> (Diff, usize) {
 fn diff_from(a: &[u8], b: &[u8], from: usize) -> (Diff, usize) {
     let common = a.len().min(b.len());
     let mut i = from.min(common);
-    // Word-at-a-time scan for the first differing byte.
+    // Skip equal 64-byte blocks with a compare the library vectorizes, then locate the
+    // first differing byte word at a time.
+    while i + 64 <= common && a[i..i + 64] == b[i..i + 64] {
+        i += 64;
+    }
     while i + 8 <= common {
         let x = u64::from_be_bytes(a[i..i + 8].try_into().unwrap_or([0; 8]));
         let y = u64::from_be_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
