@@ -21,8 +21,11 @@
 //! `pages_shared` (frames mapped by two or more pages) / `pages_sharing` (the extra
 //! mappings of those frames, i.e. pages saved).
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+
+/// The most regions a [`SimMemory`] holds.
+pub const MAX_REGIONS: usize = 1024;
 
 use crate::{
     DirtyHook, DomainId, MergeOutcome, PageError, PageId, PageMemory, ProtectToken, RegionId,
@@ -171,7 +174,12 @@ impl SimAccounting {
 /// assert_eq!(&buf, b"same");
 /// ```
 pub struct SimMemory {
-    regions: RwLock<Vec<Arc<Region>>>,
+    /// Regions by id: filled once each, read without a lock (a per-access read lock or
+    /// `Arc` clone would bounce one cache line between every thread touching memory).
+    regions: Box<[OnceLock<Region>]>,
+    /// Regions added so far; adding is serialized by `adding`.
+    count: AtomicUsize,
+    adding: Mutex<()>,
     zero: Arc<FrameData>,
     counters: Arc<Counters>,
     hook: RwLock<Option<DirtyHook>>,
@@ -189,7 +197,9 @@ impl SimMemory {
         let zero = FrameData::new(None);
         zero.frozen.store(true, Ordering::Relaxed);
         SimMemory {
-            regions: RwLock::new(Vec::new()),
+            regions: (0..MAX_REGIONS).map(|_| OnceLock::new()).collect(),
+            count: AtomicUsize::new(0),
+            adding: Mutex::new(()),
             zero,
             counters: Arc::new(Counters::default()),
             hook: RwLock::new(None),
@@ -197,16 +207,24 @@ impl SimMemory {
     }
 
     /// Adds a region of `pages` zero pages in trust domain `domain`.
+    ///
+    /// # Panics
+    /// If the memory already has [`MAX_REGIONS`] regions.
     pub fn add_region(&self, pages: u32, domain: DomainId) -> RegionId {
-        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
-        let id = RegionId(regions.len() as u32);
+        let _one_at_a_time = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.count.load(Ordering::Relaxed);
+        assert!(
+            n < MAX_REGIONS,
+            "SimMemory holds at most {MAX_REGIONS} regions"
+        );
+        let id = RegionId(n as u32);
         self.zero
             .mappings
             .fetch_add(pages as i64, Ordering::Relaxed);
         self.counters
             .zero_pages
             .fetch_add(pages as i64, Ordering::Relaxed);
-        let pages = (0..pages)
+        let pages: Box<[Mutex<PageState>]> = (0..pages)
             .map(|_| {
                 Mutex::new(PageState {
                     frame: self.zero.clone(),
@@ -215,27 +233,26 @@ impl SimMemory {
                 })
             })
             .collect();
-        regions.push(Arc::new(Region {
-            info: RegionInfo {
-                id,
-                pages: 0,
-                domain,
-            },
-            pages,
-        }));
-        let r = regions
-            .last_mut()
-            .and_then(Arc::get_mut)
-            .expect("just pushed");
-        r.info.pages = r.pages.len() as u32;
+        let info = RegionInfo {
+            id,
+            pages: pages.len() as u32,
+            domain,
+        };
+        let _ = self.regions[n].set(Region { info, pages });
+        self.count.store(n + 1, Ordering::Release);
         id
     }
 
-    fn region(&self, id: RegionId) -> Result<Arc<Region>, PageError> {
-        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
-        regions
+    /// The regions added so far.
+    fn all_regions(&self) -> impl Iterator<Item = &Region> {
+        let n = self.count.load(Ordering::Acquire);
+        self.regions[..n].iter().filter_map(OnceLock::get)
+    }
+
+    fn region(&self, id: RegionId) -> Result<&Region, PageError> {
+        self.regions
             .get(id.0 as usize)
-            .cloned()
+            .and_then(OnceLock::get)
             .ok_or(PageError::NoSuchRegion(id))
     }
 
@@ -366,13 +383,7 @@ impl SimMemory {
 
     /// Exact totals (see [`SimAccounting`]).
     pub fn accounting(&self) -> SimAccounting {
-        let pages = self
-            .regions
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|r| r.pages.len() as u64)
-            .sum();
+        let pages = self.all_regions().map(|r| r.pages.len() as u64).sum();
         let c = &self.counters;
         let get = |a: &AtomicI64| a.load(Ordering::Relaxed).max(0) as u64;
         SimAccounting {
@@ -454,12 +465,7 @@ impl PageMemory for SimMemory {
     type Frame = SimFrame;
 
     fn regions(&self) -> Vec<RegionInfo> {
-        self.regions
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|r| r.info)
-            .collect()
+        self.all_regions().map(|r| r.info).collect()
     }
 
     fn read_page(&self, page: PageId, buf: &mut [u8; PAGE_SIZE]) -> Result<(), PageError> {

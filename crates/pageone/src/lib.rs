@@ -314,7 +314,7 @@ impl<M: PageMemory + 'static> PageOne<M> {
         let canon_records = get(&c.pages_shared) + get(&c.pages_unshared);
         let metadata_bytes = pages * per_page as u64 + canon_records * per_canon as u64;
         let mut stats = Stats {
-            pages_scanned: c.pages_scanned.load(Ordering::Relaxed),
+            pages_scanned: 0,
             pages_shared: get(&c.pages_shared),
             pages_sharing: get(&c.pages_sharing),
             pages_unshared: get(&c.pages_unshared),
@@ -332,6 +332,7 @@ impl<M: PageMemory + 'static> PageOne<M> {
             general_profit: 0,
             workers: self.pool.worker_stats(),
         };
+        stats.pages_scanned = stats.workers.iter().map(|w| w.pages_scanned).sum();
         stats.general_profit = stats.bytes_saved() as i64 - metadata_bytes as i64;
         stats
     }

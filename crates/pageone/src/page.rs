@@ -125,7 +125,8 @@ impl<M: PageMemory> Ctx<'_, M> {
         let mut stable: Vec<(u32, ProtectToken)> = Vec::new();
         for (i, e) in entries.iter_mut().enumerate() {
             let page = PageId::new(chunk.region, chunk.first + i as u32);
-            self.counters.pages_scanned.fetch_add(1, Ordering::Relaxed);
+            // Per thread only: a shared counter here would bounce its cache line between
+            // the work threads on every page (`stats()` sums them).
             self.worker.pages_scanned.fetch_add(1, Ordering::Relaxed);
             if kind == PassKind::Unmerge {
                 self.unmerge(e, page, chunk.domain);

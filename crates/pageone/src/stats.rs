@@ -8,7 +8,6 @@ use page_memory::PAGE_SIZE;
 /// Engine-wide counters, updated by the work threads.
 #[derive(Default)]
 pub(crate) struct Counters {
-    pub(crate) pages_scanned: AtomicU64,
     pub(crate) pages_shared: AtomicI64,
     pub(crate) pages_sharing: AtomicI64,
     pub(crate) pages_unshared: AtomicI64,
