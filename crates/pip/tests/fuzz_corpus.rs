@@ -5,38 +5,16 @@
 #[path = "common/hostile.rs"]
 mod hostile;
 
-use std::fs;
-use std::panic;
-use std::path::Path;
+#[path = "../../../fuzz/replay.rs"]
+mod replay;
 
-/// Runs `hostile::run` on `data`, re-panicking with `name` if it fails.
-fn replay(name: &str, data: &[u8]) {
-    if let Err(e) = panic::catch_unwind(|| hostile::run(data)) {
-        eprintln!(
-            "pip_validate check failed on input {name} ({} bytes)",
-            data.len()
-        );
-        panic::resume_unwind(e);
-    }
+fn replay_one(name: &str, data: &[u8]) {
+    replay::replay("pip_validate", name, data, hostile::run);
 }
 
 #[test]
 fn corpus_replays() {
-    let dir = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../fuzz/corpus/pip_validate"
-    ));
-    let mut files: Vec<_> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|entry| entry.expect("reading a corpus entry").path())
-        .filter(|path| path.is_file())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no corpus files in {}", dir.display());
-    for path in &files {
-        let data = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        replay(&path.display().to_string(), &data);
-    }
+    replay::replay_corpus("pip_validate", hostile::run);
 }
 
 /// The pool part of an input: 2 shards of 2 slots, pool id 1, the secret
@@ -112,6 +90,6 @@ fn hand_written_inputs() {
     inputs.push(("guest rewrites slots mid-claim", tampered));
 
     for (name, data) in &inputs {
-        replay(name, data);
+        replay_one(name, data);
     }
 }
