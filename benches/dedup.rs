@@ -32,36 +32,9 @@ fn cpu_now() -> Duration {
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
-#[derive(Clone, Copy, Debug)]
-enum DataSet {
-    Random,
-    ZeroPrefix,
-}
-
-impl DataSet {
-    fn name(self) -> &'static str {
-        match self {
-            DataSet::Random => "random",
-            DataSet::ZeroPrefix => "zero-prefix",
-        }
-    }
-
-    /// Content number `c`, from a fixed seed.
-    fn page(self, c: u64) -> Vec<u8> {
-        let mut rng = fastrand::Rng::with_seed(0x5EED_0000 ^ c);
-        let mut p = vec![0u8; PAGE_SIZE];
-        let start = match self {
-            DataSet::Random => 0,
-            // Uniform in 0..=256: mean 128.
-            DataSet::ZeroPrefix => rng.usize(0..=256),
-        };
-        rng.fill(&mut p[start..]);
-        if p[start..].iter().all(|&b| b == 0) {
-            p[PAGE_SIZE - 1] = 1;
-        }
-        p
-    }
-}
+#[path = "support/dedup_data.rs"]
+mod dedup_data;
+use dedup_data::DataSet;
 
 /// A memory of `VMS` regions of `per_vm` pages; slot `s` holds content `s % (total / 3)`,
 /// so each content lands in three different VMs.
@@ -69,7 +42,13 @@ fn memory(set: DataSet, per_vm: u32) -> (Arc<SimMemory>, u64) {
     let mem = Arc::new(SimMemory::new());
     let total = (VMS * per_vm) as u64;
     let distinct = total / 3;
-    let contents: Vec<Vec<u8>> = (0..distinct).map(|c| set.page(c)).collect();
+    let contents: Vec<Vec<u8>> = (0..distinct)
+        .map(|c| {
+            let mut p = vec![0u8; PAGE_SIZE];
+            set.fill(c, &mut p);
+            p
+        })
+        .collect();
     for v in 0..VMS {
         let r = mem.add_region(per_vm, DomainId(0));
         for i in 0..per_vm {

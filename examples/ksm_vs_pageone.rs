@@ -38,34 +38,9 @@ use pageone::{Config, PageOne};
 
 const KSM: &str = "/sys/kernel/mm/ksm";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DataSet {
-    Random,
-    ZeroPrefix,
-}
-
-impl DataSet {
-    fn name(self) -> &'static str {
-        match self {
-            DataSet::Random => "random",
-            DataSet::ZeroPrefix => "zero-prefix",
-        }
-    }
-
-    /// Writes content number `c` into `page`.
-    fn fill(self, c: u64, page: &mut [u8]) {
-        let mut rng = fastrand::Rng::with_seed(0x5EED_0000 ^ c);
-        let start = match self {
-            DataSet::Random => 0,
-            DataSet::ZeroPrefix => rng.usize(0..=256),
-        };
-        page[..start].fill(0);
-        rng.fill(&mut page[start..]);
-        if page[start..].iter().all(|&b| b == 0) {
-            page[PAGE_SIZE - 1] = 1;
-        }
-    }
-}
+#[path = "../benches/support/dedup_data.rs"]
+mod dedup_data;
+use dedup_data::DataSet;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Engine {
