@@ -15,7 +15,8 @@
 //! `ppr_host::Recycler` recycles them inside PageONE's passes, PageONE merges the rest).
 //! Time is compressed (see the output): periods of minutes become tens of milliseconds.
 //! The demo prints a live progress line, the density table and the reclaim × merge period
-//! sweep, and writes a plot of memory over time to `docs/density.svg`.
+//! sweep, and writes a plot of memory over time to `target/density.svg`
+//! (`--docs-plot` regenerates the committed `docs/density.svg`).
 //!
 //! The modules are in `examples/density/`; `tests/density_demo.rs` runs them on a tiny
 //! configuration. Exit status: 0 done, 1 failed, 2 bad flags, 3 `--real` cannot run here

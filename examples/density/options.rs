@@ -40,7 +40,10 @@ impl Default for Options {
             real: false,
             sweep: true,
             progress: true,
-            svg: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/density.svg")),
+            svg: PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/target/density.svg"
+            )),
             svg_given: false,
             seed: 2017,
         }
@@ -69,8 +72,10 @@ KSM-like single-threaded dedup, PPR + PageONE), then a reclaim x merge period sw
                   read from /proc/self/smaps)
   --no-sweep      skip the reclaim x merge period sweep (3 runs instead of 6)
   --no-progress   no live progress line
-  --svg PATH      where to write the plot (default docs/density.svg, with --real
-                  docs/density-real.svg)
+  --svg PATH      where to write the plot (default target/density.svg, with --real
+                  target/density-real.svg)
+  --docs-plot     write the plot over the committed docs/density.svg (or, with --real,
+                  docs/density-real.svg): regenerating the README's plot
   --seed N        workload seed (default 2017)
   -h, --help      this text";
 
@@ -87,6 +92,7 @@ impl Options {
     /// Parses `args` (without the program name).
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, ParseError> {
         let mut o = Options::default();
+        let mut docs_plot = false;
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             let mut value = |name: &str| {
@@ -108,6 +114,7 @@ impl Options {
                     o.svg_given = true;
                 }
                 "--real" => o.real = true,
+                "--docs-plot" => docs_plot = true,
                 "--no-sweep" => o.sweep = false,
                 "--no-progress" => o.progress = false,
                 other => return Err(ParseError::Bad(format!("unknown flag {other:?}"))),
@@ -116,11 +123,10 @@ impl Options {
         if o.real && !o.seconds_given {
             o.seconds = REAL_SECONDS;
         }
-        if o.real && !o.svg_given {
-            o.svg = PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/docs/density-real.svg"
-            ));
+        if !o.svg_given {
+            let dir = if docs_plot { "docs" } else { "target" };
+            let file = if o.real { "density-real.svg" } else { "density.svg" };
+            o.svg = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir).join(file);
         }
         Ok(o)
     }
@@ -153,11 +159,13 @@ mod tests {
         let o = parse("--vms 3 --vm-mib 16 --seconds 2.5 --threads 1 --real --no-sweep").unwrap();
         assert_eq!((o.vms, o.vm_mib, o.seconds, o.threads), (3, 16, 2.5, 1));
         assert!(o.real && !o.sweep);
-        assert!(o.svg.ends_with("docs/density-real.svg"));
+        assert!(o.svg.ends_with("target/density-real.svg"));
         let o = parse("--real").unwrap();
         assert_eq!(o.seconds, REAL_SECONDS);
         let o = parse("--real --svg x.svg --seconds 3").unwrap();
         assert_eq!((o.seconds, o.svg.to_str()), (3.0, Some("x.svg")));
+        assert!(parse("").unwrap().svg.ends_with("target/density.svg"));
+        assert!(parse("--docs-plot").unwrap().svg.ends_with("docs/density.svg"));
         assert_eq!(parse("--help").unwrap_err(), ParseError::Help);
         assert!(matches!(parse("--vms"), Err(ParseError::Bad(_))));
         assert!(matches!(parse("--vms 0"), Err(ParseError::Bad(_))));
