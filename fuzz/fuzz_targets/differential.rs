@@ -1,6 +1,7 @@
 //! Differential fuzzing of `SdMap` and `SdTree` against `BTreeMap`; the input format is
 //! documented in `crates/sdtree/tests/common/differential.rs`, which `cargo test`
-//! (`tests/fuzz_corpus.rs`) also runs over the corpus in `fuzz/corpus/differential/`.
+//! (the `fuzz-corpus` crate, `crates/fuzz-corpus/tests/differential.rs`) also runs over the
+//! corpus in `fuzz/corpus/differential/`.
 //!
 //! `RUSTC_BOOTSTRAP=1 cargo fuzz run differential` from `fuzz/`.
 

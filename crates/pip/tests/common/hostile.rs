@@ -1,8 +1,9 @@
 //! The host's validation and claim logic against a hostile guest, driven by arbitrary
 //! bytes.
 //!
-//! Shared by the cargo-fuzz target `fuzz/fuzz_targets/pip_validate.rs` and by the test
-//! `tests/fuzz_corpus.rs`, which replays the checked-in corpus under plain `cargo test`.
+//! Shared by the cargo-fuzz target `fuzz/fuzz_targets/pip_validate.rs`, by the test
+//! `tests/fuzz_inputs.rs` (hand-written inputs), and by the workspace's `fuzz-corpus`
+//! crate, which replays the checked-in corpus under plain `cargo test --workspace`.
 //! [`run`] never panics because of its input: it panics only when the host code panics,
 //! reads or writes outside the pool, or claims a page whose slot did not point at it.
 //!

@@ -1,8 +1,9 @@
 //! Differential test of [`sdtree::SdMap`] and [`sdtree::SdTree`] against
 //! `std::collections::BTreeMap`, driven by arbitrary bytes.
 //!
-//! Shared by the cargo-fuzz target `fuzz/fuzz_targets/differential.rs` and by the test
-//! `tests/fuzz_corpus.rs`, which replays the checked-in corpus under plain `cargo test`.
+//! Shared by the cargo-fuzz target `fuzz/fuzz_targets/differential.rs`, by the test
+//! `tests/fuzz_inputs.rs` (hand-written inputs), and by the workspace's `fuzz-corpus`
+//! crate, which replays the checked-in corpus under plain `cargo test --workspace`.
 //! [`run`] never panics because of its input: it only panics when the tree and the model
 //! disagree.
 //!
