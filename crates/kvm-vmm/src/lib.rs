@@ -1,0 +1,37 @@
+//! A small test VMM on KVM, built on the rust-vmm crates a Rust VMM uses (`kvm-ioctls`,
+//! `kvm-bindings`, `vm-memory`, `vmm-sys-util`), to run real vCPUs over guest RAM that
+//! the dynamic-vm engines protect, merge and recycle.
+//!
+//! A [`Vm`] is guest RAM (a vm-memory [`GuestRam`] of private anonymous memory, which
+//! `page_memory::vmm::VmMemoryAdapter` can adopt), one KVM memory slot over it, and
+//! vCPUs that the VMM puts in 64-bit long mode itself: identity page tables with 2 MiB
+//! pages over the first 4 GiB, a GDT, CR0/CR3/CR4/EFER and the segment registers (see
+//! [`abi`] for the layout). The guest image ([`GuestImage`]: an ELF executable linked at
+//! [`abi::IMAGE_BASE`], loaded by a small parser, or a flat binary) is entered on every
+//! vCPU, each on its own host thread. The guest talks through port I/O: a console, calls
+//! with 64-bit arguments (reports of results, a round barrier, registrations) that a
+//! [`CallHook`] may answer, and a done port. [`run_all`] runs several VMs in one
+//! process; one process per VM is not provided (a caller can run one VM per process
+//! itself).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use kvm_vmm::{GuestImage, Vm, VmConfig};
+//!
+//! // mov dx, 0xE9; mov al, 'A'; out dx, al; mov dx, 0x524; xor eax, eax; out dx, eax
+//! let code = vec![0x66, 0xBA, 0xE9, 0x00, 0xB0, b'A', 0xEE, 0x66, 0xBA, 0x24, 0x05, 0x31, 0xC0, 0xEF];
+//! let mut vm = Vm::new(VmConfig::new("hello", 8 << 20), &GuestImage::Flat(code)).unwrap();
+//! let out = vm.run(Duration::from_secs(10)).unwrap();
+//! assert_eq!(out.console, "A");
+//! ```
+
+#![cfg(target_os = "linux")]
+
+pub mod abi;
+mod error;
+pub mod image;
+mod vm;
+
+pub use error::Error;
+pub use image::GuestImage;
+pub use vm::{kvm_usable, open_kvm, run_all, Call, CallHook, GuestRam, Vm, VmConfig, VmOutcome};
