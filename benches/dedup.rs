@@ -67,13 +67,8 @@ struct Run {
 }
 
 fn run_pageone(mem: &Arc<SimMemory>, threads: usize, expected: u64) -> Run {
-    let engine = PageOne::new(
-        mem.clone(),
-        Config {
-            work_threads: threads,
-            ..Config::default()
-        },
-    );
+    let engine = PageOne::new(mem.clone(), Config::default().work_threads(threads))
+        .expect("starting PageONE's work threads");
     let (cpu0, wall0) = (cpu_now(), Instant::now());
     for _ in 0..10 {
         engine.merge_pass();
@@ -96,13 +91,7 @@ fn run_pageone(mem: &Arc<SimMemory>, threads: usize, expected: u64) -> Run {
 }
 
 fn run_ksm(mem: &Arc<SimMemory>, expected: u64) -> Run {
-    let mut ksm = Ksm::new(
-        mem.clone(),
-        KsmConfig {
-            smart_scan: false,
-            ..KsmConfig::default()
-        },
-    );
+    let mut ksm = Ksm::new(mem.clone(), KsmConfig::default().smart_scan(false));
     let (cpu0, wall0) = (cpu_now(), Instant::now());
     while ksm.stats().pages_sharing < expected && ksm.stats().full_scans < 10 {
         ksm.scan(4096);

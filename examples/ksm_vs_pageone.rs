@@ -364,13 +364,8 @@ fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
         .collect();
     fill(set, &bases, per_vm);
     let before = mem.usage().expect("usage").total_bytes();
-    let engine = PageOne::new(
-        mem.clone(),
-        Config {
-            work_threads: threads,
-            ..Config::default()
-        },
-    );
+    let engine = PageOne::new(mem.clone(), Config::default().work_threads(threads))
+        .expect("starting PageONE's work threads");
     let cpu0 = process_cpu();
     let t0 = Instant::now();
     let mut passes = 0;

@@ -82,7 +82,8 @@ fn main() {
     }
     let (rss0, pss0) = rss_pss();
     let before = adapter.memory().usage().expect("usage");
-    let engine = PageOne::new(adapter.memory().clone(), Config::default());
+    let engine = PageOne::new(adapter.memory().clone(), Config::default())
+        .expect("starting PageONE's work threads");
     let t0 = Instant::now();
     for _ in 0..3 {
         engine.merge_pass();

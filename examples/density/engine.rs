@@ -128,37 +128,33 @@ impl<H: Host> Engine<H> {
     ) -> Engine<H> {
         match setup {
             Setup::Raw => Engine::Raw,
-            Setup::KsmLike => Engine::Ksm(KsmThread::spawn(
-                Ksm::new(
-                    mem.clone(),
-                    KsmConfig {
+            Setup::KsmLike => Engine::Ksm(
+                KsmThread::spawn(
+                    Ksm::new(
+                        mem.clone(),
                         // Linux KSM never scans pages a guest never touched; this baseline
                         // scans every page, and with `use_zero_pages` off would map each
                         // untouched page to a canonical page of zeros (on the Linux
                         // backend, one mapping each). With it on, pages of zeros are
                         // dropped to the zero page instead. Memory is the same either way.
-                        use_zero_pages: true,
-                        ..KsmConfig::default()
-                    },
-                ),
-                KSM_PAGES_TO_SCAN,
-                Duration::ZERO,
-            )),
+                        KsmConfig::default().use_zero_pages(true),
+                    ),
+                    KSM_PAGES_TO_SCAN,
+                    Duration::ZERO,
+                )
+                .expect("spawning the KSM-like scanner thread"),
+            ),
             Setup::PprPageOne { reclaim_s, merge_s } => {
                 let recycler = Arc::new(recycler.unwrap_or_default());
-                let engine = PageOne::with_hook(
-                    mem.clone(),
-                    Config {
-                        base_period: clock.wall(reclaim_s),
-                        merge_period: clock.wall(merge_s),
-                        work_threads: threads,
-                        // One tenant's VMs: the 2017 test merged across them.
-                        joined_domains: vec![domains],
-                        ..Config::default()
-                    },
-                    recycler.clone(),
-                );
-                engine.start();
+                let config = Config::default()
+                    .base_period(clock.wall(reclaim_s))
+                    .merge_period(clock.wall(merge_s))
+                    .work_threads(threads)
+                    // One tenant's VMs: the 2017 test merged across them.
+                    .joined_domains(vec![domains]);
+                let engine = PageOne::with_hook(mem.clone(), config, recycler.clone())
+                    .expect("starting PageONE's work threads");
+                engine.start().expect("starting PageONE's daemon");
                 Engine::Ppr { engine, recycler }
             }
         }

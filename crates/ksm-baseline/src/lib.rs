@@ -105,6 +105,7 @@
 //!   and stable nodes included.
 
 #![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
 
 mod cmp;
 mod rbtree;
@@ -141,7 +142,20 @@ pub fn stable_node_bytes<F>() -> usize {
 }
 
 /// The scanner's settings: KSM's sysfs knobs that change what it merges.
+///
+/// Start from [`KsmConfig::default`] (KSM's defaults) and change what you need with the
+/// setters, named like the fields; more knobs may be added in later versions (hence
+/// `#[non_exhaustive]`).
+///
+/// ```
+/// use ksm_baseline::KsmConfig;
+///
+/// let config = KsmConfig::default().use_zero_pages(true).max_page_sharing(16);
+/// assert!(config.use_zero_pages);
+/// assert!(config.smart_scan); // the default
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KsmConfig {
     /// Most pages that may share one canonical frame (KSM's `max_page_sharing`, default
     /// 256, at least 2). Beyond it, another frame of the same content is made (a dup of a
@@ -170,9 +184,40 @@ impl Default for KsmConfig {
     }
 }
 
+impl KsmConfig {
+    /// Sets the `max_page_sharing` field.
+    #[must_use]
+    pub fn max_page_sharing(mut self, pages: usize) -> Self {
+        self.max_page_sharing = pages;
+        self
+    }
+
+    /// Sets the `use_zero_pages` field.
+    #[must_use]
+    pub fn use_zero_pages(mut self, on: bool) -> Self {
+        self.use_zero_pages = on;
+        self
+    }
+
+    /// Sets the `smart_scan` field.
+    #[must_use]
+    pub fn smart_scan(mut self, on: bool) -> Self {
+        self.smart_scan = on;
+        self
+    }
+
+    /// Sets the `merge_across_domains` field.
+    #[must_use]
+    pub fn merge_across_domains(mut self, on: bool) -> Self {
+        self.merge_across_domains = on;
+        self
+    }
+}
+
 /// A snapshot of the scanner's counters. Fields named like KSM's sysfs files
 /// (`/sys/kernel/mm/ksm/`) mean what those mean.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KsmStats {
     /// Pages processed by the scanner, all time (skipped pages not included).
     pub pages_scanned: u64,
@@ -244,6 +289,7 @@ impl KsmStats {
 
 /// What one completed full scan did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FullScanSummary {
     /// Pages processed.
     pub pages_scanned: u64,
@@ -277,6 +323,7 @@ impl FullScanSummary {
 
 /// What one [`Ksm::scan`] call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ScanReport {
     /// Pages processed (at most the `pages_to_scan` asked for).
     pub pages_scanned: usize,
@@ -287,6 +334,7 @@ pub struct ScanReport {
 
 /// What [`Ksm::run_until_converged`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Convergence {
     /// Full scans it completed.
     pub full_scans: u64,
@@ -298,6 +346,7 @@ pub struct Convergence {
 
 /// What [`Ksm::unmerge_all`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UnmergeReport {
     /// Pages given back a private copy (merged pages and zero pages).
     pub pages_unmerged: u64,
@@ -455,6 +504,17 @@ pub struct Ksm<M: PageMemory> {
     busy: Duration,
     page_buf: Box<[u8; PAGE_SIZE]>,
     live: LiveScratch,
+}
+
+impl<M: PageMemory> std::fmt::Debug for Ksm<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ksm")
+            .field("config", &self.config)
+            .field("pages", &self.items.0.len())
+            .field("full_scans", &self.seqnr)
+            .field("in_scan", &self.in_scan)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<M: PageMemory> Ksm<M> {

@@ -44,23 +44,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// for i in 0..8 {
 ///     mem.write(PageId::new(r, i), 0, b"same").unwrap();
 /// }
-/// let ksmd = KsmThread::spawn(Ksm::new(mem.clone(), KsmConfig::default()), 100, Duration::ZERO);
+/// let ksmd = KsmThread::spawn(Ksm::new(mem.clone(), KsmConfig::default()), 100, Duration::ZERO)?;
 /// while ksmd.stats().pages_sharing < 7 {
 ///     std::thread::sleep(Duration::from_millis(1));
 /// }
 /// let ksm = ksmd.stop();
 /// assert_eq!(ksm.stats().pages_shared, 1);
+/// # Ok::<(), std::io::Error>(())
 /// ```
+#[must_use = "dropping the handle stops the scanner thread"]
 pub struct KsmThread<M: PageMemory + 'static> {
     shared: Arc<Shared<M>>,
     handle: Option<JoinHandle<()>>,
+}
+
+impl<M: PageMemory + 'static> std::fmt::Debug for KsmThread<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KsmThread")
+            .field("control", &*lock(&self.shared.control))
+            .field("running", &self.handle.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<M: PageMemory + 'static> KsmThread<M> {
     /// Starts scanning `ksm` on a new thread, `pages_to_scan` pages per batch (KSM's
     /// default is [`crate::DEFAULT_PAGES_TO_SCAN`]) and `sleep` between batches
     /// ([`crate::DEFAULT_SLEEP`]).
-    pub fn spawn(ksm: Ksm<M>, pages_to_scan: usize, sleep: Duration) -> Self {
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn spawn(ksm: Ksm<M>, pages_to_scan: usize, sleep: Duration) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             ksm: Mutex::new(Some(ksm)),
             control: Mutex::new(Control {
@@ -74,12 +88,11 @@ impl<M: PageMemory + 'static> KsmThread<M> {
         let s = shared.clone();
         let handle = std::thread::Builder::new()
             .name("ksmd-baseline".into())
-            .spawn(move || run(&s))
-            .expect("ksm-baseline: cannot spawn the scanner thread");
-        KsmThread {
+            .spawn(move || run(&s))?;
+        Ok(KsmThread {
             shared,
             handle: Some(handle),
-        }
+        })
     }
 
     /// Sets the pages per batch (KSM's `pages_to_scan`).

@@ -2,9 +2,9 @@
 //! anything else, and keeps every guest write.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ksm_baseline::{Ksm, KsmConfig, KsmThread, RMAP_ITEM_BYTES};
 use page_memory::sim::SimMemory;
@@ -88,10 +88,7 @@ impl World {
 }
 
 fn config() -> KsmConfig {
-    KsmConfig {
-        smart_scan: false,
-        ..KsmConfig::default()
-    }
+    KsmConfig::default().smart_scan(false)
 }
 
 #[test]
@@ -109,13 +106,7 @@ fn converges_to_exactly_the_expected_sharing() {
     let dup_groups = groups.values().filter(|g| g.len() > 1).count() as u64;
 
     for smart_scan in [false, true] {
-        let mut ksm = Ksm::new(
-            w.mem.clone(),
-            KsmConfig {
-                smart_scan,
-                ..KsmConfig::default()
-            },
-        );
+        let mut ksm = Ksm::new(w.mem.clone(), KsmConfig::default().smart_scan(smart_scan));
         let run = ksm.run_until_converged(10);
         // One scan records checksums, one merges, one finds nothing more to do.
         assert!(run.converged);
@@ -252,10 +243,7 @@ fn max_page_sharing_builds_stable_node_chains() {
     }
     let mut ksm = Ksm::new(
         w.mem.clone(),
-        KsmConfig {
-            max_page_sharing: 0, // taken as 2, KSM's minimum
-            ..config()
-        },
+        config().max_page_sharing(0), // taken as 2, KSM's minimum
     );
     assert_eq!(ksm.config().max_page_sharing, 2);
     assert!(ksm.run_until_converged(10).converged);
@@ -320,13 +308,7 @@ fn volatile_pages_are_never_merged() {
         w.write(page, content(1)); // all equal...
     }
     for smart_scan in [false, true] {
-        let mut ksm = Ksm::new(
-            w.mem.clone(),
-            KsmConfig {
-                smart_scan,
-                ..KsmConfig::default()
-            },
-        );
+        let mut ksm = Ksm::new(w.mem.clone(), KsmConfig::default().smart_scan(smart_scan));
         for round in 0..12u64 {
             // ...but pages 0 and 1 change before every scan (staying equal to each other).
             for &page in &pages[..2] {
@@ -363,13 +345,7 @@ fn zero_pages_go_to_the_zero_frame() {
     let acc = w.mem.accounting();
     assert_eq!(acc.zero_pages, 0);
 
-    let mut ksm = Ksm::new(
-        w.mem.clone(),
-        KsmConfig {
-            use_zero_pages: true,
-            ..config()
-        },
-    );
+    let mut ksm = Ksm::new(w.mem.clone(), config().use_zero_pages(true));
     assert!(ksm.run_until_converged(10).converged);
     let s = ksm.stats();
     assert_eq!(s.ksm_zero_pages, zeros);
@@ -423,13 +399,7 @@ fn unmerge_all_restores_private_pages() {
             w.write(page, vec![0; PAGE_SIZE]);
         }
     }
-    let mut ksm = Ksm::new(
-        w.mem.clone(),
-        KsmConfig {
-            use_zero_pages: true,
-            ..KsmConfig::default()
-        },
-    );
+    let mut ksm = Ksm::new(w.mem.clone(), KsmConfig::default().use_zero_pages(true));
     assert!(ksm.run_until_converged(10).converged);
     let merged = ksm.stats();
     assert!(merged.pages_sharing > 0 && merged.ksm_zero_pages > 0);
@@ -488,13 +458,7 @@ fn trust_domains_stay_apart_when_asked() {
             mem.write(PageId::new(r, i), 0, &content(3)).unwrap();
         }
     }
-    let mut apart = Ksm::new(
-        mem.clone(),
-        KsmConfig {
-            merge_across_domains: false,
-            ..config()
-        },
-    );
+    let mut apart = Ksm::new(mem.clone(), config().merge_across_domains(false));
     assert!(apart.run_until_converged(10).converged);
     assert_eq!(
         (apart.stats().pages_shared, apart.stats().pages_sharing),
@@ -553,22 +517,18 @@ fn background_scanner_with_racing_guest_writers() {
         }
     }
     let ksmd = KsmThread::spawn(
-        Ksm::new(
-            mem.clone(),
-            KsmConfig {
-                use_zero_pages: true,
-                ..KsmConfig::default()
-            },
-        ),
+        Ksm::new(mem.clone(), KsmConfig::default().use_zero_pages(true)),
         32,
         Duration::ZERO,
-    );
+    )
+    .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let total_writes = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = regions
         .iter()
         .enumerate()
         .map(|(t, &r)| {
-            let (mem, stop) = (mem.clone(), stop.clone());
+            let (mem, stop, total_writes) = (mem.clone(), stop.clone(), total_writes.clone());
             std::thread::spawn(move || {
                 let mut rng = fastrand::Rng::with_seed(t as u64);
                 let mut mine: Vec<Vec<u8>> = (0..PAGES).map(|i| content(i as u64 % 16)).collect();
@@ -597,6 +557,7 @@ fn background_scanner_with_racing_guest_writers() {
                         _ => {}
                     }
                     writes += 1;
+                    total_writes.fetch_add(1, Ordering::Relaxed);
                     // Every page of this writer still reads as it was last written.
                     let j = rng.u32(0..PAGES);
                     mem.read_page(PageId::new(r, j), &mut buf).unwrap();
@@ -617,13 +578,24 @@ fn background_scanner_with_racing_guest_writers() {
             })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_millis(600);
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    // The writers run until the scanner has merged pages under them and has completed
+    // full scans while they wrote: decided by counts, however slow the machine.
+    const WRITES: u64 = 20_000;
+    const FULL_SCANS: u64 = 5;
+    let mut during = ksmd.stats();
+    while during.merges == 0
+        || during.full_scans < FULL_SCANS
+        || total_writes.load(Ordering::Relaxed) < WRITES
+    {
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "a writer stopped early (it panicked)"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+        during = ksmd.stats();
     }
     stop.store(true, Ordering::Relaxed);
     let finals: Vec<Vec<Vec<u8>>> = writers.into_iter().map(|h| h.join().unwrap()).collect();
-    let during = ksmd.stats();
     assert!(
         during.merges > 0,
         "the scanner merged nothing while writers ran"

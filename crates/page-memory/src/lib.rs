@@ -35,8 +35,20 @@
 //!   live-migration bitmap stays correct.
 //! - **Errors.** Nothing panics on a page that went away or a bad id: every operation
 //!   returns a typed [`PageError`].
+//!
+//! # Scan hooks
+//! [`ScanHook`] is how a deduplication engine (PageONE) lets another component look at
+//! the pages it scans: the Per Page Recycler's host side implements it. It lives here, below
+//! both, so neither depends on the other.
+//!
+//! # Features
+//! - `linux`: the Linux backend (`linux::LinuxMemory`).
+//! - `vm-memory`: the vm-memory adapter (`vmm`).
+//! - `test-util`: inspection helpers of [`sim::SimMemory`] that only tests need
+//!   (`is_protected`, `shares_frame`, `is_zero_mapped`).
 
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
 
 use std::fmt;
 use std::sync::Arc;
@@ -110,7 +122,10 @@ pub enum MergeOutcome {
 }
 
 /// Errors of page-memory operations.
+///
+/// More reasons may be added in later versions: match with a wildcard arm.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PageError {
     /// The region does not exist (or was removed).
     NoSuchRegion(RegionId),
@@ -250,6 +265,53 @@ pub trait PageMemory: Send + Sync {
     /// Installs (or, with `None`, removes) the hook told of every page the backend
     /// changes on the engine's behalf.
     fn set_dirty_hook(&self, hook: Option<DirtyHook>);
+}
+
+/// Something that looks at the pages an engine scans, before the engine does: the Per Page
+/// Recycler's host side plugs into PageONE's passes here.
+///
+/// An engine calls [`examine`](Self::examine) from its work threads, concurrently, for
+/// pages that changed recently (volatile, unprotected); a page the hook takes is left
+/// alone for the rest of that pass.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use page_memory::sim::SimMemory;
+/// use page_memory::{DomainId, PageId, PageMemory, ScanHook};
+///
+/// /// Takes (recycles) every page whose first word is `0xdead`.
+/// #[derive(Debug, Default)]
+/// struct Reaper {
+///     taken: AtomicU64,
+/// }
+///
+/// impl<M: PageMemory> ScanHook<M> for Reaper {
+///     fn examine(&self, memory: &M, page: PageId) -> bool {
+///         let mut w = [0u64; 1];
+///         if memory.read_words(page, &mut w).is_err() || w[0] != 0xdead {
+///             return false;
+///         }
+///         let took = matches!(memory.recycle(&[page]).pop(), Some(Ok(())));
+///         if took {
+///             self.taken.fetch_add(1, Ordering::Relaxed);
+///         }
+///         took
+///     }
+/// }
+///
+/// let mem = SimMemory::new();
+/// let r = mem.add_region(2, DomainId(0));
+/// mem.write_word(PageId::new(r, 1), 0, 0xdead).unwrap();
+/// let hook = Reaper::default();
+/// assert!(!hook.examine(&mem, PageId::new(r, 0)));
+/// assert!(hook.examine(&mem, PageId::new(r, 1)));
+/// assert_eq!(mem.read_word(PageId::new(r, 1), 0).unwrap(), 0); // recycled: zeros
+/// ```
+pub trait ScanHook<M: PageMemory + ?Sized>: Send + Sync {
+    /// Examines `page`, which is volatile (changed recently, unprotected). Returns `true`
+    /// if the hook took the page (for instance recycled it), so the engine leaves it
+    /// alone this pass.
+    fn examine(&self, memory: &M, page: PageId) -> bool;
 }
 
 /// Whether a page of bytes is all zeros (word at a time).

@@ -129,7 +129,10 @@ struct Region {
 }
 
 /// Totals of a [`SimMemory`], exact when no operation is in flight.
+///
+/// More totals may be added in later versions (hence `#[non_exhaustive]`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SimAccounting {
     /// Guest pages in all regions.
     pub pages: u64,
@@ -183,6 +186,15 @@ pub struct SimMemory {
     zero: Arc<FrameData>,
     counters: Arc<Counters>,
     hook: RwLock<Option<DirtyHook>>,
+}
+
+impl std::fmt::Debug for SimMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimMemory")
+            .field("regions", &self.count.load(Ordering::Relaxed))
+            .field("accounting", &self.accounting())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for SimMemory {
@@ -396,19 +408,22 @@ impl SimMemory {
         }
     }
 
-    /// Whether `page` is currently write-protected.
+    /// Whether `page` is currently write-protected (feature `test-util`).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn is_protected(&self, page: PageId) -> Result<bool, PageError> {
         self.with_page(page, |s| s.protected)
     }
 
-    /// Whether `a` and `b` map the same frame (share memory).
+    /// Whether `a` and `b` map the same frame (share memory; feature `test-util`).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn shares_frame(&self, a: PageId, b: PageId) -> Result<bool, PageError> {
         let fa = self.with_page(a, |s| s.frame.clone())?;
         let fb = self.with_page(b, |s| s.frame.clone())?;
         Ok(Arc::ptr_eq(&fa, &fb))
     }
 
-    /// Whether `page` maps the zero frame.
+    /// Whether `page` maps the zero frame (feature `test-util`).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn is_zero_mapped(&self, page: PageId) -> Result<bool, PageError> {
         self.with_page(page, |s| Arc::ptr_eq(&s.frame, &self.zero))
     }

@@ -6,7 +6,25 @@ use std::time::Duration;
 use page_memory::DomainId;
 
 /// How a [`PageOne`](crate::PageOne) engine is set up.
+///
+/// Start from [`Config::default`] and change what you need with the setters (one per
+/// field, named like it); more settings may be added in later versions without breaking
+/// that (hence `#[non_exhaustive]`: a struct literal cannot be written outside this crate).
+///
+/// ```
+/// use std::time::Duration;
+/// use page_memory::DomainId;
+/// use pageone::Config;
+///
+/// let config = Config::default()
+///     .work_threads(2)
+///     .merge_period(Duration::from_secs(10))
+///     .joined_domains(vec![vec![DomainId(1), DomainId(2)]]);
+/// assert_eq!(config.work_threads, 2);
+/// assert_eq!(config.stable_periods, 2); // the default
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Config {
     /// How often the daemon runs a merge pass (the original's `merge_period`, 20 s).
     pub merge_period: Duration,
@@ -43,6 +61,64 @@ impl Default for Config {
             joined_domains: Vec::new(),
             max_backoff: 7,
         }
+    }
+}
+
+impl Config {
+    /// Sets the `merge_period` field.
+    #[must_use]
+    pub fn merge_period(mut self, period: Duration) -> Self {
+        self.merge_period = period;
+        self
+    }
+
+    /// Sets the `base_period` field.
+    #[must_use]
+    pub fn base_period(mut self, period: Duration) -> Self {
+        self.base_period = period;
+        self
+    }
+
+    /// Sets the `work_threads` field.
+    #[must_use]
+    pub fn work_threads(mut self, threads: usize) -> Self {
+        self.work_threads = threads;
+        self
+    }
+
+    /// Sets the `pages_per_pass` field (`None`: every page, every pass).
+    #[must_use]
+    pub fn pages_per_pass(mut self, pages: Option<u64>) -> Self {
+        self.pages_per_pass = pages;
+        self
+    }
+
+    /// Sets the `stable_periods` field.
+    #[must_use]
+    pub fn stable_periods(mut self, periods: u8) -> Self {
+        self.stable_periods = periods;
+        self
+    }
+
+    /// Sets the `max_page_sharing` field.
+    #[must_use]
+    pub fn max_page_sharing(mut self, pages: u32) -> Self {
+        self.max_page_sharing = pages;
+        self
+    }
+
+    /// Sets the `joined_domains` field.
+    #[must_use]
+    pub fn joined_domains(mut self, groups: Vec<Vec<DomainId>>) -> Self {
+        self.joined_domains = groups;
+        self
+    }
+
+    /// Sets the `max_backoff` field.
+    #[must_use]
+    pub fn max_backoff(mut self, passes: u8) -> Self {
+        self.max_backoff = passes;
+        self
     }
 }
 

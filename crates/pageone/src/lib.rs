@@ -12,12 +12,13 @@
 //! for i in 0..64 {
 //!     mem.write(PageId::new(vm, i), 0, &[(i % 4) as u8 + 1; 4096]).unwrap();
 //! }
-//! let engine = PageOne::new(mem.clone(), Config { work_threads: 2, ..Config::default() });
+//! let engine = PageOne::new(mem.clone(), Config::default().work_threads(2))?;
 //! for _ in 0..3 {
 //!     engine.merge_pass(); // or engine.start() for the periodic daemon
 //! }
 //! assert_eq!(engine.stats().pages_sharing, 60); // 64 pages, 4 distinct contents
 //! assert_eq!(mem.accounting().frames, 4);
+//! # Ok::<(), std::io::Error>(())
 //! ```
 //!
 //! # Page life cycle
@@ -41,7 +42,8 @@
 //! # Threads
 //! A daemon thread ([`PageOne::start`]) wakes every base period and, every merge period,
 //! runs a merge pass; on the other ticks it runs a base pass that only notices writes and
-//! offers volatile pages to the [`ScanHook`] (the Per Page Recycler). Passes are split in
+//! offers volatile pages to the [`ScanHook`] (the Per Page Recycler; the trait is
+//! [`page_memory::ScanHook`], re-exported here). Passes are split in
 //! chunks of 512 pages of one region; a region's chunks are queued on one work thread
 //! (so a VM's merges stay together), and a thread whose queue is empty steals from the
 //! back of another's. The daemon only schedules.
@@ -61,6 +63,7 @@
 //! so it is off by default.
 
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
 
 mod canon;
 mod config;
@@ -73,7 +76,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use page_memory::{DomainId, PageId, PageMemory};
+use page_memory::{DomainId, PageMemory};
 
 use crate::canon::{Canon, Canons};
 use crate::config::Knobs;
@@ -83,18 +86,13 @@ use crate::stats::{get, Counters};
 
 pub use crate::config::Config;
 pub use crate::stats::{Stats, WorkerStats};
-
-/// Something that looks at volatile pages during every pass before the engine does: the
-/// Per Page Recycler's host side plugs in here.
-pub trait ScanHook<M: PageMemory>: Send + Sync {
-    /// Examines `page`, which is volatile (changed recently, unprotected). Returns `true`
-    /// if the hook took the page (for instance recycled it), so the engine leaves it
-    /// alone this pass.
-    fn examine(&self, memory: &M, page: PageId) -> bool;
-}
+/// Something that looks at volatile pages during every pass before the engine does (the
+/// Per Page Recycler's host side plugs in here): [`page_memory::ScanHook`], re-exported.
+pub use page_memory::ScanHook;
 
 /// What one pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PassReport {
     /// Pages examined.
     pub pages: u64,
@@ -142,26 +140,53 @@ impl<M: PageMemory + 'static> Shared<M> {
     }
 }
 
-/// A running deduplication engine over a [`PageMemory`]. Dropping it stops its threads.
+/// A running deduplication engine over a [`PageMemory`]. Dropping it stops its threads
+/// (the daemon and the work threads).
+#[must_use = "dropping the engine stops its threads"]
 pub struct PageOne<M: PageMemory + 'static> {
     shared: Arc<Shared<M>>,
     pool: Pool<M>,
     daemon: Mutex<Option<JoinHandle<()>>>,
 }
 
+impl<M: PageMemory + 'static> std::fmt::Debug for PageOne<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageOne")
+            .field("config", &self.shared.config)
+            .field("chunks", &self.shared.chunks.len())
+            .field("hook", &self.shared.hook.is_some())
+            .field("running", &self.is_running())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<M: PageMemory + 'static> PageOne<M> {
     /// An engine over `memory`'s current regions, with its work threads started. The
     /// periodic daemon starts with [`start`](Self::start); passes can also be run by hand.
-    pub fn new(memory: Arc<M>, config: Config) -> Self {
+    ///
+    /// # Errors
+    /// If a work thread cannot be spawned (the threads already started are stopped).
+    pub fn new(memory: Arc<M>, config: Config) -> std::io::Result<Self> {
         Self::build(memory, config, None)
     }
 
     /// Like [`new`](Self::new), with a hook that sees volatile pages first.
-    pub fn with_hook(memory: Arc<M>, config: Config, hook: Arc<dyn ScanHook<M>>) -> Self {
+    ///
+    /// # Errors
+    /// If a work thread cannot be spawned (the threads already started are stopped).
+    pub fn with_hook(
+        memory: Arc<M>,
+        config: Config,
+        hook: Arc<dyn ScanHook<M>>,
+    ) -> std::io::Result<Self> {
         Self::build(memory, config, Some(hook))
     }
 
-    fn build(memory: Arc<M>, config: Config, hook: Option<Arc<dyn ScanHook<M>>>) -> Self {
+    fn build(
+        memory: Arc<M>,
+        config: Config,
+        hook: Option<Arc<dyn ScanHook<M>>>,
+    ) -> std::io::Result<Self> {
         let threads = config.work_threads.max(1);
         let regions = memory.regions();
         let domains: Vec<DomainId> = regions.iter().map(|r| r.domain).collect();
@@ -190,12 +215,12 @@ impl<M: PageMemory + 'static> PageOne<M> {
             daemon_wake: (Mutex::new(false), Condvar::new()),
             config,
         });
-        let pool = Pool::start(shared.clone(), threads);
-        PageOne {
+        let pool = Pool::start(shared.clone(), threads)?;
+        Ok(PageOne {
             shared,
             pool,
             daemon: Mutex::new(None),
-        }
+        })
     }
 
     /// The memory the engine works on.
@@ -204,10 +229,14 @@ impl<M: PageMemory + 'static> PageOne<M> {
     }
 
     /// Starts the periodic daemon (no-op if running).
-    pub fn start(&self) {
+    ///
+    /// # Errors
+    /// If the daemon thread cannot be spawned (the engine stays stopped; passes can still
+    /// be run by hand).
+    pub fn start(&self) -> std::io::Result<()> {
         let mut daemon = self.daemon.lock().unwrap_or_else(|e| e.into_inner());
         if daemon.is_some() {
-            return;
+            return Ok(());
         }
         self.shared.knobs.run.store(true, Ordering::Relaxed);
         *self
@@ -218,12 +247,19 @@ impl<M: PageMemory + 'static> PageOne<M> {
             .unwrap_or_else(|e| e.into_inner()) = false;
         let shared = self.shared.clone();
         let pool = self.pool.handle();
-        *daemon = Some(
-            std::thread::Builder::new()
-                .name("pageone-daemon".into())
-                .spawn(move || daemon_loop(&shared, &pool))
-                .expect("spawning the PageONE daemon thread"),
-        );
+        match std::thread::Builder::new()
+            .name("pageone-daemon".into())
+            .spawn(move || daemon_loop(&shared, &pool))
+        {
+            Ok(handle) => {
+                *daemon = Some(handle);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.knobs.run.store(false, Ordering::Relaxed);
+                Err(e)
+            }
+        }
     }
 
     /// Stops the daemon after its current pass (merged pages stay merged).

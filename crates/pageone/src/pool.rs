@@ -51,7 +51,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl<M: PageMemory + 'static> Pool<M> {
-    pub(crate) fn start(shared: Arc<Shared<M>>, threads: usize) -> Self {
+    /// Starts `threads` work threads; if one cannot be spawned, stops the others and
+    /// returns the error.
+    pub(crate) fn start(shared: Arc<Shared<M>>, threads: usize) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
             shared,
             queues: (0..threads).map(|_| Mutex::new(VecDeque::new())).collect(),
@@ -65,16 +67,25 @@ impl<M: PageMemory + 'static> Pool<M> {
             done: Condvar::new(),
             workers: (0..threads).map(|_| WorkerCounters::default()).collect(),
         });
-        let threads = (0..threads)
-            .map(|w| {
-                let inner = inner.clone();
-                std::thread::Builder::new()
-                    .name(format!("pageone-worker-{w}"))
-                    .spawn(move || worker_loop(&inner, w))
-                    .expect("spawning a PageONE work thread")
-            })
-            .collect();
-        Pool { inner, threads }
+        let mut pool = Pool {
+            inner,
+            threads: Vec::with_capacity(threads),
+        };
+        for w in 0..threads {
+            let inner = pool.inner.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("pageone-worker-{w}"))
+                .spawn(move || worker_loop(&inner, w));
+            match spawned {
+                Ok(t) => pool.threads.push(t),
+                Err(e) => {
+                    // Stop the threads already started before giving up.
+                    pool.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(pool)
     }
 
     pub(crate) fn handle(&self) -> PoolHandle<M> {

@@ -30,6 +30,7 @@ pub(crate) struct WorkerCounters {
 
 /// One work thread's share of the work.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkerStats {
     /// Pages this thread examined.
     pub pages_scanned: u64,
@@ -59,6 +60,7 @@ impl WorkerStats {
 /// `pages_scanned` and `general_profit` mean what they mean in Linux KSM's sysfs;
 /// `zero_pages` is `ksm_zero_pages`.
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Pages examined, all passes together.
     pub pages_scanned: u64,

@@ -2,7 +2,7 @@
 //! keeps trust domains apart, unmerges cleanly, and keeps its counters exact.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -13,12 +13,10 @@ use pageone::{Config, PageOne};
 use proptest::prelude::*;
 
 fn config(threads: usize) -> Config {
-    Config {
-        work_threads: threads,
-        merge_period: Duration::from_millis(5),
-        base_period: Duration::from_millis(5),
-        ..Config::default()
-    }
+    Config::default()
+        .work_threads(threads)
+        .merge_period(Duration::from_millis(5))
+        .base_period(Duration::from_millis(5))
 }
 
 /// A page whose contents are determined by `seed` (0 = all zeros), with a long shared
@@ -80,7 +78,7 @@ fn converges_to_one_frame_per_content_and_zero_pages_take_the_zero_frame() {
         // Seeds 0..50: seed 0 is the zero page; every content appears in every VM.
         shadow.extend(fill(&mem, r, 300, |i| (i as u64 * 7 + vm) % 50));
     }
-    let engine = PageOne::new(mem.clone(), config(2));
+    let engine = PageOne::new(mem.clone(), config(2)).unwrap();
     for _ in 0..3 {
         engine.merge_pass();
     }
@@ -105,7 +103,7 @@ fn writes_break_sharing_and_are_kept() {
     let mem = Arc::new(SimMemory::new());
     let r = mem.add_region(64, DomainId(0));
     let mut shadow = fill(&mem, r, 64, |i| 1 + (i % 2) as u64);
-    let engine = PageOne::new(mem.clone(), config(1));
+    let engine = PageOne::new(mem.clone(), config(1)).unwrap();
     for _ in 0..3 {
         engine.merge_pass();
     }
@@ -141,7 +139,7 @@ fn trust_domains_are_never_merged_unless_joined() {
         if joined {
             cfg.joined_domains = vec![vec![DomainId(1), DomainId(2)]];
         }
-        let engine = PageOne::new(mem.clone(), cfg);
+        let engine = PageOne::new(mem.clone(), cfg).unwrap();
         for _ in 0..3 {
             engine.merge_pass();
         }
@@ -159,7 +157,7 @@ fn unmerge_all_restores_private_pages_with_their_contents() {
     let mem = Arc::new(SimMemory::new());
     let r = mem.add_region(200, DomainId(0));
     let shadow = fill(&mem, r, 200, |i| (i % 5) as u64);
-    let engine = PageOne::new(mem.clone(), config(2));
+    let engine = PageOne::new(mem.clone(), config(2)).unwrap();
     for _ in 0..3 {
         engine.merge_pass();
     }
@@ -201,11 +199,8 @@ fn max_page_sharing_caps_one_canonical_page() {
     let mem = Arc::new(SimMemory::new());
     let r = mem.add_region(100, DomainId(0));
     let shadow = fill(&mem, r, 100, |_| 9);
-    let cfg = Config {
-        max_page_sharing: 10,
-        ..config(1)
-    };
-    let engine = PageOne::new(mem.clone(), cfg);
+    let cfg = config(1).max_page_sharing(10);
+    let engine = PageOne::new(mem.clone(), cfg).unwrap();
     for _ in 0..3 {
         engine.merge_pass();
     }
@@ -220,37 +215,56 @@ fn concurrent_guest_writers_never_lose_or_tear_a_write() {
     // Writers rewrite their own pages (toggling between duplicate contents, so merges keep
     // happening) and verify every write, while the daemon merges every few milliseconds.
     // Each page is rewritten about every 25 ms, so it is often merged before its next write.
+    // They stop once the engine has merged pages and writes have broken merges, and every
+    // writer has done a few rounds: decided by counts, however slow the machine is.
+    const ROUNDS: u64 = 4;
     let mem = Arc::new(SimMemory::new());
     let regions: Vec<RegionId> = (0..4).map(|_| mem.add_region(256, DomainId(0))).collect();
     for &r in &regions {
         fill(&mem, r, 256, |i| (i % 8) as u64 + 1);
     }
-    let engine = PageOne::new(mem.clone(), config(2));
-    engine.start();
+    let engine = PageOne::new(mem.clone(), config(2)).unwrap();
+    engine.start().unwrap();
     let stop = AtomicBool::new(false);
+    let rounds: [AtomicU64; 2] = Default::default();
     thread::scope(|s| {
-        for (w, &r) in regions.iter().enumerate().take(2) {
-            let (mem, stop) = (&mem, &stop);
-            s.spawn(move || {
-                let mut round = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    round += 1;
-                    for i in (w as u32..256).step_by(5) {
-                        let p = PageId::new(r, i);
-                        // Whole-page write of a duplicate-rich content, then a marker word.
-                        let c = content((round + i as u64) % 8 + 1);
-                        mem.write(p, 0, &c).unwrap();
-                        mem.write_word(p, 100, round).unwrap();
-                        let got = read(mem, p);
-                        assert_eq!(&got[..800], &c[..800], "torn write on {p}");
-                        assert_eq!(&got[808..], &c[808..], "torn write on {p}");
-                        assert_eq!(mem.read_word(p, 100).unwrap(), round, "lost write on {p}");
-                        thread::sleep(Duration::from_micros(500));
+        let writers: Vec<_> = regions
+            .iter()
+            .enumerate()
+            .take(2)
+            .map(|(w, &r)| {
+                let (mem, stop, rounds) = (&mem, &stop, &rounds);
+                s.spawn(move || {
+                    let mut round = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        round += 1;
+                        for i in (w as u32..256).step_by(5) {
+                            let p = PageId::new(r, i);
+                            // Whole-page write of a duplicate-rich content, then a marker word.
+                            let c = content((round + i as u64) % 8 + 1);
+                            mem.write(p, 0, &c).unwrap();
+                            mem.write_word(p, 100, round).unwrap();
+                            let got = read(mem, p);
+                            assert_eq!(&got[..800], &c[..800], "torn write on {p}");
+                            assert_eq!(&got[808..], &c[808..], "torn write on {p}");
+                            assert_eq!(mem.read_word(p, 100).unwrap(), round, "lost write on {p}");
+                            thread::sleep(Duration::from_micros(500));
+                        }
+                        rounds[w].store(round, Ordering::Relaxed);
                     }
-                }
-            });
+                })
+            })
+            .collect();
+        loop {
+            let stats = engine.stats();
+            let done = stats.merges > 0
+                && stats.cow_breaks > 0
+                && rounds.iter().all(|r| r.load(Ordering::Relaxed) >= ROUNDS);
+            if done || writers.iter().any(|w| w.is_finished()) {
+                break; // (a finished writer panicked: the scope reports it)
+            }
+            thread::sleep(Duration::from_millis(1));
         }
-        thread::sleep(Duration::from_millis(600));
         stop.store(true, Ordering::Relaxed);
     });
     engine.stop();
@@ -270,11 +284,8 @@ fn budget_spreads_a_full_scan_over_several_passes() {
     let mem = Arc::new(SimMemory::new());
     let r = mem.add_region(4096, DomainId(0));
     fill(&mem, r, 4096, |i| (i % 3) as u64 + 1);
-    let cfg = Config {
-        max_page_sharing: 10_000,
-        ..config(2)
-    };
-    let engine = PageOne::new(mem.clone(), cfg);
+    let cfg = config(2).max_page_sharing(10_000);
+    let engine = PageOne::new(mem.clone(), cfg).unwrap();
     engine.set_pages_per_pass(Some(1024));
     let mut passes = 0;
     while engine.stats().full_scans < 3 {
@@ -304,7 +315,7 @@ fn stress_millions_of_pages() {
     }
     let before = mem.accounting().frames;
     assert_eq!(before, written);
-    let engine = PageOne::new(mem.clone(), config(2));
+    let engine = PageOne::new(mem.clone(), config(2)).unwrap();
     for _ in 0..3 {
         engine.merge_pass();
     }
@@ -333,7 +344,7 @@ proptest! {
         let mem = Arc::new(SimMemory::new());
         let r = mem.add_region(24, DomainId(0));
         let mut shadow = fill(&mem, r, 24, |i| (i % 3) as u64);
-        let engine = PageOne::new(mem.clone(), Config { stable_periods: 1, max_backoff: 1, ..config(2) });
+        let engine = PageOne::new(mem.clone(), config(2).stable_periods(1).max_backoff(1)).unwrap();
         for (write, unmerge) in steps {
             match (write, unmerge) {
                 (Some((i, seed)), _) => {
@@ -359,10 +370,13 @@ fn dropping_a_running_engine_stops_its_threads() {
     let mem = Arc::new(SimMemory::new());
     let r = mem.add_region(128, DomainId(0));
     fill(&mem, r, 128, |i| (i % 4) as u64);
-    let engine = PageOne::new(mem.clone(), config(3));
-    engine.start();
+    let engine = PageOne::new(mem.clone(), config(3)).unwrap();
+    engine.start().unwrap();
     assert!(engine.is_running());
-    thread::sleep(Duration::from_millis(50));
+    // Drop it while the daemon works: after its first merge pass.
+    while engine.stats().full_scans == 0 {
+        thread::sleep(Duration::from_millis(1));
+    }
     drop(engine);
     // The memory is usable and consistent afterwards.
     mem.write(PageId::new(r, 0), 0, b"after").unwrap();

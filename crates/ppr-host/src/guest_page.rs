@@ -1,4 +1,5 @@
-//! [`SimGuestPage`]: a page of a [`SimMemory`] as the guest's allocator sees it.
+//! [`SimGuestPage`]: a page of a [`SimMemory`] as the guest's allocator sees it (feature
+//! `test-util`).
 
 use std::sync::Arc;
 
@@ -14,7 +15,22 @@ use ppr_guest::{pattern, GuestPage};
 /// Accesses go through the memory's guest API: atomic word stores and loads, with
 /// copy-on-write when the page is shared or protected, exactly as a vCPU's writes would.
 /// A page id that does not exist reads as zeros and ignores writes.
-#[derive(Clone)]
+///
+/// ```
+/// use std::sync::Arc;
+/// use page_memory::sim::SimMemory;
+/// use page_memory::DomainId;
+/// use ppr_guest::GuestPage;
+/// use ppr_host::SimGuestPage;
+///
+/// let mem = Arc::new(SimMemory::new());
+/// let region = mem.add_region(2, DomainId(0));
+/// let pages = SimGuestPage::region(&mem, region, 2);
+/// pages[1].fill(7);
+/// assert!(pages[1].verify(7));
+/// assert!(!pages[0].verify(7)); // still zeros
+/// ```
+#[derive(Clone, Debug)]
 pub struct SimGuestPage {
     memory: Arc<SimMemory>,
     page: PageId,

@@ -12,11 +12,16 @@
 //! name it.
 //!
 //! It runs two ways:
-//! - **inside PageONE's scan** ([`pageone::ScanHook`]): every pass offers each volatile
-//!   page to the recycler first, so a page found marked is recycled instead of being
-//!   deduplicated, with one daemon and shared work threads;
+//! - **inside a deduplication engine's scan** ([`page_memory::ScanHook`], which PageONE
+//!   takes in `PageOne::with_hook`): every pass offers each volatile page to the recycler
+//!   first, so a page found marked is recycled instead of being deduplicated, with one
+//!   daemon and shared work threads;
 //! - **standalone** ([`Recycler::scan_pass`], [`RecyclerThread`]) with its own reclaim
 //!   period.
+//!
+//! This crate depends only on the protocol ([`pip`]) and the memory contract
+//! ([`page_memory`]). Feature `test-util` adds [`SimGuestPage`] (feature-gated: a guest
+//! page over the simulated memory, which the example below uses).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -50,7 +55,9 @@
 //! ```
 
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
 
+#[cfg(feature = "test-util")]
 mod guest_page;
 mod thread;
 
@@ -58,9 +65,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use page_memory::{PageId, PageMemory, RegionInfo, PAGE_SIZE};
+use page_memory::{PageId, PageMemory, RegionInfo, ScanHook, PAGE_SIZE};
 use pip::{HostPool, Invalid, Mark, PoolStorage, PoolView, RegisterError, Reject, Release};
 
+#[cfg(feature = "test-util")]
 pub use crate::guest_page::SimGuestPage;
 pub use crate::thread::RecyclerThread;
 
@@ -98,6 +106,7 @@ impl Pool {
 
 /// What the recycler did, all time.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Pages whose mark was read.
     pub pages_scanned: u64,
@@ -121,6 +130,10 @@ pub struct Stats {
     /// Wall time of the last complete standalone pass: a freed page waits at most one
     /// reclaim period plus this.
     pub scan_lag: Duration,
+    /// Standalone passes completed ([`Recycler::scan_pass`], [`RecyclerThread`]). A page
+    /// offered before a pass starts is recycled by the end of it, so once this has grown
+    /// by two since a page was offered, the page is back.
+    pub passes: u64,
 }
 
 impl Stats {
@@ -141,6 +154,7 @@ struct Counters {
     recycle_failures: AtomicU64,
     tampered: AtomicU64,
     scan_lag_ns: AtomicU64,
+    passes: AtomicU64,
 }
 
 fn bump(a: &AtomicU64) {
@@ -149,6 +163,7 @@ fn bump(a: &AtomicU64) {
 
 /// Why [`Recycler::register`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RegisterPoolError {
     /// The pool's header does not describe a valid layout.
     Layout,
@@ -180,6 +195,16 @@ pub struct Recycler {
     counters: Counters,
     /// Serializes standalone passes.
     pass: Mutex<()>,
+}
+
+impl std::fmt::Debug for Recycler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The pools' ids, indicators and frames are the host's secrets: not printed.
+        f.debug_struct("Recycler")
+            .field("pools", &self.pools.len())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Recycler {
@@ -280,7 +305,8 @@ impl Recycler {
         recycled
     }
 
-    /// One standalone pass over every page of every registered region.
+    /// One standalone pass over every page of every registered region; returns the pages
+    /// it recycled.
     pub fn scan_pass<M: PageMemory + ?Sized>(&self, memory: &M) -> u64 {
         let _one_at_a_time = self.pass.lock().unwrap_or_else(|e| e.into_inner());
         let start = Instant::now();
@@ -295,6 +321,7 @@ impl Recycler {
         self.counters
             .scan_lag_ns
             .store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        bump(&self.counters.passes);
         recycled
     }
 
@@ -314,11 +341,12 @@ impl Recycler {
             tampered: get(&c.tampered),
             bytes_returned: recycled * PAGE_SIZE as u64,
             scan_lag: Duration::from_nanos(get(&c.scan_lag_ns)),
+            passes: get(&c.passes),
         }
     }
 }
 
-impl<M: PageMemory> pageone::ScanHook<M> for Recycler {
+impl<M: PageMemory + ?Sized> ScanHook<M> for Recycler {
     fn examine(&self, memory: &M, page: PageId) -> bool {
         Recycler::examine(self, memory, page)
     }

@@ -10,18 +10,46 @@ use crate::Recycler;
 
 /// Runs [`Recycler::scan_pass`] every reclaim period on a thread of its own, for hosts
 /// that recycle without deduplicating. Dropping it stops the thread.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use page_memory::sim::SimMemory;
+/// use ppr_host::{Recycler, RecyclerThread};
+///
+/// let mem = Arc::new(SimMemory::new());
+/// let recycler = Arc::new(Recycler::new()); // register the guests' pools first
+/// let host = RecyclerThread::spawn(recycler.clone(), mem, Duration::from_millis(10))?;
+/// while recycler.stats().passes < 2 {
+///     std::thread::yield_now();
+/// }
+/// host.stop();
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[must_use = "dropping the handle stops the recycler thread"]
 pub struct RecyclerThread {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for RecyclerThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecyclerThread")
+            .field("running", &self.thread.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl RecyclerThread {
-    /// Starts scanning `memory` every `period`.
+    /// Starts scanning `memory` every `period` (the first pass at once).
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
     pub fn spawn<M: PageMemory + 'static>(
         recycler: Arc<Recycler>,
         memory: Arc<M>,
         period: Duration,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
@@ -36,12 +64,11 @@ impl RecyclerThread {
                 if *stopped {
                     return;
                 }
-            })
-            .expect("spawning the recycler thread");
-        RecyclerThread {
+            })?;
+        Ok(RecyclerThread {
             stop,
             thread: Some(thread),
-        }
+        })
     }
 
     /// Stops the thread after its current pass.
