@@ -1,5 +1,7 @@
 //! The guest's side: offer a freed page, withdraw the offer when the page is allocated.
 
+use core::fmt;
+
 use crate::layout::{PoolView, Shard, STATE_REGISTERED};
 use crate::mark::{location, MarkWords, INDICATOR, LOCATION};
 use crate::sync::{spin, AtomicU64, Ordering};
@@ -29,12 +31,29 @@ pub struct Guest<'a> {
 
 /// Why [`Guest::attach`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AttachError {
     /// The host has not registered the pool yet (the state it read).
     NotRegistered(u32),
     /// The host wrote pool id 0 or indicator 0, which the protocol reserves.
     BadRegistration,
 }
+
+impl fmt::Display for AttachError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttachError::NotRegistered(state) => write!(
+                f,
+                "the host has not registered the pool (state {state}, expected {STATE_REGISTERED})"
+            ),
+            AttachError::BadRegistration => {
+                f.write_str("the host registered the pool with a reserved pool id or indicator (0)")
+            }
+        }
+    }
+}
+
+impl core::error::Error for AttachError {}
 
 /// What [`Guest::on_free`] did with a freed page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

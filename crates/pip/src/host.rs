@@ -6,6 +6,7 @@
 //! memory is trusted, every index is range-checked, and no function panics or loops on
 //! guest data.
 
+use core::fmt;
 use core::mem::ManuallyDrop;
 
 use crate::layout::PoolView;
@@ -26,6 +27,7 @@ pub struct HostPool<'a> {
 
 /// Why [`HostPool::register`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RegisterError {
     /// The header's state was not [`STATE_READY`](crate::STATE_READY) (the state found).
     State(u32),
@@ -33,8 +35,27 @@ pub enum RegisterError {
     Reserved,
 }
 
+impl fmt::Display for RegisterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegisterError::State(state) => write!(
+                f,
+                "the pool is not ready for registration (state {state}, expected {})",
+                crate::STATE_READY
+            ),
+            RegisterError::Reserved => f.write_str("pool id 0 and indicator 0 are reserved"),
+        }
+    }
+}
+
+impl core::error::Error for RegisterError {}
+
 /// Why a page's mark was rejected; counted by the caller and skipped.
+///
+/// Non-exhaustive: a later version may add reasons (and raise [`Invalid::COUNT`]); size
+/// counter arrays with `COUNT` and index them with [`Invalid::index`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Invalid {
     /// The scanned frame number is 0, at or above the pool's frame limit, or above
     /// [`MAX_FRAME`].
@@ -75,13 +96,49 @@ impl Invalid {
     }
 }
 
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Invalid::Frame => "the scanned frame number is outside the guest's frames",
+            Invalid::Pool => "the mark names another pool",
+            Invalid::Slot => "the mark names a slot outside the pool",
+            Invalid::NotOffered => "the named slot does not hold the scanned frame",
+        })
+    }
+}
+
+impl core::error::Error for Invalid {}
+
 /// Why [`HostPool::validate`] did not return an offer.
+///
+/// Deliberately exhaustive, unlike the crate's other error enums: a page's first words
+/// either are not this pool's mark or are an invalid one, and new reasons for the latter
+/// are added to [`Invalid`] (non-exhaustive), so hosts can match both cases directly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reject {
     /// The indicator word is not this pool's secret: not a mark (most pages).
     NotMarked,
     /// A mark of this pool that does not hold up; count it and skip the page.
     Invalid(Invalid),
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reject::NotMarked => f.write_str("the page carries no mark of this pool"),
+            Reject::Invalid(_) => f.write_str("the page carries an invalid mark of this pool"),
+        }
+    }
+}
+
+impl core::error::Error for Reject {
+    /// The [`Invalid`] reason, for [`Reject::Invalid`].
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Reject::NotMarked => None,
+            Reject::Invalid(why) => Some(why),
+        }
+    }
 }
 
 /// A validated offer: slot `slot` held `frame` when it was read. Only
@@ -107,6 +164,14 @@ impl Offer {
 /// or it was claimed already). Count it as a claim lost to the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lost;
+
+impl fmt::Display for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("claim lost: the slot no longer held the frame")
+    }
+}
+
+impl core::error::Error for Lost {}
 
 /// A claimed page: slot holds `frame | CLAIMED`, and the page's fate is the host's.
 ///

@@ -4,6 +4,8 @@
 //! shared memory that the other side writes concurrently is sound (interior mutability,
 //! and no byte of the pool is ever read non-atomically).
 
+use core::fmt;
+
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// `magic`: the bytes `PIP-POOL` read as a little-endian `u64`.
@@ -226,7 +228,10 @@ impl Default for Shard {
 /// The guest bumps them with a `Relaxed` load and store (no read-modify-write on the hot
 /// path), so two vCPUs sharing a shard may lose a count; with one vCPU per shard they are
 /// exact.
+///
+/// Non-exhaustive: more counters may be added; start from `GuestCounters::default()`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GuestCounters {
     /// Pages offered to the host (a slot taken and the mark written).
     pub offered: u64,
@@ -258,6 +263,7 @@ impl core::ops::Add for GuestCounters {
 
 /// Why a pool's memory was not accepted as a pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LayoutError {
     /// The pool's address is null or not [`POOL_ALIGN`]-aligned.
     Misaligned,
@@ -279,6 +285,24 @@ pub enum LayoutError {
     /// Initialisation found a header that is not zeroed (state not [`STATE_EMPTY`]).
     NotEmpty,
 }
+
+impl fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LayoutError::Misaligned => "the pool's address is null or not 64-byte aligned",
+            LayoutError::TooShort => "the pool's memory is shorter than its layout",
+            LayoutError::Magic => "the pool header's magic is not \"PIP-POOL\"",
+            LayoutError::Version => "the pool header's version is not 1",
+            LayoutError::ShardCount => "the pool's shard count is out of range",
+            LayoutError::ShardSlots => "the pool's slots per shard are out of range",
+            LayoutError::SlotCount => "the pool's slot count disagrees with its shards",
+            LayoutError::SlotsOffset => "the pool's slots offset disagrees with its shards",
+            LayoutError::NotEmpty => "the pool header is not zeroed (already initialised?)",
+        })
+    }
+}
+
+impl core::error::Error for LayoutError {}
 
 /// The byte offset of slot 0 in a pool of `shard_count` shards.
 pub const fn slots_offset(shard_count: u32) -> usize {

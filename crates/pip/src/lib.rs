@@ -25,7 +25,7 @@
 //! Needs a target with 64-bit atomics (`target_has_atomic = "64"`).
 //!
 //! ```
-//! use pip::sync::AtomicU64;
+//! use core::sync::atomic::{AtomicU64, Ordering};
 //! use pip::{Alloc, Free, Guest, HostPool, PoolStorage, Scan};
 //!
 //! // Guest: a pool of 2 shards of 4 slots, initialised, handed to the host.
@@ -39,7 +39,7 @@
 //! let page: [AtomicU64; 4] = Default::default();
 //! assert_eq!(guest.on_free(0, 7, &page), Free::Offered(0)); // vCPU 0 frees frame 7
 //! assert_eq!(host.scan(7, &page, || {
-//!     for w in page.iter().rev() { w.store(0, pip::sync::Ordering::Release) } // zero it
+//!     for w in page.iter().rev() { w.store(0, Ordering::Release) } // zero it
 //!     true
 //! }), Scan::Recycled(pip::Release::Clean));
 //! assert_eq!(guest.on_alloc(1, 7, &page), Alloc::Unmarked); // reads zeros: usable
@@ -267,7 +267,7 @@
 //! little-endian) and a recycle that makes the page read zeros. Then:
 //!
 //! ```
-//! use pip::sync::{AtomicU64, Ordering};
+//! use core::sync::atomic::{AtomicU64, Ordering};
 //! use pip::{HostPool, Invalid, PoolView, Release, Scan};
 //! # let storage = pip::PoolStorage::<1, 8>::new();
 //! # storage.init().unwrap();
@@ -314,6 +314,7 @@
 
 #![no_std]
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
 
 #[cfg(not(target_has_atomic = "64"))]
 compile_error!("pip needs 64-bit atomics (slots and mark words are AtomicU64)");
@@ -322,7 +323,7 @@ mod guest;
 mod host;
 mod layout;
 mod mark;
-pub mod sync;
+mod sync;
 
 pub use guest::{Alloc, AttachError, Free, Guest, DEFAULT_SPINS, PROBES};
 pub use host::{
@@ -341,3 +342,8 @@ pub const CLAIMED: u64 = 1 << 63;
 /// The largest frame number a slot can hold: 52 bits, enough for 2⁶⁴ bytes of 4 KiB
 /// pages. Frame 0 is "empty" and is never offered.
 pub const MAX_FRAME: u64 = (1 << 52) - 1;
+
+// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -24,9 +24,9 @@ pub const LOCATION: usize = 1;
 /// - `i < MARK_WORDS` on every call the protocol makes; an implementation may panic
 ///   otherwise.
 ///
-/// pip implements it for `[AtomicU64; N]` (`N >= MARK_WORDS`) so that tests and models
-/// can play a page with a few atomics; a page-memory backend implements it for a page of
-/// guest memory.
+/// pip implements it for `[AtomicU64; N]` (`N >= MARK_WORDS`; `core`'s `AtomicU64`, or
+/// loom's in a `--cfg pip_loom` build) so that tests and models can play a page with a few
+/// atomics; a page-memory backend implements it for a page of guest memory.
 pub trait MarkWords {
     /// Atomically loads word `i` of the page (`Acquire`).
     fn load(&self, i: usize) -> u64;

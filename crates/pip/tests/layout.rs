@@ -4,12 +4,12 @@
 
 use std::mem::size_of;
 
-use pip::sync::{AtomicU64, Ordering};
 use pip::{
     Alloc, AttachError, Free, Guest, HostPool, LayoutError, PoolStorage, PoolView, RegisterError,
     Release, Scan, CLAIMED, HEADER_BYTES, MAGIC, MAX_SHARDS, MAX_SLOTS, SHARD_BYTES, STATE_READY,
     STATE_REGISTERED, VERSION,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// 64-byte aligned raw memory.
 #[repr(C, align(64))]

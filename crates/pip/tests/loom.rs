@@ -18,10 +18,11 @@
 //!   its branch limit otherwise), and once the host is done, `on_alloc` is never busy.
 #![cfg(pip_loom)]
 
-use loom::sync::atomic::AtomicBool;
+// The atomics pip is built on in a loom build: pages made of them implement
+// `pip::MarkWords`.
+use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use pip::sync::{AtomicU64, Ordering};
 use pip::{Alloc, Free, Guest, HostPool, Invalid, PoolStorage, Release, Scan, CLAIMED};
 
 const POOL_ID: u32 = 3;

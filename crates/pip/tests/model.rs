@@ -2,12 +2,12 @@
 //! claims, completes and restores on one thread, checked step by step against a simple
 //! model of the slot and page state machines (crate docs, "The protocol").
 
-use pip::sync::{AtomicU64, Ordering};
 use pip::{
     Alloc, Claim, Free, Guest, GuestCounters, HostPool, Invalid, PoolStorage, Release, Scan,
     CLAIMED,
 };
 use proptest::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const SHARDS: usize = 2;
 const SHARD_SLOTS: usize = 3;

@@ -8,7 +8,43 @@
 //! - [`SdTree`] stores small integer *handles* and reads each handle's key in place
 //!   through a [`KeySource`] you supply (for pages: a page id, read from guest memory).
 //! - [`SdMap`] owns its keys and values (`K: AsRef<[u8]>`), one heap entry per key.
+//!
+//! # Guards
+//! Every method taking a [`Guard`] panics unless the guard is pinned in the tree's own
+//! collector ([`SdTree::collector`], [`SdMap::collector`]): `collector.register().pin()`,
+//! or [`epoch::pin`](crossbeam_epoch::pin) for a tree built on
+//! [`epoch::default_collector`](crossbeam_epoch::default_collector).
+//!
+//! In particular [`epoch::unprotected`](crossbeam_epoch::unprotected) is refused, by every
+//! method, reads included. Under that guard crossbeam runs deferred destruction at once,
+//! which this API cannot be sound with: [`SdMap::remove`] would return a reference into
+//! the entry it had just freed, an update that helps finish another removal would go on
+//! to read the nodes it had just unlinked and freed, and a reference a read returned
+//! under it is protected by no pin at all, so a later removal by the same thread could
+//! free the entry under it. Refusing it keeps every returned reference and every
+//! internal read protected by a real pin. (Tearing a tree down needs no guard: dropping
+//! it frees everything, with `&mut` access.)
+//!
+//! ```
+//! use sdtree::{base, epoch};
+//!
+//! let collector = epoch::Collector::new();
+//! let map = base::SdMap::new(collector.clone());
+//! let handle = collector.register();
+//! let guard = handle.pin();
+//! let _ = map.insert_or_get("k", 1, &guard);
+//! let removed = map.remove("k", &guard).unwrap(); // the entry is retired, not freed:
+//! assert_eq!(*removed, 1); // it stays readable for as long as `guard` is held
+//!
+//! // An unprotected guard is refused (a panic), never used.
+//! let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+//!     // SAFETY: no other thread uses the map (the guard is refused anyway).
+//!     map.get("k", unsafe { epoch::unprotected() }).is_some()
+//! }));
+//! assert!(refused.is_err());
+//! ```
 
+use core::fmt;
 use core::marker::PhantomData;
 
 use alloc::boxed::Box;
@@ -96,7 +132,8 @@ unsafe impl<S: KeySource + ?Sized> Leaves for Sourced<'_, S> {
 /// A lock-free index of handles ordered by keys read in place (guard-taking API).
 ///
 /// See the crate docs for the algorithm and its guarantees, and [`crate::SdTree`] for the
-/// version that pins for you.
+/// version that pins for you. Every method taking a guard panics unless it is a pin of
+/// the tree's collector; the unprotected guard is refused (module docs, "Guards").
 ///
 /// # Examples
 /// ```
@@ -147,7 +184,8 @@ impl<S: KeySource> SdTree<S> {
     /// Reads `handle`'s key through the key source.
     ///
     /// # Panics
-    /// If `handle > MAX_HANDLE`, or if `guard` belongs to another collector.
+    /// If `handle > MAX_HANDLE`, or if `guard` is not a pin of the tree's collector (as
+    /// every method here: module docs, "Guards").
     pub fn insert_or_get(&self, handle: usize, guard: &Guard) -> Insert {
         self.raw.check_guard(guard);
         let key = self.source.key(handle);
@@ -217,6 +255,15 @@ impl<S: KeySource> SdTree<S> {
     }
 }
 
+impl<S> fmt::Debug for SdTree<S> {
+    /// The entry count; the entries themselves are behind the epoch and not printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SdTree")
+            .field("len", &self.raw.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S> Drop for SdTree<S> {
     fn drop(&mut self) {
         // SAFETY: `&mut self`: no other thread can use the tree. Handles are the user's.
@@ -224,10 +271,30 @@ impl<S> Drop for SdTree<S> {
     }
 }
 
-/// An iterator over an [`SdTree`]'s handles in key order.
+/// An iterator over an [`SdTree`]'s handles in key order ([`SdTree::iter`]), valid while
+/// the guard it borrows lives.
+///
+/// ```
+/// use sdtree::{base, epoch};
+///
+/// let keys = vec!["b", "a"];
+/// let collector = epoch::Collector::new();
+/// let tree = base::SdTree::new(&keys, collector.clone());
+/// let handle = collector.register();
+/// let guard = handle.pin();
+/// let _ = (tree.insert_or_get(0, &guard), tree.insert_or_get(1, &guard));
+/// let iter: base::Iter<'_> = tree.iter(&guard);
+/// assert_eq!(iter.collect::<Vec<_>>(), [1, 0]);
+/// ```
 pub struct Iter<'g> {
     cursor: Cursor,
     _guard: &'g Guard,
+}
+
+impl fmt::Debug for Iter<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iter").finish_non_exhaustive()
+    }
 }
 
 impl Iterator for Iter<'_> {
@@ -272,6 +339,10 @@ unsafe impl<K: AsRef<[u8]>, V> Leaves for Entries<K, V> {
 }
 
 /// A lock-free ordered map from owned byte-string keys to values (guard-taking API).
+///
+/// References it returns live as long as the guard. Every method taking a guard panics
+/// unless it is a pin of the map's collector; the unprotected guard is refused (module
+/// docs, "Guards").
 ///
 /// # Examples
 /// ```
@@ -345,7 +416,7 @@ where
     /// Inserts `key` → `value` unless an equal key is present.
     ///
     /// # Panics
-    /// If `guard` belongs to another collector.
+    /// If `guard` is not a pin of the map's collector (module docs, "Guards").
     pub fn insert_or_get<'g>(&'g self, key: K, value: V, guard: &'g Guard) -> MapInsert<'g, K, V> {
         self.raw.check_guard(guard);
         let entry = Box::into_raw(Box::new(Entry { key, value }));
@@ -394,12 +465,17 @@ where
     }
 
     /// Removes the entry under `key`; its value stays readable while `guard` lives.
+    ///
+    /// The entry is retired through `guard` and dropped only once every pin that could
+    /// have read it (this one included) has ended: the returned reference never dangles.
+    /// That needs a real pin, hence the refused unprotected guard (module docs, "Guards").
     pub fn remove<'g>(&'g self, key: impl AsRef<[u8]>, guard: &'g Guard) -> Option<&'g V> {
         self.remove_if(key, |_| true, guard)
     }
 
     /// Removes the entry under `key` only if `pred` accepts its value (checked on the
-    /// entry that the removal then unlinks; use it to remove one specific value).
+    /// entry that the removal then unlinks; use it to remove one specific value). The
+    /// returned value stays readable while `guard` lives, as with [`SdMap::remove`].
     pub fn remove_if<'g>(
         &'g self,
         key: impl AsRef<[u8]>,
@@ -414,7 +490,10 @@ where
             |h| pred(unsafe { &(*entry_ptr::<K, V>(h)).value }),
             guard,
         )?;
-        // SAFETY: removed, but retired through `guard`: still live while it is.
+        // SAFETY: removed, but retired through `guard` (`retire` defers the drop), which
+        // `check_guard` above proved is a real pin of this map's collector, not
+        // `unprotected` (which would run the drop at once): the entry stays live until
+        // `guard` and every other pin older than the unlink have ended.
         Some(unsafe { &(*entry_ptr::<K, V>(h)).value })
     }
 
@@ -439,6 +518,15 @@ where
     }
 }
 
+impl<K, V> fmt::Debug for SdMap<K, V> {
+    /// The entry count; the entries themselves are behind the epoch and not printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SdMap")
+            .field("len", &self.raw.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<K, V> Drop for SdMap<K, V> {
     fn drop(&mut self) {
         // SAFETY: `&mut self`: no other thread can use the map. Each linked entry is
@@ -450,11 +538,31 @@ impl<K, V> Drop for SdMap<K, V> {
     }
 }
 
-/// An iterator over an [`SdMap`]'s entries in key order.
+/// An iterator over an [`SdMap`]'s entries in key order ([`SdMap::iter`]), yielding
+/// references valid while the guard it borrows lives.
+///
+/// ```
+/// use sdtree::{base, epoch};
+///
+/// let collector = epoch::Collector::new();
+/// let map = base::SdMap::new(collector.clone());
+/// let handle = collector.register();
+/// let guard = handle.pin();
+/// let _ = map.insert_or_get("b", 2, &guard);
+/// let _ = map.insert_or_get("a", 1, &guard);
+/// let iter: base::MapIter<'_, &str, i32> = map.iter(&guard);
+/// assert_eq!(iter.map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), [("a", 1), ("b", 2)]);
+/// ```
 pub struct MapIter<'g, K, V> {
     cursor: Cursor,
     _guard: &'g Guard,
     _entries: PhantomData<&'g Entry<K, V>>,
+}
+
+impl<K, V> fmt::Debug for MapIter<'_, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapIter").finish_non_exhaustive()
+    }
 }
 
 impl<'g, K: 'g, V: 'g> Iterator for MapIter<'g, K, V> {

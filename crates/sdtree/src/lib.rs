@@ -132,6 +132,7 @@
 
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
 
 extern crate alloc;
 
@@ -150,4 +151,9 @@ pub use crossbeam_epoch as epoch;
 pub use map::SdMap;
 pub use raw::{Insert, SearchStats, MAX_HANDLE, NODE_BYTES};
 #[cfg(all(feature = "std", not(sdtree_loom)))]
-pub use tree::SdTree;
+pub use tree::{Iter, SdTree};
+
+// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

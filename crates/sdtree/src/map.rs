@@ -1,5 +1,7 @@
 //! [`SdMap`]: owned keys and values, pinning crossbeam-epoch's default collector.
 
+use core::fmt;
+
 use crossbeam_epoch as epoch;
 
 use crate::base::{self, MapInsert};
@@ -23,6 +25,13 @@ use crate::raw::Insert;
 /// ```
 pub struct SdMap<K, V> {
     inner: base::SdMap<K, V>,
+}
+
+impl<K, V> fmt::Debug for SdMap<K, V> {
+    /// The entry count, as the guard-taking type underneath prints it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.inner, f)
+    }
 }
 
 impl<K, V> Default for SdMap<K, V>

@@ -102,7 +102,10 @@ pub(crate) unsafe trait Leaves {
 }
 
 /// What one search cost, as reported by `get_with_stats`.
+///
+/// Non-exhaustive: more counters may be added; start from `SearchStats::default()`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SearchStats {
     /// Internal nodes visited (each tests one bit of the probe key).
     pub nodes_visited: usize,
@@ -185,14 +188,23 @@ impl Raw {
         &self.collector
     }
 
-    /// Panics unless `guard` belongs to this tree's collector (or is `unprotected`).
+    /// Panics unless `guard` is a pin of this tree's collector.
+    ///
+    /// `epoch::unprotected()` is refused: under it crossbeam runs deferred destruction at
+    /// once, so a node or [`SdMap`](crate::base::SdMap) entry an operation unlinks would be
+    /// freed while that operation, or a reference it returns, still reads it
+    /// ([`crate::base`], "Guards").
     #[inline]
     pub(crate) fn check_guard(&self, guard: &Guard) {
-        if let Some(c) = guard.collector() {
-            assert!(
+        match guard.collector() {
+            Some(c) => assert!(
                 c == &self.collector,
                 "sdtree: the guard was pinned in a different collector than the tree's"
-            );
+            ),
+            None => panic!(
+                "sdtree: the unprotected guard is not accepted (it frees unlinked nodes and \
+                 entries at once); pin the tree's collector instead"
+            ),
         }
     }
 

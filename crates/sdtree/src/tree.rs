@@ -1,5 +1,7 @@
 //! [`SdTree`]: handles with in-place keys, pinning crossbeam-epoch's default collector.
 
+use core::fmt;
+
 use crossbeam_epoch as epoch;
 
 use crate::base;
@@ -73,7 +75,7 @@ impl<S: KeySource> SdTree<S> {
     }
 
     /// The handles in key order, weakly consistent (see [`base::SdTree::iter`]). The
-    /// iterator holds a pin until it is dropped.
+    /// iterator ([`Iter`]) holds a pin until it is dropped.
     pub fn iter(&self) -> Iter<'_, S> {
         let guard = epoch::pin();
         // The pin is taken before the cursor reads the head.
@@ -96,11 +98,35 @@ impl<S: KeySource> SdTree<S> {
     }
 }
 
-/// An iterator over an [`SdTree`]'s handles that holds its own pin.
+impl<S> fmt::Debug for SdTree<S> {
+    /// The entry count, as the guard-taking type underneath prints it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.inner, f)
+    }
+}
+
+/// An iterator over an [`SdTree`]'s handles in key order ([`SdTree::iter`]), holding its
+/// own pin of crossbeam-epoch's default collector until it is dropped (keep it short-lived:
+/// a pin held long delays every thread's reclamation).
+///
+/// ```
+/// use sdtree::SdTree;
+///
+/// let tree = SdTree::new(vec!["b", "a"]);
+/// let _ = (tree.insert_or_get(0), tree.insert_or_get(1));
+/// let iter: sdtree::Iter<'_, Vec<&str>> = tree.iter();
+/// assert_eq!(iter.collect::<Vec<_>>(), [1, 0]);
+/// ```
 pub struct Iter<'t, S> {
     _guard: epoch::Guard,
     cursor: crate::raw::Cursor,
     _tree: core::marker::PhantomData<&'t SdTree<S>>,
+}
+
+impl<S> fmt::Debug for Iter<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iter").finish_non_exhaustive()
+    }
 }
 
 impl<S> Iterator for Iter<'_, S> {

@@ -41,11 +41,11 @@
 //! `INTERESTING[v / 8 % 9]` (frames at every boundary the host checks), 5 the same with
 //! `CLAIMED` set, 6 and 7 a `u64` of the next 8 bytes.
 
-use pip::sync::{AtomicU64, Ordering};
 use pip::{
     Alloc, Free, Guest, HostPool, Invalid, LayoutError, Mark, PoolView, Reject, Release, Scan,
     CLAIMED, MAX_FRAME,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Frame limits the host may be configured with.
 const FRAME_LIMITS: [u64; 4] = [4, 1 << 20, MAX_FRAME, u64::MAX];
