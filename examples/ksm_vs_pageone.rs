@@ -346,11 +346,8 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
 fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
     let per_vm = a.mib * 256;
     let mem = Arc::new(
-        LinuxMemory::with_config(LinuxConfig {
-            max_run_pages: a.run_pages,
-            ..LinuxConfig::default()
-        })
-        .expect("userfaultfd write-protect"),
+        LinuxMemory::with_config(LinuxConfig::default().with_max_run_pages(a.run_pages))
+            .expect("userfaultfd write-protect"),
     );
     let regions: Vec<_> = (0..a.vms)
         .map(|_| {

@@ -55,23 +55,19 @@ mod linux {
 
     use crate::host::{word, Host, VmPage};
 
-    fn config(kernel_faults: bool) -> LinuxConfig {
-        LinuxConfig {
-            // The demo's regions stay mapped until the memory is dropped: the engines may
-            // read guest pages in place (atomic loads) instead of through process_vm_readv.
-            checked_access: false,
-            kernel_faults,
-            ..LinuxConfig::default()
-        }
+    fn config() -> LinuxConfig {
+        // The demo's regions stay mapped until the memory is dropped: the engines may read
+        // guest pages in place (atomic loads) instead of through process_vm_readv.
+        LinuxConfig::default().with_checked_access(false)
     }
 
     /// A memory with kernel faults handled where this process may (root, CAP_SYS_PTRACE,
-    /// `vm.unprivileged_userfaultfd = 1`), else in user-mode-only userfaultfd: the demo's
-    /// guests write their memory from user space only, so either works for it.
+    /// access to `/dev/userfaultfd`, `vm.unprivileged_userfaultfd = 1`), else with a
+    /// user-mode-only userfaultfd (the backend falls back by itself and says so in
+    /// `caps().kernel_faults`): the demo's guests write their memory from user space only,
+    /// so either works for it.
     fn memory() -> Result<LinuxMemory, String> {
-        LinuxMemory::with_config(config(true))
-            .or_else(|_| LinuxMemory::with_config(config(false)))
-            .map_err(|e| e.to_string())
+        LinuxMemory::with_config(config()).map_err(|e| e.to_string())
     }
 
     /// Whether the backend works here; if not, what is missing.
@@ -79,9 +75,10 @@ mod linux {
         memory().map(drop).map_err(|e| {
             format!(
                 "the Linux backend is not usable here: {e}.\n\
-                 It needs userfaultfd with write-protect (Linux 5.7 or later; user-mode-only \
-                 userfaultfd, which is enough for this demo, since 5.11). The simulated demo \
-                 (without --real) runs anywhere."
+                 It needs userfaultfd write-protect on anonymous and shmem memory and \
+                 MADV_POPULATE_WRITE (Linux 5.19 or later; without privilege, user-mode-only \
+                 userfaultfd, which is enough for this demo). The simulated demo (without \
+                 --real) runs anywhere."
             )
         })
     }

@@ -34,8 +34,9 @@
 //! // SAFETY: nothing else in this process remaps, madvises or registers the guest's
 //! // memory with a userfaultfd while it is adopted.
 //! let vm = unsafe { adapter.adopt(&guest, DomainId(0)) }.unwrap();
-//! let engine = pageone::PageOne::new(adapter.memory().clone(), pageone::Config::default());
-//! engine.start();
+//! // Hand the backend to an engine, e.g. `pageone::PageOne::new(memory, ..)`.
+//! let memory: Arc<LinuxMemory> = adapter.memory().clone();
+//! # drop(memory);
 //! ```
 
 use std::collections::HashMap;
@@ -109,6 +110,15 @@ pub struct VmMemoryAdapter {
     memory: Arc<LinuxMemory>,
     routes: Arc<Routes>,
     next_guest: AtomicU64,
+}
+
+impl std::fmt::Debug for VmMemoryAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmMemoryAdapter")
+            .field("memory", &self.memory)
+            .field("adopted_regions", &self.adopted_regions())
+            .finish_non_exhaustive()
+    }
 }
 
 impl VmMemoryAdapter {

@@ -9,12 +9,11 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use page_memory::linux::{Backing, LinuxConfig, LinuxFrame, LinuxMemory, LinuxUsage};
+use page_memory::linux::{Backing, LinuxConfig, LinuxError, LinuxFrame, LinuxMemory, LinuxUsage};
 use page_memory::{
     is_zero_page, DomainId, MergeOutcome, PageError, PageId, PageMemory, RegionId, PAGE_SIZE,
     PAGE_WORDS,
 };
-use pageone::{Config, PageOne};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -110,6 +109,65 @@ fn reports_its_mechanisms() {
         mem.dirty_tracking(),
         page_memory::linux::DirtyTracking::UffdWriteProtect
     );
+}
+
+/// A write the kernel makes for the process (here `read(2)` from a pipe) into a protected
+/// page: handled by the fault thread where the memory has kernel faults; where this
+/// process may not have them, the memory says so (`caps().kernel_faults` false) and such a
+/// write fails with `EFAULT`, leaving the page as it was. Requiring kernel faults then
+/// fails with a typed error that says what would work.
+#[test]
+fn kernel_writes_are_handled_or_the_fallback_is_reported() {
+    let Some(mem) = memory() else { return };
+    let caps = mem.caps().clone();
+    eprintln!(
+        "kernel faults: {} (userfaultfd from {:?})",
+        caps.kernel_faults, caps.source
+    );
+    let required =
+        LinuxMemory::with_config(LinuxConfig::default().with_require_kernel_faults(true));
+    match (&required, caps.kernel_faults) {
+        (Ok(m), true) => assert!(m.caps().kernel_faults),
+        (Err(e @ LinuxError::KernelFaultsDenied { .. }), false) => {
+            let shown = e.to_string();
+            eprintln!("required kernel faults: {shown}");
+            assert!(shown.contains("/dev/userfaultfd") && shown.contains("root"));
+        }
+        (other, kf) => panic!("kernel faults {kf}, yet requiring them gave {other:?}"),
+    }
+    drop(required);
+    let r = mem.add_region(1, DomainId(0)).unwrap();
+    let p = PageId::new(r, 0);
+    fill(&mem, p, 5);
+    let t = mem.protect(&[p])[0].clone().unwrap();
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is two ints for pipe(2) to fill.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let msg = [0xabu8; 64];
+    // SAFETY: `msg` is 64 readable bytes; fds[1] is the pipe's write end.
+    assert_eq!(unsafe { libc::write(fds[1], msg.as_ptr().cast(), 64) }, 64);
+    let at = mem.page_ptr(p).unwrap();
+    // SAFETY: the kernel writes at most 64 bytes into the page (guest memory of a live
+    // region, which the test accesses only atomically otherwise); fds[0] is the read end.
+    let n = unsafe { libc::read(fds[0], at.cast(), 64) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    // SAFETY: both ends of the pipe made above, closed once.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    if caps.kernel_faults {
+        assert_eq!(n, 64);
+        assert!(mem.written_since(p, t).unwrap());
+        assert_eq!(
+            word(&mem, p, 0).load(Ordering::Relaxed),
+            u64::from_ne_bytes([0xab; 8])
+        );
+    } else {
+        assert_eq!((n, errno), (-1, Some(libc::EFAULT)));
+        assert!(!mem.written_since(p, t).unwrap());
+        assert!(holds(&mem, p, 5));
+    }
 }
 
 #[test]
@@ -482,186 +540,61 @@ fn writers_lose_no_write_across_merge_and_copy_on_write_cycles() {
     drop(mem);
 }
 
-fn fill_duplicates(mem: &LinuxMemory, regions: &[RegionId], pages_each: u32, distinct: u64) {
-    for (n, &r) in regions.iter().enumerate() {
-        for i in 0..pages_each {
-            let p = PageId::new(r, i);
-            // Two thirds of the regions are copies of the first third, page for page; one
-            // page in 16 is zeros.
-            if i % 16 == 15 {
-                continue;
-            }
-            let base = (n % (regions.len().div_ceil(3))) as u64 * pages_each as u64;
-            fill(mem, p, 1 + (base + i as u64) % distinct);
-        }
-    }
-}
-
-/// PageONE on real memory: merges, frees the memory, survives writes, unmerges all.
+/// An embedder unmaps an adopted region (with canonical and merged pages in it) behind
+/// the backend's back: the next operation that touches it finds out, every later one fails
+/// with `Unmapped`, the other region is untouched, and dropping the memory is clean.
 #[test]
-fn pageone_deduplicates_real_memory_and_unmerge_all_restores_every_page() {
+fn a_region_unmapped_by_its_owner_yields_errors() {
     let Some(mem) = memory() else { return };
-    let mem = Arc::new(mem);
-    const PAGES: u32 = 1024;
-    let regions: Vec<RegionId> = (0..6)
-        .map(|_| mem.add_region(PAGES, DomainId(0)).unwrap())
-        .collect();
-    let distinct = u64::MAX; // every page of a region distinct
-    fill_duplicates(&mem, &regions, PAGES, distinct);
-    let expect = |n: usize, i: u32| -> Option<u64> {
-        (i % 16 != 15).then(|| 1 + ((n % 2) as u64 * PAGES as u64 + i as u64))
-    };
-    let before = mem.usage().unwrap();
-    show("pageone: before", &before);
-    let engine = PageOne::new(
-        mem.clone(),
-        Config {
-            work_threads: 2,
-            ..Config::default()
-        },
-    );
-    let t0 = Instant::now();
-    for _ in 0..3 {
-        engine.merge_pass();
-    }
-    let elapsed = t0.elapsed();
-    let s = engine.stats();
-    let nonzero = PAGES as u64 * 15 / 16;
-    // 2 distinct regions' worth of non-zero contents; 6 regions.
-    assert_eq!(s.pages_shared + s.pages_unshared, 2 * nonzero);
-    assert_eq!(s.pages_sharing, 4 * nonzero);
-    assert_eq!(s.zero_pages, 6 * PAGES as u64 / 16);
-    let merged = mem.usage().unwrap();
-    show("pageone: merged", &merged);
-    eprintln!(
-        "pageone: 3 merge passes over {} pages in {:?}; backend {:?}",
-        6 * PAGES,
-        elapsed,
-        mem.stats()
-    );
-    assert_eq!(merged.region_anonymous, 0);
-    assert_eq!(merged.store_bytes, 2 * nonzero * PAGE);
-    // The zero pages were never written, so they held no memory to free.
-    assert_eq!(
-        before.total_bytes() - merged.total_bytes(),
-        4 * nonzero * PAGE
-    );
-    // Same layouts: each run of 15 merged pages is one mapping (the zero page between two
-    // runs is another), not one per page.
-    assert_eq!(merged.region_mappings, 6 * 2 * (PAGES as u64 / 16));
-    for (n, &r) in regions.iter().enumerate() {
-        for i in 0..PAGES {
-            match expect(n, i) {
-                Some(seed) => assert!(holds(&mem, PageId::new(r, i), seed)),
-                None => assert_eq!(mem.backing(PageId::new(r, i)).unwrap(), Backing::Zero),
-            }
-        }
-    }
-    // The guest writes some merged pages; the next pass notices.
-    for i in 0..10 {
-        word(&mem, PageId::new(regions[3], i), 0).store(i as u64, Ordering::Relaxed);
-    }
-    engine.merge_pass();
-    assert_eq!(engine.stats().cow_breaks, 10);
-    // Unmerge all: every page private again, with its contents.
-    engine.unmerge_all();
-    // The engine's trees retire canonical frames through an epoch: let it free them.
-    let t0 = Instant::now();
-    while mem.stats().store_slots > 0 && t0.elapsed() < Duration::from_secs(5) {
-        engine.collect_garbage();
-        thread::sleep(Duration::from_millis(5));
-    }
-    drop(engine);
-    for (n, &r) in regions.iter().enumerate() {
-        for i in 0..PAGES {
-            let p = PageId::new(r, i);
-            let b = mem.backing(p).unwrap();
-            assert!(
-                matches!(b, Backing::Private | Backing::PrivateCopy),
-                "{p}: {b:?}"
-            );
-            if n == 3 && i < 10 {
-                assert_eq!(word(&mem, p, 0).load(Ordering::Relaxed), i as u64);
-            } else {
-                match expect(n, i) {
-                    Some(seed) => assert!(holds(&mem, p, seed)),
-                    None => {
-                        let mut buf = [1u8; PAGE_SIZE];
-                        mem.read_page(p, &mut buf).unwrap();
-                        assert!(is_zero_page(&buf));
-                    }
-                }
-            }
-        }
-    }
-    let after = mem.usage().unwrap();
-    show("pageone: unmerged all", &after);
-    assert_eq!(after.store_bytes, 0, "every store page freed");
-    assert_eq!(mem.stats().store_slots, 0);
-    assert_eq!(after.region_anonymous, 6 * PAGES as u64 * PAGE);
-}
-
-/// An embedder unmaps a region under a running engine: errors, no crash.
-#[test]
-fn a_region_unmapped_under_a_running_engine_yields_errors() {
-    let Some(mem) = memory() else { return };
-    let mem = Arc::new(mem);
-    const PAGES: usize = 512;
+    const PAGES: usize = 64;
     let len = PAGES * PAGE_SIZE;
     let base = embedder_mmap(len);
     // SAFETY: the mapping just made: private, anonymous, page-aligned, ours.
     let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
-    let keep = mem.add_region(64, DomainId(0)).unwrap();
+    let keep = mem.add_region(8, DomainId(0)).unwrap();
     for i in 0..PAGES as u32 {
         fill(&mem, PageId::new(r, i), 1 + (i % 8) as u64);
     }
-    for i in 0..64 {
-        fill(&mem, PageId::new(keep, i), 1 + (i % 8) as u64);
+    for i in 0..8 {
+        fill(&mem, PageId::new(keep, i), 1 + i as u64);
     }
-    let engine = PageOne::new(
-        mem.clone(),
-        Config {
-            work_threads: 2,
-            merge_period: Duration::from_millis(4),
-            base_period: Duration::from_millis(2),
-            stable_periods: 1,
-            ..Config::default()
-        },
-    );
-    engine.start();
-    let t0 = Instant::now();
-    while engine.stats().pages_sharing < 100 && t0.elapsed() < Duration::from_secs(5) {
-        thread::sleep(Duration::from_millis(2));
-    }
-    assert!(engine.stats().pages_sharing >= 100);
-    // The embedder unmaps the region behind the engine's back.
-    // SAFETY: the test's own mapping; nothing in the test touches it afterwards (the
-    // backend only reaches it through fault-checked calls).
-    unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
-    thread::sleep(Duration::from_millis(100));
-    let passes = engine.stats().full_scans;
-    thread::sleep(Duration::from_millis(50));
-    assert!(
-        engine.stats().full_scans > passes,
-        "the engine keeps running"
-    );
-    engine.stop();
-    // Every operation on the region fails cleanly once the backend has noticed.
-    let mut buf = [0u8; PAGE_SIZE];
-    let reads: Vec<_> = (0..PAGES as u32)
-        .map(|i| mem.read_page(PageId::new(r, i), &mut buf))
+    let all = pages(r, 0..PAGES as u32);
+    let t: Vec<_> = mem.protect(&all).into_iter().map(Result::unwrap).collect();
+    let frames: Vec<_> = (0..8)
+        .map(|i| mem.canonicalize(all[i], t[i]).unwrap())
         .collect();
-    assert!(reads
-        .iter()
-        .any(|r| matches!(r, Err(PageError::Unmapped(_)))));
-    let p = PageId::new(r, 3);
+    for i in 8..PAGES / 2 {
+        assert_eq!(
+            mem.merge(all[i], t[i], &frames[i % 8]).unwrap(),
+            MergeOutcome::Merged
+        );
+    }
+    unmap_keeping_the_address(base, len);
+    let mut buf = [0u8; PAGE_SIZE];
+    assert_eq!(
+        mem.read_page(all[40], &mut buf),
+        Err(PageError::Unmapped(r))
+    );
+    let p = all[3];
     assert_eq!(mem.protect(&[p])[0], Err(PageError::Unmapped(r)));
     assert_eq!(mem.recycle(&[p])[0], Err(PageError::Unmapped(r)));
     assert_eq!(mem.unmerge(p), Err(PageError::Unmapped(r)));
+    assert_eq!(
+        mem.merge(all[40], t[40], &frames[0]),
+        Err(PageError::Unmapped(r))
+    );
+    let batch = mem.canonicalize_batch(&[(all[41], t[41]), (all[42], t[42])]);
+    assert!(batch
+        .iter()
+        .all(|b| matches!(b, Err(PageError::Unmapped(_)))));
     assert!(mem.usage().is_ok());
-    // The other region is fine.
-    assert!(holds(&mem, PageId::new(keep, 9), 2));
-    drop(engine);
+    assert!(holds(&mem, PageId::new(keep, 3), 4));
+    fill(&mem, PageId::new(keep, 3), 9);
+    assert!(holds(&mem, PageId::new(keep, 3), 9));
+    drop(frames);
+    drop(mem);
+    // SAFETY: the reservation made above; no memory refers to the range any more.
+    unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
 }
 
 /// Maps `len` bytes of private anonymous memory, as an embedder would.
@@ -690,10 +623,9 @@ fn merging_stops_before_the_map_count_limit() {
         .map(|m| m.lines().count() as u64)
         .unwrap_or(0);
     // Leave room for about 300 more mappings (other tests in this process use some).
-    let Some(mem) = memory_with(LinuxConfig {
-        map_count_reserve: Some(limit.saturating_sub(now + 300)),
-        ..LinuxConfig::default()
-    }) else {
+    let Some(mem) = memory_with(
+        LinuxConfig::default().with_map_count_reserve(Some(limit.saturating_sub(now + 300))),
+    ) else {
         return;
     };
     const N: u32 = 1000;
@@ -742,21 +674,20 @@ fn merging_stops_before_the_map_count_limit() {
     assert!(shown.contains("sysctl -w vm.max_map_count"));
 }
 
-/// Without userfaultfd: nothing is protected or merged, recycling still frees memory, and
-/// PageONE keeps running.
+/// Without userfaultfd: nothing is protected or merged, recycling still frees memory.
 #[test]
 fn without_userfaultfd_nothing_merges_but_recycling_works() {
-    let strict = LinuxMemory::with_config(LinuxConfig {
-        use_userfaultfd: false,
-        ..LinuxConfig::default()
-    });
-    assert!(matches!(strict, Err(PageError::Unsupported(_))));
+    let strict = LinuxMemory::with_config(LinuxConfig::default().with_use_userfaultfd(false));
+    assert!(matches!(
+        strict,
+        Err(page_memory::linux::LinuxError::Disabled)
+    ));
     let mem = Arc::new(
-        LinuxMemory::with_config(LinuxConfig {
-            use_userfaultfd: false,
-            require_userfaultfd: false,
-            ..LinuxConfig::default()
-        })
+        LinuxMemory::with_config(
+            LinuxConfig::default()
+                .with_use_userfaultfd(false)
+                .with_require_userfaultfd(false),
+        )
         .unwrap(),
     );
     assert_eq!(
@@ -783,12 +714,6 @@ fn without_userfaultfd_nothing_merges_but_recycling_works() {
         mem.canonicalize(p, page_memory::ProtectToken(0)),
         Err(PageError::Unsupported(_))
     ));
-    let engine = PageOne::new(mem.clone(), Config::default());
-    for _ in 0..3 {
-        engine.merge_pass();
-    }
-    assert_eq!(engine.stats().pages_sharing, 0);
-    drop(engine);
     let before = mem.usage().unwrap();
     assert!(mem.recycle(&pages(r, 0..32)).iter().all(Result::is_ok));
     let after = mem.usage().unwrap();
@@ -966,4 +891,24 @@ fn batches_do_what_single_calls_do() {
     word(&mem, PageId::new(r, N + 50), 0).store(1, Ordering::Relaxed);
     assert!(holds(&mem, PageId::new(r, 50), 51));
     assert!(holds(&mem, PageId::new(r, N + 51), 52));
+}
+
+/// Unmaps `[base, base + len)` as an embedder would, except that the address range stays
+/// reserved (a `PROT_NONE` mapping replaces the memory atomically): no other test in this
+/// process can get a mapping there while a memory still remembers the region. Release it
+/// with `munmap` once no memory refers to it.
+fn unmap_keeping_the_address(base: *mut u8, len: usize) {
+    // SAFETY: the test's own mapping, which nothing in the test touches afterwards (the
+    // backend only reaches it through fault-checked calls, which fail on PROT_NONE).
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            base.cast(),
+            len,
+            rustix::mm::ProtFlags::empty(),
+            rustix::mm::MapFlags::PRIVATE
+                | rustix::mm::MapFlags::FIXED
+                | rustix::mm::MapFlags::NORESERVE,
+        )
+    }
+    .expect("mmap PROT_NONE over the region");
 }

@@ -159,6 +159,9 @@
 //! (only private anonymous memory is adopted), more than one `LinuxMemory` over the same
 //! memory.
 
+mod config;
+mod error;
+mod probe;
 mod store;
 mod sys;
 
@@ -170,70 +173,19 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 use rustix::io::Errno;
-use rustix::mm::{Advice, MapFlags, ProtFlags};
-use userfaultfd::{Event, EventBuffer, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use sys::Advice;
 
 use crate::{
     is_zero_page, DirtyHook, DomainId, MergeOutcome, PageError, PageId, PageMemory, ProtectToken,
     RegionId, RegionInfo, PAGE_SIZE, PAGE_WORDS,
 };
 
+pub use config::LinuxConfig;
+pub use error::{KernelFeature, LinuxError};
 pub use store::LinuxFrame;
 use store::{Slot, Store};
-
-/// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4): write-protecting an empty entry of
-/// anonymous memory leaves a marker, so the first write to it is still reported.
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-
-/// How a [`LinuxMemory`] is set up.
-#[derive(Clone, Debug)]
-pub struct LinuxConfig {
-    /// Fail [`LinuxMemory::new`] if userfaultfd write-protect is unavailable (default).
-    /// Off: the memory works without protection, so nothing is ever merged.
-    pub require_userfaultfd: bool,
-    /// Use userfaultfd at all (default). Off: as if it were unavailable (the fallback
-    /// described under *Failures*), for embedders that only recycle.
-    pub use_userfaultfd: bool,
-    /// Handle writes made by the kernel for the guest (KVM, `read(2)` into guest memory)
-    /// to protected pages (default). Needs privilege (see the module docs); off, such a
-    /// write to a protected page fails with `EFAULT` in the kernel.
-    pub kernel_faults: bool,
-    /// Threads that resolve write faults (default 1).
-    pub fault_threads: usize,
-    /// Home slots of the canonical store: the most guest pages all regions together may
-    /// have (default 2^26 pages, 256 GiB). The store reserves twice as much address space
-    /// (home and overflow areas) for its read-only view; it uses memory only for
-    /// canonical pages.
-    pub home_slots: u64,
-    /// Mappings to keep free below `vm.max_map_count` (default: a sixteenth of it, at
-    /// least 256).
-    pub map_count_reserve: Option<u64>,
-    /// Read guest memory through `process_vm_readv`, so that a region unmapped by its
-    /// owner yields [`PageError::Unmapped`] rather than a crash (default). Off: guest pages
-    /// are read in place with atomic word loads (faster, and `read_words` reads each word
-    /// atomically), and regions must stay mapped until removed.
-    pub checked_access: bool,
-    /// The most consecutive pages [`PageMemory::merge_batch`] and
-    /// [`PageMemory::canonicalize_batch`] remap with one `mmap` (default 64). The pages of
-    /// a run stay locked while it is compared and remapped, so a guest write to one of
-    /// them waits for at most that one run (tens of microseconds at 64 pages).
-    pub max_run_pages: usize,
-}
-
-impl Default for LinuxConfig {
-    fn default() -> Self {
-        LinuxConfig {
-            require_userfaultfd: true,
-            use_userfaultfd: true,
-            kernel_faults: true,
-            fault_threads: 1,
-            home_slots: 1 << 26,
-            map_count_reserve: None,
-            checked_access: true,
-            max_run_pages: 64,
-        }
-    }
-}
+use sys::uffd::Uffd;
+pub use sys::uffd::UffdSource;
 
 /// How [`PageMemory::written_since`] knows whether a page was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,17 +210,30 @@ pub enum WindowCheck {
     Contents,
 }
 
-/// What the kernel offered when the memory was made.
+/// What the kernel offered when the memory was made (see [`KernelFeature`] for what
+/// each feature is needed for).
 #[derive(Clone, Debug)]
 pub struct LinuxCaps {
-    /// Why userfaultfd write-protect is unavailable (`None`: it works).
-    pub userfaultfd_error: Option<String>,
-    /// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4).
-    pub wp_unpopulated: bool,
-    /// `PAGEMAP_SCAN` (Linux 6.7).
-    pub pagemap_scan: bool,
-    /// Whether writes made by the kernel to protected pages are handled.
+    /// Why userfaultfd write-protect is unavailable (`None`: it works). Set only with
+    /// [`LinuxConfig::require_userfaultfd`] off (on, [`LinuxMemory::new`] fails instead).
+    pub userfaultfd_error: Option<LinuxError>,
+    /// How the userfaultfd was created (`None`: there is none).
+    pub source: Option<UffdSource>,
+    /// Whether writes made by the kernel to protected pages are handled. `false` with
+    /// [`LinuxConfig::kernel_faults`] on means this process may not have kernel faults and
+    /// the memory fell back to a user-mode-only userfaultfd: a write the kernel makes to
+    /// a protected page (KVM, `read(2)` into guest memory) then fails with `EFAULT`.
     pub kernel_faults: bool,
+    /// userfaultfd write-protect on anonymous memory (Linux 5.7) works.
+    pub uffd_wp_anon: bool,
+    /// userfaultfd write-protect on a private mapping of a memfd (Linux 5.19) works.
+    pub uffd_wp_shmem: bool,
+    /// `MADV_POPULATE_WRITE` (Linux 5.14) works.
+    pub populate_write: bool,
+    /// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4) is on.
+    pub wp_unpopulated: bool,
+    /// `PAGEMAP_SCAN` (Linux 6.7) works.
+    pub pagemap_scan: bool,
     /// `vm.max_map_count` when the memory was made.
     pub max_map_count: u64,
 }
@@ -547,6 +512,18 @@ pub struct LinuxMemory {
     stop: Option<Arc<OwnedFd>>,
 }
 
+impl std::fmt::Debug for LinuxMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinuxMemory")
+            .field("regions", &self.live_regions().len())
+            .field("dirty_tracking", &self.dirty_tracking())
+            .field("fault_threads", &self.threads.len())
+            .field("caps", &self.inner.caps)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
 thread_local! {
     /// A reusable buffer for reading runs of guest pages (kept between calls, so a run's
     /// read allocates nothing).
@@ -557,51 +534,24 @@ thread_local! {
 const NO_UFFD: &str =
     "userfaultfd write-protect is unavailable (see LinuxMemory::caps for why): pages cannot be protected or merged";
 
-fn uffd_errno(e: &userfaultfd::Error) -> i32 {
-    match e {
-        userfaultfd::Error::SystemError(n) => *n as i32,
-        userfaultfd::Error::OpenDevUserfaultfd(io) => io.raw_os_error().unwrap_or(libc::EIO),
-        _ => libc::EIO,
-    }
-}
-
 impl LinuxMemory {
     /// A memory with the default [`LinuxConfig`] (userfaultfd write-protect required).
-    pub fn new() -> Result<LinuxMemory, PageError> {
+    pub fn new() -> Result<LinuxMemory, LinuxError> {
         Self::with_config(LinuxConfig::default())
     }
 
-    /// A memory set up by `config`, with no regions; starts the fault thread(s).
-    pub fn with_config(config: LinuxConfig) -> Result<LinuxMemory, PageError> {
+    /// A memory set up by `config`, with no regions; probes the kernel (see
+    /// [`KernelFeature`]) and starts the fault thread(s). Fails with
+    /// [`LinuxError::Missing`] where the kernel lacks a feature the backend needs (unless
+    /// [`LinuxConfig::require_userfaultfd`] is off).
+    pub fn with_config(config: LinuxConfig) -> Result<LinuxMemory, LinuxError> {
         let store = Store::new(config.home_slots)?;
-        let opened = if config.use_userfaultfd {
-            open_uffd(config.kernel_faults)
-        } else {
-            Err("turned off by LinuxConfig::use_userfaultfd".to_string())
-        };
-        let (uffd, wp_unpopulated, uffd_error) = match opened {
-            Ok((u, unpop)) => (Some(u), unpop, None),
-            Err(why) => (None, false, Some(why)),
-        };
-        if let (Some(why), true) = (&uffd_error, config.require_userfaultfd) {
-            return Err(PageError::Unsupported(unsupported_reason(why)));
-        }
-        let pagemap = rustix::fs::open(
-            "/proc/self/pagemap",
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .ok();
-        // Probe PAGEMAP_SCAN on a page of our own stack-free memory: the store's view.
-        let pagemap = pagemap.filter(|fd| probe_pagemap_scan(fd.as_fd()));
         let guard = MapGuard::new(config.map_count_reserve);
-        let caps = LinuxCaps {
-            userfaultfd_error: uffd_error,
-            wp_unpopulated,
-            pagemap_scan: pagemap.is_some(),
-            kernel_faults: config.kernel_faults,
-            max_map_count: guard.limit.load(Ordering::Relaxed),
-        };
+        let probe::Kernel {
+            uffd,
+            pagemap,
+            caps,
+        } = probe::probe(&config, guard.limit.load(Ordering::Relaxed))?;
         let inner = Arc::new(Inner {
             uffd,
             caps,
@@ -674,28 +624,18 @@ impl LinuxMemory {
             return Err(PageError::Unsupported("a region of no pages"));
         }
         let len = pages as usize * PAGE_SIZE;
-        // SAFETY: a fresh private anonymous mapping at an address the kernel chooses: it
-        // overlaps nothing that exists.
-        let base = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
-            )
-        }
-        .map_err(|e| PageError::Os {
+        let base = sys::map_fresh_anon(len).map_err(|e| PageError::Os {
             op: "mmap (allocate a region)",
             errno: e.raw_os_error(),
         })?;
         // SAFETY: the range is the mapping just made; the advice only changes how the
         // kernel backs it (no huge pages), not its contents.
-        let _ = unsafe { rustix::mm::madvise(base, len, Advice::LinuxNoHugepage) };
-        match self.insert_region(base as usize, pages, domain, true) {
+        let _ = unsafe { sys::madvise(base, len, Advice::LinuxNoHugepage) };
+        match self.insert_region(base, pages, domain, true) {
             Ok(id) => Ok(id),
             Err(e) => {
                 // SAFETY: the mapping made above, which nothing else knows of.
-                let _ = unsafe { rustix::mm::munmap(base, len) };
+                let _ = unsafe { sys::munmap(base, len) };
                 Err(e)
             }
         }
@@ -756,17 +696,16 @@ impl LinuxMemory {
     ) -> Result<RegionId, PageError> {
         let len = pages as usize * PAGE_SIZE;
         if let Some(uffd) = &self.inner.uffd {
-            uffd.register_with_mode(base as *mut _, len, RegisterMode::WRITE_PROTECT)
-                .map_err(|e| PageError::Os {
-                    op: "UFFDIO_REGISTER (write-protect mode) of a region",
-                    errno: uffd_errno(&e),
-                })?;
+            uffd.register_wp(base, len).map_err(|e| PageError::Os {
+                op: "UFFDIO_REGISTER (write-protect mode) of a region",
+                errno: e.raw_os_error(),
+            })?;
         }
         let home = match self.inner.store.reserve_home(pages) {
             Ok(h) => h,
             Err(e) => {
                 if let Some(uffd) = &self.inner.uffd {
-                    let _ = uffd.unregister(base as *mut _, len);
+                    let _ = uffd.unregister(base, len);
                 }
                 return Err(e);
             }
@@ -949,87 +888,6 @@ impl Drop for LinuxMemory {
     }
 }
 
-/// Creates the userfaultfd; returns it and whether markers for empty entries work.
-fn open_uffd(kernel_faults: bool) -> Result<(Uffd, bool), String> {
-    let build = |features: u64| {
-        UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(!kernel_faults)
-            .require_features(FeatureFlags::from_bits_retain(features))
-            .create()
-    };
-    let wp = FeatureFlags::PAGEFAULT_FLAG_WP.bits();
-    let (uffd, unpopulated) = match build(wp | UFFD_FEATURE_WP_UNPOPULATED) {
-        Ok(u) => (u, true),
-        Err(_) => match build(wp) {
-            Ok(u) => (u, false),
-            Err(e) => {
-                let errno = uffd_errno(&e);
-                let hint = match errno {
-                    libc::EPERM | libc::EACCES => {
-                        "permission denied: run as root, give the process CAP_SYS_PTRACE or \
-                         access to /dev/userfaultfd, set vm.unprivileged_userfaultfd = 1, \
-                         or turn off LinuxConfig::kernel_faults"
-                    }
-                    libc::ENOSYS => "the kernel has no userfaultfd (CONFIG_USERFAULTFD)",
-                    libc::EINVAL => "the kernel lacks userfaultfd write-protect (Linux 5.7+)",
-                    _ => "userfaultfd failed",
-                };
-                return Err(format!("{hint} ({e}, errno {errno})"));
-            }
-        },
-    };
-    // Write-protect mode must be registrable on anonymous memory: try it on one page.
-    // SAFETY: a fresh private anonymous page at an address the kernel chooses.
-    let probe = unsafe {
-        rustix::mm::mmap_anonymous(
-            std::ptr::null_mut(),
-            PAGE_SIZE,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE,
-        )
-    }
-    .map_err(|e| format!("mmap of a probe page failed (errno {})", e.raw_os_error()))?;
-    let r = uffd.register_with_mode(probe, PAGE_SIZE, RegisterMode::WRITE_PROTECT);
-    let _ = uffd.unregister(probe, PAGE_SIZE);
-    // SAFETY: the probe page mapped above, used by nothing else.
-    let _ = unsafe { rustix::mm::munmap(probe, PAGE_SIZE) };
-    if let Err(e) = r {
-        return Err(format!(
-            "the kernel lacks userfaultfd write-protect on anonymous memory (Linux 5.7+): {e} \
-             (errno {})",
-            uffd_errno(&e)
-        ));
-    }
-    Ok((uffd, unpopulated))
-}
-
-/// A static message for [`PageError::Unsupported`] with the reason folded in by kind
-/// (the full reason is in [`LinuxCaps::userfaultfd_error`]).
-fn unsupported_reason(why: &str) -> &'static str {
-    if why.starts_with("permission denied") {
-        "userfaultfd: permission denied (needs root, CAP_SYS_PTRACE, /dev/userfaultfd access, \
-         vm.unprivileged_userfaultfd = 1, or LinuxConfig::kernel_faults = false)"
-    } else if why.contains("CONFIG_USERFAULTFD") {
-        "userfaultfd: the kernel has none (CONFIG_USERFAULTFD)"
-    } else if why.starts_with("turned off") {
-        "userfaultfd turned off by LinuxConfig::use_userfaultfd, yet required by \
-         LinuxConfig::require_userfaultfd"
-    } else if why.contains("write-protect") {
-        "userfaultfd: the kernel lacks write-protect mode (Linux 5.7+)"
-    } else {
-        "userfaultfd could not be created (see LinuxConfig::require_userfaultfd)"
-    }
-}
-
-/// Whether `PAGEMAP_SCAN` works on `pagemap`.
-fn probe_pagemap_scan(pagemap: std::os::fd::BorrowedFd<'_>) -> bool {
-    let x = 0u64;
-    let addr = (&x as *const u64 as usize) & !(PAGE_SIZE - 1);
-    sys::page_categories(pagemap, addr).is_ok()
-}
-
 /// Counts what the pages of `ranges` map.
 fn census(
     pagemap: std::os::fd::BorrowedFd<'_>,
@@ -1073,7 +931,7 @@ fn census(
 /// The fault thread: resolves write faults until `stop` is signalled.
 fn fault_loop(inner: &Inner, stop: &OwnedFd) {
     let Some(uffd) = &inner.uffd else { return };
-    let mut buf = EventBuffer::new(64);
+    let mut buf = Uffd::msg_buffer(64);
     loop {
         let mut fds = [
             PollFd::new(uffd, PollFlags::IN),
@@ -1090,13 +948,15 @@ fn fault_loop(inner: &Inner, stop: &OwnedFd) {
         if !fds[1].revents().is_empty() {
             return;
         }
-        let Ok(events) = uffd.read_events(&mut buf) else {
+        // EAGAIN: another fault thread took the messages.
+        let Ok(msgs) = uffd.read_msgs(&mut buf) else {
             continue;
         };
-        for event in events {
-            if let Ok(Event::Pagefault { addr, .. }) = event {
-                inner.on_fault(addr as usize);
-            }
+        // Only page faults are asked for (no UFFD_FEATURE_EVENT_*); anything else is
+        // ignored. Every fault on a write-protect-only registration is a write to a
+        // protected page (UFFD_PAGEFAULT_FLAG_WP).
+        for fault in msgs.iter().filter_map(|m| m.pagefault()) {
+            inner.on_fault(fault.address as usize);
         }
     }
 }
@@ -1114,13 +974,8 @@ fn gone_or(region: &Region, op: &'static str, e: Errno, gone: &[Errno]) -> PageE
     }
 }
 
-fn uffd_gone_or(region: &Region, op: &'static str, e: &userfaultfd::Error) -> PageError {
-    gone_or(
-        region,
-        op,
-        Errno::from_raw_os_error(uffd_errno(e)),
-        &[Errno::NOENT, Errno::FAULT],
-    )
+fn uffd_gone_or(region: &Region, op: &'static str, e: Errno) -> PageError {
+    gone_or(region, op, e, &[Errno::NOENT, Errno::FAULT])
 }
 
 impl Inner {
@@ -1209,11 +1064,10 @@ impl Inner {
     /// Registers the page at `addr` (a fresh mapping) with the userfaultfd.
     fn register(&self, addr: usize) -> Result<(), PageError> {
         self.uffd()?
-            .register_with_mode(addr as *mut _, PAGE_SIZE, RegisterMode::WRITE_PROTECT)
-            .map(|_| ())
+            .register_wp(addr, PAGE_SIZE)
             .map_err(|e| PageError::Os {
                 op: "UFFDIO_REGISTER of a remapped page",
-                errno: uffd_errno(&e),
+                errno: e.raw_os_error(),
             })
     }
 
@@ -1223,19 +1077,19 @@ impl Inner {
             // Without markers an empty entry cannot be protected: fault the zero page in.
             // SAFETY: the range is guest memory of a live region; reading it in changes no
             // contents.
-            let _ = unsafe { rustix::mm::madvise(addr as *mut _, len, Advice::LinuxPopulateRead) };
+            let _ = unsafe { sys::madvise(addr, len, Advice::LinuxPopulateRead) };
         }
         self.uffd()?
-            .write_protect(addr as *mut _, len)
-            .map_err(|e| uffd_gone_or(region, "UFFDIO_WRITEPROTECT", &e))
+            .writeprotect(addr, len, true, false)
+            .map_err(|e| uffd_gone_or(region, "UFFDIO_WRITEPROTECT", e))
     }
 
     /// Removes write protection from `len` bytes at `addr`, waking waiting writers if
     /// `wake`.
     fn unwp(&self, region: &Region, addr: usize, len: usize, wake: bool) -> Result<(), PageError> {
         self.uffd()?
-            .remove_write_protection(addr as *mut _, len, wake)
-            .map_err(|e| uffd_gone_or(region, "UFFDIO_WRITEPROTECT (remove)", &e))
+            .writeprotect(addr, len, false, wake)
+            .map_err(|e| uffd_gone_or(region, "UFFDIO_WRITEPROTECT (remove)", e))
     }
 
     /// Whether a write landed in the page at `addr` since it was given `expect` (a store
@@ -1329,16 +1183,7 @@ impl Inner {
         // while the page was write-protected), so no reader sees a change; writers are
         // held by the protection or land in a copy. `slot` stays allocated while the page
         // maps it (`st.slot` holds it).
-        let r = unsafe {
-            rustix::mm::mmap(
-                addr as *mut _,
-                PAGE_SIZE,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE | MapFlags::FIXED,
-                self.store.fd(),
-                slot.offset(),
-            )
-        };
+        let r = unsafe { sys::map_file_fixed(addr, PAGE_SIZE, self.store.fd(), slot.offset()) };
         if let Err(e) = r {
             return Err(self.mmap_error("mmap of a store page over a guest page", e));
         }
@@ -1366,11 +1211,9 @@ impl Inner {
         // slots are consecutive in the memfd, so one mapping covers them all; each page's
         // `st.slot` keeps its slot allocated while the page maps it.
         let r = unsafe {
-            rustix::mm::mmap(
-                addr as *mut _,
+            sys::map_file_fixed(
+                addr,
                 slots.len() * PAGE_SIZE,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE | MapFlags::FIXED,
                 self.store.fd(),
                 slots[0].offset(),
             )
@@ -1393,10 +1236,7 @@ impl Inner {
         let registered = self
             .uffd()
             .ok()
-            .and_then(|u| {
-                u.register_with_mode(addr as *mut _, len, RegisterMode::WRITE_PROTECT)
-                    .ok()
-            })
+            .and_then(|u| u.register_wp(addr, len).ok())
             .is_some();
         if !registered || self.wp(region, addr, len).is_err() {
             // Page by page, as a single remap would.
@@ -1648,21 +1488,14 @@ impl Inner {
     fn map_anon(&self, region: &Region, addr: usize, st: &mut PageState) -> Result<(), PageError> {
         // Make sure the page is still ours (its mapping is still registered) first. The
         // probe protects (never unprotects): a write racing the remap must wait for it.
-        if let Err(e) = self.uffd()?.write_protect(addr as *mut _, PAGE_SIZE) {
-            return Err(uffd_gone_or(region, "UFFDIO_WRITEPROTECT (probe)", &e));
+        if let Err(e) = self.uffd()?.writeprotect(addr, PAGE_SIZE, true, false) {
+            return Err(uffd_gone_or(region, "UFFDIO_WRITEPROTECT (probe)", e));
         }
         self.guard.admit()?;
         // SAFETY: as in `map_slot`: a locked page of a live region that this backend may
         // remap; callers only do this where the page's contents are to read as zeros
         // (they are zeros already, or the page is being recycled).
-        let r = unsafe {
-            rustix::mm::mmap_anonymous(
-                addr as *mut _,
-                PAGE_SIZE,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
-            )
-        };
+        let r = unsafe { sys::map_anon_fixed(addr, PAGE_SIZE) };
         if let Err(e) = r {
             return Err(self.mmap_error("mmap of anonymous memory over a guest page", e));
         }
@@ -1710,7 +1543,7 @@ impl Inner {
             }
         }
         if let Some(uffd) = &self.uffd {
-            let _ = uffd.wake(page_addr as *mut _, PAGE_SIZE);
+            let _ = uffd.wake(page_addr, PAGE_SIZE);
         }
     }
 
@@ -1720,15 +1553,12 @@ impl Inner {
             // Break the sharing here, so that we know when the page stops mapping the slot.
             let freed = self.break_store(region, addr, st);
             bump(&self.counters.cow_breaks);
-            let _ = uffd.wake(addr as *mut _, PAGE_SIZE);
+            let _ = uffd.wake(addr, PAGE_SIZE);
             // Free the slot (a punch-hole call) only after the writer is on its way.
             drop(freed);
         } else {
-            if uffd
-                .remove_write_protection(addr as *mut _, PAGE_SIZE, true)
-                .is_err()
-            {
-                let _ = uffd.wake(addr as *mut _, PAGE_SIZE);
+            if uffd.writeprotect(addr, PAGE_SIZE, false, true).is_err() {
+                let _ = uffd.wake(addr, PAGE_SIZE);
             }
             if st.kind == Kind::Zero {
                 st.kind = Kind::Anon;
@@ -1755,8 +1585,7 @@ impl Inner {
         // SAFETY: a page of a live region, locked by us, no longer write-protected (so the
         // populate cannot wait on our own fault thread). Populating for write copies the
         // page's contents into a private page; no contents change.
-        let r =
-            unsafe { rustix::mm::madvise(addr as *mut _, PAGE_SIZE, Advice::LinuxPopulateWrite) };
+        let r = unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxPopulateWrite) };
         match r {
             Ok(()) => Ok(st.slot.take()),
             // The writer's own copy-on-write will break it; keep the slot until we know.
@@ -1780,12 +1609,12 @@ impl Inner {
         if let (Some(uffd), false) = (&self.uffd, gone) {
             // Also wakes writers waiting on pages still registered; the fault thread wakes
             // the others once we are done (the region is no longer live).
-            let _ = uffd.unregister(region.base as *mut _, region.len());
+            let _ = uffd.unregister(region.base, region.len());
         }
         if region.owned && !gone {
             // SAFETY: the region's mapping, made by `add_region`, still laid out as we left
             // it (so still ours); no operation runs on it (`live` is held).
-            let _ = unsafe { rustix::mm::munmap(region.base as *mut _, region.len()) };
+            let _ = unsafe { sys::munmap(region.base, region.len()) };
         }
         for i in 0..region.pages.len() {
             let mut st = region.lock(i);
@@ -1832,21 +1661,12 @@ impl Inner {
     /// the same contents.
     fn move_anon_over(&self, region: &Region, addr: usize, len: usize) -> Result<(), PageError> {
         self.wp(region, addr, len)?;
-        // SAFETY: a fresh private anonymous mapping at an address the kernel chooses.
-        let scratch = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
-            )
-        }
-        .map_err(|e| PageError::Os {
+        let scratch = sys::map_fresh_anon(len).map_err(|e| PageError::Os {
             op: "mmap (anonymous copy of a region given back)",
             errno: e.raw_os_error(),
         })?;
         // SAFETY: `scratch` is our fresh mapping of `len` bytes; nothing else refers to it.
-        let copy = unsafe { std::slice::from_raw_parts_mut(scratch.cast::<u8>(), len) };
+        let copy = unsafe { std::slice::from_raw_parts_mut(scratch as *mut u8, len) };
         let r = sys::read_guest(self.pid, addr, copy)
             .map_err(|e| gone_or(region, "process_vm_readv (copy)", e, &[Errno::FAULT]))
             .and_then(|()| {
@@ -1854,24 +1674,14 @@ impl Inner {
                 // and write-protected (no write can land meanwhile), with their exact
                 // contents: no reader sees a change. The destination's old mappings are
                 // replaced atomically.
-                unsafe {
-                    rustix::mm::mremap_fixed(
-                        scratch,
-                        len,
-                        len,
-                        rustix::mm::MremapFlags::MAYMOVE,
-                        addr as *mut _,
-                    )
-                }
-                .map(|_| ())
-                .map_err(|e| PageError::Os {
+                unsafe { sys::mremap_over(scratch, addr, len) }.map_err(|e| PageError::Os {
                     op: "mremap (give a region back as anonymous memory)",
                     errno: e.raw_os_error(),
                 })
             });
         if r.is_err() {
             // SAFETY: the scratch mapping, not moved: still ours alone.
-            let _ = unsafe { rustix::mm::munmap(scratch, len) };
+            let _ = unsafe { sys::munmap(scratch, len) };
         }
         r
     }
@@ -2128,10 +1938,8 @@ impl PageMemory for LinuxMemory {
                     inner.unwp(region, addr, PAGE_SIZE, false)?;
                     // SAFETY: a page of a live region, locked, not write-protected: the
                     // populate allocates its private (zero) page; no contents change.
-                    unsafe {
-                        rustix::mm::madvise(addr as *mut _, PAGE_SIZE, Advice::LinuxPopulateWrite)
-                    }
-                    .map_err(|e| gone_or(region, "MADV_POPULATE_WRITE", e, &[Errno::FAULT]))?;
+                    unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxPopulateWrite) }
+                        .map_err(|e| gone_or(region, "MADV_POPULATE_WRITE", e, &[Errno::FAULT]))?;
                     st.kind = Kind::Anon;
                     true
                 }
@@ -2143,7 +1951,7 @@ impl PageMemory for LinuxMemory {
                 }
             };
             if let Some(uffd) = &inner.uffd {
-                let _ = uffd.wake(addr as *mut _, PAGE_SIZE);
+                let _ = uffd.wake(addr, PAGE_SIZE);
             }
             if st.protected || changed {
                 st.protected = false;
@@ -2177,7 +1985,7 @@ impl Inner {
             Kind::Anon | Kind::Zero => {
                 // SAFETY: a locked page of a live region whose contents are all zeros: after
                 // dropping it, it reads as zeros (the kernel's zero page) again.
-                unsafe { rustix::mm::madvise(addr as *mut _, PAGE_SIZE, Advice::LinuxDontNeed) }
+                unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxDontNeed) }
                     .map_err(|e| gone_or(region, "MADV_DONTNEED", e, &[Errno::NOMEM]))?;
                 st.kind = Kind::Zero;
                 // The empty entry is protected again (a marker) for the page's token.
@@ -2371,9 +2179,7 @@ impl Inner {
                 let addr = region.addr((first + k) as u32);
                 // SAFETY: pages of a live region, locked by us; recycling drops their
                 // contents by definition (they then read as zeros).
-                let r = unsafe {
-                    rustix::mm::madvise(addr as *mut _, (j - k) * PAGE_SIZE, Advice::LinuxDontNeed)
-                };
+                let r = unsafe { sys::madvise(addr, (j - k) * PAGE_SIZE, Advice::LinuxDontNeed) };
                 if let Err(e) = r {
                     let e = gone_or(&region, "MADV_DONTNEED (recycle)", e, &[Errno::NOMEM]);
                     for r in &mut res[k..j] {

@@ -32,7 +32,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
-use rustix::mm::{MapFlags, ProtFlags};
 
 use crate::{PageError, PAGE_SIZE};
 
@@ -86,22 +85,11 @@ impl Store {
             .map_err(os("memfd_create (canonical store)"))?;
         rustix::fs::ftruncate(&fd, bytes).map_err(os("ftruncate (canonical store)"))?;
         let len = usize::try_from(bytes).map_err(|_| PageError::Unsupported("store too large"))?;
-        // SAFETY: a fresh shared read-only mapping chosen by the kernel (no address given),
-        // of a memfd we own and just sized to `len`; it overlaps nothing of anyone else.
-        let view = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ,
-                MapFlags::SHARED | MapFlags::NORESERVE,
-                &fd,
-                0,
-            )
-        }
-        .map_err(os("mmap (view of the canonical store)"))?;
+        let view = super::sys::map_fresh_shared_view(fd.as_fd(), len)
+            .map_err(os("mmap (view of the canonical store)"))?;
         Ok(Arc::new(Store {
             fd,
-            view: view as usize,
+            view,
             home_slots,
             slots,
             alloc: Mutex::new(Alloc {
@@ -211,9 +199,7 @@ impl Drop for Store {
     fn drop(&mut self) {
         // SAFETY: `view` is the mapping made in `new`, of `slots` pages; no slot (hence no
         // frame, hence no slice of it) outlives the store, since each holds an `Arc` of it.
-        unsafe {
-            let _ = rustix::mm::munmap(self.view as *mut _, (self.slots as usize) * PAGE_SIZE);
-        }
+        let _ = unsafe { super::sys::munmap(self.view, (self.slots as usize) * PAGE_SIZE) };
     }
 }
 

@@ -1,6 +1,9 @@
-//! The system calls of the Linux backend that `rustix` and `userfaultfd` do not wrap as
-//! the backend needs them, and the `/proc` files it reads.
+//! Every raw system call of the Linux backend, and the `/proc` files it reads. The rest
+//! of the backend calls these functions, never `rustix::mm`, `libc` or `ioctl` directly.
 //!
+//! - [`uffd`]: userfaultfd, with the kernel's definitions written out (no bindgen).
+//! - Mappings: [`map_fresh_anon`], [`map_fresh_private_file`], [`map_anon_fixed`],
+//!   [`map_file_fixed`], [`mremap_over`], [`munmap`], [`madvise`].
 //! - Guest memory is never dereferenced to copy it out: [`read_guest`] uses
 //!   `process_vm_readv` and [`pwrite_from_guest`] `pwrite`, both of which take the guest
 //!   range as a plain address and fail with `EFAULT` where it is not mapped (an embedder
@@ -10,12 +13,152 @@
 //! - `PAGEMAP_SCAN` (Linux 6.7) is an `ioctl` on `/proc/self/pagemap`; [`pagemap_scan`]
 //!   describes it to `rustix::ioctl`.
 
+pub(crate) mod uffd;
+
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use rustix::io::Errno;
 use rustix::ioctl::{Ioctl, IoctlOutput, Opcode};
+pub(crate) use rustix::mm::Advice;
+use rustix::mm::{MapFlags, MremapFlags, ProtFlags};
+
+/// Maps `len` bytes of fresh private anonymous memory (readable, writable, no swap
+/// reservation) where the kernel chooses; returns its address.
+pub(crate) fn map_fresh_anon(len: usize) -> Result<usize, Errno> {
+    // SAFETY: a new mapping at an address the kernel chooses overlaps nothing that exists,
+    // so no memory anyone uses changes.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+    }?;
+    Ok(p as usize)
+}
+
+/// Maps `len` bytes of `file` from offset 0, private (copy-on-write), readable and
+/// writable, where the kernel chooses; returns its address.
+pub(crate) fn map_fresh_private_file(file: BorrowedFd<'_>, len: usize) -> Result<usize, Errno> {
+    // SAFETY: as in `map_fresh_anon`: a new mapping where the kernel chooses.
+    let p = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+            file,
+            0,
+        )
+    }?;
+    Ok(p as usize)
+}
+
+/// Maps `len` bytes of `file` from offset 0, shared and read-only, where the kernel
+/// chooses; returns its address.
+pub(crate) fn map_fresh_shared_view(file: BorrowedFd<'_>, len: usize) -> Result<usize, Errno> {
+    // SAFETY: as in `map_fresh_anon`: a new mapping where the kernel chooses.
+    let p = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ,
+            MapFlags::SHARED | MapFlags::NORESERVE,
+            file,
+            0,
+        )
+    }?;
+    Ok(p as usize)
+}
+
+/// Replaces `[addr, addr + len)` with fresh private anonymous memory (zeros).
+///
+/// # Safety
+/// The range must be memory the caller may replace: nothing may hold references into
+/// it, and whoever reads it next must expect zeros (or the caller must know it held
+/// zeros).
+pub(crate) unsafe fn map_anon_fixed(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: the caller vouches that the range may be replaced (see `# Safety`).
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            addr as *mut c_void,
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+        )
+    }
+    .map(drop)
+}
+
+/// Replaces `[addr, addr + len)` with a private (copy-on-write), readable and writable
+/// mapping of `file` at `offset`.
+///
+/// # Safety
+/// The range must be memory the caller may replace: nothing may hold references into
+/// it, and its readers must see no change (the file's pages hold the range's contents),
+/// unless they expect one.
+pub(crate) unsafe fn map_file_fixed(
+    addr: usize,
+    len: usize,
+    file: BorrowedFd<'_>,
+    offset: u64,
+) -> Result<(), Errno> {
+    // SAFETY: the caller vouches that the range may be replaced (see `# Safety`).
+    unsafe {
+        rustix::mm::mmap(
+            addr as *mut c_void,
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+            file,
+            offset,
+        )
+    }
+    .map(drop)
+}
+
+/// Moves the mapping `[from, from + len)` over `[to, to + len)`, replacing what was there
+/// atomically (`mremap` with `MREMAP_MAYMOVE | MREMAP_FIXED`).
+///
+/// # Safety
+/// `from` must be a mapping of the caller's own that nothing refers to, and the caller
+/// must be allowed to replace `[to, to + len)` (as for [`map_anon_fixed`]).
+pub(crate) unsafe fn mremap_over(from: usize, to: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: the caller vouches for both ranges (see `# Safety`).
+    unsafe {
+        rustix::mm::mremap_fixed(
+            from as *mut c_void,
+            len,
+            len,
+            MremapFlags::MAYMOVE,
+            to as *mut c_void,
+        )
+    }
+    .map(drop)
+}
+
+/// Unmaps `[addr, addr + len)`.
+///
+/// # Safety
+/// The range must be the caller's own mappings, which nothing refers to any more.
+pub(crate) unsafe fn munmap(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: the caller vouches for the range (see `# Safety`).
+    unsafe { rustix::mm::munmap(addr as *mut c_void, len) }
+}
+
+/// `madvise(addr, len, advice)`.
+///
+/// # Safety
+/// The range must be memory the caller manages, and `advice` must change nothing its
+/// readers do not expect: `MADV_DONTNEED` makes private anonymous pages read as zeros
+/// (and private file pages as the file's page again).
+pub(crate) unsafe fn madvise(addr: usize, len: usize, advice: Advice) -> Result<(), Errno> {
+    // SAFETY: the caller vouches for the range and the advice (see `# Safety`).
+    unsafe { rustix::mm::madvise(addr as *mut c_void, len, advice) }
+}
 
 /// `PAGE_IS_WRITTEN`: the page is not userfaultfd-write-protected.
 #[allow(dead_code)]
@@ -263,8 +406,9 @@ pub(crate) fn check_anonymous_private(start: usize, end: usize) -> Option<&'stat
     Some("part of the range is not mapped")
 }
 
-/// Whether `[start, end)` is mapped without a hole, by anonymous memory or pages of the
-/// canonical store only: what a region this backend manages looks like.
+/// Whether `[start, end)` is mapped without a hole, by private readable and writable
+/// anonymous memory or pages of the canonical store only: what a region this backend
+/// manages looks like.
 pub(crate) fn range_is_ours(start: usize, end: usize) -> bool {
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return false;
@@ -278,7 +422,11 @@ pub(crate) fn range_is_ours(start: usize, end: usize) -> bool {
             continue;
         }
         let anonymous = m.dev == "00:00" && m.inode == "0";
-        if m.start > covered || !(anonymous || line.contains(STORE_NAME)) {
+        // Private, readable and writable, as the backend maps everything in a region (a
+        // PROT_NONE mapping an embedder put there is not ours).
+        let p = m.perms.as_bytes();
+        let rw_private = p.len() >= 4 && p[0] == b'r' && p[1] == b'w' && p[3] == b'p';
+        if m.start > covered || !rw_private || !(anonymous || line.contains(STORE_NAME)) {
             return false;
         }
         covered = m.end;

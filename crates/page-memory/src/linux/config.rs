@@ -1,0 +1,134 @@
+//! [`LinuxConfig`]: how a [`LinuxMemory`](super::LinuxMemory) is set up.
+
+#[cfg(doc)]
+use super::{LinuxCaps, LinuxError, LinuxMemory};
+#[cfg(doc)]
+use crate::{PageError, PageMemory};
+
+/// How a [`LinuxMemory`] is set up.
+///
+/// Build one from [`LinuxConfig::default`] with the `with_*` setters (more settings may
+/// come in later versions, so the struct cannot be written out whole):
+///
+/// ```
+/// use page_memory::linux::LinuxConfig;
+///
+/// let config = LinuxConfig::default()
+///     .with_fault_threads(2)
+///     .with_require_kernel_faults(true);
+/// assert_eq!(config.fault_threads, 2);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct LinuxConfig {
+    /// Fail [`LinuxMemory::new`] if userfaultfd write-protect is unavailable (default).
+    /// Off: the memory works without protection, so nothing is ever merged.
+    pub require_userfaultfd: bool,
+    /// Use userfaultfd at all (default). Off: as if it were unavailable (the fallback
+    /// described under *Failures*), for embedders that only recycle.
+    pub use_userfaultfd: bool,
+    /// Handle writes made by the kernel for the guest (KVM, `read(2)` into guest memory)
+    /// to protected pages (default). Needs privilege (see the module docs); where this
+    /// process lacks it, the memory falls back to a user-mode-only userfaultfd unless
+    /// [`require_kernel_faults`](Self::require_kernel_faults) is on, and
+    /// [`LinuxCaps::kernel_faults`] says which it got. Off (or fallen back), such a write
+    /// to a protected page fails with `EFAULT` in the kernel.
+    pub kernel_faults: bool,
+    /// Fail [`LinuxMemory::new`] with [`LinuxError::KernelFaultsDenied`] rather than fall
+    /// back to user-mode-only faults when [`kernel_faults`](Self::kernel_faults) is on but
+    /// this process may not have them (default off). Turn it on in a VMM whose guests run
+    /// under KVM: KVM's writes to protected guest pages are kernel faults.
+    pub require_kernel_faults: bool,
+    /// Threads that resolve write faults (default 1).
+    pub fault_threads: usize,
+    /// Home slots of the canonical store: the most guest pages all regions together may
+    /// have (default 2^26 pages, 256 GiB). The store reserves twice as much address space
+    /// (home and overflow areas) for its read-only view; it uses memory only for
+    /// canonical pages.
+    pub home_slots: u64,
+    /// Mappings to keep free below `vm.max_map_count` (default: a sixteenth of it, at
+    /// least 256).
+    pub map_count_reserve: Option<u64>,
+    /// Read guest memory through `process_vm_readv`, so that a region unmapped by its
+    /// owner yields [`PageError::Unmapped`] rather than a crash (default). Off: guest pages
+    /// are read in place with atomic word loads (faster, and `read_words` reads each word
+    /// atomically), and regions must stay mapped until removed.
+    pub checked_access: bool,
+    /// The most consecutive pages [`PageMemory::merge_batch`] and
+    /// [`PageMemory::canonicalize_batch`] remap with one `mmap` (default 64). The pages of
+    /// a run stay locked while it is compared and remapped, so a guest write to one of
+    /// them waits for at most that one run (tens of microseconds at 64 pages).
+    pub max_run_pages: usize,
+}
+
+impl Default for LinuxConfig {
+    fn default() -> Self {
+        LinuxConfig {
+            require_userfaultfd: true,
+            use_userfaultfd: true,
+            kernel_faults: true,
+            require_kernel_faults: false,
+            fault_threads: 1,
+            home_slots: 1 << 26,
+            map_count_reserve: None,
+            checked_access: true,
+            max_run_pages: 64,
+        }
+    }
+}
+
+impl LinuxConfig {
+    /// Sets [`require_userfaultfd`](Self::require_userfaultfd).
+    pub fn with_require_userfaultfd(mut self, require_userfaultfd: bool) -> Self {
+        self.require_userfaultfd = require_userfaultfd;
+        self
+    }
+
+    /// Sets [`use_userfaultfd`](Self::use_userfaultfd).
+    pub fn with_use_userfaultfd(mut self, use_userfaultfd: bool) -> Self {
+        self.use_userfaultfd = use_userfaultfd;
+        self
+    }
+
+    /// Sets [`kernel_faults`](Self::kernel_faults).
+    pub fn with_kernel_faults(mut self, kernel_faults: bool) -> Self {
+        self.kernel_faults = kernel_faults;
+        self
+    }
+
+    /// Sets [`require_kernel_faults`](Self::require_kernel_faults).
+    pub fn with_require_kernel_faults(mut self, require_kernel_faults: bool) -> Self {
+        self.require_kernel_faults = require_kernel_faults;
+        self
+    }
+
+    /// Sets [`fault_threads`](Self::fault_threads).
+    pub fn with_fault_threads(mut self, fault_threads: usize) -> Self {
+        self.fault_threads = fault_threads;
+        self
+    }
+
+    /// Sets [`home_slots`](Self::home_slots).
+    pub fn with_home_slots(mut self, home_slots: u64) -> Self {
+        self.home_slots = home_slots;
+        self
+    }
+
+    /// Sets [`map_count_reserve`](Self::map_count_reserve).
+    pub fn with_map_count_reserve(mut self, map_count_reserve: Option<u64>) -> Self {
+        self.map_count_reserve = map_count_reserve;
+        self
+    }
+
+    /// Sets [`checked_access`](Self::checked_access).
+    pub fn with_checked_access(mut self, checked_access: bool) -> Self {
+        self.checked_access = checked_access;
+        self
+    }
+
+    /// Sets [`max_run_pages`](Self::max_run_pages).
+    pub fn with_max_run_pages(mut self, max_run_pages: usize) -> Self {
+        self.max_run_pages = max_run_pages;
+        self
+    }
+}
