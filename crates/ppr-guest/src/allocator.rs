@@ -1,5 +1,7 @@
 //! A small user-space page allocator with the PPR hooks in its paths.
 
+use core::fmt;
+
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
@@ -26,7 +28,10 @@ pub struct PageAllocator<'a, P> {
 }
 
 /// What a [`PageAllocator`] did.
+///
+/// Non-exhaustive: more counters may be added; start from `AllocStats::default()`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AllocStats {
     /// Pages handed out.
     pub allocs: u64,
@@ -50,12 +55,28 @@ pub struct AllocStats {
 
 /// Why [`PageAllocator::free`] refused a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FreeError {
     /// The frame is not one of this allocator's pages.
     NotOurs(u64),
     /// The frame is not allocated (a double free).
     NotAllocated(u64),
 }
+
+impl fmt::Display for FreeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FreeError::NotOurs(frame) => {
+                write!(f, "frame {frame:#x} is not one of this allocator's pages")
+            }
+            FreeError::NotAllocated(frame) => {
+                write!(f, "frame {frame:#x} is not allocated (a double free)")
+            }
+        }
+    }
+}
+
+impl core::error::Error for FreeError {}
 
 impl<'a, P: MarkWords> PageAllocator<'a, P> {
     /// An allocator owning all of `pages` (frames `first_frame..first_frame + len`), all

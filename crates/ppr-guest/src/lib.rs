@@ -9,25 +9,34 @@
 //!   allocator over a caller-given set of pages, with the hooks in its free and alloc
 //!   paths and a deferred list for pages the host holds busy: for tests, examples and
 //!   benchmarks, and as the reference for a kernel integration.
-//! - [`GuestPage`] and [`SimPage`]: what the allocator needs from a page besides its mark
-//!   words (write and verify a pattern), and a 4 KiB page of atomics implementing it.
+//! - Test helpers, behind the `test-util` feature (off by default): `GuestPage` (what
+//!   tests need from a page besides its mark words: write and verify a pattern),
+//!   `pattern` (the pattern), and `SimPage` (a 4 KiB page of atomics implementing both
+//!   [`MarkWords`] and `GuestPage`).
+//!
+//! A page is anything implementing [`MarkWords`]; here, a 4 KiB array of atomics:
 //!
 //! ```
+//! use core::sync::atomic::{AtomicU64, Ordering};
 //! use pip::{HostPool, PoolStorage, Scan};
-//! use ppr_guest::{GuestPage, Hooks, PageAllocator, SimPage};
+//! use ppr_guest::{Hooks, PageAllocator};
 //!
 //! let pool = PoolStorage::<1, 64>::new();
 //! let view = pool.init().unwrap(); // the guest sets the pool up ...
 //! let host = HostPool::register(view, 1, 0x9e37_79b9_7f4a_7c15, 1 << 20).unwrap(); // ... the host registers it
 //! let hooks = Hooks::attach(view).unwrap();
 //!
-//! let pages: Vec<SimPage> = (0..8).map(|_| SimPage::new()).collect();
+//! type Page = [AtomicU64; 512];
+//! let pages: Vec<Page> = (0..8).map(|_| core::array::from_fn(|_| AtomicU64::new(0))).collect();
 //! let mut alloc = PageAllocator::new(hooks, &pages, 0x1000); // frames 0x1000..0x1008, all offered
 //! let (frame, page) = alloc.alloc(0).unwrap();
-//! page.fill(42);
+//! page[0].store(42, Ordering::Relaxed); // the page is ours: write it
 //! assert_eq!(host.scan(frame, page, || unreachable!()), Scan::NotMarked); // in use: no mark
 //! alloc.free(0, frame).unwrap(); // offered again
-//! let recycled = host.scan(frame, page, || { page.zero(); true });
+//! let recycled = host.scan(frame, page, || {
+//!     page.iter().rev().for_each(|w| w.store(0, Ordering::Release)); // zero it, word 0 last
+//!     true
+//! });
 //! assert!(matches!(recycled, Scan::Recycled(_)));
 //! ```
 //!
@@ -91,18 +100,27 @@
 
 #![no_std]
 #![warn(missing_docs)]
+#![warn(missing_debug_implementations)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
 #[cfg(feature = "alloc")]
 mod allocator;
+#[cfg(feature = "test-util")]
 mod page;
 
 #[cfg(feature = "alloc")]
 pub use allocator::{AllocStats, FreeError, PageAllocator};
+#[cfg(feature = "test-util")]
 pub use page::{pattern, GuestPage, SimPage, PAGE_WORDS};
 pub use pip::{Alloc, AttachError, Free, MarkWords, PoolView};
+
+// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 /// The guest's two hooks, over an attached pool, or disabled.
 ///

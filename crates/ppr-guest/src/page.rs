@@ -1,12 +1,15 @@
-//! Pages as the user-space allocator sees them.
+//! Test helpers (feature `test-util`): pages that check their own contents, so tests,
+//! examples and benchmarks can prove no allocated page is changed behind the guest's back.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use pip::MarkWords;
 
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 /// Words in a 4 KiB page.
 pub const PAGE_WORDS: usize = 512;
 
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 /// What [`PageAllocator`](crate::PageAllocator)'s users need from a page besides its
 /// mark words: writing a whole page and checking it, to prove that no allocated page is
 /// ever changed behind the guest's back.
@@ -18,6 +21,7 @@ pub trait GuestPage: MarkWords {
     fn verify(&self, seed: u64) -> bool;
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 /// A 4 KiB page of atomics, for tests, examples and benchmarks: both the guest (through
 /// [`MarkWords`] and [`GuestPage`]) and a simulated host ([`SimPage::zero`]) access it
 /// concurrently, always atomically.
@@ -73,6 +77,7 @@ impl MarkWords for SimPage {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 /// Word `i` of the pattern [`GuestPage::fill`] writes for `seed` (splitmix64 of `seed`
 /// and `i`, with the low bit set): never 0, so a zeroed word is always caught. Other
 /// [`GuestPage`] implementations use it too, so every page checks the same way.

@@ -54,6 +54,11 @@ fn free_offers_and_alloc_cancels() {
     assert_eq!(a.free(0, f), Err(FreeError::NotAllocated(f)));
     assert_eq!(a.free(0, FIRST + 4), Err(FreeError::NotOurs(FIRST + 4)));
     assert_eq!(a.free(0, 3), Err(FreeError::NotOurs(3)));
+    let err: &dyn std::error::Error = &FreeError::NotAllocated(f);
+    assert_eq!(
+        err.to_string(),
+        format!("frame {f:#x} is not allocated (a double free)")
+    );
     assert_eq!(view.occupied(), 4);
 }
 
