@@ -20,8 +20,8 @@
 //!   period.
 //!
 //! This crate depends only on the protocol ([`pip`]) and the memory contract
-//! ([`page_memory`]). Feature `test-util` adds [`SimGuestPage`] (feature-gated: a guest
-//! page over the simulated memory, which the example below uses).
+//! ([`page_memory`]). Feature `test-util` adds `SimGuestPage`, a guest page over the
+//! simulated memory for tests, simulations and benchmarks (the example below uses it).
 //!
 //! ```
 //! use std::sync::Arc;

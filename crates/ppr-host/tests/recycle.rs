@@ -145,11 +145,13 @@ fn guests_churning_pages_never_lose_data_and_freed_pages_come_back_in_two_passes
         stats.recycled >= PAGES as u64 - unoffered.len() as u64,
         "{stats:?}"
     );
-    // An honest guest's marks are never malformed. `NotOffered` can happen: the host may
-    // read a mark just as the guest withdraws its offer (the slot is already empty).
-    for why in [Invalid::Frame, Invalid::Pool, Invalid::Slot] {
-        assert_eq!(stats.invalid[why.index()], 0, "{why:?}: {stats:?}");
-    }
+    // The frame is the host's own fact, and an honest guest never touches its pool header.
+    // Other rejections can happen to an honest guest: the host reads a mark's two words
+    // one at a time, so it may see the old indicator and then the new contents of a page
+    // the guest has just taken back and written (a torn read: `Pool` or `Slot`), or an
+    // offer withdrawn as it looks (`NotOffered`). Each is rejected, and no page in use was
+    // ever recycled: every guest verified its pages above.
+    assert_eq!(stats.invalid[Invalid::Frame.index()], 0, "{stats:?}");
     assert_eq!(stats.invalid_pool, 0, "{stats:?}");
     assert_eq!(
         (stats.recycle_failures, stats.tampered),
