@@ -45,13 +45,9 @@ pub(super) struct Kernel {
 
 /// Probes the kernel for `config` (see the module docs).
 pub(super) fn probe(config: &LinuxConfig, max_map_count: u64) -> Result<Kernel, LinuxError> {
-    let pagemap = rustix::fs::open(
-        "/proc/self/pagemap",
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .ok()
-    .filter(|fd| probe_pagemap_scan(fd.as_fd()));
+    let pagemap = sys::open_pagemap()
+        .ok()
+        .filter(|fd| probe_pagemap_scan(fd.as_fd()));
     let mut caps = LinuxCaps {
         userfaultfd_error: None,
         source: None,
@@ -200,8 +196,7 @@ fn probe_wp_anon(uffd: &Uffd) -> Result<(), Errno> {
 /// Write-protect on a private mapping of a memfd (what a merged page is): register a
 /// mapping of a one-page probe memfd and protect it.
 fn probe_wp_shmem(uffd: &Uffd) -> Result<(), Errno> {
-    let fd = rustix::fs::memfd_create("page-memory probe", rustix::fs::MemfdFlags::CLOEXEC)?;
-    rustix::fs::ftruncate(&fd, PAGE_SIZE as u64)?;
+    let fd = sys::memfd("page-memory probe", PAGE_SIZE as u64)?;
     let page = ProbePage(sys::map_fresh_private_file(fd.as_fd(), PAGE_SIZE)?);
     try_wp(uffd, &page)
 }

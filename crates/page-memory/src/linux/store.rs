@@ -31,8 +31,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rustix::fs::{FallocateFlags, MemfdFlags};
-
 use crate::{PageError, PAGE_SIZE};
 
 /// The all-zero page the zero frame reads.
@@ -81,9 +79,8 @@ impl Store {
             .filter(|s| s.checked_mul(PAGE_SIZE as u64).is_some())
             .ok_or(PageError::Unsupported("canonical store too large"))?;
         let bytes = slots * PAGE_SIZE as u64;
-        let fd = rustix::fs::memfd_create(super::sys::STORE_NAME, MemfdFlags::CLOEXEC)
-            .map_err(os("memfd_create (canonical store)"))?;
-        rustix::fs::ftruncate(&fd, bytes).map_err(os("ftruncate (canonical store)"))?;
+        let fd = super::sys::memfd(super::sys::STORE_NAME, bytes)
+            .map_err(os("memfd_create and ftruncate (canonical store)"))?;
         let len = usize::try_from(bytes).map_err(|_| PageError::Unsupported("store too large"))?;
         let view = super::sys::map_fresh_shared_view(fd.as_fd(), len)
             .map_err(os("mmap (view of the canonical store)"))?;
@@ -164,12 +161,7 @@ impl Store {
 
     /// Punches `index` out and makes it free again.
     fn release(&self, index: u64) {
-        let r = rustix::fs::fallocate(
-            &self.fd,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            index * PAGE_SIZE as u64,
-            PAGE_SIZE as u64,
-        );
+        let r = super::sys::punch_hole(self.fd.as_fd(), index * PAGE_SIZE as u64, PAGE_SIZE as u64);
         match r {
             Ok(()) => self.punched.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.punch_errors.fetch_add(1, Ordering::Relaxed),
@@ -187,11 +179,10 @@ impl Store {
 
     /// Bytes of memory the memfd holds (its allocated blocks).
     pub(crate) fn bytes(&self) -> Result<u64, PageError> {
-        let st = rustix::fs::fstat(&self.fd).map_err(|e| PageError::Os {
+        super::sys::allocated_bytes(self.fd.as_fd()).map_err(|e| PageError::Os {
             op: "fstat (canonical store)",
             errno: e.raw_os_error(),
-        })?;
-        Ok(st.st_blocks as u64 * 512)
+        })
     }
 }
 

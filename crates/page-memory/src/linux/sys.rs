@@ -2,6 +2,8 @@
 //! of the backend calls these functions, never `rustix::mm`, `libc` or `ioctl` directly.
 //!
 //! - [`uffd`]: userfaultfd, with the kernel's definitions written out (no bindgen).
+//! - Files: [`memfd`], [`punch_hole`], [`allocated_bytes`], [`open_pagemap`]; the fault
+//!   threads' stop signal: [`eventfd`], [`signal`], [`wait_readable`].
 //! - Mappings: [`map_fresh_anon`], [`map_fresh_private_file`], [`map_anon_fixed`],
 //!   [`map_file_fixed`], [`mremap_over`], [`munmap`], [`madvise`].
 //! - Guest memory is never dereferenced to copy it out: [`read_guest`] uses
@@ -17,12 +19,69 @@ pub(crate) mod uffd;
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::io::Errno;
 use rustix::ioctl::{Ioctl, IoctlOutput, Opcode};
 pub(crate) use rustix::mm::Advice;
 use rustix::mm::{MapFlags, MremapFlags, ProtFlags};
+
+/// A new memfd named `name` (as `/proc/self/maps` shows it), close-on-exec, sized to
+/// `len` bytes (sparse: it holds no memory until written).
+pub(crate) fn memfd(name: &str, len: u64) -> Result<OwnedFd, Errno> {
+    let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+    rustix::fs::ftruncate(&fd, len)?;
+    Ok(fd)
+}
+
+/// Punches `[offset, offset + len)` out of `file` (`fallocate(PUNCH_HOLE | KEEP_SIZE)`):
+/// its memory goes back to the system and it reads as zeros again.
+pub(crate) fn punch_hole(file: BorrowedFd<'_>, offset: u64, len: u64) -> Result<(), Errno> {
+    use rustix::fs::FallocateFlags;
+    rustix::fs::fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// Bytes of memory `file` holds (its allocated blocks, `fstat`).
+pub(crate) fn allocated_bytes(file: BorrowedFd<'_>) -> Result<u64, Errno> {
+    Ok(rustix::fs::fstat(file)?.st_blocks as u64 * 512)
+}
+
+/// `/proc/self/pagemap`, read-only.
+pub(crate) fn open_pagemap() -> Result<OwnedFd, Errno> {
+    rustix::fs::open(
+        "/proc/self/pagemap",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+}
+
+/// A non-blocking, close-on-exec eventfd (the fault threads' stop signal).
+pub(crate) fn eventfd() -> Result<OwnedFd, Errno> {
+    use rustix::event::EventfdFlags;
+    rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+}
+
+/// Signals the eventfd `fd` (adds one to its counter).
+pub(crate) fn signal(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    rustix::io::write(fd, &1u64.to_ne_bytes()).map(drop)
+}
+
+/// Waits until `a` or `b` is readable (or has an error or hang-up); returns which have
+/// something to report.
+pub(crate) fn wait_readable(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<[bool; 2], Errno> {
+    use rustix::event::{PollFd, PollFlags};
+    let mut fds = [
+        PollFd::new(&a, PollFlags::IN),
+        PollFd::new(&b, PollFlags::IN),
+    ];
+    rustix::event::poll(&mut fds, None)?;
+    Ok([!fds[0].revents().is_empty(), !fds[1].revents().is_empty()])
+}
 
 /// Maps `len` bytes of fresh private anonymous memory (readable, writable, no swap
 /// reservation) where the kernel chooses; returns its address.

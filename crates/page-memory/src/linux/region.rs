@@ -1,0 +1,384 @@
+//! Regions and their life cycle: allocated or adopted, registered with the userfaultfd,
+//! and at the end given back (adopted regions, as plain anonymous memory) or unmapped
+//! (allocated ones). Also how an operation finds its region and page, and how a region
+//! its owner unmapped is found out.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use rustix::io::Errno;
+
+use super::store::Slot;
+use super::sys::{self, Advice};
+use super::{Inner, LinuxMemory};
+use crate::{DomainId, PageError, PageId, RegionId, RegionInfo, PAGE_SIZE};
+
+/// What a guest page is backed by now (see [`LinuxMemory::backing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backing {
+    /// Its own anonymous memory (or none yet).
+    Private,
+    /// Nothing: zero-merged or recycled; reads see the kernel's zero page.
+    Zero,
+    /// A page of the canonical store, at this offset of the memfd.
+    Store {
+        /// Offset in the store's memfd.
+        offset: u64,
+    },
+    /// Its own private copy, inside a mapping of the store (after a copy-on-write break).
+    PrivateCopy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Anonymous mapping, the page's own memory (or none yet).
+    Anon,
+    /// Anonymous mapping, dropped by a zero merge or a recycle.
+    Zero,
+    /// Store mapping; the entry maps the slot's file page (always write-protected, so the
+    /// fault thread sees the copy-on-write break).
+    Store,
+    /// Store mapping; the entry holds a private copy (or, if `slot` is still set, may
+    /// still map the file page until the writer's copy-on-write completes).
+    StoreCow,
+}
+
+pub(super) struct PageState {
+    /// Moves on whenever the page is written while protected, or unprotected.
+    pub(super) gen: u64,
+    /// The store slot whose page the entry may map.
+    pub(super) slot: Option<Arc<Slot>>,
+    pub(super) kind: Kind,
+    /// Protected for the engine (tokens are valid while this holds and `gen` is equal).
+    pub(super) protected: bool,
+    /// The page's mapping is registered with the userfaultfd.
+    pub(super) registered: bool,
+}
+
+pub(super) struct Region {
+    pub(super) info: RegionInfo,
+    pub(super) base: usize,
+    pub(super) owned: bool,
+    /// First home slot in the store.
+    pub(super) home: u64,
+    /// `false` once removed; operations hold it shared, removal exclusively.
+    pub(super) live: RwLock<bool>,
+    /// Its owner unmapped it while in use.
+    pub(super) unmapped: AtomicBool,
+    pub(super) pages: Box<[Mutex<PageState>]>,
+}
+
+impl Region {
+    pub(super) fn addr(&self, index: u32) -> usize {
+        self.base + index as usize * PAGE_SIZE
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.pages.len() * PAGE_SIZE
+    }
+
+    pub(super) fn lock(&self, index: usize) -> MutexGuard<'_, PageState> {
+        self.pages[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl LinuxMemory {
+    /// Allocates a region of `pages` zero pages (a private anonymous mapping, registered
+    /// with the userfaultfd) in trust domain `domain`.
+    pub fn add_region(&self, pages: u32, domain: DomainId) -> Result<RegionId, PageError> {
+        if pages == 0 {
+            return Err(PageError::Unsupported("a region of no pages"));
+        }
+        let len = pages as usize * PAGE_SIZE;
+        let base = sys::map_fresh_anon(len).map_err(|e| PageError::Os {
+            op: "mmap (allocate a region)",
+            errno: e.raw_os_error(),
+        })?;
+        // SAFETY: the range is the mapping just made; the advice only changes how the
+        // kernel backs it (no huge pages), not its contents.
+        let _ = unsafe { sys::madvise(base, len, Advice::LinuxNoHugepage) };
+        match self.insert_region(base, pages, domain, true) {
+            Ok(id) => Ok(id),
+            Err(e) => {
+                // SAFETY: the mapping made above, which nothing else knows of.
+                let _ = unsafe { sys::munmap(base, len) };
+                Err(e)
+            }
+        }
+    }
+
+    /// Adopts `len` bytes of guest memory at `base`, mapped by the caller, as a region in
+    /// trust domain `domain`.
+    ///
+    /// # Safety
+    /// - `[base, base + len)` is page-aligned and made of private anonymous readable and
+    ///   writable mappings of this process (this is checked), owned by the caller.
+    /// - It stays mapped until [`remove_region`](Self::remove_region) returns or this
+    ///   memory is dropped, and meanwhile the caller does not `mmap`, `mremap`, `munmap`,
+    ///   `mprotect` or `madvise` over it, nor register it with another userfaultfd: the
+    ///   backend remaps pages inside it. (Unmapping it anyway is detected and reported as
+    ///   [`PageError::Unmapped`], but see the module docs for the race that remains.)
+    /// - Guest code may read and write it at any time; nothing else in the process may
+    ///   hold Rust references to it.
+    ///
+    /// On removal or drop, pages of the range that map the canonical store are given
+    /// private copies (the memory stays the caller's, with the same contents).
+    pub unsafe fn adopt_region(
+        &self,
+        base: *mut u8,
+        len: usize,
+        domain: DomainId,
+    ) -> Result<RegionId, PageError> {
+        let start = base as usize;
+        if start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+            return Err(PageError::Unsupported(
+                "adopted regions must be page-aligned and not empty",
+            ));
+        }
+        let pages = u32::try_from(len / PAGE_SIZE)
+            .map_err(|_| PageError::Unsupported("a region of more than 2^32 pages"))?;
+        let end = start
+            .checked_add(len)
+            .ok_or(PageError::Unsupported("region wraps around"))?;
+        if let Some(why) = sys::check_anonymous_private(start, end) {
+            return Err(PageError::Unsupported(why));
+        }
+        let overlaps = self
+            .live_regions()
+            .iter()
+            .any(|r| r.base < end && start < r.base + r.len());
+        if overlaps {
+            return Err(PageError::Unsupported("the range overlaps a region"));
+        }
+        self.insert_region(start, pages, domain, false)
+    }
+
+    fn insert_region(
+        &self,
+        base: usize,
+        pages: u32,
+        domain: DomainId,
+        owned: bool,
+    ) -> Result<RegionId, PageError> {
+        let len = pages as usize * PAGE_SIZE;
+        if let Some(uffd) = &self.inner.uffd {
+            uffd.register_wp(base, len).map_err(|e| PageError::Os {
+                op: "UFFDIO_REGISTER (write-protect mode) of a region",
+                errno: e.raw_os_error(),
+            })?;
+        }
+        let home = match self.inner.store.reserve_home(pages) {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some(uffd) = &self.inner.uffd {
+                    let _ = uffd.unregister(base, len);
+                }
+                return Err(e);
+            }
+        };
+        let mut regions = self
+            .inner
+            .regions
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let id = RegionId(regions.len() as u32);
+        regions.push(Arc::new(Region {
+            info: RegionInfo { id, pages, domain },
+            base,
+            owned,
+            home,
+            live: RwLock::new(true),
+            unmapped: AtomicBool::new(false),
+            pages: (0..pages)
+                .map(|_| {
+                    Mutex::new(PageState {
+                        gen: 0,
+                        slot: None,
+                        kind: Kind::Anon,
+                        protected: false,
+                        registered: self.inner.uffd.is_some(),
+                    })
+                })
+                .collect(),
+        }));
+        Ok(id)
+    }
+
+    /// Removes a region: its pages that map the store get private copies, the range is
+    /// unregistered from the userfaultfd, and an allocated region is unmapped (an adopted
+    /// one stays the caller's, mapped, with the same contents).
+    pub fn remove_region(&self, id: RegionId) -> Result<(), PageError> {
+        let region = self.inner.region(id)?;
+        let mut live = region.live.write().unwrap_or_else(|e| e.into_inner());
+        if !*live {
+            return Err(PageError::NoSuchRegion(id));
+        }
+        *live = false;
+        self.inner.retire(&region);
+        Ok(())
+    }
+}
+
+impl Inner {
+    pub(super) fn region(&self, id: RegionId) -> Result<Arc<Region>, PageError> {
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id.0 as usize)
+            .cloned()
+            .ok_or(PageError::NoSuchRegion(id))
+    }
+
+    pub(super) fn live_region(&self, id: RegionId) -> Result<Arc<Region>, PageError> {
+        let r = self.region(id)?;
+        let live = *r.live.read().unwrap_or_else(|e| e.into_inner());
+        if !live {
+            return Err(PageError::NoSuchRegion(id));
+        }
+        if r.unmapped.load(Ordering::Relaxed) {
+            return Err(PageError::Unmapped(id));
+        }
+        Ok(r)
+    }
+
+    /// Runs `f` on `page` with its region held live and the page locked.
+    pub(super) fn with_page<R>(
+        &self,
+        page: PageId,
+        f: impl FnOnce(&Region, usize, &mut PageState) -> Result<R, PageError>,
+    ) -> Result<R, PageError> {
+        let region = self.region(page.region)?;
+        let live = region.live.read().unwrap_or_else(|e| e.into_inner());
+        if !*live {
+            return Err(PageError::NoSuchRegion(page.region));
+        }
+        if region.unmapped.load(Ordering::Relaxed) {
+            return Err(PageError::Unmapped(page.region));
+        }
+        if page.index >= region.info.pages {
+            return Err(PageError::NoSuchPage(page));
+        }
+        let mut st = region.lock(page.index as usize);
+        let r = f(&region, region.addr(page.index), &mut st);
+        drop(st);
+        drop(live);
+        r
+    }
+
+    /// Unregisters a region being removed, gives its store-mapping pages private copies
+    /// (adopted regions) and unmaps it (allocated ones). Called with `live` held
+    /// exclusively and set to `false`.
+    pub(super) fn retire(&self, region: &Region) {
+        let gone = region.unmapped.load(Ordering::Relaxed) || !self.still_mapped(region);
+        if !gone && !region.owned {
+            self.give_back(region);
+        }
+        if let (Some(uffd), false) = (&self.uffd, gone) {
+            // Also wakes writers waiting on pages still registered; the fault thread wakes
+            // the others once we are done (the region is no longer live).
+            let _ = uffd.unregister(region.base, region.len());
+        }
+        if region.owned && !gone {
+            // SAFETY: the region's mapping, made by `add_region`, still laid out as we left
+            // it (so still ours); no operation runs on it (`live` is held).
+            let _ = unsafe { sys::munmap(region.base, region.len()) };
+        }
+        for i in 0..region.pages.len() {
+            let mut st = region.lock(i);
+            if region.owned || gone || !matches!(st.kind, Kind::Store | Kind::StoreCow) {
+                st.slot = None;
+            }
+        }
+    }
+
+    /// Turns every run of pages of an adopted region that lie in store mappings back into
+    /// plain anonymous memory with the same contents: the run is write-protected (writers
+    /// wait), copied into a fresh anonymous mapping, and that mapping is moved over it with
+    /// `mremap`, which replaces the old mappings atomically. (A private mapping of the store
+    /// left in the embedder's memory would show store contents again after an
+    /// `MADV_DONTNEED`.) A run that fails is left as it is, its slots kept.
+    pub(super) fn give_back(&self, region: &Region) {
+        let n = region.pages.len();
+        let mut guards: Vec<MutexGuard<'_, PageState>> = (0..n).map(|i| region.lock(i)).collect();
+        let in_store = |g: &PageState| matches!(g.kind, Kind::Store | Kind::StoreCow);
+        let mut k = 0;
+        while k < n {
+            if !in_store(&guards[k]) {
+                k += 1;
+                continue;
+            }
+            let mut j = k;
+            while j < n && in_store(&guards[j]) {
+                j += 1;
+            }
+            let (addr, len) = (region.addr(k as u32), (j - k) * PAGE_SIZE);
+            if self.move_anon_over(region, addr, len).is_ok() {
+                for g in &mut guards[k..j] {
+                    g.kind = Kind::Anon;
+                    g.slot = None;
+                    g.protected = false;
+                    g.gen += 1;
+                }
+            }
+            k = j;
+        }
+    }
+
+    /// Replaces `[addr, addr + len)` (pages of `region`, locked) by anonymous memory with
+    /// the same contents.
+    pub(super) fn move_anon_over(
+        &self,
+        region: &Region,
+        addr: usize,
+        len: usize,
+    ) -> Result<(), PageError> {
+        self.wp(region, addr, len)?;
+        let scratch = sys::map_fresh_anon(len).map_err(|e| PageError::Os {
+            op: "mmap (anonymous copy of a region given back)",
+            errno: e.raw_os_error(),
+        })?;
+        // SAFETY: `scratch` is our fresh mapping of `len` bytes; nothing else refers to it.
+        let copy = unsafe { std::slice::from_raw_parts_mut(scratch as *mut u8, len) };
+        let r = sys::read_guest(self.pid, addr, copy)
+            .map_err(|e| gone_or(region, "process_vm_readv (copy)", e, &[Errno::FAULT]))
+            .and_then(|()| {
+                // SAFETY: moves our scratch mapping over pages of a live region locked by us
+                // and write-protected (no write can land meanwhile), with their exact
+                // contents: no reader sees a change. The destination's old mappings are
+                // replaced atomically.
+                unsafe { sys::mremap_over(scratch, addr, len) }.map_err(|e| PageError::Os {
+                    op: "mremap (give a region back as anonymous memory)",
+                    errno: e.raw_os_error(),
+                })
+            });
+        if r.is_err() {
+            // SAFETY: the scratch mapping, not moved: still ours alone.
+            let _ = unsafe { sys::munmap(scratch, len) };
+        }
+        r
+    }
+
+    /// Whether the region's range is still mapped the way this backend left it: no hole,
+    /// and only anonymous memory or store pages (a region its owner unmapped is not).
+    pub(super) fn still_mapped(&self, region: &Region) -> bool {
+        sys::range_is_ours(region.base, region.base + region.len())
+    }
+}
+
+/// Why a guest-address operation failed: the region is gone, or the call failed.
+pub(super) fn gone_or(region: &Region, op: &'static str, e: Errno, gone: &[Errno]) -> PageError {
+    if gone.contains(&e) {
+        region.unmapped.store(true, Ordering::Relaxed);
+        PageError::Unmapped(region.info.id)
+    } else {
+        PageError::Os {
+            op,
+            errno: e.raw_os_error(),
+        }
+    }
+}
+
+pub(super) fn uffd_gone_or(region: &Region, op: &'static str, e: Errno) -> PageError {
+    gone_or(region, op, e, &[Errno::NOENT, Errno::FAULT])
+}

@@ -1,0 +1,375 @@
+//! Guest pages as the backend touches them: reading them without dereferencing them,
+//! (un)protecting them, remapping them to store pages or fresh anonymous memory, and
+//! settling a fresh mapping (register, protect, catch a write made in the window: see
+//! *Merging* in the module docs).
+
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
+
+use rustix::io::Errno;
+
+use super::region::{gone_or, uffd_gone_or, Kind, PageState, Region};
+use super::stats::bump;
+use super::store::Slot;
+use super::sys::{self, Advice};
+use super::Inner;
+use crate::{is_zero_page, PageError, PAGE_SIZE};
+
+impl Inner {
+    /// Copies the guest page at `addr` into `buf`.
+    pub(super) fn read_guest(
+        &self,
+        region: &Region,
+        addr: usize,
+        buf: &mut [u8],
+    ) -> Result<(), PageError> {
+        if self.config.checked_access {
+            sys::read_guest(self.pid, addr, buf).map_err(|e| {
+                gone_or(
+                    region,
+                    "process_vm_readv (read guest page)",
+                    e,
+                    &[Errno::FAULT, Errno::NOMEM],
+                )
+            })
+        } else {
+            for (i, chunk) in buf.chunks_mut(8).enumerate() {
+                // SAFETY: with `checked_access` off the embedder keeps regions mapped until
+                // removed (see `LinuxConfig::checked_access`), and `addr + 8 * i` is an
+                // aligned word inside the page. Guest writes race with this read, so it is
+                // an atomic load.
+                let w =
+                    unsafe { std::sync::atomic::AtomicU64::from_ptr((addr + 8 * i) as *mut u64) }
+                        .load(Ordering::Relaxed);
+                chunk.copy_from_slice(&w.to_ne_bytes()[..chunk.len()]);
+            }
+            Ok(())
+        }
+    }
+
+    /// Registers the page at `addr` (a fresh mapping) with the userfaultfd.
+    pub(super) fn register(&self, addr: usize) -> Result<(), PageError> {
+        self.uffd()?
+            .register_wp(addr, PAGE_SIZE)
+            .map_err(|e| PageError::Os {
+                op: "UFFDIO_REGISTER of a remapped page",
+                errno: e.raw_os_error(),
+            })
+    }
+
+    /// Write-protects `len` bytes at `addr`.
+    pub(super) fn wp(&self, region: &Region, addr: usize, len: usize) -> Result<(), PageError> {
+        if !self.caps.wp_unpopulated {
+            // Without markers an empty entry cannot be protected: fault the zero page in.
+            // SAFETY: the range is guest memory of a live region; reading it in changes no
+            // contents.
+            let _ = unsafe { sys::madvise(addr, len, Advice::LinuxPopulateRead) };
+        }
+        self.uffd()?
+            .writeprotect(addr, len, true, false)
+            .map_err(|e| uffd_gone_or(region, "UFFDIO_WRITEPROTECT", e))
+    }
+
+    /// Removes write protection from `len` bytes at `addr`, waking waiting writers if
+    /// `wake`.
+    pub(super) fn unwp(
+        &self,
+        region: &Region,
+        addr: usize,
+        len: usize,
+        wake: bool,
+    ) -> Result<(), PageError> {
+        self.uffd()?
+            .writeprotect(addr, len, false, wake)
+            .map_err(|e| uffd_gone_or(region, "UFFDIO_WRITEPROTECT (remove)", e))
+    }
+
+    /// Whether a write landed in the page at `addr` since it was given `expect` (a store
+    /// page, or the zero page for `None`) and protected.
+    ///
+    /// A write leaves a present entry with a private page; an empty entry, or one that
+    /// maps the store page or the zero page, saw no write. (`PAGEMAP_SCAN` reports the
+    /// markers that protect empty entries as "swapped", so swap entries are not taken for
+    /// writes: a private copy made and swapped out within the window's microseconds would
+    /// be missed, and would only delay freeing the store page until the page is remapped.)
+    pub(super) fn written_in_window(
+        &self,
+        region: &Region,
+        addr: usize,
+        expect: Option<&Slot>,
+    ) -> bool {
+        if let Some(fd) = &self.pagemap {
+            if let Ok(k) = sys::page_categories(fd.as_fd(), addr) {
+                use sys::{PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT};
+                let private = match expect {
+                    Some(_) => k & PAGE_IS_FILE == 0,
+                    None => k & PAGE_IS_PFNZERO == 0,
+                };
+                return k & PAGE_IS_PRESENT != 0 && private;
+            }
+        }
+        let mut buf = [0u8; PAGE_SIZE];
+        if self.read_guest(region, addr, &mut buf).is_err() {
+            return false;
+        }
+        match expect {
+            Some(slot) => buf[..] != *slot.bytes(),
+            None => !is_zero_page(&buf),
+        }
+    }
+
+    /// After a remap of the page at `addr` to `slot` (or to nothing, for `None`):
+    /// registers and protects it, and catches a write made in between.
+    pub(super) fn settle(&self, region: &Region, addr: usize, st: &mut PageState) {
+        st.registered = self.register(addr).is_ok();
+        let protected = st.registered && self.wp(region, addr, PAGE_SIZE).is_ok();
+        if !protected {
+            // Untracked until registered again (protect retries): the page's tokens die.
+            st.protected = false;
+            st.gen += 1;
+            return;
+        }
+        self.check_window(region, addr, st);
+    }
+
+    /// The page at `addr` is write-protected now: if a write reached it since it was given
+    /// the contents its `kind` says (a store page, or zeros), record what it maps now.
+    /// Returns whether there was such a write.
+    pub(super) fn reconcile(&self, region: &Region, addr: usize, st: &mut PageState) -> bool {
+        let expect = match st.kind {
+            Kind::Store => st.slot.clone(),
+            Kind::Zero => None,
+            Kind::Anon | Kind::StoreCow => return false,
+        };
+        if !self.written_in_window(region, addr, expect.as_deref()) {
+            return false;
+        }
+        bump(&self.counters.window_writes);
+        if st.kind == Kind::Store {
+            // The write made a private copy: the page no longer maps the slot.
+            st.kind = Kind::StoreCow;
+            st.slot = None;
+        } else {
+            st.kind = Kind::Anon;
+        }
+        true
+    }
+
+    /// Catches a write made between a remap of the page at `addr` and its protection:
+    /// such a page is unprotected and its tokens stale.
+    pub(super) fn check_window(&self, region: &Region, addr: usize, st: &mut PageState) {
+        if self.reconcile(region, addr, st) {
+            let _ = self.unwp(region, addr, PAGE_SIZE, true);
+            st.protected = false;
+            st.gen += 1;
+        }
+    }
+
+    /// Maps store slot `slot` over the (protected, equal) page at `addr`.
+    pub(super) fn map_slot(
+        &self,
+        region: &Region,
+        addr: usize,
+        st: &mut PageState,
+        slot: &Arc<Slot>,
+    ) -> Result<(), PageError> {
+        self.guard.admit()?;
+        // SAFETY: `addr` is a page of a live region, which this backend may remap (the
+        // embedder promised so for adopted regions), locked by us. The new mapping has the
+        // page's exact current contents (the slot was compared equal, or copied from it,
+        // while the page was write-protected), so no reader sees a change; writers are
+        // held by the protection or land in a copy. `slot` stays allocated while the page
+        // maps it (`st.slot` holds it).
+        let r = unsafe { sys::map_file_fixed(addr, PAGE_SIZE, self.store.fd(), slot.offset()) };
+        if let Err(e) = r {
+            return Err(self.mmap_error("mmap of a store page over a guest page", e));
+        }
+        st.kind = Kind::Store;
+        st.slot = Some(slot.clone());
+        self.settle(region, addr, st);
+        Ok(())
+    }
+
+    /// Maps the store slots `slots` (consecutive offsets) over as many consecutive pages of
+    /// `region` at `addr` (locked in `sts`, protected, equal to the slots) with one `mmap`,
+    /// then registers, protects and checks them as one range.
+    pub(super) fn map_slots_run(
+        &self,
+        region: &Region,
+        addr: usize,
+        sts: &mut [MutexGuard<'_, PageState>],
+        slots: &[Arc<Slot>],
+    ) -> Result<(), PageError> {
+        debug_assert_eq!(sts.len(), slots.len());
+        self.guard.admit()?;
+        // SAFETY: as in `map_slot`, for each page of the run: pages of a live region that
+        // this backend may remap, locked by us, protected, and each mapped to a slot with
+        // its exact current contents (compared, or copied from it, while protected). The
+        // slots are consecutive in the memfd, so one mapping covers them all; each page's
+        // `st.slot` keeps its slot allocated while the page maps it.
+        let r = unsafe {
+            sys::map_file_fixed(
+                addr,
+                slots.len() * PAGE_SIZE,
+                self.store.fd(),
+                slots[0].offset(),
+            )
+        };
+        if let Err(e) = r {
+            return Err(self.mmap_error("mmap of store pages over guest pages", e));
+        }
+        for (st, slot) in sts.iter_mut().zip(slots) {
+            st.kind = Kind::Store;
+            st.slot = Some(slot.clone());
+        }
+        self.settle_run(region, addr, sts);
+        Ok(())
+    }
+
+    /// [`settle`](Self::settle) for a run of freshly remapped pages at `addr`: one
+    /// register, one protect, one `PAGEMAP_SCAN` for the whole run where they work.
+    pub(super) fn settle_run(
+        &self,
+        region: &Region,
+        addr: usize,
+        sts: &mut [MutexGuard<'_, PageState>],
+    ) {
+        let len = sts.len() * PAGE_SIZE;
+        let registered = self
+            .uffd()
+            .ok()
+            .and_then(|u| u.register_wp(addr, len).ok())
+            .is_some();
+        if !registered || self.wp(region, addr, len).is_err() {
+            // Page by page, as a single remap would.
+            for (k, st) in sts.iter_mut().enumerate() {
+                self.settle(region, addr + k * PAGE_SIZE, st);
+            }
+            return;
+        }
+        for st in sts.iter_mut() {
+            st.registered = true;
+        }
+        // A write in the window left a private page: present and not a file page (or not
+        // the zero page). Only those pages are looked at again, one by one.
+        let suspects = self.present_private(addr, addr + len);
+        match suspects {
+            Some(pages) => {
+                for k in pages {
+                    self.check_window(region, addr + k * PAGE_SIZE, &mut sts[k]);
+                }
+            }
+            None => {
+                for (k, st) in sts.iter_mut().enumerate() {
+                    self.check_window(region, addr + k * PAGE_SIZE, st);
+                }
+            }
+        }
+    }
+
+    /// The pages of `[start, end)` (as indices from `start`) that are present and map
+    /// neither a file page nor the zero page, by `PAGEMAP_SCAN`; `None` without it.
+    pub(super) fn present_private(&self, start: usize, end: usize) -> Option<Vec<usize>> {
+        use sys::{PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT};
+        let fd = self.pagemap.as_ref()?;
+        let mut out = [sys::PageRegion::default(); 32];
+        let mut found = Vec::new();
+        let mut at = start;
+        while at < end {
+            let ret = PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_PFNZERO;
+            let (n, walk_end) =
+                sys::pagemap_scan(fd.as_fd(), at, end, PAGE_IS_PRESENT, ret, &mut out).ok()?;
+            for r in &out[..n] {
+                if r.categories & (PAGE_IS_FILE | PAGE_IS_PFNZERO) == 0 {
+                    let (a, b) = (r.start as usize, r.end as usize);
+                    found.extend((a - start) / PAGE_SIZE..(b - start) / PAGE_SIZE);
+                }
+            }
+            if walk_end <= at {
+                break;
+            }
+            at = walk_end;
+        }
+        Some(found)
+    }
+
+    /// Maps fresh anonymous memory (zeros) over the page at `addr`, which maps the store.
+    pub(super) fn map_anon(
+        &self,
+        region: &Region,
+        addr: usize,
+        st: &mut PageState,
+    ) -> Result<(), PageError> {
+        // Make sure the page is still ours (its mapping is still registered) first. The
+        // probe protects (never unprotects): a write racing the remap must wait for it.
+        if let Err(e) = self.uffd()?.writeprotect(addr, PAGE_SIZE, true, false) {
+            return Err(uffd_gone_or(region, "UFFDIO_WRITEPROTECT (probe)", e));
+        }
+        self.guard.admit()?;
+        // SAFETY: as in `map_slot`: a locked page of a live region that this backend may
+        // remap; callers only do this where the page's contents are to read as zeros
+        // (they are zeros already, or the page is being recycled).
+        let r = unsafe { sys::map_anon_fixed(addr, PAGE_SIZE) };
+        if let Err(e) = r {
+            return Err(self.mmap_error("mmap of anonymous memory over a guest page", e));
+        }
+        st.kind = Kind::Zero;
+        st.slot = None;
+        st.registered = self.register(addr).is_ok();
+        Ok(())
+    }
+
+    /// Merges the (protected, all-zero) page at `addr` with the zero page.
+    pub(super) fn zero_page(
+        &self,
+        region: &Region,
+        addr: usize,
+        st: &mut PageState,
+    ) -> Result<(), PageError> {
+        match st.kind {
+            Kind::Anon | Kind::Zero => {
+                // SAFETY: a locked page of a live region whose contents are all zeros: after
+                // dropping it, it reads as zeros (the kernel's zero page) again.
+                unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxDontNeed) }
+                    .map_err(|e| gone_or(region, "MADV_DONTNEED", e, &[Errno::NOMEM]))?;
+                st.kind = Kind::Zero;
+                // The empty entry is protected again (a marker) for the page's token.
+                if self.wp(region, addr, PAGE_SIZE).is_err() {
+                    st.protected = false;
+                    st.gen += 1;
+                    return Ok(());
+                }
+                self.check_window(region, addr, st);
+            }
+            Kind::Store | Kind::StoreCow => {
+                self.map_anon(region, addr, st)?;
+                if !st.registered || self.wp(region, addr, PAGE_SIZE).is_err() {
+                    st.protected = false;
+                    st.gen += 1;
+                    return Ok(());
+                }
+                self.check_window(region, addr, st);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn mmap_error(&self, op: &'static str, e: Errno) -> PageError {
+        if e == Errno::NOMEM {
+            let count = sys::count_mappings().unwrap_or(0);
+            let limit = sys::max_map_count().unwrap_or(u64::MAX);
+            if count + 8 >= limit {
+                self.guard.refusals.fetch_add(1, Ordering::Relaxed);
+                return PageError::MapCountLimit {
+                    limit,
+                    mappings: count,
+                };
+            }
+        }
+        PageError::Os {
+            op,
+            errno: e.raw_os_error(),
+        }
+    }
+}

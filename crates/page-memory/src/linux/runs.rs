@@ -1,0 +1,395 @@
+//! Batches: runs of consecutive pages of one region, locked together and done with one
+//! system call of each kind (see *Batches* in the module docs).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
+
+use rustix::io::Errno;
+
+use super::region::{gone_or, Kind, PageState, Region};
+use super::stats::bump;
+use super::store::{LinuxFrame, Slot};
+use super::sys::{self, Advice};
+use super::{Inner, NO_UFFD};
+use crate::{MergeOutcome, PageError, PageId, ProtectToken, PAGE_SIZE};
+
+thread_local! {
+    /// A reusable buffer for reading runs of guest pages (kept between calls, so a run's
+    /// read allocates nothing).
+    static RUN_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Splits `pages` into runs of consecutive pages of one region.
+pub(super) fn runs(pages: &[PageId]) -> impl Iterator<Item = &[PageId]> {
+    pages.chunk_by(|a, b| a.region == b.region && b.index == a.index.wrapping_add(1))
+}
+
+impl Inner {
+    /// Resolves `run` (consecutive pages of one region) to its region, or pushes `err`
+    /// for each of its pages.
+    pub(super) fn run_region<T>(
+        &self,
+        run: &[PageId],
+        out: &mut Vec<Result<T, PageError>>,
+    ) -> Option<Arc<Region>> {
+        let first = run[0];
+        let fail = |out: &mut Vec<Result<T, PageError>>, e: PageError| {
+            out.extend(run.iter().map(|_| Err(e.clone())));
+        };
+        let region = match self.region(first.region) {
+            Ok(r) => r,
+            Err(e) => {
+                fail(out, e);
+                return None;
+            }
+        };
+        let end = first.index as u64 + run.len() as u64;
+        if end > region.info.pages as u64 {
+            for &p in run {
+                out.push(if p.index < region.info.pages {
+                    Err(PageError::Unsupported("run crosses the end of its region"))
+                } else {
+                    Err(PageError::NoSuchPage(p))
+                });
+            }
+            return None;
+        }
+        Some(region)
+    }
+
+    /// The opening and closing steps of every run operation, written once: resolves `run`
+    /// (consecutive pages of one region) to its region, holds the region live and locks
+    /// every page of the run (in order), calls `body` with the region, the run's first
+    /// index and the locks, then unlocks and pushes `body`'s results (one per page, in
+    /// order) to `out`. A run whose region does not exist, was removed or was unmapped by
+    /// its owner, or that crosses the region's end, gets an error for each page instead,
+    /// and `body` is not called.
+    pub(super) fn in_run<T, F>(&self, run: &[PageId], out: &mut Vec<Result<T, PageError>>, body: F)
+    where
+        F: FnOnce(&Region, usize, &mut [MutexGuard<'_, PageState>]) -> Vec<Result<T, PageError>>,
+    {
+        let Some(region) = self.run_region(run, out) else {
+            return;
+        };
+        let live = region.live.read().unwrap_or_else(|e| e.into_inner());
+        let early = if !*live {
+            Some(PageError::NoSuchRegion(region.info.id))
+        } else if region.unmapped.load(Ordering::Relaxed) {
+            Some(PageError::Unmapped(region.info.id))
+        } else {
+            None
+        };
+        if let Some(e) = early {
+            out.extend(run.iter().map(|_| Err(e.clone())));
+            return;
+        }
+        let first = run[0].index as usize;
+        let mut guards: Vec<MutexGuard<'_, PageState>> =
+            (first..first + run.len()).map(|i| region.lock(i)).collect();
+        let results = body(&region, first, &mut guards);
+        debug_assert_eq!(results.len(), run.len());
+        drop(guards);
+        drop(live);
+        out.extend(results);
+    }
+
+    /// `protect` of a run: pages whose remap could not be registered are registered again
+    /// first; then one `UFFDIO_WRITEPROTECT` per sub-run that needs it.
+    pub(super) fn protect_run(
+        &self,
+        run: &[PageId],
+        out: &mut Vec<Result<ProtectToken, PageError>>,
+    ) {
+        self.in_run(run, out, |region, first, guards| {
+            if self.uffd.is_none() {
+                return run
+                    .iter()
+                    .map(|_| Err(PageError::Unsupported(NO_UFFD)))
+                    .collect();
+            }
+            // Pages whose remap could not be registered get another try; they are protected
+            // one by one, and a write made while they were untracked is accounted for.
+            let mut ok: Vec<Result<(), PageError>> = Vec::with_capacity(run.len());
+            for (k, g) in guards.iter_mut().enumerate() {
+                if g.registered {
+                    ok.push(Ok(()));
+                    continue;
+                }
+                let addr = region.addr((first + k) as u32);
+                let r = self.register(addr).and_then(|()| {
+                    g.registered = true;
+                    self.wp(region, addr, PAGE_SIZE)
+                });
+                if r.is_ok() {
+                    self.reconcile(region, addr, g);
+                    g.protected = true;
+                }
+                ok.push(r);
+            }
+            // One UFFDIO_WRITEPROTECT per sub-run that needs it.
+            let mut k = 0;
+            while k < run.len() {
+                if ok[k].is_err() {
+                    k += 1;
+                    continue;
+                }
+                let mut j = k;
+                let mut needed = false;
+                while j < run.len() && ok[j].is_ok() {
+                    needed |= !guards[j].protected && guards[j].kind != Kind::Store;
+                    j += 1;
+                }
+                if needed {
+                    let addr = region.addr((first + k) as u32);
+                    if let Err(e) = self.wp(region, addr, (j - k) * PAGE_SIZE) {
+                        for r in &mut ok[k..j] {
+                            *r = Err(e.clone());
+                        }
+                    }
+                }
+                k = j;
+            }
+            // (A page that could not be protected keeps its state; its old tokens stay as
+            // valid or stale as they were.)
+            guards
+                .iter_mut()
+                .zip(ok)
+                .map(|(g, r)| {
+                    r.map(|()| {
+                        g.protected = true;
+                        ProtectToken(g.gen)
+                    })
+                })
+                .collect()
+        });
+    }
+
+    /// `unprotect` of a run (store pages stay write-protected for the fault thread).
+    pub(super) fn unprotect_run(&self, run: &[PageId], out: &mut Vec<Result<(), PageError>>) {
+        self.in_run(run, out, |region, first, guards| {
+            guards
+                .iter_mut()
+                .enumerate()
+                .map(|(k, st)| {
+                    if st.protected {
+                        // A store page keeps its protection (the fault thread must see its
+                        // copy-on-write break); it only stops being protected for the engine.
+                        let r = if st.kind != Kind::Store && st.registered && self.uffd.is_some() {
+                            self.unwp(region, region.addr((first + k) as u32), PAGE_SIZE, true)
+                        } else {
+                            Ok(())
+                        };
+                        st.protected = false;
+                        st.gen += 1;
+                        r
+                    } else {
+                        Ok(())
+                    }
+                })
+                .collect()
+        });
+    }
+
+    /// `recycle` of a run: one `MADV_DONTNEED` per sub-run of anonymous pages, fresh
+    /// anonymous memory over each page that maps the store.
+    pub(super) fn recycle_run(&self, run: &[PageId], out: &mut Vec<Result<(), PageError>>) {
+        self.in_run(run, out, |region, first, guards| {
+            let mut res: Vec<Result<(), PageError>> = vec![Ok(()); run.len()];
+            let mut k = 0;
+            while k < run.len() {
+                let anon = |g: &PageState| matches!(g.kind, Kind::Anon | Kind::Zero);
+                if anon(&guards[k]) {
+                    let mut j = k;
+                    while j < run.len() && anon(&guards[j]) {
+                        j += 1;
+                    }
+                    let addr = region.addr((first + k) as u32);
+                    // SAFETY: pages of a live region, locked by us; recycling drops their
+                    // contents by definition (they then read as zeros).
+                    let r =
+                        unsafe { sys::madvise(addr, (j - k) * PAGE_SIZE, Advice::LinuxDontNeed) };
+                    if let Err(e) = r {
+                        let e = gone_or(region, "MADV_DONTNEED (recycle)", e, &[Errno::NOMEM]);
+                        for r in &mut res[k..j] {
+                            *r = Err(e.clone());
+                        }
+                    }
+                    k = j;
+                } else {
+                    let addr = region.addr((first + k) as u32);
+                    res[k] = if self.uffd.is_some() {
+                        self.map_anon(region, addr, &mut guards[k])
+                    } else {
+                        Err(PageError::Unsupported(NO_UFFD))
+                    };
+                    k += 1;
+                }
+            }
+            guards
+                .iter_mut()
+                .zip(res)
+                .map(|(g, r)| {
+                    if r.is_ok() {
+                        g.kind = Kind::Zero;
+                        g.protected = false;
+                        g.gen += 1;
+                        bump(&self.counters.recycled);
+                    }
+                    r
+                })
+                .collect()
+        });
+    }
+
+    /// `merge` of a run of consecutive pages whose frames are consecutive store slots.
+    /// Pushes one result per item; returns which pages changed (for the dirty hook).
+    pub(super) fn merge_run(
+        &self,
+        items: &[(PageId, ProtectToken, &LinuxFrame)],
+        out: &mut Vec<Result<MergeOutcome, PageError>>,
+    ) -> Vec<bool> {
+        let n = items.len();
+        let pages: Vec<PageId> = items.iter().map(|i| i.0).collect();
+        let mut changed = vec![false; n];
+        self.in_run(&pages, out, |region, _, guards| {
+            let mut res: Vec<Option<Result<MergeOutcome, PageError>>> = vec![None; n];
+            for (k, (g, &(_, token, frame))) in guards.iter().zip(items).enumerate() {
+                if !g.protected || g.gen != token.0 {
+                    res[k] = Some(Ok(MergeOutcome::Changed));
+                } else if let (Kind::Store, Some(s), Some(c)) = (g.kind, &g.slot, &frame.0) {
+                    if Arc::ptr_eq(s, c) {
+                        res[k] = Some(Ok(MergeOutcome::Merged));
+                    }
+                }
+            }
+            // Protected: no write can land while we compare and remap. One read for the run.
+            let addr = region.addr(pages[0].index);
+            RUN_BUF.with(|b| {
+                let mut buf = b.borrow_mut();
+                buf.resize(n * PAGE_SIZE, 0);
+                if let Err(e) = self.read_guest(region, addr, &mut buf[..]) {
+                    for r in res.iter_mut().filter(|r| r.is_none()) {
+                        *r = Some(Err(e.clone()));
+                    }
+                    return;
+                }
+                for (k, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+                    if res[k].is_none() && page != items[k].2.as_ref() {
+                        res[k] = Some(Ok(MergeOutcome::Differs));
+                    }
+                }
+            });
+            let mut k = 0;
+            while k < n {
+                if res[k].is_some() {
+                    k += 1;
+                    continue;
+                }
+                let mut j = k;
+                while j < n && res[j].is_none() {
+                    j += 1;
+                }
+                let slots: Vec<Arc<Slot>> =
+                    items[k..j].iter().filter_map(|i| i.2 .0.clone()).collect();
+                let r = self.map_slots_run(
+                    region,
+                    region.addr(pages[k].index),
+                    &mut guards[k..j],
+                    &slots,
+                );
+                for (x, c) in res[k..j].iter_mut().zip(&mut changed[k..j]) {
+                    *x = Some(r.clone().map(|()| MergeOutcome::Merged));
+                    *c = r.is_ok();
+                }
+                if r.is_ok() {
+                    self.counters
+                        .merges
+                        .fetch_add((j - k) as u64, Ordering::Relaxed);
+                }
+                k = j;
+            }
+            res.into_iter()
+                .map(|r| r.unwrap_or(Ok(MergeOutcome::Changed)))
+                .collect()
+        });
+        changed
+    }
+
+    /// `canonicalize` of a run of consecutive pages: each page goes to its home slot where
+    /// free, and each sub-run of consecutive slots is copied with one `pwrite` and mapped
+    /// with one `mmap`. Pushes one result per page; returns which pages changed.
+    pub(super) fn canonicalize_run(
+        &self,
+        run: &[(PageId, ProtectToken)],
+        out: &mut Vec<Result<LinuxFrame, PageError>>,
+    ) -> Vec<bool> {
+        let n = run.len();
+        let pages: Vec<PageId> = run.iter().map(|i| i.0).collect();
+        let mut changed = vec![false; n];
+        self.in_run(&pages, out, |region, _, guards| {
+            let mut res: Vec<Option<Result<LinuxFrame, PageError>>> = vec![None; n];
+            let mut slots: Vec<Option<Arc<Slot>>> = vec![None; n];
+            for (k, (g, &(page, token))) in guards.iter().zip(run).enumerate() {
+                res[k] = if !g.protected || g.gen != token.0 {
+                    Some(Err(PageError::Stale(page)))
+                } else {
+                    match (g.kind, &g.slot) {
+                        (Kind::Store, Some(slot)) => Some(Ok(LinuxFrame(Some(slot.clone())))),
+                        (Kind::Zero, _) => Some(Ok(LinuxFrame(None))),
+                        _ => match self.store.allocate(region.home + page.index as u64) {
+                            Ok(s) => {
+                                slots[k] = Some(s);
+                                None
+                            }
+                            Err(e) => Some(Err(e)),
+                        },
+                    }
+                };
+            }
+            let mut k = 0;
+            while k < n {
+                let Some(s0) = slots[k].as_ref().map(|s| s.index) else {
+                    k += 1;
+                    continue;
+                };
+                let mut j = k + 1;
+                while j < n && slots[j].as_ref().map(|s| s.index) == Some(s0 + (j - k) as u64) {
+                    j += 1;
+                }
+                let addr = region.addr(pages[k].index);
+                let run_slots: Vec<Arc<Slot>> =
+                    slots[k..j].iter_mut().filter_map(Option::take).collect();
+                let r = sys::pwrite_from_guest(
+                    self.store.fd(),
+                    addr,
+                    (j - k) * PAGE_SIZE,
+                    run_slots[0].offset(),
+                )
+                .map_err(|e| {
+                    gone_or(
+                        region,
+                        "pwrite (copy pages into the store)",
+                        e,
+                        &[Errno::FAULT],
+                    )
+                })
+                .and_then(|()| self.map_slots_run(region, addr, &mut guards[k..j], &run_slots));
+                for (i, slot) in (k..j).zip(run_slots) {
+                    res[i] = Some(r.clone().map(|()| LinuxFrame(Some(slot))));
+                    changed[i] = r.is_ok();
+                }
+                if r.is_ok() {
+                    self.counters
+                        .canonicalized
+                        .fetch_add((j - k) as u64, Ordering::Relaxed);
+                }
+                k = j;
+            }
+            // Every page got its result above (the slot runs cover the rest).
+            res.into_iter()
+                .map(|r| r.unwrap_or(Err(PageError::Unsupported("unreachable"))))
+                .collect()
+        });
+        changed
+    }
+}
