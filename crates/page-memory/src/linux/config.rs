@@ -21,11 +21,13 @@ use crate::{PageError, PageMemory};
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct LinuxConfig {
-    /// Fail [`LinuxMemory::new`] if userfaultfd write-protect is unavailable (default).
-    /// Off: the memory works without protection, so nothing is ever merged.
+    /// Fail [`LinuxMemory::new`] if userfaultfd write-protect, or another kernel feature
+    /// it needs (see [`KernelFeature`](super::KernelFeature)), is unavailable (default).
+    /// Off: the memory then works without userfaultfd ([`LinuxCaps::userfaultfd_error`]
+    /// says why): nothing is protected, so nothing is ever merged.
     pub require_userfaultfd: bool,
     /// Use userfaultfd at all (default). Off: as if it were unavailable (the fallback
-    /// described under *Failures*), for embedders that only recycle.
+    /// described under *Failures* in the module docs), for embedders that only recycle.
     pub use_userfaultfd: bool,
     /// Handle writes made by the kernel for the guest (KVM, `read(2)` into guest memory)
     /// to protected pages (default). Needs privilege (see the module docs); where this

@@ -69,6 +69,7 @@ pub(super) fn probe(config: &LinuxConfig, max_map_count: u64) -> Result<Kernel, 
         Err(e) if config.require_userfaultfd => return Err(e),
         Err(e) => {
             caps.userfaultfd_error = Some(e);
+            caps.source = None;
             caps.kernel_faults = false;
             None
         }
