@@ -480,11 +480,11 @@ impl Drop for LinuxMemory {
 }
 
 impl Inner {
-    pub(super) fn uffd(&self) -> Result<&Uffd, PageError> {
+    fn uffd(&self) -> Result<&Uffd, PageError> {
         self.uffd.as_ref().ok_or(PageError::Unsupported(NO_UFFD))
     }
 
-    pub(super) fn dirty(&self, page: PageId) {
+    fn dirty(&self, page: PageId) {
         let hook = self.hook.read().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(h) = hook {
             h(page);

@@ -30,6 +30,7 @@ pub enum Backing {
     PrivateCopy,
 }
 
+/// What a page's entry is, as the backend left it (finer than [`Backing`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
     /// Anonymous mapping, the page's own memory (or none yet).
@@ -44,6 +45,7 @@ pub(super) enum Kind {
     StoreCow,
 }
 
+/// The backend's state of one guest page, under the page's lock.
 pub(super) struct PageState {
     /// Moves on whenever the page is written while protected, or unprotected.
     pub(super) gen: u64,
@@ -56,6 +58,7 @@ pub(super) struct PageState {
     pub(super) registered: bool,
 }
 
+/// A region: its mapping, its store home and its pages' states.
 pub(super) struct Region {
     pub(super) info: RegionInfo,
     pub(super) base: usize,
