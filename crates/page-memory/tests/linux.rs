@@ -21,8 +21,11 @@ fn memory() -> Option<LinuxMemory> {
     memory_with(LinuxConfig::default())
 }
 
+/// The memory these tests use: they write guest memory from user space only, so a
+/// process that may not have kernel faults (CI's unprivileged run) falls back to a
+/// user-mode-only userfaultfd.
 fn memory_with(config: LinuxConfig) -> Option<LinuxMemory> {
-    match LinuxMemory::with_config(config) {
+    match LinuxMemory::with_config(config.with_require_kernel_faults(false)) {
         Ok(m) => Some(m),
         Err(e) => {
             let knob = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")

@@ -10,8 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use page_memory::linux::{LinuxConfig, LinuxMemory};
 use page_memory::{DomainId, MergeOutcome, PageError, PageId, PageMemory, RegionId, PAGE_WORDS};
 
+/// The memory these tests use: they write guest memory from user space only, so a
+/// process that may not have kernel faults (CI's unprivileged run) falls back to a
+/// user-mode-only userfaultfd.
 fn memory_with(config: LinuxConfig) -> Option<LinuxMemory> {
-    match LinuxMemory::with_config(config) {
+    match LinuxMemory::with_config(config.with_require_kernel_faults(false)) {
         Ok(m) => Some(m),
         Err(e) => {
             eprintln!("SKIPPED: no userfaultfd write-protect here: {e}");

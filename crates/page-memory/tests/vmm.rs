@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use page_memory::linux::LinuxMemory;
+use page_memory::linux::{LinuxConfig, LinuxMemory};
 use page_memory::vmm::vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use page_memory::vmm::vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -20,8 +20,11 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// Two guest regions, with a hole between them.
 const STARTS: [u64; 2] = [0, 1 << 32];
 
+/// The adapter these tests use: they write guest memory from user space only, so a
+/// process that may not have kernel faults (CI's unprivileged run) falls back to a
+/// user-mode-only userfaultfd.
 fn adapter() -> Option<VmMemoryAdapter> {
-    match LinuxMemory::new() {
+    match LinuxMemory::with_config(LinuxConfig::default().with_require_kernel_faults(false)) {
         Ok(m) => Some(VmMemoryAdapter::new(Arc::new(m))),
         Err(e) => {
             eprintln!("SKIPPED: no userfaultfd write-protect here: {e}");

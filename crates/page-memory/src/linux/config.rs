@@ -15,7 +15,7 @@ use crate::{PageError, PageMemory};
 ///
 /// let config = LinuxConfig::default()
 ///     .with_fault_threads(2)
-///     .with_require_kernel_faults(true);
+///     .with_kernel_faults(false); // guest memory written from user space only
 /// assert_eq!(config.fault_threads, 2);
 /// ```
 #[derive(Clone, Debug)]
@@ -29,17 +29,19 @@ pub struct LinuxConfig {
     /// Use userfaultfd at all (default). Off: as if it were unavailable (the fallback
     /// described under *Failures* in the module docs), for embedders that only recycle.
     pub use_userfaultfd: bool,
-    /// Handle writes made by the kernel for the guest (KVM, `read(2)` into guest memory)
-    /// to protected pages (default). Needs privilege (see the module docs); where this
-    /// process lacks it, the memory falls back to a user-mode-only userfaultfd unless
-    /// [`require_kernel_faults`](Self::require_kernel_faults) is on, and
-    /// [`LinuxCaps::kernel_faults`] says which it got. Off (or fallen back), such a write
-    /// to a protected page fails with `EFAULT` in the kernel.
+    /// Handle writes made by the kernel for the guest (KVM's vCPUs, `read(2)` into guest
+    /// memory) to protected pages (default). Needs privilege (see the module docs). Off:
+    /// a user-mode-only userfaultfd, which any process may create (Linux 5.11), and a
+    /// kernel write to a protected page fails with `EFAULT` in the kernel: only for
+    /// embedders whose guest memory is written from user space alone (a VMM whose vCPUs
+    /// run under KVM must keep it on).
     pub kernel_faults: bool,
-    /// Fail [`LinuxMemory::new`] with [`LinuxError::KernelFaultsDenied`] rather than fall
-    /// back to user-mode-only faults when [`kernel_faults`](Self::kernel_faults) is on but
-    /// this process may not have them (default off). Turn it on in a VMM whose guests run
-    /// under KVM: KVM's writes to protected guest pages are kernel faults.
+    /// With [`kernel_faults`](Self::kernel_faults) on: fail [`LinuxMemory::new`] with
+    /// [`LinuxError::KernelFaultsDenied`] when this process may not have kernel faults
+    /// (default on), rather than fall back to a user-mode-only userfaultfd. Off, the
+    /// fallback happens and [`LinuxCaps::kernel_faults`] says which one the memory got.
+    /// The default refuses because a silent fallback would turn every KVM write to a
+    /// protected page into a failed `KVM_RUN`.
     pub require_kernel_faults: bool,
     /// Threads that resolve write faults (default 1).
     pub fault_threads: usize,
@@ -69,7 +71,7 @@ impl Default for LinuxConfig {
             require_userfaultfd: true,
             use_userfaultfd: true,
             kernel_faults: true,
-            require_kernel_faults: false,
+            require_kernel_faults: true,
             fault_threads: 1,
             home_slots: 1 << 26,
             map_count_reserve: None,

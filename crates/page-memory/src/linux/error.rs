@@ -182,9 +182,10 @@ impl fmt::Display for LinuxError {
                 "no userfaultfd that handles kernel faults for this process (/dev/userfaultfd: \
                  {}; userfaultfd(2): {}): run as root or with CAP_SYS_PTRACE, grant read-write \
                  access to /dev/userfaultfd (Linux 6.1+), or set vm.unprivileged_userfaultfd = 1; \
-                 or turn off LinuxConfig::require_kernel_faults to run with user-mode-only faults \
-                 (always allowed since Linux 5.11, but then writes the kernel makes to protected \
-                 guest pages, such as KVM's, fail with EFAULT)",
+                 or, if guest memory is written from user space only (never by KVM's vCPUs), turn \
+                 off LinuxConfig::kernel_faults (a user-mode-only userfaultfd, allowed to any \
+                 process since Linux 5.11; writes the kernel makes to protected pages then fail \
+                 with EFAULT)",
                 errno_name(*dev_errno),
                 errno_name(*syscall_errno)
             ),
@@ -225,7 +226,8 @@ impl From<LinuxError> for PageError {
             LinuxError::KernelFaultsDenied { .. } => PageError::Unsupported(
                 "no userfaultfd that handles kernel faults for this process: run as root or with \
                  CAP_SYS_PTRACE, grant read-write access to /dev/userfaultfd, set \
-                 vm.unprivileged_userfaultfd = 1, or turn off LinuxConfig::require_kernel_faults",
+                 vm.unprivileged_userfaultfd = 1, or (guest memory written from user space only) turn \
+                 off LinuxConfig::kernel_faults",
             ),
             LinuxError::Denied { .. } => PageError::Unsupported(
                 "userfaultfd denied even in user-mode-only mode (seccomp or LSM): allow \

@@ -24,13 +24,15 @@
 //! userfaultfd is created without `UFFD_USER_MODE_ONLY` where this process may: through
 //! `/dev/userfaultfd` (Linux 6.1) if it has read-write access to it, else through
 //! `userfaultfd(2)`, which allows kernel faults to root (`CAP_SYS_PTRACE`) or, with
-//! `vm.unprivileged_userfaultfd = 1`, to anyone. A process without that privilege gets a
-//! user-mode-only userfaultfd instead (allowed to anyone since Linux 5.11): user-space
-//! writes are handled as above, but a write the kernel makes to a protected page fails
-//! with `EFAULT`. The memory says which it got ([`LinuxCaps::kernel_faults`]);
-//! [`LinuxConfig::require_kernel_faults`] makes the fallback an error
-//! ([`LinuxError::KernelFaultsDenied`]) and [`LinuxConfig::kernel_faults`] off asks for
-//! user-mode-only from the start (embedders that only write from user space).
+//! `vm.unprivileged_userfaultfd = 1`, to anyone. A process without that privilege fails
+//! with [`LinuxError::KernelFaultsDenied`], whose message says what will work: a VMM whose
+//! vCPUs run under KVM needs kernel faults, and a silent fallback would turn KVM's first
+//! write to every protected page into a failed `KVM_RUN`. An embedder that writes guest
+//! memory from user space only turns [`LinuxConfig::kernel_faults`] off and gets a
+//! user-mode-only userfaultfd, which any process may create (Linux 5.11): user-space
+//! writes are handled as above, a write the kernel makes to a protected page fails with
+//! `EFAULT`. [`LinuxConfig::require_kernel_faults`] off makes that fallback automatic;
+//! [`LinuxCaps::kernel_faults`] says which the memory got.
 //!
 //! # Dirty tracking: what "written since the token" means here
 //! Because every first write to a protected page goes through the fault thread,
