@@ -1,6 +1,6 @@
-//! `dynamic-vm`: pack more virtual machines into the same RAM.
-//!
-//! This facade re-exports the workspace's crates; see the README for the map.
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_debug_implementations)]
 
 #[doc(inline)]
 pub use page_memory;
@@ -14,8 +14,3 @@ pub use ppr_guest;
 pub use ppr_host;
 #[doc(inline)]
 pub use sdtree;
-
-// The README's examples compile and run as doc tests.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-struct ReadmeDoctests;

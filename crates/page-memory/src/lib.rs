@@ -49,14 +49,17 @@
 
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::fmt;
 use std::sync::Arc;
 
 #[cfg(feature = "linux")]
+#[cfg_attr(docsrs, doc(cfg(feature = "linux")))]
 pub mod linux;
 pub mod sim;
 #[cfg(feature = "vm-memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
 pub mod vmm;
 
 /// Bytes in a page.

@@ -56,6 +56,7 @@
 
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "test-util")]
 mod guest_page;
@@ -69,6 +70,7 @@ use page_memory::{PageId, PageMemory, RegionInfo, ScanHook, PAGE_SIZE};
 use pip::{HostPool, Invalid, Mark, PoolStorage, PoolView, RegisterError, Reject, Release};
 
 #[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub use crate::guest_page::SimGuestPage;
 pub use crate::thread::RecyclerThread;
 
