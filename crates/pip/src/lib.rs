@@ -309,8 +309,10 @@
 //! preemption bound, in a few seconds), proptest model
 //! tests of operation sequences (with a hostile guest rewriting slots and marks), layout
 //! tests of the byte offsets through raw memory, and a fuzz target
-//! (`fuzz/fuzz_targets/pip_validate.rs`) running host validation and claims over
-//! arbitrary pool and page contents, whose corpus `cargo test` replays.
+//! (`fuzz/fuzz_targets/pip_validate.rs` in the repository) running host validation and
+//! claims over arbitrary pool and page contents: its checker runs hand-written inputs in
+//! `tests/fuzz_inputs.rs`, and the repository's `fuzz-corpus` crate replays its corpus
+//! under `cargo test --workspace`.
 
 #![no_std]
 #![warn(missing_docs)]

@@ -101,6 +101,8 @@
 //!   retired with `defer`, and freed only once every thread pinned at that time has
 //!   unpinned. Every operation holds a pin for its whole run, so no pointer it read can be
 //!   freed under it, and a word it read cannot come back with another meaning (no ABA).
+//!   That pin must be real: the guard-taking API refuses `epoch::unprotected()`, under
+//!   which crossbeam frees deferred memory at once ([`base`], "Guards").
 //!
 //! # Progress
 //! Lookups are wait-free apart from the walk (bounded by the tree's depth). Updates are
@@ -127,8 +129,11 @@
 //! # Verification
 //! loom models (`RUSTFLAGS="--cfg sdtree_loom --cfg crossbeam_loom" cargo test -p sdtree
 //! --test loom --release`), proptest model tests against `BTreeMap`, a multi-thread stress
-//! test, a differential fuzz target under `fuzz/` whose corpus `cargo test` replays, and a
-//! test of the bytes of stored keys a search reads ([`SdTree::get_with_stats`]).
+//! test, a differential fuzz target under the repository's `fuzz/` (its checker runs
+//! hand-written inputs in `tests/fuzz_inputs.rs`; the repository's `fuzz-corpus` crate
+//! replays its corpus under `cargo test --workspace`), a test of the guards the API
+//! refuses (`tests/guards.rs`), and a test of the bytes of stored keys a search reads
+//! ([`SdTree::get_with_stats`]).
 
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
