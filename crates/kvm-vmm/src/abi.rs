@@ -6,7 +6,7 @@
 //! # Guest-physical layout (identity-mapped: virtual = physical)
 //! | range | what |
 //! | --- | --- |
-//! | `0x1000` | the GDT (null, 64-bit code `0x08`, data `0x10`, TSS `0x18`) |
+//! | `0x1000` | the GDT (null, 64-bit code `0x08`, data `0x10`, TSS `0x18`, null, user code `0x2B`, user data `0x33`) |
 //! | `0x2000` | the PML4 |
 //! | `0x3000` | the PDPT |
 //! | `0x4000..0x8000` | four page directories: the first 4 GiB in 2 MiB pages |
@@ -16,7 +16,9 @@
 //! | [`DATA_BASE`]..RAM size | free memory: the workloads' pages |
 //!
 //! # Entry
-//! Every vCPU starts at the image's entry point in 64-bit long mode, interrupts off, with
+//! Every vCPU starts at the image's entry point in 64-bit long mode, interrupts off, at
+//! CPL 3 with IOPL 3 (or CPL 0: `kvm_vmm::Privilege`), no IDT (an exception is a triple
+//! fault: the VMM reports a shutdown exit), with
 //! `rdi` = [`PARAMS_ADDR`], `rsi` = the vCPU's index and `rsp` = the top of its stack
 //! minus 8 (as after a `call`, so the System V ABI's stack alignment holds).
 //!

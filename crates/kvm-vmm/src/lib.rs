@@ -6,13 +6,34 @@
 //! `page_memory::vmm::VmMemoryAdapter` can adopt), one KVM memory slot over it, and
 //! vCPUs that the VMM puts in 64-bit long mode itself: identity page tables with 2 MiB
 //! pages over the first 4 GiB, a GDT, CR0/CR3/CR4/EFER and the segment registers (see
-//! [`abi`] for the layout). The guest image ([`GuestImage`]: an ELF executable linked at
+//! [`abi`] for the layout). The vCPUs start at CPL 3 with IOPL 3 by default
+//! ([`Privilege`]): the paravirtual KVM of this project's machines (`kvm_pvm`) emulates
+//! CPL-0 guest code instruction by instruction but runs CPL-3 code natively. The guest image ([`GuestImage`]: an ELF executable linked at
 //! [`abi::IMAGE_BASE`], loaded by a small parser, or a flat binary) is entered on every
 //! vCPU, each on its own host thread. The guest talks through port I/O: a console, calls
 //! with 64-bit arguments (reports of results, a round barrier, registrations) that a
 //! [`CallHook`] may answer, and a done port. [`run_all`] runs several VMs in one
 //! process; one process per VM is not provided (a caller can run one VM per process
 //! itself).
+//!
+//! The bare-metal guest of this crate (`guest/`: `#![no_std]`, target
+//! `x86_64-unknown-none`, linked at [`abi::IMAGE_BASE`]) is built by the build script with
+//! a nested cargo and embedded in the crate: [`guest_image`]. It runs the workloads of
+//! [`abi`] (the memory checker: [`workload::Checker`]).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use kvm_vmm::workload::Checker;
+//! use kvm_vmm::{guest_image, Vm, VmConfig};
+//!
+//! let image = guest_image().expect("the guest was built");
+//! let config = Checker { pages: 512, rounds: 4, ..Checker::default() }.config("vm0", 16 << 20);
+//! let out = Vm::new(config, &image).unwrap().run(Duration::from_secs(30)).unwrap();
+//! let report = Checker::report(&out).unwrap();
+//! assert_eq!(report.mismatched, 0);
+//! ```
+//!
+//! A hand-written flat image works too:
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -31,7 +52,36 @@ pub mod abi;
 mod error;
 pub mod image;
 mod vm;
+pub mod workload;
 
 pub use error::Error;
 pub use image::GuestImage;
-pub use vm::{kvm_usable, open_kvm, run_all, Call, CallHook, GuestRam, Vm, VmConfig, VmOutcome};
+pub use vm::{
+    kvm_usable, open_kvm, run_all, Call, CallHook, GuestRam, Privilege, Vm, VmConfig, VmOutcome,
+};
+
+/// Why [`guest_image`] has no guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestUnavailable(pub &'static str);
+
+impl std::fmt::Display for GuestUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the bare-metal guest was not built: {}", self.0)
+    }
+}
+
+impl std::error::Error for GuestUnavailable {}
+
+/// The bare-metal guest (`guest/`), as the build script built it: an ELF image.
+#[cfg(kvm_vmm_guest)]
+pub fn guest_image() -> Result<GuestImage, GuestUnavailable> {
+    Ok(GuestImage::Elf(
+        include_bytes!(env!("KVM_VMM_GUEST_ELF")).to_vec(),
+    ))
+}
+
+/// The bare-metal guest (`guest/`): not built here, and why.
+#[cfg(not(kvm_vmm_guest))]
+pub fn guest_image() -> Result<GuestImage, GuestUnavailable> {
+    Err(GuestUnavailable(env!("KVM_VMM_GUEST_MISSING")))
+}

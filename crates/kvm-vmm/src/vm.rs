@@ -34,6 +34,20 @@ pub struct Call {
 /// [`VmOutcome::calls`].
 pub type CallHook = Arc<dyn Fn(&Call) -> u64 + Send + Sync>;
 
+/// The privilege level the vCPUs start at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Privilege {
+    /// CPL 3 with IOPL 3 (the default): the guest may use port I/O but no privileged
+    /// instruction, and every page is user-accessible. On a paravirtual KVM such as this
+    /// project's machines' `kvm_pvm`, which emulates CPL-0 guest code instruction by
+    /// instruction (about a million instructions a second) but runs CPL-3 code natively,
+    /// this is what makes a workload run at hardware speed. Elsewhere it costs nothing.
+    #[default]
+    User,
+    /// CPL 0, as a kernel starts (slow under `kvm_pvm`, see [`Privilege::User`]).
+    Supervisor,
+}
+
 /// How to build a [`Vm`].
 #[derive(Clone)]
 pub struct VmConfig {
@@ -44,6 +58,8 @@ pub struct VmConfig {
     pub mem_size: u64,
     /// vCPUs, 1 to [`abi::MAX_VCPUS`]; one host thread each.
     pub vcpus: u32,
+    /// The privilege level the vCPUs start at.
+    pub privilege: Privilege,
     /// The workload the guest runs ([`abi::WORKLOAD_CHECKER`], ...).
     pub workload: u64,
     /// The workload's arguments ([`Params::args`]).
@@ -60,6 +76,7 @@ impl std::fmt::Debug for VmConfig {
             .field("name", &self.name)
             .field("mem_size", &self.mem_size)
             .field("vcpus", &self.vcpus)
+            .field("privilege", &self.privilege)
             .field("workload", &self.workload)
             .field("args", &self.args)
             .field("echo_console", &self.echo_console)
@@ -75,6 +92,7 @@ impl VmConfig {
             name: name.into(),
             mem_size,
             vcpus: 1,
+            privilege: Privilege::User,
             workload: abi::WORKLOAD_HELLO,
             args: [0; 16],
             echo_console: false,
@@ -86,6 +104,13 @@ impl VmConfig {
     #[must_use]
     pub fn vcpus(mut self, vcpus: u32) -> Self {
         self.vcpus = vcpus;
+        self
+    }
+
+    /// Sets the privilege level the vCPUs start at.
+    #[must_use]
+    pub fn privilege(mut self, privilege: Privilege) -> Self {
+        self.privilege = privilege;
         self
     }
 
@@ -208,7 +233,7 @@ fn params_bytes(p: &Params) -> Vec<u8> {
     u64s(&w)
 }
 
-/// The 64-bit code segment, the data segment and the TSS, as the GDT at
+/// The 64-bit code segment, the data segment and the TSS (CPL 0), as the GDT at
 /// [`abi::GDT_ADDR`] describes them.
 fn segments() -> (kvm_segment, kvm_segment, kvm_segment) {
     let code = kvm_segment {
@@ -241,6 +266,23 @@ fn segments() -> (kvm_segment, kvm_segment, kvm_segment) {
         ..code
     };
     (code, data, tss)
+}
+
+/// The CPL-3 code and data segments (GDT entries 5 and 6, as for `sysret`).
+fn user_segments() -> (kvm_segment, kvm_segment) {
+    let (code, data, _) = segments();
+    (
+        kvm_segment {
+            selector: 0x28 | 3,
+            dpl: 3,
+            ..code
+        },
+        kvm_segment {
+            selector: 0x30 | 3,
+            dpl: 3,
+            ..data
+        },
+    )
 }
 
 /// A GDT descriptor for `seg` (the inverse of how KVM reads one).
@@ -302,14 +344,28 @@ impl Vm {
             unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("add a memory slot"))?;
         }
 
-        // Identity page tables: PML4[0] -> PDPT; PDPT[i] -> PD i; 2 MiB pages.
-        write(&memory, abi::PML4_ADDR, &u64s(&[abi::PDPT_ADDR | 0x3]))?;
-        let pdpt: Vec<u64> = (0..4).map(|i| (abi::PD_ADDR + i * 0x1000) | 0x3).collect();
+        // Identity page tables: PML4[0] -> PDPT; PDPT[i] -> PD i; 2 MiB pages; present,
+        // writable, user-accessible.
+        write(&memory, abi::PML4_ADDR, &u64s(&[abi::PDPT_ADDR | 0x7]))?;
+        let pdpt: Vec<u64> = (0..4).map(|i| (abi::PD_ADDR + i * 0x1000) | 0x7).collect();
         write(&memory, abi::PDPT_ADDR, &u64s(&pdpt))?;
-        let pds: Vec<u64> = (0..4 * 512u64).map(|i| (i << 21) | 0x83).collect();
+        let pds: Vec<u64> = (0..4 * 512u64).map(|i| (i << 21) | 0x87).collect();
         write(&memory, abi::PD_ADDR, &u64s(&pds))?;
         let (code, data, tss) = segments();
-        let gdt = [0, gdt_entry(&code), gdt_entry(&data), gdt_entry(&tss)];
+        let (ucode, udata) = user_segments();
+        let gdt = [
+            0,
+            gdt_entry(&code),
+            gdt_entry(&data),
+            gdt_entry(&tss),
+            0,
+            gdt_entry(&ucode),
+            gdt_entry(&udata),
+        ];
+        let (code, data, rflags) = match config.privilege {
+            Privilege::Supervisor => (code, data, 0x2),
+            Privilege::User => (ucode, udata, 0x2 | 3 << 12), // IOPL 3: port I/O allowed
+        };
         write(&memory, abi::GDT_ADDR, &u64s(&gdt))?;
         let params = Params {
             magic: abi::PARAMS_MAGIC,
@@ -358,7 +414,7 @@ impl Vm {
             vcpu.set_fpu(&fpu).map_err(kvm_err("set the FPU"))?;
             let mut regs = vcpu.get_regs().map_err(kvm_err("read regs"))?;
             regs.rip = loaded.entry;
-            regs.rflags = 0x2;
+            regs.rflags = rflags;
             regs.rdi = abi::PARAMS_ADDR;
             regs.rsi = i as u64;
             regs.rsp = abi::STACKS_BASE + (i as u64 + 1) * abi::STACK_SIZE - 8;

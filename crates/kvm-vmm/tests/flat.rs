@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_vmm::abi::{self, IMAGE_BASE};
-use kvm_vmm::{kvm_usable, run_all, Error, GuestImage, Vm, VmConfig};
+use kvm_vmm::{kvm_usable, run_all, Error, GuestImage, Privilege, Vm, VmConfig};
 
 fn kvm_or_skip() -> bool {
     match kvm_usable() {
@@ -103,6 +103,10 @@ fn flat_guest_prints_calls_and_finishes() {
         }
     });
     let config = VmConfig::new("flat", 8 * MIB).vcpus(3).on_call(hook);
+    // The same guest at CPL 0 too.
+    let mut vm0 = Vm::new(config.clone().privilege(Privilege::Supervisor), &a.image()).unwrap();
+    let out = vm0.run(Duration::from_secs(20)).unwrap();
+    assert_eq!(out.console.matches("hi\n").count(), 3, "{:?}", out.console);
     let mut vm = Vm::new(config, &a.image()).unwrap();
     let out = vm.run(Duration::from_secs(20)).unwrap();
     assert_eq!(out.console.matches("hi\n").count(), 3, "{:?}", out.console);
@@ -142,9 +146,9 @@ fn unexpected_exits_are_typed_with_reason_and_rip() {
     if !kvm_or_skip() {
         return;
     }
-    // hlt: an exit this VMM does not expect; RIP is past the hlt.
+    // hlt at CPL 0: an exit this VMM does not expect; RIP is past the hlt.
     let mut vm = Vm::new(
-        VmConfig::new("hlt", 8 * MIB),
+        VmConfig::new("hlt", 8 * MIB).privilege(Privilege::Supervisor),
         &GuestImage::Flat(vec![0x90, 0xF4]),
     )
     .unwrap();
@@ -166,7 +170,18 @@ fn unexpected_exits_are_typed_with_reason_and_rip() {
         e.to_string().contains(&format!("{:#x}", IMAGE_BASE + 10)),
         "{e}"
     );
-    // ud2 with no IDT: a triple fault, KVM's shutdown exit.
+    // hlt at CPL 3 is a #GP, and ud2 an #UD: with no IDT, a triple fault, KVM's shutdown
+    // exit.
+    let mut vm = Vm::new(
+        VmConfig::new("hlt3", 8 * MIB),
+        &GuestImage::Flat(vec![0xF4]),
+    )
+    .unwrap();
+    let e = vm.run(Duration::from_secs(20)).unwrap_err();
+    assert!(
+        matches!(&e, Error::UnexpectedExit { reason, .. } if reason == "Shutdown"),
+        "{e}"
+    );
     let mut vm = Vm::new(
         VmConfig::new("ud2", 8 * MIB),
         &GuestImage::Flat(vec![0x0F, 0x0B]),
