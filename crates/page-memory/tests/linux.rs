@@ -853,3 +853,57 @@ fn unmap_keeping_the_address(base: *mut u8, len: usize) {
     }
     .expect("mmap PROT_NONE over the region");
 }
+
+/// One page of an adopted region is replaced behind the backend's back (a fresh
+/// anonymous mapping over it, which the userfaultfd does not know): protecting it fails
+/// for that page alone, with no token; the rest of the region keeps working and is not
+/// taken for unmapped.
+#[test]
+fn a_page_replaced_behind_the_backends_back_fails_alone() {
+    let Some(mem) = memory() else { return };
+    const PAGES: usize = 8;
+    let len = PAGES * PAGE_SIZE;
+    let base = embedder_mmap(len);
+    // SAFETY: the test's own fresh private anonymous mapping, unmapped only at the end.
+    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    for i in 0..PAGES as u32 {
+        fill(&mem, PageId::new(r, i), 1 + (i % 2) as u64);
+    }
+    // SAFETY: page 3 of the test's own mapping; a fresh anonymous page replaces it (the
+    // contract violation under test), and only fault-checked calls reach it afterwards.
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            base.add(3 * PAGE_SIZE).cast(),
+            PAGE_SIZE,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
+        )
+    }
+    .expect("mmap over page 3");
+    let all = pages(r, 0..PAGES as u32);
+    let t = mem.protect(&all);
+    for (i, t) in t.iter().enumerate() {
+        if i == 3 {
+            assert!(
+                matches!(t, Err(PageError::Os { .. } | PageError::Unmapped(_))),
+                "{t:?}"
+            );
+        } else {
+            assert!(t.is_ok(), "page {i}: {t:?}");
+        }
+    }
+    assert!(!mem.is_protected(all[3]).unwrap_or(false));
+    // The rest of the region is not taken for unmapped: it merges.
+    let canon = mem.canonicalize(all[0], t[0].clone().unwrap()).unwrap();
+    assert_eq!(
+        mem.merge(all[2], t[2].clone().unwrap(), &canon).unwrap(),
+        MergeOutcome::Merged
+    );
+    assert!(holds(&mem, all[2], 1));
+    assert!(holds(&mem, all[5], 2));
+    assert_eq!(mem.regions().len(), 1);
+    drop(canon);
+    drop(mem);
+    // SAFETY: the test's own mapping; no memory refers to it any more.
+    unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
+}

@@ -411,6 +411,7 @@ impl LinuxMemory {
             recycled: g(&c.recycled),
             unmerged: g(&c.unmerged),
             window_writes: g(&c.window_writes),
+            settle_failures: g(&c.settle_failures),
             map_limit_refusals: g(&i.guard.refusals),
             map_recounts: g(&i.guard.recounts),
             mappings_counted: g(&i.guard.counted),

@@ -370,8 +370,18 @@ impl Inner {
 }
 
 /// Why a guest-address operation failed: the region is gone, or the call failed.
+///
+/// An errno in `gone` only says that *something* at the address is not what the backend
+/// left there: a hole, a mapping another party put there, or just one page whose fresh
+/// mapping could not be registered with the userfaultfd. The region is marked unmapped
+/// (every later operation on it fails with [`PageError::Unmapped`]) only when
+/// `/proc/self/maps` proves it: some part of the region's range is a hole or a mapping
+/// the backend does not make. Otherwise the error is the call's own, for this page alone.
 pub(super) fn gone_or(region: &Region, op: &'static str, e: Errno, gone: &[Errno]) -> PageError {
-    if gone.contains(&e) {
+    if region.unmapped.load(Ordering::Relaxed) {
+        return PageError::Unmapped(region.info.id);
+    }
+    if gone.contains(&e) && !sys::range_is_ours(region.base, region.base + region.len()) {
         region.unmapped.store(true, Ordering::Relaxed);
         PageError::Unmapped(region.info.id)
     } else {

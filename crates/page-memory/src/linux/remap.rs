@@ -121,26 +121,52 @@ impl Inner {
 
     /// After a remap of the page at `addr` to `slot` (or to nothing, for `None`):
     /// registers and protects it, and catches a write made in between.
+    ///
+    /// A page that cannot be registered or protected gets no token: it is unprotected
+    /// and its tokens are stale, and a page that maps the store is no longer taken to
+    /// map it (a write may make a private copy unseen): it becomes a [`Kind::StoreCow`]
+    /// that keeps its slot, until [`protect`](crate::PageMemory::protect) protects it
+    /// again and finds out what it maps ([`reconcile`](Self::reconcile)).
     pub(super) fn settle(&self, region: &Region, addr: usize, st: &mut PageState) {
         st.registered = self.register(addr).is_ok();
         let protected = st.registered && self.wp(region, addr, PAGE_SIZE).is_ok();
         if !protected {
-            // Untracked until registered again (protect retries): the page's tokens die.
-            st.protected = false;
-            st.gen += 1;
+            self.untrack(st);
             return;
         }
         self.check_window(region, addr, st);
+    }
+
+    /// A page whose kernel write-protection is not (or no longer) certain: no token of
+    /// it stays valid, and a store page is only "may still map its slot".
+    pub(super) fn untrack(&self, st: &mut PageState) {
+        st.protected = false;
+        st.gen += 1;
+        if st.kind == Kind::Store {
+            st.kind = Kind::StoreCow;
+        }
+        bump(&self.counters.settle_failures);
     }
 
     /// The page at `addr` is write-protected now: if a write reached it since it was given
     /// the contents its `kind` says (a store page, or zeros), record what it maps now.
     /// Returns whether there was such a write.
     pub(super) fn reconcile(&self, region: &Region, addr: usize, st: &mut PageState) -> bool {
-        let expect = match st.kind {
-            Kind::Store => st.slot.clone(),
-            Kind::Zero => None,
-            Kind::Anon | Kind::StoreCow => return false,
+        let expect = match (st.kind, &st.slot) {
+            (Kind::Store, _) => st.slot.clone(),
+            (Kind::Zero, _) => None,
+            // A store page that could not be protected: it still maps its slot unless a
+            // write made a private copy meanwhile.
+            (Kind::StoreCow, Some(slot)) => {
+                let slot = slot.clone();
+                if self.written_in_window(region, addr, Some(&slot)) {
+                    st.slot = None;
+                    return true;
+                }
+                st.kind = Kind::Store;
+                return false;
+            }
+            (Kind::Anon | Kind::StoreCow, _) => return false,
         };
         if !self.written_in_window(region, addr, expect.as_deref()) {
             return false;
@@ -336,8 +362,7 @@ impl Inner {
                 st.kind = Kind::Zero;
                 // The empty entry is protected again (a marker) for the page's token.
                 if self.wp(region, addr, PAGE_SIZE).is_err() {
-                    st.protected = false;
-                    st.gen += 1;
+                    self.untrack(st);
                     return Ok(());
                 }
                 self.check_window(region, addr, st);
@@ -345,8 +370,7 @@ impl Inner {
             Kind::Store | Kind::StoreCow => {
                 self.map_anon(region, addr, st)?;
                 if !st.registered || self.wp(region, addr, PAGE_SIZE).is_err() {
-                    st.protected = false;
-                    st.gen += 1;
+                    self.untrack(st);
                     return Ok(());
                 }
                 self.check_window(region, addr, st);

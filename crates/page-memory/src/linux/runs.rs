@@ -126,7 +126,8 @@ impl Inner {
                 }
                 ok.push(r);
             }
-            // One UFFDIO_WRITEPROTECT per sub-run that needs it.
+            // One UFFDIO_WRITEPROTECT per sub-run that needs it; where it fails, page by
+            // page, so that a failure is the error of its own page alone.
             let mut k = 0;
             while k < run.len() {
                 if ok[k].is_err() {
@@ -141,24 +142,37 @@ impl Inner {
                 }
                 if needed {
                     let addr = region.addr((first + k) as u32);
-                    if let Err(e) = self.wp(region, addr, (j - k) * PAGE_SIZE) {
-                        for r in &mut ok[k..j] {
-                            *r = Err(e.clone());
+                    if self.wp(region, addr, (j - k) * PAGE_SIZE).is_err() {
+                        for (i, r) in (k..j).zip(&mut ok[k..j]) {
+                            let a = region.addr((first + i) as u32);
+                            *r = self.wp(region, a, PAGE_SIZE);
                         }
                     }
                 }
                 k = j;
             }
-            // (A page that could not be protected keeps its state; its old tokens stay as
-            // valid or stale as they were.)
+            // A page that could not be protected gets no token, and its old ones die (its
+            // kernel protection is not certain any more); a store page that could not be
+            // protected when it was remapped finds out what it maps now.
             guards
                 .iter_mut()
+                .enumerate()
                 .zip(ok)
-                .map(|(g, r)| {
-                    r.map(|()| {
+                .map(|((k, g), r)| match r {
+                    Ok(()) => {
+                        if g.kind == Kind::StoreCow && g.slot.is_some() {
+                            self.reconcile(region, region.addr((first + k) as u32), g);
+                        }
                         g.protected = true;
-                        ProtectToken(g.gen)
-                    })
+                        Ok(ProtectToken(g.gen))
+                    }
+                    Err(e) => {
+                        if g.protected {
+                            g.protected = false;
+                            g.gen += 1;
+                        }
+                        Err(e)
+                    }
                 })
                 .collect()
         });

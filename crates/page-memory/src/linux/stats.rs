@@ -26,6 +26,10 @@ pub struct LinuxStats {
     pub unmerged: u64,
     /// Writes caught in the window between a remap and its protection.
     pub window_writes: u64,
+    /// Freshly remapped pages that could not be registered or write-protected: each got
+    /// no token (it is unprotected, its tokens stale) and is protected again by the next
+    /// `protect` that succeeds on it.
+    pub settle_failures: u64,
     /// Merges (and canonicalizations) refused to stay below `vm.max_map_count`.
     pub map_limit_refusals: u64,
     /// Times `/proc/self/maps` was counted.
@@ -98,6 +102,7 @@ pub(super) struct Counters {
     pub(super) recycled: AtomicU64,
     pub(super) unmerged: AtomicU64,
     pub(super) window_writes: AtomicU64,
+    pub(super) settle_failures: AtomicU64,
 }
 
 pub(super) fn bump(c: &AtomicU64) {
