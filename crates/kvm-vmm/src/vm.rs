@@ -500,11 +500,30 @@ struct VcpuCtx<'a> {
     on_call: Option<&'a CallHook>,
 }
 
-fn run_vcpu(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>) -> Result<VcpuEnd, Error> {
+impl VcpuCtx<'_> {
+    /// Appends a line of this vCPU's console output to the VM's console (whole lines, so
+    /// that vCPUs printing at once do not interleave within a line), and echoes it.
+    fn flush_line(&self, line: &mut Vec<u8>) {
+        if line.is_empty() {
+            return;
+        }
+        if self.echo {
+            let text = String::from_utf8_lossy(line);
+            println!("[{} cpu{}] {}", self.name, self.index, text.trim_end());
+        }
+        self.shared
+            .console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(line);
+        line.clear();
+    }
+}
+
+fn run_vcpu(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>, line: &mut Vec<u8>) -> Result<VcpuEnd, Error> {
     let mut args: Vec<u64> = Vec::new();
     let mut lo: u32 = 0;
     let mut result: u64 = 0;
-    let mut line: Vec<u8> = Vec::new();
     let unexpected = |vcpu: &mut VcpuFd, reason: String| Error::UnexpectedExit {
         vcpu: ctx.index,
         reason,
@@ -518,24 +537,10 @@ fn run_vcpu(vcpu: &mut VcpuFd, ctx: &VcpuCtx<'_>) -> Result<VcpuEnd, Error> {
         let problem = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => match (port, data.len()) {
                 (abi::PORT_CONSOLE, _) => {
-                    ctx.shared
-                        .console
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(data);
-                    if ctx.echo {
-                        for &b in data.iter() {
-                            if b == b'\n' {
-                                println!(
-                                    "[{} cpu{}] {}",
-                                    ctx.name,
-                                    ctx.index,
-                                    tail(&line, usize::MAX)
-                                );
-                                line.clear();
-                            } else {
-                                line.push(b);
-                            }
+                    for &b in data.iter() {
+                        line.push(b);
+                        if b == b'\n' {
+                            ctx.flush_line(line);
                         }
                     }
                     None
@@ -643,7 +648,9 @@ pub fn run_all(vms: &mut [Vm], timeout: Duration) -> Vec<Result<VmOutcome, Error
                             echo,
                             on_call,
                         };
-                        let end = run_vcpu(vcpu, &ctx);
+                        let mut line = Vec::new();
+                        let end = run_vcpu(vcpu, &ctx, &mut line);
+                        ctx.flush_line(&mut line);
                         let _ = tx.send((v, i as u32, end));
                     });
                 if let Err(e) = spawned {
