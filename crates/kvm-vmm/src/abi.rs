@@ -99,6 +99,33 @@ pub const WORKLOAD_HELLO: u64 = 0;
 /// Workload: the memory checker (see [`Params::args`]).
 pub const WORKLOAD_CHECKER: u64 = 1;
 
+/// Workload: the Per Page Recycler's guest side ([`PPR_POOL_BYTES`], ...): a page
+/// allocator whose free and alloc paths call `ppr-guest`'s hooks, over a PIP pool at the
+/// start of the data area registered with [`CALL_REGISTER`]. Every cycle allocates all
+/// its pages (each must read zeros, or exactly what the guest last wrote, minus the mark
+/// words), writes them, checks them and frees them again, with a [`CALL_ROUND`] barrier
+/// after the allocation (round `2c - 1`) and after the frees (round `2c`).
+pub const WORKLOAD_PPR: u64 = 2;
+/// Index in [`Params::args`] of the PIP pool's size in bytes (from [`DATA_BASE`]).
+pub const PPR_POOL_BYTES: usize = 0;
+/// Index in [`Params::args`] of the allocator's pages (all vCPUs together), after the pool.
+pub const PPR_PAGES: usize = 1;
+/// Index in [`Params::args`] of the number of allocate-write-free cycles.
+pub const PPR_CYCLES: usize = 2;
+/// PIP frame numbers are guest-physical page numbers plus this (frame 0 means "empty" to
+/// PIP): page `i` of the VM's single RAM region is frame `i + 1`.
+pub const PPR_FRAME_OFFSET: u64 = 1;
+/// The seed of the PPR workload's page patterns ([`pattern_word`]).
+pub const PPR_SEED: u64 = 0x0999_7000;
+/// Report tag of the PPR workload. Values, in order: pages allocated, of which read
+/// zeros (recycled, or never written), of which read intact (offer withdrawn before the
+/// host took it), pages found corrupt (neither, or changed while allocated), pages
+/// offered on free, frees not offered (pool full or refused), `on_alloc` answers
+/// `Busy` (retried), pages this vCPU owns.
+pub const REPORT_PPR: u64 = 0x0999;
+/// Number of values in a [`REPORT_PPR`] report.
+pub const PPR_VALUES: usize = 8;
+
 /// Index in [`Params::args`] of the checker's page count (all vCPUs together; 0: every
 /// page of the data area).
 pub const CHECKER_PAGES: usize = 0;

@@ -19,7 +19,10 @@
 //! The bare-metal guest of this crate (`guest/`: `#![no_std]`, target
 //! `x86_64-unknown-none`, linked at [`abi::IMAGE_BASE`]) is built by the build script with
 //! a nested cargo and embedded in the crate: [`guest_image`]. It runs the workloads of
-//! [`abi`] (the memory checker: [`workload::Checker`]).
+//! [`abi`]: the memory checker ([`workload::Checker`]) and the Per Page Recycler's guest
+//! side ([`abi::WORKLOAD_PPR`]: a page allocator calling `ppr-guest`'s hooks over a PIP
+//! pool in guest RAM that it registers through [`abi::CALL_REGISTER`]; the host answers
+//! with `ppr_host::Recycler::register`, see `tests/ppr.rs`).
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -7,6 +7,8 @@
 //! - checker: fills pages with patterns that encode (page, generation), rewrites a moving
 //!   subset in rounds, re-reads every page after each round and reports pages checked,
 //!   rewritten and mismatched.
+//! - ppr: a page allocator that calls `ppr-guest`'s `on_free` / `on_alloc` hooks, over a
+//!   PIP pool in guest memory registered with the host through a call.
 
 #![no_std]
 #![no_main]
@@ -18,6 +20,9 @@ mod abi;
 
 use core::arch::asm;
 use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use ppr_guest::{Free, Hooks, PoolView};
 
 use abi::Params;
 
@@ -101,6 +106,7 @@ pub extern "C" fn _start(params: *const Params, cpu: u64) -> ! {
             0
         }
         abi::WORKLOAD_CHECKER => checker(&p, cpu),
+        abi::WORKLOAD_PPR => ppr(&p, cpu),
         w => {
             println!("cpu {cpu}: unknown workload {w}");
             1
@@ -212,6 +218,178 @@ fn checker(p: &Params, cpu: u64) -> u32 {
         ],
     );
     println!("checker: cpu {cpu}: {checked} pages checked, {rewritten} rewritten, {bad_pages} mismatched");
+    0
+}
+
+/// Set by vCPU 0 once the host registered the pool.
+static POOL_READY: AtomicBool = AtomicBool::new(false);
+
+type Page = [AtomicU64; WORDS];
+
+fn page_at(addr: u64) -> &'static Page {
+    // SAFETY: `addr` is a page-aligned page of the data area (the caller checked),
+    // identity-mapped RAM for the guest's whole life; it is only accessed atomically
+    // here (by this vCPU, and by the host's recycler through PIP).
+    unsafe { &*(addr as *const Page) }
+}
+
+/// What a page allocated again holds.
+enum Seen {
+    Zero,
+    Intact,
+    Corrupt,
+}
+
+/// Compares `page` with zeros and with generation `generation` of frame `frame`'s
+/// pattern with the mark words zeroed (what a withdrawn offer leaves).
+fn seen(page: &Page, frame: u64, generation: u64) -> Seen {
+    let (mut zero, mut intact) = (true, generation != 0);
+    for (i, w) in page.iter().enumerate() {
+        let v = w.load(Ordering::Relaxed);
+        zero &= v == 0;
+        let want = if i < pip::MARK_WORDS {
+            0
+        } else {
+            abi::pattern_word(frame, generation, abi::PPR_SEED, i as u64)
+        };
+        intact &= v == want;
+    }
+    match (zero, intact) {
+        (true, _) => Seen::Zero,
+        (false, true) => Seen::Intact,
+        _ => Seen::Corrupt,
+    }
+}
+
+fn ppr(p: &Params, cpu: u64) -> u32 {
+    let a = &p.args;
+    let pool_addr = p.data_base;
+    let pool_len = a[abi::PPR_POOL_BYTES];
+    let pages = a[abi::PPR_PAGES];
+    let cycles = a[abi::PPR_CYCLES];
+    let first = pool_addr + pool_len.div_ceil(abi::PAGE_SIZE) * abi::PAGE_SIZE;
+    if first + pages * abi::PAGE_SIZE > p.data_base + p.data_len {
+        println!("ppr: {pages} pages after a {pool_len}-byte pool do not fit");
+        return 4;
+    }
+    let view = if cpu == 0 {
+        // SAFETY: the pool's bytes are zeroed RAM of the data area that nothing else
+        // uses; from now on the guest (pip) and the host access them atomically only.
+        let view = unsafe {
+            PoolView::init_raw(pool_addr as *const u8, pool_len as usize, p.vcpus as u32)
+        };
+        let Ok(view) = view else {
+            println!("ppr: cannot lay out the pool");
+            return 5;
+        };
+        if call(
+            abi::CALL_REGISTER,
+            &[abi::REGISTER_PIP_POOL, pool_addr, pool_len],
+        ) != 1
+        {
+            println!("ppr: the host did not register the pool");
+            return 6;
+        }
+        POOL_READY.store(true, Ordering::Release);
+        view
+    } else {
+        while !POOL_READY.load(Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+        // SAFETY: as above; vCPU 0 laid the pool out.
+        match unsafe { PoolView::from_raw(pool_addr as *const u8, pool_len as usize) } {
+            Ok(view) => view,
+            Err(_) => {
+                println!("ppr: cpu {cpu}: the pool's layout is invalid");
+                return 5;
+            }
+        }
+    };
+    let hooks = match Hooks::attach(view) {
+        Ok(h) => h,
+        Err(e) => {
+            println!("ppr: cpu {cpu}: cannot attach: {e:?}");
+            return 7;
+        }
+    };
+    let c = cpu as usize;
+    let (lo, hi) = (pages * cpu / p.vcpus, pages * (cpu + 1) / p.vcpus);
+    let frame_of = |i: u64| (first / abi::PAGE_SIZE) + i + abi::PPR_FRAME_OFFSET;
+    let addr_of = |i: u64| first + i * abi::PAGE_SIZE;
+    let (mut allocs, mut zeros, mut intact, mut corrupt) = (0u64, 0u64, 0u64, 0u64);
+    let (mut offered, mut not_offered, mut busy) = (0u64, 0u64, 0u64);
+    let free = |i: u64, offered: &mut u64, not_offered: &mut u64| match hooks.on_free(
+        c,
+        frame_of(i),
+        page_at(addr_of(i)),
+    ) {
+        Some(Free::Offered(_)) => *offered += 1,
+        _ => *not_offered += 1,
+    };
+    // Every page starts free, and offered.
+    for i in lo..hi {
+        free(i, &mut offered, &mut not_offered);
+    }
+    for cycle in 1..=cycles {
+        for i in lo..hi {
+            let (frame, page) = (frame_of(i), page_at(addr_of(i)));
+            // The host may be recycling this very page: retry until it lets go (it
+            // ends every claim in bounded time).
+            while !hooks.on_alloc(c, frame, page).is_usable() {
+                busy += 1;
+                core::hint::spin_loop();
+            }
+            allocs += 1;
+            match seen(page, frame, cycle - 1) {
+                Seen::Zero => zeros += 1,
+                Seen::Intact => intact += 1,
+                Seen::Corrupt => {
+                    if corrupt < 4 {
+                        println!("ppr: cpu {cpu} frame {frame} cycle {cycle}: corrupt on alloc");
+                    }
+                    corrupt += 1;
+                }
+            }
+            for (w, word) in page.iter().enumerate() {
+                word.store(
+                    abi::pattern_word(frame, cycle, abi::PPR_SEED, w as u64),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        call(abi::CALL_ROUND, &[2 * cycle - 1]);
+        for i in lo..hi {
+            let (frame, page) = (frame_of(i), page_at(addr_of(i)));
+            // In use since the allocation: nobody may have touched it.
+            let whole = page.iter().enumerate().all(|(w, word)| {
+                word.load(Ordering::Relaxed)
+                    == abi::pattern_word(frame, cycle, abi::PPR_SEED, w as u64)
+            });
+            if !whole {
+                if corrupt < 4 {
+                    println!("ppr: cpu {cpu} frame {frame} cycle {cycle}: changed while in use");
+                }
+                corrupt += 1;
+            }
+            free(i, &mut offered, &mut not_offered);
+        }
+        call(abi::CALL_ROUND, &[2 * cycle]);
+    }
+    call(
+        abi::CALL_REPORT,
+        &[
+            abi::REPORT_PPR,
+            allocs,
+            zeros,
+            intact,
+            corrupt,
+            offered,
+            not_offered,
+            busy,
+            hi - lo,
+        ],
+    );
+    println!("ppr: cpu {cpu}: {allocs} allocations, {zeros} read zeros, {intact} intact, {corrupt} corrupt");
     0
 }
 
