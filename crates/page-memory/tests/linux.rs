@@ -250,6 +250,9 @@ fn merge_and_recycle_free_the_expected_memory() {
     show("second region: 1024 private pages, 512 recycled", &after);
     assert_eq!(filled.region_anonymous - after.region_anonymous, 512 * PAGE);
     assert_eq!(mem.stats().recycled, 256 + 256 + 512);
+    // The backend's own remaps and drops raised events, none taken for the owner's.
+    let st = mem.stats();
+    assert_eq!((st.foreign_unmaps, st.foreign_removes), (0, 0), "{st:?}");
 }
 
 #[test]
@@ -539,6 +542,7 @@ fn writers_lose_no_write_across_merge_and_copy_on_write_cycles() {
         st.cow_breaks > 100,
         "too few copy-on-write breaks to mean anything"
     );
+    assert_eq!((st.foreign_unmaps, st.foreign_removes), (0, 0));
     drop(by_contents);
     drop(mem);
 }
@@ -906,4 +910,244 @@ fn a_page_replaced_behind_the_backends_back_fails_alone() {
     drop(mem);
     // SAFETY: the test's own mapping; no memory refers to it any more.
     unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
+}
+
+/// Maps `len` bytes of fresh anonymous memory exactly at `at` without replacing anything
+/// (`MAP_FIXED_NOREPLACE`): `None` if something (another test's mapping) is there.
+fn map_exactly_at(at: *mut u8, len: usize) -> Option<*mut u8> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping: the call either
+    // makes a new mapping at `at` or fails.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            at.cast(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED_NOREPLACE,
+        )
+    }
+    .ok()?;
+    if p.cast::<u8>() == at {
+        return Some(at);
+    }
+    // An old kernel that ignores the flag put it elsewhere.
+    // SAFETY: the mapping just made, ours alone.
+    let _ = unsafe { rustix::mm::munmap(p, len) };
+    None
+}
+
+/// Whether every byte of `[at, at + len)` is `b` (read with atomic loads).
+fn all_bytes(at: *mut u8, len: usize, b: u8) -> bool {
+    (0..len / 8).all(|w| {
+        // SAFETY: `at` is a live mapping of `len` bytes the caller owns; aligned words.
+        let v = unsafe { AtomicU64::from_ptr(at.cast::<u64>().add(w)) }.load(Ordering::Relaxed);
+        v == u64::from_ne_bytes([b; 8])
+    })
+}
+
+/// An embedder unmaps an adopted region (merged pages in it) and a new mapping takes the
+/// same address at once: the backend never reads nor zeroes the new occupant. Every
+/// operation on the region fails, before the fault thread has applied the unmap event
+/// (the per-operation check finds the address no longer registered) and after (the
+/// pages are gone), and the new occupant keeps its bytes through all of it and through
+/// the memory's drop.
+#[test]
+fn a_new_mapping_at_an_unmapped_regions_address_is_never_read_nor_zeroed() {
+    let Some(mem) = memory() else { return };
+    if !mem.caps().events {
+        eprintln!("SKIPPED: no userfaultfd non-cooperative events here");
+        return;
+    }
+    const PAGES: usize = 16;
+    let len = PAGES * PAGE_SIZE;
+    let (base, r, t, frames, occupant) = loop {
+        let base = embedder_mmap(len);
+        // SAFETY: the test's own fresh private anonymous mapping.
+        let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+        for i in 0..PAGES as u32 {
+            fill(&mem, PageId::new(r, i), 1 + (i % 4) as u64);
+        }
+        let all = pages(r, 0..PAGES as u32);
+        let t: Vec<_> = mem.protect(&all).into_iter().map(Result::unwrap).collect();
+        let frames: Vec<_> = (0..4)
+            .map(|i| mem.canonicalize(all[i], t[i]).unwrap())
+            .collect();
+        for i in 4..8 {
+            assert_eq!(
+                mem.merge(all[i], t[i], &frames[i % 4]).unwrap(),
+                MergeOutcome::Merged
+            );
+        }
+        // The embedder unmaps it behind the backend's back (munmap returns once the fault
+        // thread has read the unmap event), and maps new memory at the same address.
+        // SAFETY: the test's own mapping; only fault-checked calls reach it afterwards.
+        unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
+        match map_exactly_at(base, len) {
+            Some(o) => break (base, r, t, frames, o),
+            // Another test took the address in between: try again elsewhere.
+            None => continue,
+        }
+    };
+    // SAFETY: the new occupant, the test's own mapping.
+    unsafe { std::ptr::write_bytes(occupant, 0xab, len) };
+    let check = |mem: &LinuxMemory| {
+        let mut buf = [0u8; PAGE_SIZE];
+        for i in 0..PAGES as u32 {
+            let p = PageId::new(r, i);
+            let got = mem.read_page(p, &mut buf);
+            assert!(got.is_err(), "page {i} read the new occupant: {got:?}");
+            assert!(
+                buf.iter().all(|&b| b != 0xab),
+                "page {i}: occupant bytes leaked"
+            );
+            let mut w = [0u64; 2];
+            assert!(mem.read_words(p, &mut w).is_err());
+        }
+        let all = pages(r, 0..PAGES as u32);
+        assert!(mem.recycle(&all).iter().all(Result::is_err));
+        assert!(mem.protect(&all).iter().all(Result::is_err));
+        for p in &all {
+            assert!(mem.unmerge(*p).is_err());
+        }
+        let zero = mem.zero_frame();
+        assert!(mem.merge(all[9], t[9], &frames[1]).is_err());
+        assert!(mem.merge(all[10], t[10], &zero).is_err());
+        let items: Vec<_> = (8..12).map(|i| (all[i], t[i], &frames[i % 4])).collect();
+        assert!(mem.merge_batch(&items).iter().all(Result::is_err));
+        let canon: Vec<_> = (10..14).map(|i| (all[i], t[i])).collect();
+        assert!(mem.canonicalize_batch(&canon).iter().all(Result::is_err));
+        assert!(
+            all_bytes(occupant, len, 0xab),
+            "the backend wrote the new occupant"
+        );
+    };
+    // At once, whether or not the fault thread has applied the event yet.
+    check(&mem);
+    // Once it has, the region is unmapped.
+    let t0 = Instant::now();
+    while mem.stats().foreign_unmaps < PAGES as u64 && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(mem.stats().foreign_unmaps, PAGES as u64);
+    let mut buf = [0u8; PAGE_SIZE];
+    assert_eq!(
+        mem.read_page(PageId::new(r, 5), &mut buf),
+        Err(PageError::Unmapped(r))
+    );
+    check(&mem);
+    drop(frames);
+    drop(mem);
+    assert!(
+        all_bytes(occupant, len, 0xab),
+        "the memory's drop wrote the new occupant"
+    );
+    // SAFETY: the new occupant, the test's own mapping; nothing refers to it any more.
+    unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
+}
+
+/// One page of a region unmapped by its owner: that page alone is gone.
+#[test]
+fn one_page_unmapped_by_its_owner_is_gone_alone() {
+    let Some(mem) = memory() else { return };
+    if !mem.caps().events {
+        eprintln!("SKIPPED: no userfaultfd non-cooperative events here");
+        return;
+    }
+    const PAGES: usize = 8;
+    let len = PAGES * PAGE_SIZE;
+    let base = embedder_mmap(len);
+    // SAFETY: the test's own fresh private anonymous mapping.
+    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    for i in 0..PAGES as u32 {
+        fill(&mem, PageId::new(r, i), 7);
+    }
+    // Page 2 is unmapped, but its address stays reserved (PROT_NONE), so that no other
+    // test can take it.
+    unmap_keeping_the_address(
+        // SAFETY: inside the test's own mapping.
+        unsafe { base.add(2 * PAGE_SIZE) },
+        PAGE_SIZE,
+    );
+    let t0 = Instant::now();
+    while mem.stats().foreign_unmaps < 1 && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(mem.stats().foreign_unmaps, 1);
+    let all = pages(r, 0..PAGES as u32);
+    let t = mem.protect(&all);
+    for (i, t) in t.iter().enumerate() {
+        if i == 2 {
+            assert_eq!(*t, Err(PageError::Unmapped(r)));
+        } else {
+            assert!(t.is_ok(), "page {i}: {t:?}");
+        }
+    }
+    let canon = mem.canonicalize(all[0], t[0].clone().unwrap()).unwrap();
+    assert_eq!(
+        mem.merge(all[1], t[1].clone().unwrap(), &canon).unwrap(),
+        MergeOutcome::Merged
+    );
+    assert!(holds(&mem, all[1], 7) && holds(&mem, all[3], 7));
+    assert_eq!(mem.regions().len(), 1);
+    drop(canon);
+    drop(mem);
+    // SAFETY: the test's own mapping (page 2 a reservation); nothing refers to it any more.
+    unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
+}
+
+/// The embedder moves a region with `mremap`: the backend learns of it (the region is
+/// gone at its old address), a write at the new address is not held (the moved range is
+/// unregistered), and the moved memory keeps its contents.
+#[test]
+fn a_region_moved_by_its_owner_is_gone_and_the_moved_memory_works() {
+    let Some(mem) = memory() else { return };
+    if !mem.caps().events {
+        eprintln!("SKIPPED: no userfaultfd non-cooperative events here");
+        return;
+    }
+    const PAGES: usize = 8;
+    let len = PAGES * PAGE_SIZE;
+    let base = embedder_mmap(len);
+    // SAFETY: the test's own fresh private anonymous mapping.
+    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    for i in 0..PAGES as u32 {
+        fill(&mem, PageId::new(r, i), 3 + i as u64);
+    }
+    let all = pages(r, 0..PAGES as u32);
+    assert!(mem.protect(&all).iter().all(Result::is_ok));
+    let to = embedder_mmap(len);
+    // SAFETY: moves the test's own mapping over its own reservation `to`; the old range is
+    // then reserved again (PROT_NONE) so that no other test's mapping lands there.
+    unsafe {
+        rustix::mm::mremap_fixed(
+            base.cast(),
+            len,
+            len,
+            rustix::mm::MremapFlags::MAYMOVE,
+            to.cast(),
+        )
+    }
+    .expect("mremap");
+    unmap_keeping_the_address(base, len);
+    let t0 = Instant::now();
+    while mem.stats().foreign_unmaps < PAGES as u64 && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(mem.stats().foreign_remaps, 1);
+    let mut buf = [0u8; PAGE_SIZE];
+    assert_eq!(mem.read_page(all[0], &mut buf), Err(PageError::Unmapped(r)));
+    // The moved memory: its contents, and writable (protection gone with the registration).
+    for i in 0..PAGES {
+        // SAFETY: the test's own (moved) mapping; atomic accesses.
+        let w =
+            |k: usize| unsafe { AtomicU64::from_ptr(to.add(i * PAGE_SIZE).cast::<u64>().add(k)) };
+        assert_eq!(w(1).load(Ordering::Relaxed), pattern(3 + i as u64, 1));
+        w(0).store(42, Ordering::Relaxed);
+        assert_eq!(w(0).load(Ordering::Relaxed), 42);
+    }
+    drop(mem);
+    // SAFETY: the test's own mappings; nothing refers to them any more.
+    unsafe {
+        rustix::mm::munmap(to.cast(), len).unwrap();
+        rustix::mm::munmap(base.cast(), len).unwrap();
+    }
 }

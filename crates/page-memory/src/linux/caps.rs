@@ -55,6 +55,10 @@ pub struct LinuxCaps {
     pub populate_write: bool,
     /// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4) is on.
     pub wp_unpopulated: bool,
+    /// userfaultfd's non-cooperative events `UFFD_EVENT_UNMAP`, `UFFD_EVENT_REMOVE` and
+    /// `UFFD_EVENT_REMAP` (Linux 4.11) are on: the fault thread learns of every unmap,
+    /// discard and move of guest memory (see the module docs).
+    pub events: bool,
     /// `PAGEMAP_SCAN` (Linux 6.7) works.
     pub pagemap_scan: bool,
     /// `vm.max_map_count` when the memory was made.

@@ -24,8 +24,8 @@ impl PageMemory for LinuxMemory {
     }
 
     fn read_page(&self, page: PageId, buf: &mut [u8; PAGE_SIZE]) -> Result<(), PageError> {
-        self.inner.with_page(page, |region, addr, _| {
-            self.inner.read_guest(region, addr, &mut buf[..])
+        self.inner.with_page(page, |region, addr, st| {
+            self.inner.read_checked(region, addr, &mut buf[..], st)
         })
     }
 
@@ -35,8 +35,8 @@ impl PageMemory for LinuxMemory {
         }
         let mut bytes = [0u8; PAGE_SIZE];
         let n = out.len() * 8;
-        self.inner.with_page(page, |region, addr, _| {
-            self.inner.read_guest(region, addr, &mut bytes[..n])
+        self.inner.with_page(page, |region, addr, st| {
+            self.inner.read_checked(region, addr, &mut bytes[..n], st)
         })?;
         for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
             *o = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
@@ -80,6 +80,7 @@ impl PageMemory for LinuxMemory {
                 (Kind::Zero, _) => return Ok((LinuxFrame(None), false)),
                 _ => {}
             }
+            inner.check_page(region, addr, st)?;
             let slot = inner.store.allocate(region.home + page.index as u64)?;
             sys::pwrite_from_guest(inner.store.fd(), addr, PAGE_SIZE, slot.offset()).map_err(
                 |e| {
@@ -127,6 +128,7 @@ impl PageMemory for LinuxMemory {
             }
             // Protected: no write can land while we compare and remap.
             let mut buf = [0u8; PAGE_SIZE];
+            inner.check_page(region, addr, st)?;
             inner.read_guest(region, addr, &mut buf)?;
             if buf[..] != *canonical.as_ref() {
                 return Ok((MergeOutcome::Differs, false));
@@ -252,6 +254,7 @@ impl PageMemory for LinuxMemory {
             return inner.with_page(page, |_, _, _| Ok(()));
         }
         let changed = inner.with_page(page, |region, addr, st| {
+            inner.check_page(region, addr, st)?;
             let changed = match st.kind {
                 Kind::Store => {
                     inner.break_store(region, addr, st)?;

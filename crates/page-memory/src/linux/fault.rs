@@ -1,8 +1,10 @@
 //! The fault thread(s): every guest write to a protected page stops in the kernel and is
 //! resolved here (see *Write protection* in the module docs).
 
+use std::cell::Cell;
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -11,7 +13,8 @@ use rustix::io::Errno;
 use super::region::{gone_or, Kind, PageState, Region};
 use super::stats::bump;
 use super::store::Slot;
-use super::sys::{self, uffd::Uffd, Advice};
+use super::sys::uffd::{Event, Uffd};
+use super::sys::{self, Advice};
 use super::Inner;
 use crate::{PageError, PAGE_SIZE};
 
@@ -64,12 +67,60 @@ impl Drop for FaultThreads {
     }
 }
 
-/// The fault thread: resolves write faults until `stop` is signalled.
+thread_local! {
+    /// Set in the fault threads: they must never wait for the userfaultfd to be read
+    /// (they are its readers), so they do not retry `EAGAIN` (see [`Inner::wp_call`]).
+    static IN_FAULT_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is a fault thread.
+pub(super) fn in_fault_thread() -> bool {
+    IN_FAULT_THREAD.with(Cell::get)
+}
+
+/// Something a fault thread has to do, kept until it can be done without waiting.
+#[derive(Debug)]
+enum Work {
+    /// A write fault at this address.
+    Fault(usize),
+    /// A range event, applied page by page from `next` on.
+    Range {
+        what: RangeEvent,
+        end: usize,
+        next: usize,
+    },
+    /// Unregister a range that moved out of a region (`UFFD_EVENT_REMAP`'s destination,
+    /// still registered and write-protected).
+    Unregister { start: usize, len: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RangeEvent {
+    Unmap,
+    Remove,
+    Moved,
+}
+
+/// How long a fault thread with work it could not do waits before it tries again
+/// (unless a message arrives first).
+const RETRY: Duration = Duration::from_micros(20);
+
+/// The fault thread: reads the userfaultfd until `stop` is signalled, and resolves write
+/// faults and applies events.
+///
+/// It never waits for a page lock nor retries a call that fails because an event is
+/// pending (`EAGAIN`): an operation holding a page lock may itself be waiting for the
+/// userfaultfd to be read (its `mmap(MAP_FIXED)` or `MADV_DONTNEED` raised an event, and
+/// the kernel holds the caller until a reader reads it). Work that cannot be done now is
+/// kept, in order, and tried again after the next read or within [`RETRY`].
 fn fault_loop(inner: &Inner, stop: &OwnedFd) {
     let Some(uffd) = &inner.uffd else { return };
+    IN_FAULT_THREAD.with(|f| f.set(true));
     let mut buf = Uffd::msg_buffer(64);
+    let mut pending: VecDeque<Work> = VecDeque::new();
     loop {
-        let ready = match sys::wait_readable(uffd.as_fd(), stop.as_fd()) {
+        let timeout = (!pending.is_empty()).then_some(RETRY);
+        let ready = match sys::wait_readable(uffd.as_fd(), stop.as_fd(), timeout) {
             Ok(r) => r,
             Err(Errno::INTR) => continue,
             Err(_) => {
@@ -80,56 +131,211 @@ fn fault_loop(inner: &Inner, stop: &OwnedFd) {
         if ready[1] {
             return;
         }
-        // EAGAIN: another fault thread took the messages.
-        let Ok(msgs) = uffd.read_msgs(&mut buf) else {
-            continue;
-        };
-        // Only page faults are asked for (no UFFD_FEATURE_EVENT_*); anything else is
-        // ignored. Every fault on a write-protect-only registration is a write to a
-        // protected page (UFFD_PAGEFAULT_FLAG_WP).
-        for fault in msgs.iter().filter_map(|m| m.pagefault()) {
-            inner.on_fault(fault.address as usize);
+        if ready[0] {
+            // EAGAIN: nothing more (or another fault thread took the messages).
+            while let Ok(msgs) = uffd.read_msgs(&mut buf) {
+                for m in msgs {
+                    match m.decode() {
+                        Event::WriteFault(addr) => {
+                            bump(&inner.counters.write_faults);
+                            pending.push_back(Work::Fault(addr));
+                        }
+                        Event::Unmap { start, end } => {
+                            pending.push_back(range(RangeEvent::Unmap, start, end))
+                        }
+                        Event::Remove { start, end } => {
+                            pending.push_back(range(RangeEvent::Remove, start, end))
+                        }
+                        Event::Remap { from, to, len } => {
+                            bump(&inner.counters.foreign_remaps);
+                            pending.push_back(range(
+                                RangeEvent::Moved,
+                                from,
+                                from.saturating_add(len),
+                            ));
+                            pending.push_back(Work::Unregister { start: to, len });
+                        }
+                        Event::Other(_) => {}
+                    }
+                }
+                if msgs.len() < buf.len() {
+                    break;
+                }
+            }
+        }
+        for _ in 0..pending.len() {
+            let Some(mut w) = pending.pop_front() else {
+                break;
+            };
+            if !inner.work(&mut w) {
+                pending.push_back(w);
+            }
         }
     }
 }
 
+fn range(what: RangeEvent, start: usize, end: usize) -> Work {
+    Work::Range {
+        what,
+        end,
+        next: start,
+    }
+}
+
 impl Inner {
-    /// A write fault at `addr`: unprotect the page, record the write, wake the writer.
-    pub(super) fn on_fault(&self, addr: usize) {
-        let page_addr = addr & !(PAGE_SIZE - 1);
-        bump(&self.counters.write_faults);
-        let region = {
-            let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
-            regions
-                .iter()
-                .find(|r| r.base <= page_addr && page_addr < r.base + r.len())
-                .cloned()
-        };
-        if let Some(region) = region {
-            let live = region.live.read().unwrap_or_else(|e| e.into_inner());
-            if *live {
-                let mut st = region.lock((page_addr - region.base) / PAGE_SIZE);
-                self.resolve_write(&region, page_addr, &mut st);
-                return;
+    /// Does `w` if it can without waiting; whether it is done.
+    fn work(&self, w: &mut Work) -> bool {
+        match w {
+            Work::Fault(addr) => self.on_fault(*addr),
+            Work::Range { what, end, next } => self.on_range(*what, next, *end),
+            Work::Unregister { start, len } => {
+                if let Some(uffd) = &self.uffd {
+                    let _ = uffd.unregister(*start, *len);
+                }
+                true
             }
-        }
-        if let Some(uffd) = &self.uffd {
-            let _ = uffd.wake(page_addr, PAGE_SIZE);
         }
     }
 
-    pub(super) fn resolve_write(&self, region: &Region, addr: usize, st: &mut PageState) {
-        let Some(uffd) = &self.uffd else { return };
+    /// A write fault at `addr`: unprotect the page, record the write, wake the writer.
+    /// Whether it is done (`false`: the page is locked, or an event is pending).
+    fn on_fault(&self, addr: usize) -> bool {
+        let page_addr = addr & !(PAGE_SIZE - 1);
+        if let Some(region) = self.region_at(page_addr) {
+            let live = match region.live.try_read() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => return false,
+            };
+            if *live {
+                let Some(mut st) = region.try_lock((page_addr - region.base) / PAGE_SIZE) else {
+                    return false;
+                };
+                if !st.gone {
+                    return self.resolve_write(&region, page_addr, &mut st);
+                }
+            }
+        }
+        // Not a page of a live region (a region removed meanwhile, or a range moved out of
+        // one, which keeps its protection): remove the protection and wake the writer.
+        let Some(uffd) = &self.uffd else { return true };
+        match uffd.writeprotect(page_addr, PAGE_SIZE, false, true) {
+            Err(Errno::AGAIN) => false,
+            Err(_) => {
+                let _ = uffd.wake(page_addr, PAGE_SIZE);
+                true
+            }
+            Ok(()) => true,
+        }
+    }
+
+    /// The live region whose range holds `addr`.
+    fn region_at(&self, addr: usize) -> Option<Arc<Region>> {
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        regions
+            .iter()
+            .rev()
+            .find(|r| r.base <= addr && addr < r.base + r.len())
+            .cloned()
+    }
+
+    /// Applies a range event to the pages of `[*next, end)`, page by page; `*next`
+    /// moves on past each page done. Whether all are done.
+    fn on_range(&self, what: RangeEvent, next: &mut usize, end: usize) -> bool {
+        *next &= !(PAGE_SIZE - 1);
+        while *next < end {
+            let Some(region) = self.region_at(*next) else {
+                // No region here: skip to the next region that starts before `end`.
+                let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+                let after = regions
+                    .iter()
+                    .map(|r| r.base)
+                    .filter(|&b| b > *next && b < end)
+                    .min();
+                match after {
+                    Some(b) => {
+                        *next = b;
+                        continue;
+                    }
+                    None => return true,
+                }
+            };
+            let live = match region.live.try_read() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => return false,
+            };
+            let stop = end.min(region.base + region.len());
+            while *next < stop {
+                if *live {
+                    let i = (*next - region.base) / PAGE_SIZE;
+                    let Some(mut st) = region.try_lock(i) else {
+                        return false;
+                    };
+                    self.apply(&region, what, &mut st);
+                }
+                *next += PAGE_SIZE;
+            }
+        }
+        true
+    }
+
+    /// One page's share of a range event. The backend's own remaps and drops raise
+    /// events too; they were counted on the page beforehand (`own_unmaps`,
+    /// `own_removes`) and are only taken off here.
+    fn apply(&self, region: &Region, what: RangeEvent, st: &mut PageState) {
+        match what {
+            RangeEvent::Unmap if st.own_unmaps > 0 => st.own_unmaps -= 1,
+            RangeEvent::Remove if st.own_removes > 0 => st.own_removes -= 1,
+            _ if st.gone => {}
+            RangeEvent::Unmap => {
+                // Its owner unmapped it (or mapped something else over it): nothing of
+                // the region is there any more, and the page no longer maps its slot.
+                region.mark_gone(st);
+                st.slot = None;
+                bump(&self.counters.foreign_unmaps);
+            }
+            RangeEvent::Moved => {
+                // Moved away: the mapping lives on elsewhere, out of the backend's reach,
+                // and may still map its slot, which the page therefore keeps.
+                region.mark_gone(st);
+                bump(&self.counters.foreign_unmaps);
+            }
+            RangeEvent::Remove => {
+                // Its owner drops it (MADV_DONTNEED): its contents change without a
+                // write fault, and anonymous memory loses its write protection.
+                st.protected = false;
+                st.gen += 1;
+                if st.kind == Kind::Anon {
+                    st.kind = Kind::Zero;
+                }
+                bump(&self.counters.foreign_removes);
+            }
+        }
+    }
+
+    /// Resolves a write fault on the locked page at `addr`: unprotects it (a store page:
+    /// breaks its sharing first), wakes the writer and records the write. `false` if an
+    /// event is pending (`EAGAIN`): nothing changed, try again.
+    pub(super) fn resolve_write(&self, region: &Region, addr: usize, st: &mut PageState) -> bool {
+        let Some(uffd) = &self.uffd else { return true };
         if st.kind == Kind::Store {
             // Break the sharing here, so that we know when the page stops mapping the slot.
             let freed = self.break_store(region, addr, st);
+            if matches!(freed, Err(PageError::Os { errno, .. }) if errno == libc::EAGAIN) {
+                return false;
+            }
             bump(&self.counters.cow_breaks);
             let _ = uffd.wake(addr, PAGE_SIZE);
             // Free the slot (a punch-hole call) only after the writer is on its way.
             drop(freed);
         } else {
-            if uffd.writeprotect(addr, PAGE_SIZE, false, true).is_err() {
-                let _ = uffd.wake(addr, PAGE_SIZE);
+            match uffd.writeprotect(addr, PAGE_SIZE, false, true) {
+                Err(Errno::AGAIN) => return false,
+                Err(_) => {
+                    let _ = uffd.wake(addr, PAGE_SIZE);
+                }
+                Ok(()) => {}
             }
             if st.kind == Kind::Zero {
                 st.kind = Kind::Anon;
@@ -139,6 +345,7 @@ impl Inner {
             st.protected = false;
             st.gen += 1;
         }
+        true
     }
 
     /// Gives a page that maps the store a private copy (`MADV_POPULATE_WRITE`: the kernel's

@@ -29,7 +29,8 @@ use rustix::io::Errno;
 
 use super::error::{KernelFeature, LinuxError};
 use super::sys::uffd::{
-    OpenError, Uffd, UffdSource, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED,
+    OpenError, Uffd, UffdSource, UFFD_FEATURE_EVENTS, UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    UFFD_FEATURE_WP_UNPOPULATED,
 };
 use super::sys::{self, Advice};
 use super::{LinuxCaps, LinuxConfig};
@@ -56,6 +57,7 @@ pub(super) fn probe(config: &LinuxConfig, max_map_count: u64) -> Result<Kernel, 
         uffd_wp_shmem: false,
         populate_write: probe_populate_write(),
         wp_unpopulated: false,
+        events: false,
         pagemap_scan: pagemap.is_some(),
         max_map_count,
     };
@@ -71,6 +73,7 @@ pub(super) fn probe(config: &LinuxConfig, max_map_count: u64) -> Result<Kernel, 
             caps.userfaultfd_error = Some(e);
             caps.source = None;
             caps.kernel_faults = false;
+            caps.events = false;
             None
         }
     };
@@ -93,12 +96,18 @@ fn open_probed(config: &LinuxConfig, caps: &mut LinuxCaps) -> Result<Uffd, Linux
             errno: 0,
         });
     }
-    let want = UFFD_FEATURE_PAGEFAULT_FLAG_WP | (supported & UFFD_FEATURE_WP_UNPOPULATED);
+    // The non-cooperative events (Linux 4.11, below the floor): how the backend learns of
+    // unmaps, discards and moves of guest memory (see *Unmaps, discards and moves* in the
+    // module docs).
+    let want = UFFD_FEATURE_PAGEFAULT_FLAG_WP
+        | (supported & UFFD_FEATURE_WP_UNPOPULATED)
+        | (supported & UFFD_FEATURE_EVENTS);
     let (uffd, _) = Uffd::open(!kernel_faults).map_err(|e| user_mode_error(e, kernel_faults))?;
     uffd.api(want).map_err(|e| os("UFFDIO_API", e))?;
     caps.source = Some(source);
     caps.kernel_faults = kernel_faults;
     caps.wp_unpopulated = want & UFFD_FEATURE_WP_UNPOPULATED != 0;
+    caps.events = want & UFFD_FEATURE_EVENTS == UFFD_FEATURE_EVENTS;
     let missing = |feature, e: Errno| LinuxError::Missing {
         feature,
         errno: e.raw_os_error(),

@@ -3,7 +3,7 @@
 //! (allocated ones). Also how an operation finds its region and page, and how a region
 //! its owner unmapped is found out.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustix::io::Errno;
@@ -56,6 +56,25 @@ pub(super) struct PageState {
     pub(super) protected: bool,
     /// The page's mapping is registered with the userfaultfd.
     pub(super) registered: bool,
+    /// The page's address is no longer the region's: its owner unmapped or moved it
+    /// (learnt from a `UFFD_EVENT_UNMAP` or `UFFD_EVENT_REMAP` the backend did not cause).
+    /// Nothing touches it any more.
+    pub(super) gone: bool,
+    /// `UFFD_EVENT_UNMAP`s the backend's own remaps of this page will cause and the fault
+    /// thread has not seen yet (an own event is not the owner's unmap).
+    pub(super) own_unmaps: u16,
+    /// `UFFD_EVENT_REMOVE`s the backend's own `MADV_DONTNEED`s of this page will cause and
+    /// the fault thread has not seen yet.
+    pub(super) own_removes: u16,
+}
+
+impl PageState {
+    /// Whether the kernel write-protects the page (as far as the backend knows): pages
+    /// protected for the engine, and pages that map the store (always protected, so
+    /// that the fault thread sees their copy-on-write break).
+    pub(super) fn kernel_wp(&self) -> bool {
+        self.protected || self.kind == Kind::Store
+    }
 }
 
 /// A region: its mapping, its store home and its pages' states.
@@ -69,6 +88,8 @@ pub(super) struct Region {
     pub(super) live: RwLock<bool>,
     /// Its owner unmapped it while in use.
     pub(super) unmapped: AtomicBool,
+    /// Pages of it found gone (see [`PageState::gone`]); all of them: `unmapped`.
+    pub(super) gone_pages: AtomicU32,
     pub(super) pages: Box<[Mutex<PageState>]>,
 }
 
@@ -83,6 +104,30 @@ impl Region {
 
     pub(super) fn lock(&self, index: usize) -> MutexGuard<'_, PageState> {
         self.pages[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The page's lock if nobody holds it (the fault thread never waits for a lock).
+    pub(super) fn try_lock(&self, index: usize) -> Option<MutexGuard<'_, PageState>> {
+        match self.pages[index].try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Marks the page (locked in `st`) gone: its address is no longer the region's. All
+    /// pages gone: the region is unmapped.
+    pub(super) fn mark_gone(&self, st: &mut PageState) {
+        if st.gone {
+            return;
+        }
+        st.gone = true;
+        st.protected = false;
+        st.gen += 1;
+        let n = self.gone_pages.fetch_add(1, Ordering::Relaxed) + 1;
+        if n as usize >= self.pages.len() {
+            self.unmapped.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -193,6 +238,7 @@ impl LinuxMemory {
             home,
             live: RwLock::new(true),
             unmapped: AtomicBool::new(false),
+            gone_pages: AtomicU32::new(0),
             pages: (0..pages)
                 .map(|_| {
                     Mutex::new(PageState {
@@ -201,6 +247,9 @@ impl LinuxMemory {
                         kind: Kind::Anon,
                         protected: false,
                         registered: self.inner.uffd.is_some(),
+                        gone: false,
+                        own_unmaps: 0,
+                        own_removes: 0,
                     })
                 })
                 .collect(),
@@ -304,7 +353,7 @@ impl Inner {
     pub(super) fn give_back(&self, region: &Region) {
         let n = region.pages.len();
         let mut guards: Vec<MutexGuard<'_, PageState>> = (0..n).map(|i| region.lock(i)).collect();
-        let in_store = |g: &PageState| matches!(g.kind, Kind::Store | Kind::StoreCow);
+        let in_store = |g: &PageState| !g.gone && matches!(g.kind, Kind::Store | Kind::StoreCow);
         let mut k = 0;
         while k < n {
             if !in_store(&guards[k]) {
@@ -316,7 +365,10 @@ impl Inner {
                 j += 1;
             }
             let (addr, len) = (region.addr(k as u32), (j - k) * PAGE_SIZE);
-            if self.move_anon_over(region, addr, len).is_ok() {
+            if self
+                .move_anon_over(region, addr, len, &mut guards[k..j])
+                .is_ok()
+            {
                 for g in &mut guards[k..j] {
                     g.kind = Kind::Anon;
                     g.slot = None;
@@ -328,14 +380,16 @@ impl Inner {
         }
     }
 
-    /// Replaces `[addr, addr + len)` (pages of `region`, locked) by anonymous memory with
-    /// the same contents.
+    /// Replaces `[addr, addr + len)` (pages of `region`, locked in `sts`) by anonymous
+    /// memory with the same contents.
     pub(super) fn move_anon_over(
         &self,
         region: &Region,
         addr: usize,
         len: usize,
+        sts: &mut [MutexGuard<'_, PageState>],
     ) -> Result<(), PageError> {
+        self.check_ours(region, addr, sts)?;
         self.wp(region, addr, len)?;
         let scratch = sys::map_fresh_anon(len).map_err(|e| PageError::Os {
             op: "mmap (anonymous copy of a region given back)",
@@ -346,13 +400,17 @@ impl Inner {
         let r = sys::read_guest(self.pid, addr, copy)
             .map_err(|e| gone_or(region, "process_vm_readv (copy)", e, &[Errno::FAULT]))
             .and_then(|()| {
-                // SAFETY: moves our scratch mapping over pages of a live region locked by us
-                // and write-protected (no write can land meanwhile), with their exact
-                // contents: no reader sees a change. The destination's old mappings are
-                // replaced atomically.
-                unsafe { sys::mremap_over(scratch, addr, len) }.map_err(|e| PageError::Os {
-                    op: "mremap (give a region back as anonymous memory)",
-                    errno: e.raw_os_error(),
+                let counted = self.expect_unmap(sts);
+                // SAFETY: moves our scratch mapping over pages of a live region locked by us,
+                // checked to be still the region's and write-protected (no write can land
+                // meanwhile), with their exact contents: no reader sees a change. The
+                // destination's old mappings are replaced atomically.
+                unsafe { sys::mremap_over(scratch, addr, len) }.map_err(|e| {
+                    self.unexpect_unmap(sts, counted);
+                    PageError::Os {
+                        op: "mremap (give a region back as anonymous memory)",
+                        errno: e.raw_os_error(),
+                    }
                 })
             });
         if r.is_err() {

@@ -3,18 +3,25 @@
 //! settling a fresh mapping (register, protect, catch a write made in the window: see
 //! *Merging* in the module docs).
 
+use std::ops::{Deref, DerefMut};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
+use super::fault::in_fault_thread;
 use super::region::{gone_or, uffd_gone_or, Kind, PageState, Region};
 use super::stats::bump;
 use super::store::Slot;
 use super::sys::{self, Advice};
 use super::Inner;
 use crate::{is_zero_page, PageError, PAGE_SIZE};
+
+/// How long an operation retries a write-protect call that fails with `EAGAIN` (an event
+/// not read yet) before it gives up with that error.
+const EAGAIN_PATIENCE: Duration = Duration::from_secs(2);
 
 impl Inner {
     /// Copies the guest page at `addr` into `buf`.
@@ -48,6 +55,34 @@ impl Inner {
         }
     }
 
+    /// Copies the guest page at `addr` (locked in `st`) into `buf`, proving before and
+    /// after the copy that the page is still the region's ([`check_page`](Self::check_page)):
+    /// bytes of a mapping that took the region's address are never returned. (Only a
+    /// mapping registered with this userfaultfd passes the check, and only the backend
+    /// registers, under the page's lock, which is held.) With `checked_access` off the
+    /// embedder keeps regions mapped, and only pages known gone are refused.
+    pub(super) fn read_checked(
+        &self,
+        region: &Region,
+        addr: usize,
+        buf: &mut [u8],
+        st: &PageState,
+    ) -> Result<(), PageError> {
+        if !self.config.checked_access {
+            if st.gone || region.unmapped.load(Ordering::Relaxed) {
+                return Err(PageError::Unmapped(region.info.id));
+            }
+            return self.read_guest(region, addr, buf);
+        }
+        self.check_page(region, addr, st)?;
+        let r = self.read_guest(region, addr, buf);
+        if let Err(e) = self.check_page(region, addr, st) {
+            buf.fill(0);
+            return Err(e);
+        }
+        r
+    }
+
     /// Registers the page at `addr` (a fresh mapping) with the userfaultfd.
     pub(super) fn register(&self, addr: usize) -> Result<(), PageError> {
         self.uffd()?
@@ -58,17 +93,156 @@ impl Inner {
             })
     }
 
+    /// `UFFDIO_WRITEPROTECT` of `[addr, addr + len)`. While the kernel holds an event that
+    /// no fault thread has read yet, the call fails with `EAGAIN` (the kernel's
+    /// `mmap_changing`); an operation then tries again until the fault thread has read it
+    /// (microseconds: it never waits for anything else), for at most
+    /// [`EAGAIN_PATIENCE`]. A fault thread does not retry: it is the reader.
+    pub(super) fn wp_call(
+        &self,
+        addr: usize,
+        len: usize,
+        protect: bool,
+        wake: bool,
+    ) -> Result<(), Errno> {
+        let uffd = self.uffd.as_ref().ok_or(Errno::NOTSUP)?;
+        let mut since: Option<Instant> = None;
+        loop {
+            match uffd.writeprotect(addr, len, protect, wake) {
+                Err(Errno::AGAIN) if !in_fault_thread() => {
+                    let t0 = *since.get_or_insert_with(Instant::now);
+                    if t0.elapsed() > EAGAIN_PATIENCE {
+                        return Err(Errno::AGAIN);
+                    }
+                    std::thread::yield_now();
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Write-protects `len` bytes at `addr`.
     pub(super) fn wp(&self, region: &Region, addr: usize, len: usize) -> Result<(), PageError> {
+        self.uffd()?;
         if !self.caps.wp_unpopulated {
             // Without markers an empty entry cannot be protected: fault the zero page in.
             // SAFETY: the range is guest memory of a live region; reading it in changes no
             // contents.
             let _ = unsafe { sys::madvise(addr, len, Advice::LinuxPopulateRead) };
         }
-        self.uffd()?
-            .writeprotect(addr, len, true, false)
+        self.wp_call(addr, len, true, false)
             .map_err(|e| uffd_gone_or(region, "UFFDIO_WRITEPROTECT", e))
+    }
+
+    /// Proves, under the locks of its pages (`sts`, from `addr` on), that the range is
+    /// still the region's before the backend reads, drops or remaps it: no page is known
+    /// gone, and the kernel still has the range registered with this userfaultfd
+    /// (`UFFDIO_WRITEPROTECT` leaving each page's protection as it is, which fails with
+    /// `ENOENT` where the mapping is not registered: a new mapping at the address never
+    /// is). Pages whose fresh mapping could not be registered are checked against
+    /// `/proc/self/maps` instead. Without a userfaultfd only `gone` is checked.
+    ///
+    /// What it cannot rule out: the owner unmapping the range and another mapping taking
+    /// the address between this check and the call that follows it (see *Unmaps,
+    /// discards and moves* in the module docs).
+    pub(super) fn check_ours<S: Deref<Target = PageState>>(
+        &self,
+        region: &Region,
+        addr: usize,
+        sts: &[S],
+    ) -> Result<(), PageError> {
+        if region.unmapped.load(Ordering::Relaxed) || sts.iter().any(|s| s.gone) {
+            return Err(PageError::Unmapped(region.info.id));
+        }
+        if self.uffd.is_none() {
+            return Ok(());
+        }
+        let key = |s: &PageState| (s.registered, s.kernel_wp());
+        let mut k = 0;
+        while k < sts.len() {
+            let (registered, wp) = key(&sts[k]);
+            let mut j = k + 1;
+            while j < sts.len() && key(&sts[j]) == (registered, wp) {
+                j += 1;
+            }
+            let (a, len) = (addr + k * PAGE_SIZE, (j - k) * PAGE_SIZE);
+            if registered {
+                self.wp_call(a, len, wp, false).map_err(|e| {
+                    uffd_gone_or(region, "UFFDIO_WRITEPROTECT (is it still the region's?)", e)
+                })?;
+            } else if !sys::range_is_ours(a, a + len) {
+                return Err(gone_or(
+                    region,
+                    "check of /proc/self/maps (is it still the region's?)",
+                    Errno::NOENT,
+                    &[Errno::NOENT],
+                ));
+            }
+            k = j;
+        }
+        Ok(())
+    }
+
+    /// [`check_ours`](Self::check_ours) of one page.
+    pub(super) fn check_page(
+        &self,
+        region: &Region,
+        addr: usize,
+        st: &PageState,
+    ) -> Result<(), PageError> {
+        self.check_ours(region, addr, std::slice::from_ref(&st))
+    }
+
+    /// Counts, on the pages about to be remapped (`mmap(MAP_FIXED)` or `mremap` over
+    /// them), the `UFFD_EVENT_UNMAP` the remap will raise: one for the whole range if any
+    /// of it is registered. The fault thread takes it off when it reads the event, which
+    /// so is not taken for the owner's unmap. Returns whether it counted.
+    pub(super) fn expect_unmap<S: DerefMut<Target = PageState>>(&self, sts: &mut [S]) -> bool {
+        if !self.caps.events || !sts.iter().any(|s| s.registered) {
+            return false;
+        }
+        for s in sts.iter_mut() {
+            s.own_unmaps = s.own_unmaps.saturating_add(1);
+        }
+        true
+    }
+
+    /// Takes back what [`expect_unmap`](Self::expect_unmap) counted (the remap failed).
+    pub(super) fn unexpect_unmap<S: DerefMut<Target = PageState>>(
+        &self,
+        sts: &mut [S],
+        counted: bool,
+    ) {
+        if counted {
+            for s in sts.iter_mut() {
+                s.own_unmaps = s.own_unmaps.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Counts, on the pages about to be dropped (`MADV_DONTNEED`), the
+    /// `UFFD_EVENT_REMOVE` each registered one will raise.
+    pub(super) fn expect_remove<S: DerefMut<Target = PageState>>(&self, sts: &mut [S]) -> bool {
+        if !self.caps.events {
+            return false;
+        }
+        for s in sts.iter_mut().filter(|s| s.registered) {
+            s.own_removes = s.own_removes.saturating_add(1);
+        }
+        true
+    }
+
+    /// Takes back what [`expect_remove`](Self::expect_remove) counted (the call failed).
+    pub(super) fn unexpect_remove<S: DerefMut<Target = PageState>>(
+        &self,
+        sts: &mut [S],
+        counted: bool,
+    ) {
+        if counted {
+            for s in sts.iter_mut().filter(|s| s.registered) {
+                s.own_removes = s.own_removes.saturating_sub(1);
+            }
+        }
     }
 
     /// Removes write protection from `len` bytes at `addr`, waking waiting writers if
@@ -80,8 +254,8 @@ impl Inner {
         len: usize,
         wake: bool,
     ) -> Result<(), PageError> {
-        self.uffd()?
-            .writeprotect(addr, len, false, wake)
+        self.uffd()?;
+        self.wp_call(addr, len, false, wake)
             .map_err(|e| uffd_gone_or(region, "UFFDIO_WRITEPROTECT (remove)", e))
     }
 
@@ -200,15 +374,19 @@ impl Inner {
         st: &mut PageState,
         slot: &Arc<Slot>,
     ) -> Result<(), PageError> {
+        self.check_page(region, addr, st)?;
         self.guard.admit()?;
+        let counted = self.expect_unmap(std::slice::from_mut(&mut &mut *st));
         // SAFETY: `addr` is a page of a live region, which this backend may remap (the
-        // embedder promised so for adopted regions), locked by us. The new mapping has the
-        // page's exact current contents (the slot was compared equal, or copied from it,
-        // while the page was write-protected), so no reader sees a change; writers are
-        // held by the protection or land in a copy. `slot` stays allocated while the page
-        // maps it (`st.slot` holds it).
+        // embedder promised so for adopted regions), locked by us and just checked to be
+        // still the region's. The new mapping has the page's exact current contents (the
+        // slot was compared equal, or copied from it, while the page was
+        // write-protected), so no reader sees a change; writers are held by the protection
+        // or land in a copy. `slot` stays allocated while the page maps it (`st.slot`
+        // holds it).
         let r = unsafe { sys::map_file_fixed(addr, PAGE_SIZE, self.store.fd(), slot.offset()) };
         if let Err(e) = r {
+            self.unexpect_unmap(std::slice::from_mut(&mut &mut *st), counted);
             return Err(self.mmap_error("mmap of a store page over a guest page", e));
         }
         st.kind = Kind::Store;
@@ -228,12 +406,15 @@ impl Inner {
         slots: &[Arc<Slot>],
     ) -> Result<(), PageError> {
         debug_assert_eq!(sts.len(), slots.len());
+        self.check_ours(region, addr, sts)?;
         self.guard.admit()?;
+        let counted = self.expect_unmap(sts);
         // SAFETY: as in `map_slot`, for each page of the run: pages of a live region that
-        // this backend may remap, locked by us, protected, and each mapped to a slot with
-        // its exact current contents (compared, or copied from it, while protected). The
-        // slots are consecutive in the memfd, so one mapping covers them all; each page's
-        // `st.slot` keeps its slot allocated while the page maps it.
+        // this backend may remap, locked by us, just checked to be still the region's,
+        // protected, and each mapped to a slot with its exact current contents (compared,
+        // or copied from it, while protected). The slots are consecutive in the memfd, so
+        // one mapping covers them all; each page's `st.slot` keeps its slot allocated
+        // while the page maps it.
         let r = unsafe {
             sys::map_file_fixed(
                 addr,
@@ -243,6 +424,7 @@ impl Inner {
             )
         };
         if let Err(e) = r {
+            self.unexpect_unmap(sts, counted);
             return Err(self.mmap_error("mmap of store pages over guest pages", e));
         }
         for (st, slot) in sts.iter_mut().zip(slots) {
@@ -329,15 +511,26 @@ impl Inner {
     ) -> Result<(), PageError> {
         // Make sure the page is still ours (its mapping is still registered) first. The
         // probe protects (never unprotects): a write racing the remap must wait for it.
-        if let Err(e) = self.uffd()?.writeprotect(addr, PAGE_SIZE, true, false) {
-            return Err(uffd_gone_or(region, "UFFDIO_WRITEPROTECT (probe)", e));
+        if region.unmapped.load(Ordering::Relaxed) || st.gone {
+            return Err(PageError::Unmapped(region.info.id));
+        }
+        self.uffd()?;
+        if st.registered {
+            if let Err(e) = self.wp_call(addr, PAGE_SIZE, true, false) {
+                return Err(uffd_gone_or(region, "UFFDIO_WRITEPROTECT (probe)", e));
+            }
+        } else {
+            self.check_page(region, addr, st)?;
         }
         self.guard.admit()?;
+        let counted = self.expect_unmap(std::slice::from_mut(&mut &mut *st));
         // SAFETY: as in `map_slot`: a locked page of a live region that this backend may
-        // remap; callers only do this where the page's contents are to read as zeros
-        // (they are zeros already, or the page is being recycled).
+        // remap, just checked to be still the region's; callers only do this where the
+        // page's contents are to read as zeros (they are zeros already, or the page is
+        // being recycled or discarded).
         let r = unsafe { sys::map_anon_fixed(addr, PAGE_SIZE) };
         if let Err(e) = r {
+            self.unexpect_unmap(std::slice::from_mut(&mut &mut *st), counted);
             return Err(self.mmap_error("mmap of anonymous memory over a guest page", e));
         }
         st.kind = Kind::Zero;
@@ -355,10 +548,15 @@ impl Inner {
     ) -> Result<(), PageError> {
         match st.kind {
             Kind::Anon | Kind::Zero => {
-                // SAFETY: a locked page of a live region whose contents are all zeros: after
-                // dropping it, it reads as zeros (the kernel's zero page) again.
-                unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxDontNeed) }
-                    .map_err(|e| gone_or(region, "MADV_DONTNEED", e, &[Errno::NOMEM]))?;
+                self.check_page(region, addr, st)?;
+                let counted = self.expect_remove(std::slice::from_mut(&mut &mut *st));
+                // SAFETY: a locked page of a live region, just checked to be still the
+                // region's, whose contents are all zeros: after dropping it, it reads as
+                // zeros (the kernel's zero page) again.
+                unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxDontNeed) }.map_err(|e| {
+                    self.unexpect_remove(std::slice::from_mut(&mut &mut *st), counted);
+                    gone_or(region, "MADV_DONTNEED", e, &[Errno::NOMEM])
+                })?;
                 st.kind = Kind::Zero;
                 // The empty entry is protected again (a marker) for the page's token.
                 if self.wp(region, addr, PAGE_SIZE).is_err() {

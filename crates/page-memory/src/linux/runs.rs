@@ -111,6 +111,10 @@ impl Inner {
             // one by one, and a write made while they were untracked is accounted for.
             let mut ok: Vec<Result<(), PageError>> = Vec::with_capacity(run.len());
             for (k, g) in guards.iter_mut().enumerate() {
+                if g.gone {
+                    ok.push(Err(PageError::Unmapped(region.info.id)));
+                    continue;
+                }
                 if g.registered {
                     ok.push(Ok(()));
                     continue;
@@ -185,7 +189,9 @@ impl Inner {
                 .iter_mut()
                 .enumerate()
                 .map(|(k, st)| {
-                    if st.protected {
+                    if st.gone {
+                        Err(PageError::Unmapped(region.info.id))
+                    } else if st.protected {
                         // A store page keeps its protection (the fault thread must see its
                         // copy-on-write break); it only stops being protected for the engine.
                         let r = if st.kind != Kind::Store && st.registered && self.uffd.is_some() {
@@ -218,12 +224,20 @@ impl Inner {
                         j += 1;
                     }
                     let addr = region.addr((first + k) as u32);
-                    // SAFETY: pages of a live region, locked by us; recycling drops their
-                    // contents by definition (they then read as zeros).
-                    let r =
-                        unsafe { sys::madvise(addr, (j - k) * PAGE_SIZE, Advice::LinuxDontNeed) };
+                    let r = self.check_ours(region, addr, &guards[k..j]).and_then(|()| {
+                        let counted = self.expect_remove(&mut guards[k..j]);
+                        // SAFETY: pages of a live region, locked by us and just checked to
+                        // be still the region's; recycling drops their contents by
+                        // definition (they then read as zeros).
+                        let r = unsafe {
+                            sys::madvise(addr, (j - k) * PAGE_SIZE, Advice::LinuxDontNeed)
+                        };
+                        r.map_err(|e| {
+                            self.unexpect_remove(&mut guards[k..j], counted);
+                            gone_or(region, "MADV_DONTNEED (recycle)", e, &[Errno::NOMEM])
+                        })
+                    });
                     if let Err(e) = r {
-                        let e = gone_or(region, "MADV_DONTNEED (recycle)", e, &[Errno::NOMEM]);
                         for r in &mut res[k..j] {
                             *r = Err(e.clone());
                         }
@@ -281,7 +295,10 @@ impl Inner {
             RUN_BUF.with(|b| {
                 let mut buf = b.borrow_mut();
                 buf.resize(n * PAGE_SIZE, 0);
-                if let Err(e) = self.read_guest(region, addr, &mut buf[..]) {
+                let read = self
+                    .check_ours(region, addr, guards)
+                    .and_then(|()| self.read_guest(region, addr, &mut buf[..]));
+                if let Err(e) = read {
                     for r in res.iter_mut().filter(|r| r.is_none()) {
                         *r = Some(Err(e.clone()));
                     }
@@ -373,21 +390,25 @@ impl Inner {
                 let addr = region.addr(pages[k].index);
                 let run_slots: Vec<Arc<Slot>> =
                     slots[k..j].iter_mut().filter_map(Option::take).collect();
-                let r = sys::pwrite_from_guest(
-                    self.store.fd(),
-                    addr,
-                    (j - k) * PAGE_SIZE,
-                    run_slots[0].offset(),
-                )
-                .map_err(|e| {
-                    gone_or(
-                        region,
-                        "pwrite (copy pages into the store)",
-                        e,
-                        &[Errno::FAULT],
-                    )
-                })
-                .and_then(|()| self.map_slots_run(region, addr, &mut guards[k..j], &run_slots));
+                let r = self
+                    .check_ours(region, addr, &guards[k..j])
+                    .and_then(|()| {
+                        sys::pwrite_from_guest(
+                            self.store.fd(),
+                            addr,
+                            (j - k) * PAGE_SIZE,
+                            run_slots[0].offset(),
+                        )
+                        .map_err(|e| {
+                            gone_or(
+                                region,
+                                "pwrite (copy pages into the store)",
+                                e,
+                                &[Errno::FAULT],
+                            )
+                        })
+                    })
+                    .and_then(|()| self.map_slots_run(region, addr, &mut guards[k..j], &run_slots));
                 for (i, slot) in (k..j).zip(run_slots) {
                     res[i] = Some(r.clone().map(|()| LinuxFrame(Some(slot))));
                     changed[i] = r.is_ok();

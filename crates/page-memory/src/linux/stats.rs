@@ -30,6 +30,15 @@ pub struct LinuxStats {
     /// no token (it is unprotected, its tokens stale) and is protected again by the next
     /// `protect` that succeeds on it.
     pub settle_failures: u64,
+    /// Pages found unmapped or moved away by their owner (`UFFD_EVENT_UNMAP` and
+    /// `UFFD_EVENT_REMAP` the backend did not cause): they are gone, and every operation
+    /// on them fails with [`PageError::Unmapped`](crate::PageError::Unmapped).
+    pub foreign_unmaps: u64,
+    /// Pages their owner dropped itself (`MADV_DONTNEED`, `UFFD_EVENT_REMOVE` the backend
+    /// did not cause): their tokens died; see *Discards* in the module docs.
+    pub foreign_removes: u64,
+    /// `mremap` moves of guest memory by its owner (`UFFD_EVENT_REMAP`).
+    pub foreign_remaps: u64,
     /// Merges (and canonicalizations) refused to stay below `vm.max_map_count`.
     pub map_limit_refusals: u64,
     /// Times `/proc/self/maps` was counted.
@@ -103,6 +112,9 @@ pub(super) struct Counters {
     pub(super) unmerged: AtomicU64,
     pub(super) window_writes: AtomicU64,
     pub(super) settle_failures: AtomicU64,
+    pub(super) foreign_unmaps: AtomicU64,
+    pub(super) foreign_removes: AtomicU64,
+    pub(super) foreign_remaps: AtomicU64,
 }
 
 pub(super) fn bump(c: &AtomicU64) {

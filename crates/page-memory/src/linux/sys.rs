@@ -71,15 +71,23 @@ pub(crate) fn signal(fd: BorrowedFd<'_>) -> Result<(), Errno> {
     rustix::io::write(fd, &1u64.to_ne_bytes()).map(drop)
 }
 
-/// Waits until `a` or `b` is readable (or has an error or hang-up); returns which have
-/// something to report.
-pub(crate) fn wait_readable(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<[bool; 2], Errno> {
-    use rustix::event::{PollFd, PollFlags};
+/// Waits until `a` or `b` is readable (or has an error or hang-up), or `timeout` passed;
+/// returns which have something to report.
+pub(crate) fn wait_readable(
+    a: BorrowedFd<'_>,
+    b: BorrowedFd<'_>,
+    timeout: Option<std::time::Duration>,
+) -> Result<[bool; 2], Errno> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
     let mut fds = [
         PollFd::new(&a, PollFlags::IN),
         PollFd::new(&b, PollFlags::IN),
     ];
-    rustix::event::poll(&mut fds, None)?;
+    let t = timeout.map(|d| Timespec {
+        tv_sec: d.as_secs() as _,
+        tv_nsec: d.subsec_nanos() as _,
+    });
+    rustix::event::poll(&mut fds, t.as_ref())?;
     Ok([!fds[0].revents().is_empty(), !fds[1].revents().is_empty()])
 }
 

@@ -35,6 +35,21 @@ pub(crate) const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// anonymous memory leaves a marker, so the first write to it is still reported.
 pub(crate) const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 
+/// `UFFD_FEATURE_EVENT_REMAP` (Linux 4.11): a registered mapping moved by `mremap` is
+/// reported with `UFFD_EVENT_REMAP` (and stays registered at its new address).
+pub(crate) const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+/// `UFFD_FEATURE_EVENT_REMOVE` (Linux 4.11): `MADV_DONTNEED` / `MADV_REMOVE` (and
+/// `MADV_FREE`) on a registered range are reported with `UFFD_EVENT_REMOVE`, before the
+/// pages are dropped.
+pub(crate) const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+/// `UFFD_FEATURE_EVENT_UNMAP` (Linux 4.11): `munmap` of a registered range, and any
+/// `mmap(MAP_FIXED)` or `mremap` that replaces one, is reported with `UFFD_EVENT_UNMAP`
+/// after the range is gone.
+pub(crate) const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+/// The non-cooperative events the backend asks for.
+pub(crate) const UFFD_FEATURE_EVENTS: u64 =
+    UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
+
 /// `UFFDIO_REGISTER_MODE_WP`: register a range in write-protect mode.
 pub(crate) const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 /// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (without it: remove protection).
@@ -43,13 +58,19 @@ pub(crate) const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 /// allowed together with `MODE_WP`).
 pub(crate) const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 
-/// `UFFD_EVENT_PAGEFAULT`, the only event the backend gets (it enables no
-/// `UFFD_FEATURE_EVENT_*`). Registered in write-protect mode only, every page fault is a
+/// `UFFD_EVENT_PAGEFAULT`. Registered in write-protect mode only, every page fault is a
 /// write to a write-protected page (`UFFD_PAGEFAULT_FLAG_WP` set in its flags).
 /// (Write-protect on shmem, Linux 5.19, needs no feature bit of its own to be asked for:
 /// the kernel advertises it as `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`, and the backend probes
 /// it by registering a mapping of a memfd.)
 pub(crate) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+/// `UFFD_EVENT_REMAP`: `arg.remap` says where a registered range moved.
+pub(crate) const UFFD_EVENT_REMAP: u8 = 0x14;
+/// `UFFD_EVENT_REMOVE`: `arg.remove` is a range about to be dropped (`MADV_DONTNEED`).
+pub(crate) const UFFD_EVENT_REMOVE: u8 = 0x15;
+/// `UFFD_EVENT_UNMAP`: `arg.remove` is a range that was unmapped.
+pub(crate) const UFFD_EVENT_UNMAP: u8 = 0x16;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -95,13 +116,47 @@ pub(crate) struct UffdPagefault {
     pub(crate) ptid: u32,
 }
 
+/// The `remap` member of `uffd_msg.arg`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct UffdRemap {
+    pub(crate) from: u64,
+    pub(crate) to: u64,
+    pub(crate) len: u64,
+}
+
+/// The `remove` member of `uffd_msg.arg` (also used by `UFFD_EVENT_UNMAP`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct UffdRemove {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+}
+
 /// `uffd_msg.arg`: the members the backend reads, and the kernel's `reserved` member that
 /// gives the union its size.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) union UffdMsgArg {
     pub(crate) pagefault: UffdPagefault,
+    pub(crate) remap: UffdRemap,
+    pub(crate) remove: UffdRemove,
     pub(crate) reserved: [u64; 3],
+}
+
+/// A message read from the userfaultfd, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// A write to a write-protected page at this address.
+    WriteFault(usize),
+    /// `[start, end)` was unmapped (or replaced by a new mapping).
+    Unmap { start: usize, end: usize },
+    /// `[start, end)` is about to be dropped (`MADV_DONTNEED` and the like).
+    Remove { start: usize, end: usize },
+    /// `len` bytes at `from` moved to `to`.
+    Remap { from: usize, to: usize, len: usize },
+    /// Anything else (not asked for).
+    Other(u8),
 }
 
 /// `struct uffd_msg` (declared `__packed` by the kernel, but every member is at its natural
@@ -124,15 +179,39 @@ impl UffdMsg {
         reserved3: 0,
         arg: UffdMsgArg { reserved: [0; 3] },
     };
+}
 
-    /// The faulting address and flags, if this is a page-fault message.
-    pub(crate) fn pagefault(&self) -> Option<UffdPagefault> {
-        if self.event != UFFD_EVENT_PAGEFAULT {
-            return None;
+impl UffdMsg {
+    /// The message, decoded.
+    pub(crate) fn decode(&self) -> Event {
+        match self.event {
+            UFFD_EVENT_PAGEFAULT => {
+                // SAFETY: every member of the union is plain integers (any bit pattern is
+                // valid); the kernel fills `pagefault` for UFFD_EVENT_PAGEFAULT.
+                let f = unsafe { self.arg.pagefault };
+                Event::WriteFault(f.address as usize)
+            }
+            UFFD_EVENT_UNMAP | UFFD_EVENT_REMOVE => {
+                // SAFETY: as above; the kernel fills `remove` for UNMAP and REMOVE.
+                let r = unsafe { self.arg.remove };
+                let (start, end) = (r.start as usize, r.end as usize);
+                if self.event == UFFD_EVENT_UNMAP {
+                    Event::Unmap { start, end }
+                } else {
+                    Event::Remove { start, end }
+                }
+            }
+            UFFD_EVENT_REMAP => {
+                // SAFETY: as above; the kernel fills `remap` for REMAP.
+                let r = unsafe { self.arg.remap };
+                Event::Remap {
+                    from: r.from as usize,
+                    to: r.to as usize,
+                    len: r.len as usize,
+                }
+            }
+            other => Event::Other(other),
         }
-        // SAFETY: every member of the union is plain integers (any bit pattern is valid),
-        // and the kernel fills the `pagefault` member for UFFD_EVENT_PAGEFAULT.
-        Some(unsafe { self.arg.pagefault })
     }
 }
 
@@ -140,7 +219,7 @@ impl std::fmt::Debug for UffdMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UffdMsg")
             .field("event", &self.event)
-            .field("pagefault", &self.pagefault())
+            .field("decoded", &self.decode())
             .finish()
     }
 }
