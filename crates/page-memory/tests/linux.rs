@@ -959,7 +959,10 @@ fn a_new_mapping_at_an_unmapped_regions_address_is_never_read_nor_zeroed() {
     }
     const PAGES: usize = 16;
     let len = PAGES * PAGE_SIZE;
+    // Regions unmapped (one more each time another test took the address first).
+    let mut unmapped = 0u64;
     let (base, r, t, frames, occupant) = loop {
+        unmapped += 1;
         let base = embedder_mmap(len);
         // SAFETY: the test's own fresh private anonymous mapping.
         let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
@@ -1024,10 +1027,11 @@ fn a_new_mapping_at_an_unmapped_regions_address_is_never_read_nor_zeroed() {
     check(&mem);
     // Once it has, the region is unmapped.
     let t0 = Instant::now();
-    while mem.stats().foreign_unmaps < PAGES as u64 && t0.elapsed() < Duration::from_secs(5) {
+    let want = unmapped * PAGES as u64;
+    while mem.stats().foreign_unmaps < want && t0.elapsed() < Duration::from_secs(5) {
         thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(mem.stats().foreign_unmaps, PAGES as u64);
+    assert_eq!(mem.stats().foreign_unmaps, want);
     let mut buf = [0u8; PAGE_SIZE];
     assert_eq!(
         mem.read_page(PageId::new(r, 5), &mut buf),
@@ -1150,4 +1154,144 @@ fn a_region_moved_by_its_owner_is_gone_and_the_moved_memory_works() {
         rustix::mm::munmap(to.cast(), len).unwrap();
         rustix::mm::munmap(base.cast(), len).unwrap();
     }
+}
+
+/// Drops `page` the way a balloon device does, behind the backend's back
+/// (`MADV_DONTNEED` on guest memory).
+fn embedder_dontneed(mem: &LinuxMemory, page: PageId) {
+    let at = mem.page_ptr(page).unwrap();
+    // SAFETY: a page of guest memory the test owns; dropping it is the embedder action
+    // under test (the guest gave the page up).
+    unsafe { rustix::mm::madvise(at.cast(), PAGE_SIZE, rustix::mm::Advice::LinuxDontNeed) }
+        .unwrap();
+}
+
+/// `discard` makes every kind of page read zeros (private, canonical, merged, a private
+/// copy in a store mapping, zero-merged), stales its tokens, releases store slots, and
+/// the pages are usable again.
+#[test]
+fn discard_makes_every_kind_of_page_read_zeros() {
+    let Some(mem) = memory() else { return };
+    let r = mem.add_region(8, DomainId(0)).unwrap();
+    let all = pages(r, 0..8);
+    for p in &all[..5] {
+        fill(&mem, *p, 1);
+    }
+    fill(&mem, all[5], 2);
+    fill(&mem, all[7], 3);
+    let t: Vec<_> = mem.protect(&all).into_iter().map(Result::unwrap).collect();
+    let canon = mem.canonicalize(all[0], t[0]).unwrap();
+    for i in 1..3 {
+        assert_eq!(
+            mem.merge(all[i], t[i], &canon).unwrap(),
+            MergeOutcome::Merged
+        );
+    }
+    word(&mem, all[2], 0).store(5, Ordering::Relaxed); // a private copy in a store mapping
+    assert_eq!(mem.backing(all[2]).unwrap(), Backing::PrivateCopy);
+    let zero = mem.zero_frame();
+    assert_eq!(
+        mem.merge(all[6], t[6], &zero).unwrap(),
+        MergeOutcome::Merged
+    );
+    assert_eq!(mem.stats().store_slots, 1);
+    let out = mem.discard(&all);
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    let mut buf = [1u8; PAGE_SIZE];
+    for (i, p) in all.iter().enumerate() {
+        mem.read_page(*p, &mut buf).unwrap();
+        assert!(is_zero_page(&buf), "page {i}");
+        assert_eq!(word(&mem, *p, 9).load(Ordering::Relaxed), 0, "page {i}");
+        assert_eq!(mem.backing(*p).unwrap(), Backing::Zero);
+        assert!(mem.written_since(*p, t[i]).unwrap());
+    }
+    assert_eq!(mem.stats().discarded, 8);
+    drop(canon);
+    assert_eq!(mem.stats().store_slots, 0);
+    assert_eq!(mem.usage().unwrap().store_bytes, 0);
+    fill(&mem, all[1], 9);
+    assert!(holds(&mem, all[1], 9));
+    assert_eq!(mem.stats().foreign_removes, 0);
+}
+
+/// A balloon's own `MADV_DONTNEED` on guest pages that lie in mappings of the canonical
+/// store: a merged page reads its own contents again; a page whose private copy is
+/// dropped reads zeros or the contents it was merged with, never the contents another
+/// trust domain put in the store since, because its store offset is not handed out again
+/// while the page lies in a mapping of it. Tokens of dropped pages are stale.
+#[test]
+fn an_embedders_dontneed_never_shows_another_domains_bytes() {
+    let Some(mem) = memory() else { return };
+    if !mem.caps().events {
+        eprintln!("SKIPPED: no userfaultfd non-cooperative events here");
+        return;
+    }
+    let ra = mem.add_region(3, DomainId(0)).unwrap();
+    let rb = mem.add_region(1, DomainId(1)).unwrap();
+    let [a0, a1, a2] = [0, 1, 2].map(|i| PageId::new(ra, i));
+    let b0 = PageId::new(rb, 0);
+    // A merged page (it maps its slot) dropped by the embedder: its own contents.
+    fill(&mem, a0, 1);
+    fill(&mem, a2, 1);
+    let t = mem.protect(&[a0, a2]);
+    let (ta0, ta2) = (t[0].clone().unwrap(), t[1].clone().unwrap());
+    let f1 = mem.canonicalize(a0, ta0).unwrap();
+    assert_eq!(mem.merge(a2, ta2, &f1).unwrap(), MergeOutcome::Merged);
+    embedder_dontneed(&mem, a2);
+    assert!(holds(&mem, a2, 1));
+    let t0 = Instant::now();
+    while mem.stats().foreign_removes < 1 && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        mem.written_since(a2, ta2).unwrap(),
+        "a dropped page's token stays valid"
+    );
+
+    // Page a1 gets a private copy inside a mapping of an overflow slot (a0's home slot
+    // is still held by f1), whose contents then go away.
+    fill(&mem, a0, 2);
+    fill(&mem, a1, 2);
+    let t = mem.protect(&[a0, a1]);
+    let f2 = mem.canonicalize(a0, t[0].clone().unwrap()).unwrap();
+    assert_ne!(f2.store_offset(), f1.store_offset());
+    assert_eq!(
+        mem.merge(a1, t[1].clone().unwrap(), &f2).unwrap(),
+        MergeOutcome::Merged
+    );
+    let offset = f2.store_offset();
+    word(&mem, a1, 0).store(pattern(2, 0), Ordering::Relaxed); // copy-on-write break
+    assert_eq!(mem.backing(a1).unwrap(), Backing::PrivateCopy);
+    drop(f2);
+    assert!(mem.recycle(&[a0]).iter().all(Result::is_ok));
+    // Domain 1 puts new contents into the store's overflow area.
+    fill(&mem, b0, 5);
+    let tb = mem.protect(&[b0])[0].clone().unwrap();
+    let g1 = mem.canonicalize(b0, tb).unwrap();
+    fill(&mem, b0, 6);
+    let tb = mem.protect(&[b0])[0].clone().unwrap();
+    let g2 = mem.canonicalize(b0, tb).unwrap();
+    assert_ne!(
+        g2.store_offset(),
+        offset,
+        "a1's store offset was handed out again"
+    );
+    // The balloon drops a1: zeros or its own old contents, never domain 1's.
+    embedder_dontneed(&mem, a1);
+    let mut buf = [0u8; PAGE_SIZE];
+    mem.read_page(a1, &mut buf).unwrap();
+    let own = holds(&mem, a1, 2);
+    assert!(
+        is_zero_page(&buf) || own,
+        "a1 reads neither zeros nor its own contents"
+    );
+    assert!(!holds(&mem, a1, 6) && !holds(&mem, a1, 5));
+    eprintln!(
+        "after the embedder's MADV_DONTNEED a1 reads {}",
+        if own { "its own old contents" } else { "zeros" }
+    );
+    // It is still guest memory that works.
+    fill(&mem, a1, 8);
+    assert!(holds(&mem, a1, 8));
+    drop((f1, g1, g2));
 }

@@ -238,7 +238,7 @@ impl PageMemory for LinuxMemory {
         let mut out = Vec::with_capacity(pages.len());
         for run in runs(pages) {
             let start = out.len();
-            self.inner.recycle_run(run, &mut out);
+            self.inner.recycle_run(run, &mut out, false);
             for (p, r) in run.iter().zip(&out[start..]) {
                 if r.is_ok() {
                     self.inner.dirty(*p);

@@ -293,6 +293,7 @@ impl Inner {
                 // the region is there any more, and the page no longer maps its slot.
                 region.mark_gone(st);
                 st.slot = None;
+                st.tomb = None;
                 bump(&self.counters.foreign_unmaps);
             }
             RangeEvent::Moved => {

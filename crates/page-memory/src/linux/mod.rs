@@ -397,6 +397,25 @@ impl LinuxMemory {
         Ok(matches!((slot(a)?, slot(b)?), (Some(x), Some(y)) if x == y))
     }
 
+    /// Discards `pages` for the embedder (a balloon device inflating, free-page
+    /// reporting): afterwards each reads as zeros, whatever it mapped before. A page of
+    /// its own anonymous memory is dropped (`MADV_DONTNEED`, runs of pages in one call);
+    /// a page that maps the canonical store (merged, canonical, or a private copy inside
+    /// a store mapping) gets fresh anonymous memory mapped over it, and lets go of its
+    /// store slot. Its tokens become stale. One result per page, in order; a page that
+    /// is gone, or (see *Pins*) pinned, is refused and left as it is.
+    ///
+    /// Use this rather than `MADV_DONTNEED` on guest memory: the embedder's own
+    /// `MADV_DONTNEED` is safe (see *Discards* in the module docs) but leaves a page that
+    /// maps the store reading its old contents rather than zeros.
+    pub fn discard(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
+        let mut out = Vec::with_capacity(pages.len());
+        for run in runs::runs(pages) {
+            self.inner.recycle_run(run, &mut out, true);
+        }
+        out
+    }
+
     /// Counters since the start.
     pub fn stats(&self) -> LinuxStats {
         let i = &self.inner;
@@ -412,6 +431,7 @@ impl LinuxMemory {
             unmerged: g(&c.unmerged),
             window_writes: g(&c.window_writes),
             settle_failures: g(&c.settle_failures),
+            discarded: g(&c.discarded),
             foreign_unmaps: g(&c.foreign_unmaps),
             foreign_removes: g(&c.foreign_removes),
             foreign_remaps: g(&c.foreign_remaps),

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustix::io::Errno;
 
-use super::store::Slot;
+use super::store::{Slot, Tomb};
 use super::sys::{self, Advice};
 use super::{Inner, LinuxMemory};
 use crate::{DomainId, PageError, PageId, RegionId, RegionInfo, PAGE_SIZE};
@@ -51,6 +51,10 @@ pub(super) struct PageState {
     pub(super) gen: u64,
     /// The store slot whose page the entry may map.
     pub(super) slot: Option<Arc<Slot>>,
+    /// The store offset the page's address is mapped to while it lies in a mapping of
+    /// the store (kinds `Store` and `StoreCow`): what it reads after an `MADV_DONTNEED`
+    /// of the embedder's (see [`Tomb`]).
+    pub(super) tomb: Option<Arc<Tomb>>,
     pub(super) kind: Kind,
     /// Protected for the engine (tokens are valid while this holds and `gen` is equal).
     pub(super) protected: bool,
@@ -244,6 +248,7 @@ impl LinuxMemory {
                     Mutex::new(PageState {
                         gen: 0,
                         slot: None,
+                        tomb: None,
                         kind: Kind::Anon,
                         protected: false,
                         registered: self.inner.uffd.is_some(),
@@ -340,6 +345,7 @@ impl Inner {
             let mut st = region.lock(i);
             if region.owned || gone || !matches!(st.kind, Kind::Store | Kind::StoreCow) {
                 st.slot = None;
+                st.tomb = None;
             }
         }
     }
@@ -372,6 +378,7 @@ impl Inner {
                 for g in &mut guards[k..j] {
                     g.kind = Kind::Anon;
                     g.slot = None;
+                    g.tomb = None;
                     g.protected = false;
                     g.gen += 1;
                 }

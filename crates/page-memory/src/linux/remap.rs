@@ -391,6 +391,7 @@ impl Inner {
         }
         st.kind = Kind::Store;
         st.slot = Some(slot.clone());
+        st.tomb = Some(slot.tomb.clone());
         self.settle(region, addr, st);
         Ok(())
     }
@@ -430,6 +431,7 @@ impl Inner {
         for (st, slot) in sts.iter_mut().zip(slots) {
             st.kind = Kind::Store;
             st.slot = Some(slot.clone());
+            st.tomb = Some(slot.tomb.clone());
         }
         self.settle_run(region, addr, sts);
         Ok(())
@@ -535,6 +537,7 @@ impl Inner {
         }
         st.kind = Kind::Zero;
         st.slot = None;
+        st.tomb = None;
         st.registered = self.register(addr).is_ok();
         Ok(())
     }

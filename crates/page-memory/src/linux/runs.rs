@@ -212,7 +212,12 @@ impl Inner {
 
     /// `recycle` of a run: one `MADV_DONTNEED` per sub-run of anonymous pages, fresh
     /// anonymous memory over each page that maps the store.
-    pub(super) fn recycle_run(&self, run: &[PageId], out: &mut Vec<Result<(), PageError>>) {
+    pub(super) fn recycle_run(
+        &self,
+        run: &[PageId],
+        out: &mut Vec<Result<(), PageError>>,
+        discard: bool,
+    ) {
         self.in_run(run, out, |region, first, guards| {
             let mut res: Vec<Result<(), PageError>> = vec![Ok(()); run.len()];
             let mut k = 0;
@@ -261,7 +266,11 @@ impl Inner {
                         g.kind = Kind::Zero;
                         g.protected = false;
                         g.gen += 1;
-                        bump(&self.counters.recycled);
+                        bump(if discard {
+                            &self.counters.discarded
+                        } else {
+                            &self.counters.recycled
+                        });
                     }
                     r
                 })

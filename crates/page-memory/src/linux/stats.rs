@@ -22,6 +22,9 @@ pub struct LinuxStats {
     pub zero_merges: u64,
     /// Pages recycled.
     pub recycled: u64,
+    /// Pages discarded by the embedder through
+    /// [`LinuxMemory::discard`](super::LinuxMemory::discard).
+    pub discarded: u64,
     /// Pages given a private copy again by `unmerge`.
     pub unmerged: u64,
     /// Writes caught in the window between a remap and its protection.
@@ -112,6 +115,7 @@ pub(super) struct Counters {
     pub(super) unmerged: AtomicU64,
     pub(super) window_writes: AtomicU64,
     pub(super) settle_failures: AtomicU64,
+    pub(super) discarded: AtomicU64,
     pub(super) foreign_unmaps: AtomicU64,
     pub(super) foreign_removes: AtomicU64,
     pub(super) foreign_remaps: AtomicU64,

@@ -28,7 +28,7 @@
 //! bytes are an ordinary slice of memory.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::{PageError, PAGE_SIZE};
@@ -156,17 +156,28 @@ impl Store {
         Ok(Arc::new(Slot {
             store: self.clone(),
             index,
+            tomb: Arc::new(Tomb {
+                store: self.clone(),
+                index,
+                outlived: AtomicBool::new(false),
+            }),
         }))
     }
 
-    /// Punches `index` out and makes it free again.
-    fn release(&self, index: u64) {
+    /// Punches `index` out: its memory goes back to the system and it reads as zeros.
+    fn punch(&self, index: u64) -> bool {
         let r = super::sys::punch_hole(self.fd.as_fd(), index * PAGE_SIZE as u64, PAGE_SIZE as u64);
         match r {
-            Ok(()) => self.punched.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.punch_errors.fetch_add(1, Ordering::Relaxed),
-        };
-        self.live.fetch_sub(1, Ordering::Relaxed);
+            Ok(()) => true,
+            Err(_) => {
+                self.punch_errors.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Makes `index` (punched) free again.
+    fn release(&self, index: u64) {
         let mut a = self.alloc();
         if index < self.home_slots {
             if let Some(word) = a.home_used.get_mut((index / 64) as usize) {
@@ -194,10 +205,39 @@ impl Drop for Store {
     }
 }
 
-/// A page of the canonical store, allocated while any clone of its `Arc` lives.
+/// A page of the canonical store, holding contents while any clone of its `Arc` lives:
+/// when the last goes, the page is punched out (it reads as zeros), but its offset stays
+/// taken while its [`Tomb`] lives.
 pub(crate) struct Slot {
     pub(crate) store: Arc<Store>,
     pub(crate) index: u64,
+    /// The slot's offset, held by every guest page whose address lies in a mapping of the
+    /// store at that offset (see *Discards* in the module docs).
+    pub(crate) tomb: Arc<Tomb>,
+}
+
+/// The offset of a store slot, taken while any clone lives: held by the slot itself and
+/// by every guest page whose address lies in a private mapping of the store at that
+/// offset, even after a copy-on-write break gave it a private copy. Such a page, dropped
+/// with `MADV_DONTNEED` by the embedder, reads the store at that offset again: the slot's
+/// contents if they are still held (the contents the page had when it was merged), else
+/// a hole (zeros). Never other contents: the offset is not handed out again while any
+/// page can read it so.
+pub(crate) struct Tomb {
+    store: Arc<Store>,
+    index: u64,
+    /// Guest pages held it after the slot's contents went: a read through their mapping
+    /// may have put a page back into the memfd, to be punched again.
+    outlived: AtomicBool,
+}
+
+impl Drop for Tomb {
+    fn drop(&mut self) {
+        if self.outlived.load(Ordering::Relaxed) {
+            self.store.punch(self.index);
+        }
+        self.store.release(self.index);
+    }
 }
 
 impl Slot {
@@ -223,7 +263,14 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.store.release(self.index);
+        if self.store.punch(self.index) {
+            self.store.punched.fetch_add(1, Ordering::Relaxed);
+        }
+        self.store.live.fetch_sub(1, Ordering::Relaxed);
+        if Arc::strong_count(&self.tomb) > 1 {
+            self.tomb.outlived.store(true, Ordering::Relaxed);
+        }
+        // The offset is freed when the last tomb goes (this one's, unless pages hold it).
     }
 }
 
