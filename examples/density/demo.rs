@@ -140,7 +140,8 @@ fn intro<H: Host>(opts: &Options, w: &Workload, clock: &Clock) {
         "time:",
         format!(
             "SIMULATED and compressed {:.0}x: each run is {} of warm-up + {} measured = {} s of \
-             wall time; every period (application, reclaim, merge) is divided by {:.0}, so one \
+             wall time (longer on a machine that cannot keep up: the guests step through the \
+             same simulated times, later); every period (application, reclaim, merge) is divided by {:.0}, so one \
              wall second is {} of simulated time",
             clock.compression,
             sim_time(WARMUP_S),

@@ -40,10 +40,7 @@ impl Default for Options {
             real: false,
             sweep: true,
             progress: true,
-            svg: PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/target/density.svg"
-            )),
+            svg: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/density.svg")),
             svg_given: false,
             seed: 2017,
         }
@@ -125,8 +122,14 @@ impl Options {
         }
         if !o.svg_given {
             let dir = if docs_plot { "docs" } else { "target" };
-            let file = if o.real { "density-real.svg" } else { "density.svg" };
-            o.svg = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir).join(file);
+            let file = if o.real {
+                "density-real.svg"
+            } else {
+                "density.svg"
+            };
+            o.svg = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(dir)
+                .join(file);
         }
         Ok(o)
     }
@@ -165,7 +168,10 @@ mod tests {
         let o = parse("--real --svg x.svg --seconds 3").unwrap();
         assert_eq!((o.seconds, o.svg.to_str()), (3.0, Some("x.svg")));
         assert!(parse("").unwrap().svg.ends_with("target/density.svg"));
-        assert!(parse("--docs-plot").unwrap().svg.ends_with("docs/density.svg"));
+        assert!(parse("--docs-plot")
+            .unwrap()
+            .svg
+            .ends_with("docs/density.svg"));
         assert_eq!(parse("--help").unwrap_err(), ParseError::Help);
         assert!(matches!(parse("--vms"), Err(ParseError::Bad(_))));
         assert!(matches!(parse("--vms 0"), Err(ParseError::Bad(_))));

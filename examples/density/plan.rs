@@ -15,6 +15,11 @@
 //! Every period (application cycle, reclaim period, merge period, sampling) is divided by
 //! the same factor; the engines' own speed is not, so they get that much less time per
 //! guest page change than in 2017.
+//!
+//! The guests step through fixed steps of simulated time, paced to the compressed clock
+//! when the machine keeps up and simply later when it does not, and memory is sampled
+//! right after a step: what the guests do and when memory is sampled is the same in every
+//! run of a workload; only the engines' threads depend on the machine's load.
 
 use std::time::Duration;
 

@@ -2,7 +2,6 @@
 //! clock, sample memory, and measure the engine's CPU time over the measured window.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,12 +12,13 @@ use ppr_host::{PoolMemory, Recycler};
 
 use crate::cpu;
 use crate::engine::{Counters, Engine, Setup};
-use crate::host::{HeapPool, Host, VmPage};
+use crate::host::{HeapPool, Host};
 use crate::plan::{Clock, WARMUP_S};
 use crate::progress::Progress;
 use crate::workload::{GuestStats, Guests, Workload};
 
-/// How often the guests step (wall time).
+/// How often the guests step (wall time on the compressed clock; each step is this much
+/// simulated time however long it really takes).
 const GUEST_TICK: Duration = Duration::from_millis(1);
 
 /// Memory at one moment.
@@ -119,17 +119,18 @@ pub fn run<H: Host>(
     let pool_bytes: u64 = pools.iter().map(|p| p.bytes() as u64).sum();
     let engine = Engine::start(setup, &mem, domains, recycler, &p.clock, p.threads);
 
-    let stop = AtomicBool::new(false);
-    let start = Instant::now();
-    let (m, guests) = thread::scope(|s| {
-        let guest = thread::Builder::new()
-            .name("guest-vcpus".into())
-            .spawn_scoped(s, || drive_guests(w, &pages, &pools, p.clock, start, &stop))
-            .map_err(|e| format!("spawning the guests' thread: {e}"))?;
-        let m = measure(&*mem, &engine, setup, pool_bytes, start, p, progress);
-        stop.store(true, Ordering::Relaxed);
-        Ok::<_, String>((m, guest.join().expect("the guest thread panicked")))
-    })?;
+    let (m, guests) = drive(
+        &*mem,
+        &engine,
+        Driven {
+            setup,
+            pages: &pages,
+            pools: &pools,
+            pool_bytes,
+        },
+        p,
+        progress,
+    );
     engine.stop();
     progress.done();
     let in_window: Vec<u64> = m
@@ -208,41 +209,6 @@ fn register_pools<H: Host>(
     Ok((pools, recycler))
 }
 
-/// The guests' thread: attaches each VM's PPR hooks (if it has a pool), boots its
-/// allocator, then steps the applications on the compressed clock until `stop`.
-fn drive_guests<P: VmPage>(
-    w: &Workload,
-    pages: &[Vec<P>],
-    pools: &[Arc<HeapPool>],
-    clock: Clock,
-    start: Instant,
-    stop: &AtomicBool,
-) -> GuestStats {
-    let views: Vec<_> = pools.iter().map(|p| p.view()).collect();
-    let hooks: Vec<Hooks<'_>> = (0..w.vms as usize)
-        .map(|vm| match views.get(vm) {
-            Some(Some(v)) => Hooks::attach(*v).unwrap_or(Hooks::disabled()),
-            _ => Hooks::disabled(),
-        })
-        .collect();
-    let mut guests = Guests::new(w, pages, &hooks);
-    let (mut next, mut since, mut max_step) = (Instant::now(), 0.0, Duration::ZERO);
-    let mut first = true;
-    while !stop.load(Ordering::Relaxed) {
-        let t = clock.sim(start.elapsed());
-        let began = Instant::now();
-        guests.step(w, since, t);
-        // The first step brings VMs that boot in the middle of a spike to where they are.
-        if !first {
-            max_step = max_step.max(began.elapsed());
-        }
-        first = false;
-        since = t;
-        next = pace(next, GUEST_TICK);
-    }
-    guests.stats(w, max_step)
-}
-
 /// Sleeps until `next + every` (or not at all if that is past); returns that time.
 fn pace(next: Instant, every: Duration) -> Instant {
     let next = next + every;
@@ -266,37 +232,73 @@ struct Measured {
     window: Duration,
 }
 
-/// The main thread's part of a run: samples memory, shows progress, and takes the CPU
-/// and counter snapshots at both ends of the measured window.
-fn measure<H: Host>(
+/// What [`drive`] steps and samples besides the memory and the engine.
+struct Driven<'a, P> {
+    setup: Setup,
+    /// Each VM's guest pages.
+    pages: &'a [Vec<P>],
+    /// The VMs' PIP pools (PPR only).
+    pools: &'a [Arc<HeapPool>],
+    pool_bytes: u64,
+}
+
+/// The run, on this thread: attaches each VM's PPR hooks (if it has a pool), boots its
+/// allocator, then steps the applications through fixed steps of simulated time (one
+/// [`GUEST_TICK`] of wall time each on the compressed clock: paced to the wall clock
+/// when the machine keeps up, only later when it does not) up to the run's end, samples
+/// memory right after every `H::SAMPLE_EVERY`'s worth of steps, and snapshots CPU time
+/// and the engine's counters when the measured window opens and when the run ends.
+///
+/// The guests and the samples follow simulated time only: what the guests do, and when
+/// memory is sampled, is the same in every run of a workload however loaded the machine
+/// is. Only the engine's threads (how much they have saved by each sample) depend on it.
+fn drive<H: Host>(
     mem: &H,
     engine: &Engine<H>,
-    setup: Setup,
-    pool_bytes: u64,
-    start: Instant,
+    d: Driven<'_, H::Page>,
     p: &RunParams<'_>,
     progress: &mut Progress,
-) -> Measured {
+) -> (Measured, GuestStats) {
+    let w = p.workload;
+    let views: Vec<_> = d.pools.iter().map(|p| p.view()).collect();
+    let hooks: Vec<Hooks<'_>> = (0..w.vms as usize)
+        .map(|vm| match views.get(vm) {
+            Some(Some(v)) => Hooks::attach(*v).unwrap_or(Hooks::disabled()),
+            _ => Hooks::disabled(),
+        })
+        .collect();
+    let mut guests = Guests::new(w, d.pages, &hooks);
     let total = Duration::from_secs_f64(p.seconds);
-    let warmup = p.clock.wall(WARMUP_S);
+    let (tick, end) = (p.clock.sim(GUEST_TICK), p.clock.sim(total));
+    let sample_every = (H::SAMPLE_EVERY.as_nanos() / GUEST_TICK.as_nanos()).max(1) as u64;
+    let start = Instant::now();
+    let (mut next, mut since, mut max_step) = (start, 0.0, Duration::ZERO);
     let mut samples = Vec::new();
     let mut window_start = None;
-    let mut next = start;
-    loop {
-        let elapsed = start.elapsed();
-        if elapsed >= total {
+    for step in 0u64.. {
+        let t = (step as f64 * tick).min(end);
+        let began = Instant::now();
+        guests.step(w, since, t);
+        // The first step brings VMs that boot in the middle of a spike to where they are.
+        if step > 0 {
+            max_step = max_step.max(began.elapsed());
+        }
+        since = t;
+        if step % sample_every == 0 || t >= end {
+            let c = engine.counters();
+            let bytes = mem.used_bytes() + c.metadata + d.pool_bytes;
+            samples.push(Sample { t, bytes });
+            if window_start.is_none() && t >= WARMUP_S {
+                window_start = Some((Instant::now(), cpu::snapshot(), c));
+            }
+            progress.update(&d.setup, p.clock.wall(t), total, t, bytes, c);
+        }
+        if t >= end {
             break;
         }
-        let c = engine.counters();
-        let bytes = mem.used_bytes() + c.metadata + pool_bytes;
-        let t = p.clock.sim(elapsed);
-        samples.push(Sample { t, bytes });
-        if window_start.is_none() && elapsed >= warmup {
-            window_start = Some((Instant::now(), cpu::snapshot(), c));
-        }
-        progress.update(&setup, elapsed, total, t, bytes, c);
-        next = pace(next, H::SAMPLE_EVERY);
+        next = pace(next, GUEST_TICK);
     }
+    let setup = d.setup;
     let end = engine.counters();
     let end_cpu = cpu::snapshot();
     let (w_start, w_cpu, w_counters) =
@@ -316,11 +318,12 @@ fn measure<H: Host>(
             });
         }
     }
-    Measured {
+    let measured = Measured {
         samples,
         cpu: threads,
         start: w_counters,
         end,
         window,
-    }
+    };
+    (measured, guests.stats(w, max_step))
 }
