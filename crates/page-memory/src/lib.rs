@@ -148,6 +148,11 @@ pub enum PageError {
         /// The process's mappings at the last count.
         mappings: u64,
     },
+    /// The page is, or may be, pinned (device DMA, an io_uring fixed buffer, vhost,
+    /// RDMA): a write through the pin would bypass the page tables, so the backend does
+    /// not protect, merge or recycle it. (The Linux backend refuses a page the embedder
+    /// declared pinned, and every page while the process holds pins nobody declared.)
+    Pinned(PageId),
     /// An operating-system call failed.
     Os {
         /// The operation that failed.
@@ -173,6 +178,11 @@ impl fmt::Display for PageError {
                 f,
                 "merging stopped short of vm.max_map_count ({limit}; the process has {mappings} \
                  mappings): raise it with `sysctl -w vm.max_map_count=N`"
+            ),
+            PageError::Pinned(p) => write!(
+                f,
+                "{p} is or may be pinned (DMA, io_uring fixed buffers): not protected, merged \
+                 or recycled"
             ),
             PageError::Os { op, errno } => write!(
                 f,

@@ -264,6 +264,82 @@ impl VmMemoryAdapter {
         (r.guest == guest.id && addr.checked_offset_from(r.start)? < r.len).then_some(page)
     }
 
+    /// The pages of guest-physical range `[addr, addr + len)` of `guest` (page-aligned,
+    /// inside adopted regions), in order.
+    fn pages_in(
+        &self,
+        guest: &AdoptedGuest,
+        addr: GuestAddress,
+        len: u64,
+    ) -> Result<Vec<PageId>, PageError> {
+        let page = PAGE_SIZE as u64;
+        if addr.raw_value() % page != 0 || len % page != 0 {
+            return Err(PageError::Unsupported(
+                "guest ranges must be page-aligned and a whole number of pages",
+            ));
+        }
+        (0..len / page)
+            .map(|k| {
+                let at = addr
+                    .checked_add(k * page)
+                    .ok_or(PageError::Unsupported("guest range wraps around"))?;
+                self.page_of(guest, at).ok_or(PageError::Unsupported(
+                    "guest range not inside the guest's adopted regions",
+                ))
+            })
+            .collect()
+    }
+
+    /// Discards guest-physical range `[addr, addr + len)` of `guest` (a balloon inflating,
+    /// free-page reporting): [`LinuxMemory::discard`] of its pages, which then read zeros
+    /// (and are marked dirty). Use this instead of `madvise(MADV_DONTNEED)` on the
+    /// region's host memory. The first page that fails gives the error (the others are
+    /// still discarded).
+    pub fn discard(
+        &self,
+        guest: &AdoptedGuest,
+        addr: GuestAddress,
+        len: u64,
+    ) -> Result<(), PageError> {
+        let pages = self.pages_in(guest, addr, len)?;
+        self.memory
+            .discard(&pages)
+            .into_iter()
+            .find(Result::is_err)
+            .unwrap_or(Ok(()))
+    }
+
+    /// Declares guest-physical range `[addr, addr + len)` of `guest` pinned (VFIO DMA
+    /// maps, vhost, io_uring fixed buffers over guest memory):
+    /// [`LinuxMemory::declare_pinned`] of its pages, which are then never protected,
+    /// merged or recycled. Declare before pinning.
+    pub fn declare_pinned(
+        &self,
+        guest: &AdoptedGuest,
+        addr: GuestAddress,
+        len: u64,
+    ) -> Result<(), PageError> {
+        for p in self.pages_in(guest, addr, len)? {
+            self.memory.declare_pinned(p.region, p.index..p.index + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Takes back a [`declare_pinned`](Self::declare_pinned) of the same range (after the
+    /// embedder unpinned it).
+    pub fn undeclare_pinned(
+        &self,
+        guest: &AdoptedGuest,
+        addr: GuestAddress,
+        len: u64,
+    ) -> Result<(), PageError> {
+        for p in self.pages_in(guest, addr, len)? {
+            self.memory
+                .undeclare_pinned(p.region, p.index..p.index + 1)?;
+        }
+        Ok(())
+    }
+
     /// Regions adopted now, over all guests.
     pub fn adopted_regions(&self) -> usize {
         self.routes.read().unwrap_or_else(|e| e.into_inner()).len()

@@ -986,8 +986,17 @@ fn a_new_mapping_at_an_unmapped_regions_address_is_never_read_nor_zeroed() {
         unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
         match map_exactly_at(base, len) {
             Some(o) => break (base, r, t, frames, o),
-            // Another test took the address in between: try again elsewhere.
-            None => continue,
+            // Another test took the address in between: try again elsewhere, once the
+            // fault thread has applied this unmap.
+            None => {
+                let t0 = Instant::now();
+                while mem.stats().foreign_unmaps < unmapped * PAGES as u64
+                    && t0.elapsed() < Duration::from_secs(5)
+                {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                continue;
+            }
         }
     };
     // SAFETY: the new occupant, the test's own mapping.
@@ -1119,19 +1128,19 @@ fn a_region_moved_by_its_owner_is_gone_and_the_moved_memory_works() {
     let all = pages(r, 0..PAGES as u32);
     assert!(mem.protect(&all).iter().all(Result::is_ok));
     let to = embedder_mmap(len);
-    // SAFETY: moves the test's own mapping over its own reservation `to`; the old range is
-    // then reserved again (PROT_NONE) so that no other test's mapping lands there.
+    // SAFETY: moves the test's own mapping over its own mapping `to`. MREMAP_DONTUNMAP
+    // leaves the old range mapped (empty), so that no other test's mapping can land there
+    // while the backend still remembers the region.
     unsafe {
         rustix::mm::mremap_fixed(
             base.cast(),
             len,
             len,
-            rustix::mm::MremapFlags::MAYMOVE,
+            rustix::mm::MremapFlags::MAYMOVE | rustix::mm::MremapFlags::DONTUNMAP,
             to.cast(),
         )
     }
     .expect("mremap");
-    unmap_keeping_the_address(base, len);
     let t0 = Instant::now();
     while mem.stats().foreign_unmaps < PAGES as u64 && t0.elapsed() < Duration::from_secs(5) {
         thread::sleep(Duration::from_millis(1));

@@ -208,3 +208,51 @@ fn file_backed_guest_memory_is_refused() {
     assert_eq!(adapter.adopted_regions(), 0);
     assert!(adapter.memory().regions().is_empty());
 }
+
+/// A balloon through the adapter: a discarded guest range reads zeros through vm-memory
+/// (merged pages included), its pages are marked dirty; a range declared pinned is never
+/// protected until it is undeclared.
+#[test]
+fn discards_and_pins_by_guest_address() {
+    let Some(adapter) = adapter() else { return };
+    let g = guest(8);
+    for i in 0..8 {
+        g.write_slice(&content(1 + i % 2), gpa(0, i)).unwrap();
+    }
+    // SAFETY: the test's own guest memory, touched only through vm-memory and the backend.
+    let vm = unsafe { adapter.adopt(&g, DomainId(0)) }.unwrap();
+    let mem = adapter.memory().clone();
+    let pages: Vec<PageId> = (0..4).map(|i| page(&vm, gpa(0, i))).collect();
+    let t: Vec<_> = mem
+        .protect(&pages)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let canon = mem.canonicalize(pages[0], t[0]).unwrap();
+    assert_eq!(
+        mem.merge(pages[2], t[2], &canon).unwrap(),
+        MergeOutcome::Merged
+    );
+    clear_bitmaps(&g);
+    adapter.discard(&vm, gpa(0, 1), 3 * PAGE).unwrap();
+    for i in 1..4 {
+        assert_eq!(read(&g, gpa(0, i)), content(0), "page {i}");
+    }
+    assert_eq!(read(&g, gpa(0, 0)), content(1));
+    assert_eq!(read(&g, gpa(0, 4)), content(1));
+    let marked = dirty(&g);
+    for i in 1..4 {
+        assert!(marked.contains(&gpa(0, i).0), "page {i} not marked dirty");
+    }
+    assert!(matches!(
+        adapter.discard(&vm, GuestAddress(STARTS[0] + 100), PAGE),
+        Err(PageError::Unsupported(_))
+    ));
+    adapter.declare_pinned(&vm, gpa(1, 2), 2 * PAGE).unwrap();
+    let p = page(&vm, gpa(1, 3));
+    assert_eq!(mem.protect(&[p])[0], Err(PageError::Pinned(p)));
+    adapter.undeclare_pinned(&vm, gpa(1, 2), 2 * PAGE).unwrap();
+    assert!(mem.protect(&[p])[0].is_ok());
+    drop(canon);
+    adapter.release(vm).unwrap();
+}

@@ -63,6 +63,13 @@ pub struct LinuxConfig {
     /// a run stay locked while it is compared and remapped, so a guest write to one of
     /// them waits for at most that one run (tens of microseconds at 64 pages).
     pub max_run_pages: usize,
+    /// Refuse to protect, merge, canonicalize, recycle or discard anything while the
+    /// process's pinned or locked memory (`VmPin`, `VmLck`) has grown past what it was
+    /// when the memory was made plus the ranges declared pinned (default on; one read of
+    /// `/proc/self/status` per such call). See *Pins* in the module docs. Off: only
+    /// declared ranges are excluded, and a pin the embedder forgot to declare loses the
+    /// writes made through it once its page is merged or recycled.
+    pub pin_check: bool,
 }
 
 impl Default for LinuxConfig {
@@ -77,6 +84,7 @@ impl Default for LinuxConfig {
             map_count_reserve: None,
             checked_access: true,
             max_run_pages: 64,
+            pin_check: true,
         }
     }
 }
@@ -127,6 +135,12 @@ impl LinuxConfig {
     /// Sets [`checked_access`](Self::checked_access).
     pub fn with_checked_access(mut self, checked_access: bool) -> Self {
         self.checked_access = checked_access;
+        self
+    }
+
+    /// Sets [`pin_check`](Self::pin_check).
+    pub fn with_pin_check(mut self, pin_check: bool) -> Self {
+        self.pin_check = pin_check;
         self
     }
 

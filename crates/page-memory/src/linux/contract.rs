@@ -45,6 +45,9 @@ impl PageMemory for LinuxMemory {
     }
 
     fn protect(&self, pages: &[PageId]) -> Vec<Result<ProtectToken, PageError>> {
+        if let Err(refused) = self.inner.pins_checked(pages) {
+            return refused;
+        }
         let mut out = Vec::with_capacity(pages.len());
         for run in runs(pages) {
             self.inner.protect_run(run, &mut out);
@@ -70,7 +73,11 @@ impl PageMemory for LinuxMemory {
     fn canonicalize(&self, page: PageId, token: ProtectToken) -> Result<LinuxFrame, PageError> {
         let inner = &self.inner;
         inner.uffd()?;
+        inner.pin_checked(page)?;
         let frame = inner.with_page(page, |region, addr, st| {
+            if st.pinned > 0 {
+                return Err(inner.pinned(page));
+            }
             if !st.protected || st.gen != token.0 {
                 return Err(PageError::Stale(page));
             }
@@ -115,7 +122,11 @@ impl PageMemory for LinuxMemory {
                 return Err(PageError::Unsupported("a frame of another LinuxMemory"));
             }
         }
+        inner.pin_checked(dup)?;
         let outcome = inner.with_page(dup, |region, addr, st| {
+            if st.pinned > 0 {
+                return Err(inner.pinned(dup));
+            }
             if !st.protected || st.gen != token.0 {
                 return Ok((MergeOutcome::Changed, false));
             }
@@ -155,6 +166,10 @@ impl PageMemory for LinuxMemory {
         &self,
         pages: &[(PageId, ProtectToken)],
     ) -> Vec<Result<LinuxFrame, PageError>> {
+        let ids: Vec<PageId> = pages.iter().map(|p| p.0).collect();
+        if let Err(refused) = self.inner.pins_checked(&ids) {
+            return refused;
+        }
         let mut out = Vec::with_capacity(pages.len());
         let max = self.inner.config.max_run_pages.max(1);
         let mut k = 0;
@@ -190,6 +205,10 @@ impl PageMemory for LinuxMemory {
         items: &[(PageId, ProtectToken, &LinuxFrame)],
     ) -> Vec<Result<MergeOutcome, PageError>> {
         let inner = &self.inner;
+        let ids: Vec<PageId> = items.iter().map(|i| i.0).collect();
+        if let Err(refused) = inner.pins_checked(&ids) {
+            return refused;
+        }
         let mut out = Vec::with_capacity(items.len());
         let max = inner.config.max_run_pages.max(1);
         // The store slot of a frame of this memory (`None`: the zero frame, or foreign).
@@ -235,6 +254,9 @@ impl PageMemory for LinuxMemory {
     }
 
     fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
+        if let Err(refused) = self.inner.pins_checked(pages) {
+            return refused;
+        }
         let mut out = Vec::with_capacity(pages.len());
         for run in runs(pages) {
             let start = out.len();

@@ -203,6 +203,7 @@ mod contract;
 mod error;
 mod fault;
 mod map_guard;
+mod pins;
 mod probe;
 mod region;
 mod remap;
@@ -229,6 +230,7 @@ pub use sys::uffd::UffdSource;
 
 use fault::FaultThreads;
 use map_guard::MapGuard;
+use pins::PinWatch;
 use region::{Kind, Region};
 use stats::{census, Counters};
 use store::Store;
@@ -245,6 +247,7 @@ struct Inner {
     /// `/proc/self/pagemap`, for `PAGEMAP_SCAN`.
     pagemap: Option<OwnedFd>,
     guard: MapGuard,
+    pins: PinWatch,
     hook: RwLock<Option<DirtyHook>>,
     counters: Counters,
 }
@@ -316,6 +319,7 @@ impl LinuxMemory {
             store,
             pagemap,
             guard,
+            pins: PinWatch::new(),
             hook: RwLock::new(None),
             counters: Counters::default(),
             config,
@@ -402,16 +406,27 @@ impl LinuxMemory {
     /// its own anonymous memory is dropped (`MADV_DONTNEED`, runs of pages in one call);
     /// a page that maps the canonical store (merged, canonical, or a private copy inside
     /// a store mapping) gets fresh anonymous memory mapped over it, and lets go of its
-    /// store slot. Its tokens become stale. One result per page, in order; a page that
-    /// is gone, or (see *Pins*) pinned, is refused and left as it is.
+    /// store slot. Its tokens become stale, and the dirty hook hears of it (its contents
+    /// changed). One result per page, in order; a page that is gone, or (see *Pins*)
+    /// pinned, is refused and left as it is.
     ///
     /// Use this rather than `MADV_DONTNEED` on guest memory: the embedder's own
     /// `MADV_DONTNEED` is safe (see *Discards* in the module docs) but leaves a page that
     /// maps the store reading its old contents rather than zeros.
     pub fn discard(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
+        if let Err(refused) = self.inner.pins_checked(pages) {
+            return refused;
+        }
         let mut out = Vec::with_capacity(pages.len());
         for run in runs::runs(pages) {
+            let start = out.len();
             self.inner.recycle_run(run, &mut out, true);
+            // Their contents changed: a live migration must send them again.
+            for (p, r) in run.iter().zip(&out[start..]) {
+                if r.is_ok() {
+                    self.inner.dirty(*p);
+                }
+            }
         }
         out
     }
@@ -432,6 +447,10 @@ impl LinuxMemory {
             window_writes: g(&c.window_writes),
             settle_failures: g(&c.settle_failures),
             discarded: g(&c.discarded),
+            pin_alarms: g(&i.pins.alarms),
+            pin_refusals: g(&i.pins.refusals),
+            undeclared_pinned_bytes: g(&i.pins.undeclared),
+            declared_pinned_pages: g(&i.pins.declared_pages),
             foreign_unmaps: g(&c.foreign_unmaps),
             foreign_removes: g(&c.foreign_removes),
             foreign_remaps: g(&c.foreign_remaps),
@@ -458,6 +477,7 @@ impl LinuxMemory {
             op: "read /proc/self/smaps",
             errno: e.raw_os_error().unwrap_or(libc::EIO),
         })?;
+        let pins = sys::pinned_and_locked().unwrap_or((0, 0));
         let census = match &self.inner.pagemap {
             Some(fd) => Some(census(fd.as_fd(), &ranges)?),
             None => None,
@@ -470,6 +490,8 @@ impl LinuxMemory {
             region_mappings: t.mappings,
             store_bytes: self.inner.store.bytes()?,
             census,
+            process_pinned: pins.0,
+            process_locked: pins.1,
         })
     }
 

@@ -70,6 +70,8 @@ pub(super) struct PageState {
     /// `UFFD_EVENT_REMOVE`s the backend's own `MADV_DONTNEED`s of this page will cause and
     /// the fault thread has not seen yet.
     pub(super) own_removes: u16,
+    /// Declarations of the page as pinned ([`LinuxMemory::declare_pinned`]) in force.
+    pub(super) pinned: u16,
 }
 
 impl PageState {
@@ -196,9 +198,11 @@ impl LinuxMemory {
         if let Some(why) = sys::check_anonymous_private(start, end) {
             return Err(PageError::Unsupported(why));
         }
+        // A region its owner unmapped (every page gone) no longer holds its range.
         let overlaps = self
             .live_regions()
             .iter()
+            .filter(|r| !r.unmapped.load(Ordering::Relaxed))
             .any(|r| r.base < end && start < r.base + r.len());
         if overlaps {
             return Err(PageError::Unsupported("the range overlaps a region"));
@@ -255,6 +259,7 @@ impl LinuxMemory {
                         gone: false,
                         own_unmaps: 0,
                         own_removes: 0,
+                        pinned: 0,
                     })
                 })
                 .collect(),

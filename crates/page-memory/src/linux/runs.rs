@@ -115,6 +115,10 @@ impl Inner {
                     ok.push(Err(PageError::Unmapped(region.info.id)));
                     continue;
                 }
+                if g.pinned > 0 {
+                    ok.push(Err(self.pinned(run[k])));
+                    continue;
+                }
                 if g.registered {
                     ok.push(Ok(()));
                     continue;
@@ -130,8 +134,11 @@ impl Inner {
                 }
                 ok.push(r);
             }
-            // One UFFDIO_WRITEPROTECT per sub-run that needs it; where it fails, page by
-            // page, so that a failure is the error of its own page alone.
+            // One UFFDIO_WRITEPROTECT per sub-run, pages already protected included: it is
+            // also the proof that the pages are still the region's (a mapping that took
+            // their address is not registered, and fails with ENOENT), so no token is
+            // handed out for memory that is no longer the region's. Where it fails, page
+            // by page, so that a failure is the error of its own page alone.
             let mut k = 0;
             while k < run.len() {
                 if ok[k].is_err() {
@@ -139,18 +146,14 @@ impl Inner {
                     continue;
                 }
                 let mut j = k;
-                let mut needed = false;
                 while j < run.len() && ok[j].is_ok() {
-                    needed |= !guards[j].protected && guards[j].kind != Kind::Store;
                     j += 1;
                 }
-                if needed {
-                    let addr = region.addr((first + k) as u32);
-                    if self.wp(region, addr, (j - k) * PAGE_SIZE).is_err() {
-                        for (i, r) in (k..j).zip(&mut ok[k..j]) {
-                            let a = region.addr((first + i) as u32);
-                            *r = self.wp(region, a, PAGE_SIZE);
-                        }
+                let addr = region.addr((first + k) as u32);
+                if self.wp(region, addr, (j - k) * PAGE_SIZE).is_err() {
+                    for (i, r) in (k..j).zip(&mut ok[k..j]) {
+                        let a = region.addr((first + i) as u32);
+                        *r = self.wp(region, a, PAGE_SIZE);
                     }
                 }
                 k = j;
@@ -222,7 +225,13 @@ impl Inner {
             let mut res: Vec<Result<(), PageError>> = vec![Ok(()); run.len()];
             let mut k = 0;
             while k < run.len() {
-                let anon = |g: &PageState| matches!(g.kind, Kind::Anon | Kind::Zero);
+                if guards[k].pinned > 0 {
+                    res[k] = Err(self.pinned(run[k]));
+                    k += 1;
+                    continue;
+                }
+                let anon =
+                    |g: &PageState| g.pinned == 0 && matches!(g.kind, Kind::Anon | Kind::Zero);
                 if anon(&guards[k]) {
                     let mut j = k;
                     while j < run.len() && anon(&guards[j]) {
@@ -290,8 +299,10 @@ impl Inner {
         let mut changed = vec![false; n];
         self.in_run(&pages, out, |region, _, guards| {
             let mut res: Vec<Option<Result<MergeOutcome, PageError>>> = vec![None; n];
-            for (k, (g, &(_, token, frame))) in guards.iter().zip(items).enumerate() {
-                if !g.protected || g.gen != token.0 {
+            for (k, (g, &(page, token, frame))) in guards.iter().zip(items).enumerate() {
+                if g.pinned > 0 {
+                    res[k] = Some(Err(self.pinned(page)));
+                } else if !g.protected || g.gen != token.0 {
                     res[k] = Some(Ok(MergeOutcome::Changed));
                 } else if let (Kind::Store, Some(s), Some(c)) = (g.kind, &g.slot, &frame.0) {
                     if Arc::ptr_eq(s, c) {
@@ -370,7 +381,9 @@ impl Inner {
             let mut res: Vec<Option<Result<LinuxFrame, PageError>>> = vec![None; n];
             let mut slots: Vec<Option<Arc<Slot>>> = vec![None; n];
             for (k, (g, &(page, token))) in guards.iter().zip(run).enumerate() {
-                res[k] = if !g.protected || g.gen != token.0 {
+                res[k] = if g.pinned > 0 {
+                    Some(Err(self.pinned(page)))
+                } else if !g.protected || g.gen != token.0 {
                     Some(Err(PageError::Stale(page)))
                 } else {
                     match (g.kind, &g.slot) {

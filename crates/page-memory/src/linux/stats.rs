@@ -25,6 +25,17 @@ pub struct LinuxStats {
     /// Pages discarded by the embedder through
     /// [`LinuxMemory::discard`](super::LinuxMemory::discard).
     pub discarded: u64,
+    /// Times the process's pinned or locked memory (`VmPin`, `VmLck`) was found grown
+    /// past the baseline and the declared pinned ranges (each time it starts to be).
+    pub pin_alarms: u64,
+    /// Pages refused because they are declared pinned or because the process holds pins
+    /// nobody declared ([`PageError::Pinned`](crate::PageError::Pinned)).
+    pub pin_refusals: u64,
+    /// Bytes of pinned or locked memory nobody declared, at the last check (0: none):
+    /// while it is not 0, nothing is protected, merged, recycled or discarded.
+    pub undeclared_pinned_bytes: u64,
+    /// Pages declared pinned now.
+    pub declared_pinned_pages: u64,
     /// Pages given a private copy again by `unmerge`.
     pub unmerged: u64,
     /// Writes caught in the window between a remap and its protection.
@@ -78,6 +89,11 @@ pub struct LinuxUsage {
     pub store_bytes: u64,
     /// Page-by-page census of the regions (with `PAGEMAP_SCAN`).
     pub census: Option<PageCensus>,
+    /// `VmPin` of the process (bytes): memory pinned for the long term (io_uring fixed
+    /// buffers, RDMA, vhost-vdpa), guest memory or not.
+    pub process_pinned: u64,
+    /// `VmLck` of the process (bytes): locked memory (`mlock`, VFIO type 1 DMA maps).
+    pub process_locked: u64,
 }
 
 impl LinuxUsage {

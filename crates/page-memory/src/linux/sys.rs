@@ -397,6 +397,45 @@ pub(crate) fn pwrite_from_guest(
     }
 }
 
+/// `VmPin` (memory pinned for the long term: io_uring fixed buffers, RDMA, vhost-vdpa)
+/// and `VmLck` (locked memory: `mlock`, VFIO type 1 DMA maps) of this process, in bytes,
+/// from `/proc/self/status`.
+pub(crate) fn pinned_and_locked() -> Option<(u64, u64)> {
+    let status = open_status().ok()?;
+    pinned_and_locked_from(status.as_fd())
+}
+
+/// `/proc/self/status`, kept open by callers that read it often.
+pub(crate) fn open_status() -> Result<OwnedFd, Errno> {
+    rustix::fs::open(
+        "/proc/self/status",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+}
+
+/// [`pinned_and_locked`] read from an open `/proc/self/status` (one `pread`).
+pub(crate) fn pinned_and_locked_from(status: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let mut buf = [0u8; 8192];
+    let n = rustix::io::pread(status, &mut buf[..], 0).ok()?;
+    let text = &buf[..n];
+    let field = |name: &[u8]| -> Option<u64> {
+        let at = text.windows(name.len()).position(|w| w == name)? + name.len();
+        let digits = text[at..]
+            .iter()
+            .skip_while(|b| b.is_ascii_whitespace())
+            .take_while(|b| b.is_ascii_digit());
+        let mut kb = 0u64;
+        let mut any = false;
+        for d in digits {
+            kb = kb.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            any = true;
+        }
+        any.then_some(kb * 1024)
+    };
+    Some((field(b"\nVmPin:")?, field(b"\nVmLck:")?))
+}
+
 /// `vm.max_map_count`, the most mappings (VMAs) a process may have.
 pub(crate) fn max_map_count() -> Option<u64> {
     std::fs::read_to_string("/proc/sys/vm/max_map_count")
