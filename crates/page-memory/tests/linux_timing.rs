@@ -38,6 +38,15 @@ fn first_writes(mem: &LinuxMemory, pages: &[PageId]) -> Vec<u64> {
         .collect()
 }
 
+fn summary_of(label: &str, mut ns: Vec<u64>) {
+    ns.sort_unstable();
+    eprintln!(
+        "{label}: median {:.2} us, p90 {:.2} us",
+        ns[ns.len() / 2] as f64 / 1000.0,
+        ns[ns.len() * 9 / 10] as f64 / 1000.0
+    );
+}
+
 fn summary(label: &str, mut ns: Vec<u64>) -> u64 {
     ns.sort_unstable();
     let at = |q: f64| ns[((ns.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
@@ -89,5 +98,17 @@ fn first_write_latency_to_unprotected_protected_and_merged_pages() {
         p > u && m > u,
         "protected {p} ns, merged {m} ns, unprotected {u} ns"
     );
+    // What a read through the backend costs now that it proves, before and after the
+    // copy, that the page is still the region's.
+    let mut buf = [0u8; page_memory::PAGE_SIZE];
+    let reads: Vec<u64> = plain
+        .iter()
+        .map(|&p| {
+            let t0 = Instant::now();
+            mem.read_page(p, &mut buf).unwrap();
+            t0.elapsed().as_nanos() as u64
+        })
+        .collect();
+    summary_of("read_page", reads);
     drop(canon);
 }

@@ -19,7 +19,9 @@
 //! at most the one merge that may hold it), removes the protection, records the write (the
 //! page's generation moves on, so every token of it is stale) and wakes the writer, whose
 //! write then lands in the page it sees. Nothing is lost and nothing waits for more than
-//! one operation on that page. Writes made by the kernel on the guest's behalf (KVM
+//! one operation on that page. (The fault thread never blocks on that lock itself: it
+//! tries it, and keeps a fault whose page is locked for a few microseconds later, reading
+//! further messages meanwhile; see *Unmaps, discards and moves*.) Writes made by the kernel on the guest's behalf (KVM
 //! faulting in guest pages, `read(2)` into guest memory) are handled the same way, so the
 //! userfaultfd is created without `UFFD_USER_MODE_ONLY` where this process may: through
 //! `/dev/userfaultfd` (Linux 6.1) if it has read-write access to it, else through
@@ -118,11 +120,13 @@
 //!
 //! # Costs (measured on the project's 2-core Linux 6.18 VM, release build)
 //! `written_since` 18 ns; `protect` 0.2–0.5 µs per page (one call per run); `read_page`
-//! 1.5–2.3 µs (`process_vm_readv`); `canonicalize` and `merge` 11–18 µs per page, most of
+//! 3.7–4.7 µs (`process_vm_readv`, and the two checks that the page is still the
+//! region's, about 1 µs each: *Unmaps, discards and moves*; it was 1.5–2.3 µs without); `canonicalize` and `merge` 11–18 µs per page, most of
 //! it the kernel's `mmap(MAP_FIXED)` (splitting and joining mappings, freeing the old page
 //! with a TLB flush) and the userfaultfd register/protect calls that follow; `unmerge`
-//! 4–6 µs. A guest's first write to a protected page waits about 7 µs (median) for the
-//! fault thread, 12 µs on a merged page (the copy included). With one fault thread, a
+//! 4–6 µs; the pin check of each protect, merge, canonicalize, recycle or discard call
+//! about 7 µs (*Pins*). A guest's first write to a protected page waits 8–10 µs (median)
+//! for the fault thread, 13–17 µs on a merged page (the copy included; *Side channels*). With one fault thread, a
 //! write may also wait for the faults queued before it ([`LinuxConfig::fault_threads`]).
 //!
 //! # Batches: runs of pages with one system call each
@@ -175,26 +179,223 @@
 //! protection: `protect` fails with `Unsupported` for every page (an engine then merges
 //! nothing and keeps running), `recycle` and the accounting still work
 //! ([`DirtyTracking::Unavailable`]). A failed system call is [`PageError::Os`] with the
-//! call and errno (`ENOMEM` included). A region its owner unmapped while in use is found
-//! out by the next operation that touches it (guest memory is only ever read through
-//! `process_vm_readv` and `pwrite`, which fail with `EFAULT` instead of faulting, and
-//! write-protect calls fail with `ENOENT`): the region is marked and every later
-//! operation on it returns [`PageError::Unmapped`]. An unmap that races a remap of the
-//! same page within its few microseconds can leave one page of fresh mapping at the old
-//! address; embedders should call [`LinuxMemory::remove_region`] before unmapping.
+//! call and errno (`ENOMEM` included), for the page it concerns alone: a remapped page
+//! that cannot be registered or write-protected gets no token (it is unprotected, its
+//! tokens stale; [`LinuxStats::settle_failures`]) and is protected again by the next
+//! `protect` that succeeds on it. A region is taken for unmapped only on proof: the fault
+//! thread's unmap events (*Unmaps, discards and moves*), or `/proc/self/maps` showing a
+//! hole or a foreign mapping in its range after a call failed with an error that means
+//! "not mapped" (`ENOENT`, `EFAULT`); every later operation on it then fails with
+//! [`PageError::Unmapped`]. Guest memory is only ever read through `process_vm_readv`
+//! and `pwrite`, which fail with `EFAULT` instead of faulting the process.
 //!
-//! # Not supported
-//! `fork` (the child shares nothing of this state), hugetlbfs or shared guest memory
-//! (only private anonymous memory is adopted), more than one `LinuxMemory` over the same
-//! memory.
+//! # Unmaps, discards and moves: userfaultfd's non-cooperative events
+//! The userfaultfd is opened with `UFFD_FEATURE_EVENT_UNMAP`, `UFFD_FEATURE_EVENT_REMOVE`
+//! and `UFFD_FEATURE_EVENT_REMAP` ([`LinuxCaps::events`]), so the fault thread hears of
+//! every `munmap` of guest memory (and every `mmap(MAP_FIXED)` or `mremap` that replaces
+//! some), every `MADV_DONTNEED` / `MADV_REMOVE` of it, and every `mremap` that moves it.
+//! What the kernel does (read in its source, `fs/userfaultfd.c`, `mm/madvise.c`,
+//! `mm/mmap.c`, `mm/mremap.c`; the tests below rely on it):
+//! - **The caller waits for the read.** Each event is queued and the thread that caused
+//!   it sleeps (`userfaultfd_event_wait_completion`) until a reader has `read(2)` the
+//!   message: for `UNMAP` (`munmap`, and `mmap(MAP_FIXED)` or `mremap` over registered
+//!   memory) *after* the range is gone and the mmap lock dropped; for `REMOVE` *before*
+//!   the pages are dropped (the lock is dropped for the wait and taken again to drop
+//!   them); for `REMAP` after the move. So when the owner's `munmap` returns, the fault
+//!   thread has read the event; but another thread of the process may already have
+//!   mapped something at the freed address (it is free as soon as the mmap lock is
+//!   dropped, before the event is even queued).
+//! - **`EAGAIN` while an event is unread.** `UFFDIO_WRITEPROTECT` fails with `EAGAIN`
+//!   from the moment such a change starts until its event is read (`mmap_changing`).
+//!   Operations try again (for at most 2 s); the fault thread, which is the reader, never
+//!   does: it keeps such work for later.
+//! - **The backend's own remaps raise events too.** Every `mmap(MAP_FIXED)` of a merge,
+//!   every `MADV_DONTNEED` of a recycle and the `mremap` that gives a region back raise
+//!   `UNMAP` or `REMOVE` events, and their callers hold page locks while the kernel holds
+//!   them until the event is read. The fault thread therefore never waits for a page lock
+//!   (it keeps a fault or an event whose page is locked, in order, and tries again within
+//!   20 µs or after its next read), and each own remap is counted on its pages
+//!   beforehand, so that the fault thread takes its event off the count instead of taking
+//!   it for the owner's.
+//!
+//! What the fault thread does with the owner's events:
+//! - `UNMAP`: the pages are **gone** (their slots let go); a region whose pages are all
+//!   gone is unmapped ([`LinuxStats::foreign_unmaps`]). Every operation on a gone page
+//!   fails with [`PageError::Unmapped`] without a system call.
+//! - `REMAP`: the pages are gone at their old address, and the range at its new address
+//!   is unregistered (it keeps the registration across the move, and a write there would
+//!   otherwise wait for a fault thread that no longer knows it). Its store pages keep
+//!   their slots, since the moved memory may still map them
+//!   ([`LinuxStats::foreign_remaps`]).
+//! - `REMOVE`: the pages' contents are being dropped without a write fault, and dropped
+//!   anonymous memory loses its write protection: the pages are unprotected and their
+//!   tokens stale ([`LinuxStats::foreign_removes`]); see *Discards*.
+//!
+//! **Every operation proves that the page is still the region's before it touches it.**
+//! The events alone cannot keep the backend off a new occupant (they are applied a few
+//! microseconds after the change, and a new mapping can take the address before that),
+//! so under the page's lock, right before it reads (`process_vm_readv`, `pwrite` into
+//! the store), drops (`MADV_DONTNEED`) or remaps (`mmap(MAP_FIXED)`, `mremap`) guest
+//! memory, an operation checks that the page is not known gone and that the kernel still
+//! has its range registered with this userfaultfd: a `UFFDIO_WRITEPROTECT` that leaves
+//! the page's protection as it is, and fails with `ENOENT` where the mapping is not
+//! registered. A mapping that took the address is never registered (only the backend
+//! registers, under the page's lock). `protect` re-protects pages that are already
+//! protected for the same reason. Reads are checked before and after the copy, and the
+//! bytes are returned only if both checks pass.
+//!
+//! What is guaranteed, and what is not:
+//! - Guaranteed: once the owner's `munmap`, `mremap` or `mmap(MAP_FIXED)` over guest
+//!   memory has returned, no later operation reads, drops or remaps the new occupant of
+//!   the address: each fails ([`PageError::Unmapped`], or [`PageError::Os`] with `ENOENT`
+//!   until the event is applied). Bytes returned by `read_page` and `read_words` were the
+//!   region's. Tested with a new mapping taking the address at once
+//!   (`a_new_mapping_at_an_unmapped_regions_address_is_never_read_nor_zeroed`), one page
+//!   unmapped (`one_page_unmapped_by_its_owner_is_gone_alone`), a region moved
+//!   (`a_region_moved_by_its_owner_is_gone_and_the_moved_memory_works`).
+//! - Not guaranteed: an unmap that *races* an operation on the same page. Between the
+//!   check and the system call that follows it (about a microsecond) the owner may unmap
+//!   the range and another thread map something at the address; a drop or remap then
+//!   hits the newcomer (reads cannot leak: their second check fails). No system call lets
+//!   user space check and remap atomically; the cure is the contract: remove a region
+//!   ([`LinuxMemory::remove_region`]) before unmapping it.
+//! - An `mremap` of *other* registered guest memory onto a region's address would pass
+//!   the check (it is registered): not supported.
+//! - A page whose fresh mapping could not be registered (a settle failure) is checked
+//!   against `/proc/self/maps` instead (it must be anonymous or store memory), which
+//!   cannot tell an embedder's anonymous mapping from the backend's.
+//!
+//! # Discards
+//! [`LinuxMemory::discard`] is the way for a balloon device or free-page reporting to
+//! give guest pages back: afterwards every page reads zeros, whatever it was (its own
+//! memory is dropped; a page that maps the store gets fresh anonymous memory and lets go
+//! of its slot), its tokens are stale, and the dirty hook hears of it. A pinned page is
+//! refused.
+//!
+//! An embedder may still drop guest pages itself (`MADV_DONTNEED`, as Firecracker's and
+//! Cloud Hypervisor's balloons do). A page of its own anonymous memory then reads zeros.
+//! A page that lies in a private mapping of the store (merged, canonical, or with a
+//! private copy made by a write since) reads the store at its offset again. The rule that
+//! keeps that safe: **a store offset is never handed out again while any guest page lies
+//! in a mapping of it** (the page holds the offset, its *tomb*, until it is remapped to
+//! anonymous memory, given back or unmapped), and the store's contents at an offset
+//! never change while they are held. So the page reads either the contents it was merged
+//! with (its own, older contents) or, once those are let go (punched out), zeros; never
+//! another page's contents, never another trust domain's
+//! (`an_embedders_dontneed_never_shows_another_domains_bytes`, which fails without the
+//! rule). Its tokens are stale once the `REMOVE` event is applied. Offsets held this way
+//! cost address space in the sparse store, not memory. (One store serves all trust
+//! domains: with this rule a store per domain would protect nothing more.)
+//!
+//! Not guaranteed: the owner's `MADV_DONTNEED` drops the pages *after* the `REMOVE`
+//! event was read (microseconds later). If `protect` re-protects the page in between,
+//! the drop removes that new protection without a fault: the token is not backed by
+//! protection, and a guest write made later, during a merge or canonicalization of that
+//! very page, could be lost. Use [`LinuxMemory::discard`].
+//!
+//! # Pins
+//! A page something pins by its physical page (VFIO DMA maps, io_uring fixed buffers,
+//! vhost, RDMA: `FOLL_LONGTERM` pins) must never be merged or recycled: a write through
+//! the pin lands in the physical page whatever the page tables say, so after a remap it
+//! lands in a page the guest no longer maps and is lost, and on a protected page it
+//! bypasses the protection (the token stays valid). KSM skips pages with extra
+//! references; user space cannot see reference counts. The backend therefore:
+//! - excludes the ranges the embedder declares ([`LinuxMemory::declare_pinned`]; by guest
+//!   address through [`VmMemoryAdapter`](crate::vmm::VmMemoryAdapter)): never protected,
+//!   merged, canonicalized, recycled or discarded ([`PageError::Pinned`], counted in
+//!   [`LinuxStats::pin_refusals`]); declaring removes the pages' protection and stales
+//!   their tokens;
+//! - watches what the kernel does count, `VmPin` (io_uring, RDMA, vhost-vdpa) and
+//!   `VmLck` (VFIO type 1, `mlock`) of `/proc/self/status`, once per `protect`, `merge`,
+//!   `canonicalize` (single or batch), `recycle` and `discard` call: when they exceed
+//!   their values when the memory was made plus the declared pages, **every** such call
+//!   is refused ([`PageError::Pinned`]) until the embedder declares the ranges or
+//!   acknowledges that the memory is not guest memory ([`LinuxMemory::acknowledge_pins`]);
+//!   reported in [`LinuxStats::undeclared_pinned_bytes`], [`LinuxStats::pin_alarms`],
+//!   [`LinuxUsage::process_pinned`] and [`LinuxUsage::process_locked`]. The check is one
+//!   `pread` of `/proc/self/status` per call (about 7 µs, measured as above);
+//!   [`LinuxConfig::pin_check`] turns it off.
+//! - A pin taken for writing on a protected or merged page is also a write fault
+//!   (`FOLL_WRITE` goes through the page tables once), which the fault thread resolves:
+//!   the page's token dies, so a merge of it sees `Changed`.
+//!
+//! Not covered: memory pinned before the `LinuxMemory` was made (it is in the baseline:
+//! declare it); a pin taken between a call's check and its remap (microseconds); a
+//! read-only pin (no write fault) taken after the page was protected and before the next
+//! check; pins no counter shows. Tested with an io_uring fixed buffer over a guest page
+//! (`tests/linux_pins.rs`: merges refused while the pin is undeclared, only that page
+//! once declared, and a `READ_FIXED` write through the pin lands in the guest page).
+//!
+//! # Side channels
+//! A guest's first write to a page is slower when the page is protected (a round trip to
+//! the fault thread) and slower still when it is merged (the fault thread makes the
+//! copy-on-write break): a guest that times its writes can tell whether a page of its own
+//! was merged, hence that some VM **of the same trust domain** held the same contents
+//! (pages of different domains are never merged, so nothing crosses domains). Measured
+//! on this project's 2-core Linux 6.18 VM, release build, one fault thread
+//! (`tests/linux_timing.rs`, medians over 400 pages, three runs):
+//!
+//! | first write to | median | 90th percentile |
+//! | --- | --- | --- |
+//! | an unprotected page | 0.03 µs | 0.03–0.15 µs |
+//! | a protected page | 7.7–10.2 µs | 8.4–11.5 µs |
+//! | a merged page | 13.4–16.5 µs | 14.4–18.6 µs |
+//!
+//! (Under a heavy load of other processes on the same 2 cores a run gave 48 and 58 µs:
+//! the fault thread waits for a CPU. The issue that asked for this measured 15 and
+//! 24 µs.) The merged-minus-protected gap, about 6 µs, is what tells a merged page from
+//! a page that is only protected; protected-minus-unprotected, about 8 µs, tells that
+//! the page was protected at all (a scan is under way).
+//!
+//! Knobs that narrow it: trust domains ([`DomainId`](crate::DomainId) per VM or per
+//! tenant) remove it between VMs that must not learn of each other; merging only pages
+//! that stayed unwritten for long (PageONE's stable periods) makes timed first writes to
+//! merged pages rare; merging zero pages only reveals nothing (every guest has them);
+//! more fault threads ([`LinuxConfig::fault_threads`]) cut the queueing part of the
+//! delay, not the copy. The difference itself cannot be hidden without slowing every
+//! write.
+//!
+//! # The embedder's contract
+//! Everything an embedder must keep, and what happens when it does not:
+//! - **Regions stay mapped until removed.** Unmap, move or replace guest memory only
+//!   after [`LinuxMemory::remove_region`] (or the memory's drop) returned. Otherwise the
+//!   backend learns of it (events and checks above) and fails every operation on those
+//!   pages ([`PageError::Unmapped`]); an unmap racing an operation on the same page can
+//!   still have a new mapping at the address dropped or remapped.
+//! - **No other page-table changes.** Do not `mprotect`, `madvise` (`MADV_DONTNEED`
+//!   aside: *Discards*), `mremap` guest memory, nor register it with another
+//!   userfaultfd. Otherwise: an `mprotect` makes operations on those pages fail; another
+//!   userfaultfd's registration makes the checks pass for memory the backend does not
+//!   own.
+//! - **Discard through [`LinuxMemory::discard`].** A raw `MADV_DONTNEED` is safe (zeros
+//!   or the page's own older contents, never another's) but leaves a merged page reading
+//!   old contents, and one racing a `protect` of the same page can later lose a write
+//!   (above).
+//! - **Declare pins** ([`LinuxMemory::declare_pinned`]) before pinning guest memory.
+//!   Otherwise the backend stops protecting, merging and recycling altogether while it
+//!   sees undeclared pins; a pin it cannot see (taken before the memory was made, or
+//!   read-only between checks) can lose DMA writes, or serve a device stale contents,
+//!   after a merge.
+//! - **Kernel faults for KVM.** vCPUs under KVM, and every kernel write into guest memory
+//!   (`read(2)`, vhost), need [`LinuxConfig::kernel_faults`]. Otherwise such a write to a
+//!   protected page fails with `EFAULT`.
+//! - **No `fork` while guest memory is in use.** A child gets copies of the mappings:
+//!   its merged pages map the store privately and see it change as the parent's store
+//!   does (an offset is reused once the parent lets go of it, so a child's
+//!   `MADV_DONTNEED` can read another domain's later contents), and its writes are not
+//!   tracked (registrations are not inherited). `posix_spawn` or `vfork` + `exec` are
+//!   fine.
+//! - **Not supported:** hugetlbfs or shared guest memory (only private anonymous memory
+//!   is adopted), more than one `LinuxMemory` over the same memory, guest memory of
+//!   another process.
 //!
 //! # Source layout
 //! `config` ([`LinuxConfig`]), `caps` ([`LinuxCaps`]), `stats` ([`LinuxStats`],
 //! [`LinuxUsage`]), `error` ([`LinuxError`], [`KernelFeature`]), `probe` (the kernel
 //! floor), `region` (regions and their life cycle), `remap` (remapping pages and settling
 //! fresh mappings), `runs` (batches), `fault` (the fault threads), `map_guard` (the
-//! map-count limit), `store` (the canonical store), `contract` (the [`PageMemory`]
-//! implementation), and `sys`, which holds every raw system call (`sys::uffd`: the
+//! map-count limit), `pins` (declared and detected pins), `store` (the canonical store,
+//! slots and tombs), `contract` (the [`PageMemory`] implementation), and `sys`, which holds every raw system call (`sys::uffd`: the
 //! userfaultfd definitions, without bindgen).
 
 mod caps;

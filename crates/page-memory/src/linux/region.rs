@@ -170,9 +170,13 @@ impl LinuxMemory {
     ///   writable mappings of this process (this is checked), owned by the caller.
     /// - It stays mapped until [`remove_region`](Self::remove_region) returns or this
     ///   memory is dropped, and meanwhile the caller does not `mmap`, `mremap`, `munmap`,
-    ///   `mprotect` or `madvise` over it, nor register it with another userfaultfd: the
-    ///   backend remaps pages inside it. (Unmapping it anyway is detected and reported as
-    ///   [`PageError::Unmapped`], but see the module docs for the race that remains.)
+    ///   `mprotect` or `madvise` over it (`MADV_DONTNEED` aside, which is safe though
+    ///   [`discard`](Self::discard) is better), nor register it with another
+    ///   userfaultfd: the backend remaps pages inside it. (Unmapping or moving it anyway
+    ///   is learnt and reported as [`PageError::Unmapped`], but see *Unmaps, discards and
+    ///   moves* in the module docs for the race that remains.)
+    /// - Ranges of it that get pinned (DMA, fixed buffers) are declared with
+    ///   [`declare_pinned`](Self::declare_pinned) (see *Pins* in the module docs).
     /// - Guest code may read and write it at any time; nothing else in the process may
     ///   hold Rust references to it.
     ///
