@@ -1304,3 +1304,107 @@ fn an_embedders_dontneed_never_shows_another_domains_bytes() {
     assert!(holds(&mem, a1, 8));
     drop((f1, g1, g2));
 }
+
+/// What the backend's design rests on, checked on this kernel with a userfaultfd of the
+/// test's own: a thread that unmaps (`munmap`) or drops (`MADV_DONTNEED`) registered
+/// memory with `UFFD_FEATURE_EVENT_UNMAP` / `EVENT_REMOVE` on is held by the kernel until
+/// the event is read, and reads it as the range it unmapped or dropped.
+#[test]
+fn the_kernel_holds_unmappers_and_droppers_until_their_event_is_read() {
+    const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+    const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+    const EVENT_REMOVE: u64 = 1 << 3;
+    const EVENT_UNMAP: u64 = 1 << 6;
+    // SAFETY: userfaultfd(2) with flags only; returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC | libc::O_NONBLOCK | 1,
+        )
+    };
+    if fd < 0 {
+        eprintln!("SKIPPED: no userfaultfd here");
+        return;
+    }
+    let fd = fd as i32;
+    let mut api = [0xAAu64, EVENT_REMOVE | EVENT_UNMAP, 0];
+    // SAFETY: UFFDIO_API takes a `struct uffdio_api` (three u64), which `api` is.
+    if unsafe { libc::ioctl(fd, UFFDIO_API, api.as_mut_ptr()) } != 0 {
+        eprintln!("SKIPPED: no non-cooperative events here");
+        // SAFETY: the descriptor made above.
+        unsafe { libc::close(fd) };
+        return;
+    }
+    let len = 4 * PAGE_SIZE;
+    let base = embedder_mmap(len);
+    // MISSING | WP: a plain registration of anonymous memory.
+    let mut reg = [base as u64, len as u64, 1 | 2, 0];
+    // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register` (range, mode, ioctls).
+    let registered = unsafe { libc::ioctl(fd, UFFDIO_REGISTER, reg.as_mut_ptr()) };
+    assert_eq!(registered, 0);
+    // Reads one event (waits for it): (event, start, end).
+    let read_event = || -> (u8, u64, u64) {
+        loop {
+            let mut msg = [0u64; 4];
+            // SAFETY: reads at most one 32-byte `struct uffd_msg` into `msg`.
+            let n = unsafe { libc::read(fd, msg.as_mut_ptr().cast(), 32) };
+            if n == 32 {
+                return ((msg[0] & 0xff) as u8, msg[1], msg[2]);
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let hold = Duration::from_millis(100);
+    let addr = base as usize;
+    // MADV_DONTNEED of page 1: held until the REMOVE event is read.
+    let dropper = thread::spawn(move || {
+        let t0 = Instant::now();
+        // SAFETY: page 1 of the test's own mapping.
+        let r = unsafe {
+            libc::madvise(
+                (addr + PAGE_SIZE) as *mut libc::c_void,
+                PAGE_SIZE,
+                libc::MADV_DONTNEED,
+            )
+        };
+        (r, t0.elapsed())
+    });
+    thread::sleep(hold);
+    let (event, start, end) = read_event();
+    let (r, took) = dropper.join().unwrap();
+    assert_eq!(r, 0);
+    assert_eq!(
+        (event, start, end),
+        (
+            0x15,
+            (addr + PAGE_SIZE) as u64,
+            (addr + 2 * PAGE_SIZE) as u64
+        )
+    );
+    assert!(
+        took >= hold - Duration::from_millis(10),
+        "MADV_DONTNEED returned after {took:?}"
+    );
+    // munmap of the whole range: held until the UNMAP event is read.
+    let unmapper = thread::spawn(move || {
+        let t0 = Instant::now();
+        // SAFETY: the test's own mapping, which nothing uses any more.
+        let r = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+        (r, t0.elapsed())
+    });
+    thread::sleep(hold);
+    let (event, start, end) = read_event();
+    let (r, took) = unmapper.join().unwrap();
+    assert_eq!(r, 0);
+    assert_eq!(
+        (event, start, end),
+        (0x16, addr as u64, (addr + len) as u64)
+    );
+    assert!(
+        took >= hold - Duration::from_millis(10),
+        "munmap returned after {took:?}"
+    );
+    eprintln!("MADV_DONTNEED and munmap each held until their event was read ({hold:?})");
+    // SAFETY: the descriptor made above.
+    unsafe { libc::close(fd) };
+}

@@ -195,7 +195,9 @@
 //! every `munmap` of guest memory (and every `mmap(MAP_FIXED)` or `mremap` that replaces
 //! some), every `MADV_DONTNEED` / `MADV_REMOVE` of it, and every `mremap` that moves it.
 //! What the kernel does (read in its source, `fs/userfaultfd.c`, `mm/madvise.c`,
-//! `mm/mmap.c`, `mm/mremap.c`; the tests below rely on it):
+//! `mm/mmap.c`, `mm/mremap.c`; the holding of `munmap` and `MADV_DONTNEED` callers is
+//! also checked on the running kernel by
+//! `the_kernel_holds_unmappers_and_droppers_until_their_event_is_read`):
 //! - **The caller waits for the read.** Each event is queued and the thread that caused
 //!   it sleeps (`userfaultfd_event_wait_completion`) until a reader has `read(2)` the
 //!   message: for `UNMAP` (`munmap`, and `mmap(MAP_FIXED)` or `mremap` over registered
@@ -289,9 +291,14 @@
 //!
 //! Not guaranteed: the owner's `MADV_DONTNEED` drops the pages *after* the `REMOVE`
 //! event was read (microseconds later). If `protect` re-protects the page in between,
-//! the drop removes that new protection without a fault: the token is not backed by
-//! protection, and a guest write made later, during a merge or canonicalization of that
-//! very page, could be lost. Use [`LinuxMemory::discard`].
+//! the drop then takes that protection away without a fault, and `written_since` does
+//! not report the drop (the page reads zeros, or its merged contents, under a token that
+//! says "unchanged"). No write is lost to that: every merge and canonicalization
+//! re-protects the page (the check above) right before it reads and remaps it, and
+//! compares or copies what the page holds then. What remains is the drop landing in the
+//! microsecond between that check and the remap, with a guest write right after it: the
+//! write would land in the dropped page's replacement and be remapped away. Use
+//! [`LinuxMemory::discard`].
 //!
 //! # Pins
 //! A page something pins by its physical page (VFIO DMA maps, io_uring fixed buffers,
@@ -369,8 +376,9 @@
 //!   own.
 //! - **Discard through [`LinuxMemory::discard`].** A raw `MADV_DONTNEED` is safe (zeros
 //!   or the page's own older contents, never another's) but leaves a merged page reading
-//!   old contents, and one racing a `protect` of the same page can later lose a write
-//!   (above).
+//!   old contents, may go unreported by `written_since`, and one landing within the
+//!   microsecond before a merge's remap of the same page can lose a guest write made
+//!   right after it (above).
 //! - **Declare pins** ([`LinuxMemory::declare_pinned`]) before pinning guest memory.
 //!   Otherwise the backend stops protecting, merging and recycling altogether while it
 //!   sees undeclared pins; a pin it cannot see (taken before the memory was made, or
