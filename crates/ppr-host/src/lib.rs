@@ -181,14 +181,21 @@ impl std::fmt::Display for RegisterPoolError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RegisterPoolError::Layout => write!(f, "the pool's header is not a valid layout"),
-            RegisterPoolError::Pool(e) => write!(f, "the pool refused registration: {e:?}"),
+            RegisterPoolError::Pool(e) => write!(f, "the pool refused registration: {e}"),
             RegisterPoolError::RegionTaken => write!(f, "another pool covers this region"),
             RegisterPoolError::Frames => write!(f, "the region's frame numbers overflow"),
         }
     }
 }
 
-impl std::error::Error for RegisterPoolError {}
+impl std::error::Error for RegisterPoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RegisterPoolError::Pool(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// The host side of the Per Page Recycler: pools, and the scan of pages for marks.
 #[derive(Default)]
