@@ -1122,42 +1122,69 @@ fn a_region_moved_by_its_owner_is_gone_and_the_moved_memory_works() {
     let base = embedder_mmap(len);
     // SAFETY: the test's own fresh private anonymous mapping.
     let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
-    for i in 0..PAGES as u32 {
-        fill(&mem, PageId::new(r, i), 3 + i as u64);
+    // Pages 0 and 1 hold the same contents and get merged before the move.
+    let seed = |i: usize| 3 + i.max(1) as u64;
+    for i in 0..PAGES {
+        fill(&mem, PageId::new(r, i as u32), seed(i));
     }
     let all = pages(r, 0..PAGES as u32);
-    assert!(mem.protect(&all).iter().all(Result::is_ok));
+    let t: Vec<_> = mem.protect(&all).into_iter().map(Result::unwrap).collect();
+    let canon = mem.canonicalize(all[0], t[0]).unwrap();
+    assert_eq!(
+        mem.merge(all[1], t[1], &canon).unwrap(),
+        MergeOutcome::Merged
+    );
     let to = embedder_mmap(len);
-    // SAFETY: moves the test's own mapping over its own mapping `to`. MREMAP_DONTUNMAP
-    // leaves the old range mapped (empty), so that no other test's mapping can land there
-    // while the backend still remembers the region.
-    unsafe {
-        rustix::mm::mremap_fixed(
-            base.cast(),
-            len,
-            len,
-            rustix::mm::MremapFlags::MAYMOVE | rustix::mm::MremapFlags::DONTUNMAP,
-            to.cast(),
-        )
+    // The merged pages are mappings of their own (of the store, both at the same offset),
+    // and mremap moves one mapping at a time: page 0, page 1, then pages 2-7.
+    for (from, n) in [(0, 1), (1, 1), (2, PAGES - 2)] {
+        // SAFETY: moves part of the test's own mapping over part of its own mapping `to`.
+        // MREMAP_DONTUNMAP leaves the old range mapped (empty), so that no other test's
+        // mapping can land there while the backend still remembers the region.
+        unsafe {
+            rustix::mm::mremap_fixed(
+                base.add(from * PAGE_SIZE).cast(),
+                n * PAGE_SIZE,
+                n * PAGE_SIZE,
+                rustix::mm::MremapFlags::MAYMOVE | rustix::mm::MremapFlags::DONTUNMAP,
+                to.add(from * PAGE_SIZE).cast(),
+            )
+        }
+        .expect("mremap");
     }
-    .expect("mremap");
     let t0 = Instant::now();
     while mem.stats().foreign_unmaps < PAGES as u64 && t0.elapsed() < Duration::from_secs(5) {
         thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(mem.stats().foreign_remaps, 1);
+    assert_eq!(mem.stats().foreign_remaps, 3);
     let mut buf = [0u8; PAGE_SIZE];
     assert_eq!(mem.read_page(all[0], &mut buf), Err(PageError::Unmapped(r)));
-    // The moved memory: its contents, and writable (protection gone with the registration).
+    // SAFETY: the test's own (moved) mapping; atomic accesses.
+    let w = |i: usize, k: usize| unsafe {
+        AtomicU64::from_ptr(to.add(i * PAGE_SIZE).cast::<u64>().add(k))
+    };
+    // The moved memory: its contents, and writable (protection gone with the registration;
+    // the merged pages 0 and 1 are left unwritten, so that they still map the store).
     for i in 0..PAGES {
-        // SAFETY: the test's own (moved) mapping; atomic accesses.
-        let w =
-            |k: usize| unsafe { AtomicU64::from_ptr(to.add(i * PAGE_SIZE).cast::<u64>().add(k)) };
-        assert_eq!(w(1).load(Ordering::Relaxed), pattern(3 + i as u64, 1));
-        w(0).store(42, Ordering::Relaxed);
-        assert_eq!(w(0).load(Ordering::Relaxed), 42);
+        assert_eq!(w(i, 1).load(Ordering::Relaxed), pattern(seed(i), 1));
+        if i >= 2 {
+            w(i, 0).store(42, Ordering::Relaxed);
+            assert_eq!(w(i, 0).load(Ordering::Relaxed), 42);
+        }
     }
+    // The merged pages still read their contents once the engine's frame and the memory
+    // are gone (their store pages are kept for the moved memory).
+    drop(canon);
     drop(mem);
+    for i in 0..PAGES {
+        for k in 1..PAGE_WORDS {
+            assert_eq!(
+                w(i, k).load(Ordering::Relaxed),
+                pattern(seed(i), k),
+                "page {i}"
+            );
+        }
+    }
     // SAFETY: the test's own mappings; nothing refers to them any more.
     unsafe {
         rustix::mm::munmap(to.cast(), len).unwrap();

@@ -300,6 +300,7 @@ impl Inner {
                 // Moved away: the mapping lives on elsewhere, out of the backend's reach,
                 // and may still map its slot, which the page therefore keeps.
                 region.mark_gone(st);
+                st.moved = true;
                 bump(&self.counters.foreign_unmaps);
             }
             RangeEvent::Remove => {

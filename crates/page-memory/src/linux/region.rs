@@ -72,6 +72,9 @@ pub(super) struct PageState {
     pub(super) own_removes: u16,
     /// Declarations of the page as pinned ([`LinuxMemory::declare_pinned`]) in force.
     pub(super) pinned: u16,
+    /// Gone because its owner moved it (`mremap`): the moved memory may still map its
+    /// slot, which it keeps.
+    pub(super) moved: bool,
 }
 
 impl PageState {
@@ -264,6 +267,7 @@ impl LinuxMemory {
                         own_unmaps: 0,
                         own_removes: 0,
                         pinned: 0,
+                        moved: false,
                     })
                 })
                 .collect(),
@@ -336,23 +340,57 @@ impl Inner {
     /// (adopted regions) and unmaps it (allocated ones). Called with `live` held
     /// exclusively and set to `false`.
     pub(super) fn retire(&self, region: &Region) {
-        let gone = region.unmapped.load(Ordering::Relaxed) || !self.still_mapped(region);
-        if !gone && !region.owned {
+        let all_gone = region.unmapped.load(Ordering::Relaxed);
+        if !all_gone && !region.owned {
+            // Pages gone are skipped, and each run is checked to be still the region's.
             self.give_back(region);
         }
-        if let (Some(uffd), false) = (&self.uffd, gone) {
-            // Also wakes writers waiting on pages still registered; the fault thread wakes
-            // the others once we are done (the region is no longer live).
-            let _ = uffd.unregister(region.base, region.len());
-        }
-        if region.owned && !gone {
-            // SAFETY: the region's mapping, made by `add_region`, still laid out as we left
-            // it (so still ours); no operation runs on it (`live` is held).
-            let _ = unsafe { sys::munmap(region.base, region.len()) };
+        if !all_gone {
+            // Run by run of pages not known gone, each checked to be still the region's
+            // first (an event about them may be pending: the fault thread cannot apply it
+            // while `live` is held): unregistered (which also wakes writers waiting there;
+            // the fault thread wakes the others once we are done, the region no longer
+            // live), and unmapped if the backend allocated them.
+            let n = region.pages.len();
+            let guards: Vec<MutexGuard<'_, PageState>> = (0..n).map(|i| region.lock(i)).collect();
+            let mut k = 0;
+            while k < n {
+                if guards[k].gone {
+                    k += 1;
+                    continue;
+                }
+                let mut j = k;
+                while j < n && !guards[j].gone {
+                    j += 1;
+                }
+                let (addr, len) = (region.addr(k as u32), (j - k) * PAGE_SIZE);
+                if self.check_ours(region, addr, &guards[k..j]).is_ok() {
+                    if let Some(uffd) = &self.uffd {
+                        let _ = uffd.unregister(addr, len);
+                    }
+                    if region.owned {
+                        // SAFETY: pages of the region's mapping, made by `add_region` and
+                        // just checked to be still the region's (not gone, still
+                        // registered); no operation runs on it (`live` is held), and it is
+                        // unregistered, so unmapping it raises no event.
+                        let _ = unsafe { sys::munmap(addr, len) };
+                    }
+                }
+                k = j;
+            }
         }
         for i in 0..region.pages.len() {
             let mut st = region.lock(i);
-            if region.owned || gone || !matches!(st.kind, Kind::Store | Kind::StoreCow) {
+            if st.moved {
+                // Its owner moved it: the moved memory may still map the slot, which must
+                // read the same for as long as it may (the process's life): kept.
+                std::mem::forget(st.slot.take());
+                std::mem::forget(st.tomb.take());
+            } else if region.owned
+                || all_gone
+                || st.gone
+                || !matches!(st.kind, Kind::Store | Kind::StoreCow)
+            {
                 st.slot = None;
                 st.tomb = None;
             }
@@ -385,6 +423,8 @@ impl Inner {
                 .is_ok()
             {
                 for g in &mut guards[k..j] {
+                    // The moved-in copy is a mapping of its own, not registered.
+                    g.registered = false;
                     g.kind = Kind::Anon;
                     g.slot = None;
                     g.tomb = None;
@@ -434,12 +474,6 @@ impl Inner {
             let _ = unsafe { sys::munmap(scratch, len) };
         }
         r
-    }
-
-    /// Whether the region's range is still mapped the way this backend left it: no hole,
-    /// and only anonymous memory or store pages (a region its owner unmapped is not).
-    pub(super) fn still_mapped(&self, region: &Region) -> bool {
-        sys::range_is_ours(region.base, region.base + region.len())
     }
 }
 
