@@ -307,3 +307,76 @@ fn unmap_keeping_the_address(base: *mut u8, len: usize) {
     }
     .expect("mmap PROT_NONE over the region");
 }
+
+/// A balloon discards guest pages and the embedder declares a pinned range while PageONE
+/// runs: discarded pages read zeros, pinned pages are never merged (the engine's protect
+/// calls are refused and counted), every other page keeps its contents, and none of the
+/// backend's own remaps is taken for the embedder's.
+#[test]
+fn discards_and_declared_pins_under_a_running_engine() {
+    let Some(mem) = memory() else { return };
+    let mem = Arc::new(mem);
+    const PAGES: u32 = 256;
+    let regions: Vec<RegionId> = (0..3)
+        .map(|_| mem.add_region(PAGES, DomainId(0)).unwrap())
+        .collect();
+    fill_duplicates(&mem, &regions, PAGES, u64::MAX);
+    // Three regions: each a copy of the first (see `fill_duplicates`).
+    let expect = |i: u32| -> Option<u64> { (i % 16 != 15).then(|| 1 + i as u64) };
+    // Region 0's first 16 pages are pinned before the engine starts.
+    mem.declare_pinned(regions[0], 0..16).unwrap();
+    let engine = PageOne::new(
+        mem.clone(),
+        Config::default()
+            .work_threads(2)
+            .merge_period(Duration::from_millis(4))
+            .base_period(Duration::from_millis(2))
+            .stable_periods(1),
+    )
+    .expect("the engine's threads");
+    engine.start().expect("the engine's daemon thread");
+    let t0 = Instant::now();
+    while engine.stats().pages_sharing < 100 && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(2));
+    }
+    assert!(engine.stats().pages_sharing >= 100);
+    // The balloon takes region 1's first 64 pages (merged ones among them).
+    let balloon: Vec<PageId> = (0..64).map(|i| PageId::new(regions[1], i)).collect();
+    let out = mem.discard(&balloon);
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    thread::sleep(Duration::from_millis(100));
+    engine.stop();
+    for (n, &r) in regions.iter().enumerate() {
+        for i in 0..PAGES {
+            let p = PageId::new(r, i);
+            if n == 1 && i < 64 {
+                let mut buf = [1u8; PAGE_SIZE];
+                mem.read_page(p, &mut buf).unwrap();
+                assert!(is_zero_page(&buf), "{p} discarded, yet not zeros");
+                continue;
+            }
+            if n == 0 && i < 16 {
+                let b = mem.backing(p).unwrap();
+                assert!(
+                    matches!(b, Backing::Private),
+                    "{p} is declared pinned, yet {b:?}"
+                );
+                assert!(!mem.is_protected(p).unwrap());
+            }
+            match expect(i) {
+                Some(seed) => assert!(holds(&mem, p, seed), "{p}"),
+                None => {
+                    let mut buf = [1u8; PAGE_SIZE];
+                    mem.read_page(p, &mut buf).unwrap();
+                    assert!(is_zero_page(&buf), "{p}");
+                }
+            }
+        }
+    }
+    let st = mem.stats();
+    eprintln!("backend after the balloon and the pins: {st:?}");
+    assert!(st.pin_refusals > 0, "the engine never met the pinned pages");
+    assert_eq!(st.discarded, 64);
+    assert_eq!((st.foreign_unmaps, st.foreign_removes), (0, 0));
+    drop(engine);
+}
