@@ -110,5 +110,33 @@ fn first_write_latency_to_unprotected_protected_and_merged_pages() {
         })
         .collect();
     summary_of("read_page", reads);
+    // What a merge and a recycle cost, page by page (each remap raises a userfaultfd
+    // event the fault thread must read before the call returns).
+    let r2 = mem.add_region(2 * N, DomainId(0)).unwrap();
+    let dups: Vec<PageId> = (0..N).map(|i| PageId::new(r2, i)).collect();
+    let scratch: Vec<PageId> = (N..2 * N).map(|i| PageId::new(r2, i)).collect();
+    for p in dups.iter().chain(&scratch) {
+        fill(&mem, *p, 7);
+    }
+    let t: Vec<_> = mem.protect(&dups).into_iter().map(Result::unwrap).collect();
+    let merges: Vec<u64> = dups
+        .iter()
+        .zip(&t)
+        .map(|(&p, &t)| {
+            let t0 = Instant::now();
+            assert_eq!(mem.merge(p, t, &canon).unwrap(), MergeOutcome::Merged);
+            t0.elapsed().as_nanos() as u64
+        })
+        .collect();
+    summary_of("merge (one page a call)", merges);
+    let recycles: Vec<u64> = scratch
+        .iter()
+        .map(|&p| {
+            let t0 = Instant::now();
+            assert!(mem.recycle(&[p])[0].is_ok());
+            t0.elapsed().as_nanos() as u64
+        })
+        .collect();
+    summary_of("recycle (one private page a call)", recycles);
     drop(canon);
 }

@@ -66,7 +66,7 @@ pub struct LinuxConfig {
     /// Refuse to protect, merge, canonicalize, recycle or discard anything while the
     /// process's pinned or locked memory (`VmPin`, `VmLck`) has grown past what it was
     /// when the memory was made plus the ranges declared pinned (default on; one read of
-    /// `/proc/self/status` per such call). See *Pins* in the module docs. Off: only
+    /// `/proc/self/status` per protect, recycle or discard call). See *Pins* in the module docs. Off: only
     /// declared ranges are excluded, and a pin the embedder forgot to declare loses the
     /// writes made through it once its page is merged or recycled.
     pub pin_check: bool,

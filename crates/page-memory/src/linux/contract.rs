@@ -73,7 +73,7 @@ impl PageMemory for LinuxMemory {
     fn canonicalize(&self, page: PageId, token: ProtectToken) -> Result<LinuxFrame, PageError> {
         let inner = &self.inner;
         inner.uffd()?;
-        inner.pin_checked(page)?;
+        inner.pin_last_checked(page)?;
         let frame = inner.with_page(page, |region, addr, st| {
             if st.pinned > 0 {
                 return Err(inner.pinned(page));
@@ -122,7 +122,7 @@ impl PageMemory for LinuxMemory {
                 return Err(PageError::Unsupported("a frame of another LinuxMemory"));
             }
         }
-        inner.pin_checked(dup)?;
+        inner.pin_last_checked(dup)?;
         let outcome = inner.with_page(dup, |region, addr, st| {
             if st.pinned > 0 {
                 return Err(inner.pinned(dup));
@@ -167,7 +167,7 @@ impl PageMemory for LinuxMemory {
         pages: &[(PageId, ProtectToken)],
     ) -> Vec<Result<LinuxFrame, PageError>> {
         let ids: Vec<PageId> = pages.iter().map(|p| p.0).collect();
-        if let Err(refused) = self.inner.pins_checked(&ids) {
+        if let Err(refused) = self.inner.pins_last_checked(&ids) {
             return refused;
         }
         let mut out = Vec::with_capacity(pages.len());
@@ -206,7 +206,7 @@ impl PageMemory for LinuxMemory {
     ) -> Vec<Result<MergeOutcome, PageError>> {
         let inner = &self.inner;
         let ids: Vec<PageId> = items.iter().map(|i| i.0).collect();
-        if let Err(refused) = inner.pins_checked(&ids) {
+        if let Err(refused) = inner.pins_last_checked(&ids) {
             return refused;
         }
         let mut out = Vec::with_capacity(items.len());

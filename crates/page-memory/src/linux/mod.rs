@@ -124,8 +124,8 @@
 //! region's, about 1 µs each: *Unmaps, discards and moves*; it was 1.5–2.3 µs without); `canonicalize` and `merge` 11–18 µs per page, most of
 //! it the kernel's `mmap(MAP_FIXED)` (splitting and joining mappings, freeing the old page
 //! with a TLB flush) and the userfaultfd register/protect calls that follow; `unmerge`
-//! 4–6 µs; the pin check of each protect, merge, canonicalize, recycle or discard call
-//! about 7 µs (*Pins*). A guest's first write to a protected page waits 8–10 µs (median)
+//! 4–6 µs; the pin check of each protect, recycle or discard call about 5–7 µs
+//! (*Pins*). A guest's first write to a protected page waits 8–10 µs (median)
 //! for the fault thread, 13–17 µs on a merged page (the copy included; *Side channels*). With one fault thread, a
 //! write may also wait for the faults queued before it ([`LinuxConfig::fault_threads`]).
 //!
@@ -313,10 +313,11 @@
 //!   [`LinuxStats::pin_refusals`]); declaring removes the pages' protection and stales
 //!   their tokens;
 //! - watches what the kernel does count, `VmPin` (io_uring, RDMA, vhost-vdpa) and
-//!   `VmLck` (VFIO type 1, `mlock`) of `/proc/self/status`, once per `protect`, `merge`,
-//!   `canonicalize` (single or batch), `recycle` and `discard` call: when they exceed
-//!   their values when the memory was made plus the declared pages, **every** such call
-//!   is refused ([`PageError::Pinned`]) until the embedder declares the ranges or
+//!   `VmLck` (VFIO type 1, `mlock`) of `/proc/self/status`, once per `protect`,
+//!   `recycle` and `discard` call (and after each declaration): when they exceed their
+//!   values when the memory was made plus the declared pages, **every** such call, and
+//!   every `merge` and `canonicalize` (single or batch, which go by the last check), is
+//!   refused ([`PageError::Pinned`]) until the embedder declares the ranges or
 //!   acknowledges that the memory is not guest memory ([`LinuxMemory::acknowledge_pins`]);
 //!   reported in [`LinuxStats::undeclared_pinned_bytes`], [`LinuxStats::pin_alarms`],
 //!   [`LinuxUsage::process_pinned`] and [`LinuxUsage::process_locked`]. The check is one
@@ -324,7 +325,9 @@
 //!   [`LinuxConfig::pin_check`] turns it off.
 //! - A pin taken for writing on a protected or merged page is also a write fault
 //!   (`FOLL_WRITE` goes through the page tables once), which the fault thread resolves:
-//!   the page's token dies, so a merge of it sees `Changed`.
+//!   the page's token dies, so a merge of it sees `Changed`. That is why merges need not
+//!   read `/proc/self/status` themselves: a page whose token is still valid was not
+//!   pinned for writing since its `protect`, which checked.
 //!
 //! Not covered: memory pinned before the `LinuxMemory` was made (it is in the baseline:
 //! declare it); a pin taken between a call's check and its remap (microseconds); a

@@ -96,9 +96,26 @@ impl Inner {
         Err(pages.iter().map(|&p| Err(PageError::Pinned(p))).collect())
     }
 
-    /// [`pins_checked`](Self::pins_checked) of one page.
-    pub(super) fn pin_checked(&self, page: PageId) -> Result<(), PageError> {
-        self.pins_checked::<()>(&[page])
+    /// [`pins_checked`](Self::pins_checked) without reading `/proc/self/status`: the
+    /// result of the last check. For merges and canonicalizations, which need a token:
+    /// `protect` checked when it gave it, and a pin taken for writing since is a write
+    /// fault that made the token stale.
+    pub(super) fn pins_last_checked<T>(
+        &self,
+        pages: &[PageId],
+    ) -> Result<(), Vec<Result<T, PageError>>> {
+        if !self.config.pin_check || self.pins.undeclared.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        self.pins
+            .refusals
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        Err(pages.iter().map(|&p| Err(PageError::Pinned(p))).collect())
+    }
+
+    /// [`pins_last_checked`](Self::pins_last_checked) of one page.
+    pub(super) fn pin_last_checked(&self, page: PageId) -> Result<(), PageError> {
+        self.pins_last_checked::<()>(&[page])
             .map_err(|_| PageError::Pinned(page))
     }
 
@@ -150,6 +167,8 @@ impl LinuxMemory {
                 st.gen += 1;
             }
         }
+        drop(live);
+        self.inner.pins.all_declared();
         Ok(())
     }
 
@@ -172,6 +191,7 @@ impl LinuxMemory {
                 }
             }
         }
+        self.inner.pins.all_declared();
         Ok(())
     }
 
