@@ -85,11 +85,11 @@ pub const CALL_REGISTER: u32 = 3;
 pub const REGISTER_PIP_POOL: u64 = 1;
 
 /// Report tag of the memory checker. Values, in order: pages checked, pages rewritten,
-/// pages mismatched, words mismatched, TSC cycles spent rewriting, TSC cycles in total,
-/// rounds, pages this vCPU owns.
+/// pages mismatched, words mismatched, TSC cycles spent writing (fill and rewrites), TSC
+/// cycles in total, rounds, pages this vCPU owns, TSC cycles of the fill alone.
 pub const REPORT_CHECKER: u64 = 0xC4EC;
 /// Number of values in a [`REPORT_CHECKER`] report.
-pub const CHECKER_VALUES: usize = 8;
+pub const CHECKER_VALUES: usize = 9;
 
 /// The `magic` of a valid [`Params`] block.
 pub const PARAMS_MAGIC: u64 = 0x6B76_6D2D_766D_6D31; // "kvm-vmm1"
@@ -125,6 +125,17 @@ pub const PPR_SEED: u64 = 0x0999_7000;
 pub const REPORT_PPR: u64 = 0x0999;
 /// Number of values in a [`REPORT_PPR`] report.
 pub const PPR_VALUES: usize = 8;
+
+/// Workload: a hostile PPR guest (vCPU 0 only; others stop at once). It registers a
+/// PIP pool like [`WORKLOAD_PPR`], keeps every page in use (patterned), and writes
+/// garbage: marks with the pool's indicator naming empty slots, another pool, slots out
+/// of range, or slots it filled with garbage frame numbers, and random marks; then
+/// (round 2) garbage in the pool header. After each [`CALL_ROUND`] barrier it checks
+/// that no page changed. Arguments as for [`WORKLOAD_PPR`] ([`PPR_POOL_BYTES`],
+/// [`PPR_PAGES`]).
+pub const WORKLOAD_PPR_HOSTILE: u64 = 3;
+/// Report tag of [`WORKLOAD_PPR_HOSTILE`]. Values: pages, pages found changed.
+pub const REPORT_PPR_HOSTILE: u64 = 0x0666;
 
 /// Index in [`Params::args`] of the checker's page count (all vCPUs together; 0: every
 /// page of the data area).

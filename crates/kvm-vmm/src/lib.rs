@@ -22,7 +22,13 @@
 //! [`abi`]: the memory checker ([`workload::Checker`]) and the Per Page Recycler's guest
 //! side ([`abi::WORKLOAD_PPR`]: a page allocator calling `ppr-guest`'s hooks over a PIP
 //! pool in guest RAM that it registers through [`abi::CALL_REGISTER`]; the host answers
-//! with `ppr_host::Recycler::register`, see `tests/ppr.rs`).
+//! with `ppr_host::Recycler::register`, see `tests/ppr.rs`), and a hostile PPR guest
+//! ([`abi::WORKLOAD_PPR_HOSTILE`]).
+//!
+//! `examples/engines_on_kvm.rs` runs the checker's guests with no engine, under PageONE
+//! and under Linux KSM, and prints memory, merged pages, engine CPU, mismatches and the
+//! guests' write throughput side by side (`docs/benchmarks.md`, "The engines on real
+//! vCPUs").
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -148,6 +148,9 @@ pub struct VmOutcome {
     pub calls: Vec<Call>,
     /// From the first vCPU's start to the last one's done.
     pub elapsed: Duration,
+    /// CPU time of the VM's vCPU threads, all together (guest time and the VMM's exit
+    /// handling: `CLOCK_THREAD_CPUTIME_ID` of each).
+    pub vcpu_cpu: Duration,
 }
 
 impl VmOutcome {
@@ -458,6 +461,20 @@ struct Shared {
     calls: Mutex<Vec<Call>>,
     stop: AtomicBool,
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
+    cpu: Mutex<Duration>,
+}
+
+/// The calling thread's CPU time.
+fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write; the clock id is a constant.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 /// How a vCPU thread ended.
@@ -651,6 +668,7 @@ pub fn run_all(vms: &mut [Vm], timeout: Duration) -> Vec<Result<VmOutcome, Error
                         let mut line = Vec::new();
                         let end = run_vcpu(vcpu, &ctx, &mut line);
                         ctx.flush_line(&mut line);
+                        *sh.cpu.lock().unwrap_or_else(|e| e.into_inner()) += thread_cpu();
                         let _ = tx.send((v, i as u32, end));
                     });
                 if let Err(e) = spawned {
@@ -743,6 +761,7 @@ pub fn run_all(vms: &mut [Vm], timeout: Duration) -> Vec<Result<VmOutcome, Error
                         &mut shared[v].calls.lock().unwrap_or_else(|e| e.into_inner()),
                     ),
                     elapsed: finished[v],
+                    vcpu_cpu: *shared[v].cpu.lock().unwrap_or_else(|e| e.into_inner()),
                 }),
             });
         }

@@ -59,6 +59,8 @@ pub struct CheckerReport {
     pub rounds: u64,
     /// Pages, all vCPUs together.
     pub pages: u64,
+    /// TSC cycles spent in the fill alone, summed over vCPUs.
+    pub fill_cycles: u64,
 }
 
 impl CheckerReport {
@@ -66,6 +68,17 @@ impl CheckerReport {
     /// write throughput, to compare between runs on one machine.
     pub fn pages_written_per_mcycle(&self) -> f64 {
         (self.pages + self.rewritten) as f64 / (self.write_cycles.max(1) as f64 / 1e6)
+    }
+
+    /// Pages written per million TSC cycles in the fill (first writes of every page).
+    pub fn fill_pages_per_mcycle(&self) -> f64 {
+        self.pages as f64 / (self.fill_cycles.max(1) as f64 / 1e6)
+    }
+
+    /// Pages rewritten per million TSC cycles in the rounds (rewrites of written pages).
+    pub fn rewrite_pages_per_mcycle(&self) -> f64 {
+        let cycles = self.write_cycles.saturating_sub(self.fill_cycles).max(1);
+        self.rewritten as f64 / (cycles as f64 / 1e6)
     }
 }
 
@@ -103,6 +116,7 @@ impl Checker {
             r.total_cycles += v[5];
             r.rounds = r.rounds.max(v[6]);
             r.pages += v[7];
+            r.fill_cycles += v[8];
         }
         (r.vcpus > 0).then_some(r)
     }

@@ -9,6 +9,9 @@
 //! recycler has completed two more passes (a page offered before a pass starts is
 //! recycled by the end of it).
 //!
+//! A hostile guest (garbage marks, a garbage pool) makes the recycler count rejections
+//! and recycle nothing.
+//!
 //! Skips (saying why) where `/dev/kvm` is unusable, the guest was not built, or the
 //! Linux backend cannot run.
 
@@ -62,26 +65,36 @@ impl PoolMemory for GuestPool {
     }
 }
 
-#[test]
-fn guest_freed_pages_are_recycled_and_read_zeros_when_allocated_again() {
-    let Some(image) = guest_or_skip() else { return };
+/// Per barrier round: vCPUs arrived, and the recycler pass count to wait for.
+type Arrivals = HashMap<u64, (u32, Option<u64>)>;
+
+/// What one PPR run left: the guest's outcome, the recycler's stats, and the guest RAM's
+/// usage (bytes) at each barrier round.
+struct PprRun {
+    out: kvm_vmm::VmOutcome,
+    stats: ppr_host::Stats,
+    usage: Vec<(u64, u64)>,
+}
+
+/// Runs `workload` on a 32 MiB VM whose RAM the Linux backend adopted, registering the
+/// guest's pool with a `Recycler` that scans the RAM back to back on its own thread. At
+/// barrier round `r` the guest is held until every vCPU arrived and then
+/// `passes(r)` more recycler passes completed. `None`: skipped (printed why).
+fn run_ppr(workload: u64, args: [u64; 16], vcpus: u32, passes: fn(u64) -> u64) -> Option<PprRun> {
+    let image = guest_or_skip()?;
     let memory = match LinuxMemory::new() {
         Ok(m) => Arc::new(m),
         Err(e) => {
             println!("SKIPPED: the Linux backend cannot run here: {e}");
-            return;
+            return None;
         }
     };
-    const PAGES: u64 = 4096;
-    const CYCLES: u64 = 3;
-    const POOL: u64 = 64 * 1024;
-    const VCPUS: u32 = 2;
     let adapter = Arc::new(VmMemoryAdapter::new(memory));
     let recycler = Arc::new(RwLock::new(Recycler::new()));
     // Set once the VM and its adoption exist: the guest RAM's host base and the region.
     let target: Arc<Mutex<Option<(usize, page_memory::RegionInfo)>>> = Arc::new(Mutex::new(None));
-    // Per barrier round: vCPUs arrived; and the usage there (bytes).
-    let arrived: Arc<Mutex<HashMap<u64, (u32, Option<u64>)>>> = Arc::default();
+    // Per barrier round: vCPUs arrived, and the pass count to wait for.
+    let arrived: Arc<Mutex<Arrivals>> = Arc::default();
     let usage_at: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     let hook: CallHook = {
         let (recycler, target, adapter) = (recycler.clone(), target.clone(), adapter.clone());
@@ -101,7 +114,7 @@ fn guest_freed_pages_are_recycled_and_read_zeros_when_allocated_again() {
                 let registered = recycler.write().unwrap().register(
                     Arc::new(pool),
                     7,
-                    0x5EED_0F_C0FF_EE00 ^ addr,
+                    0x5EED_C0FF_EE00_0000 ^ addr,
                     region,
                     abi::PPR_FRAME_OFFSET,
                 );
@@ -113,18 +126,18 @@ fn guest_freed_pages_are_recycled_and_read_zeros_when_allocated_again() {
                     let mut a = arrived.lock().unwrap();
                     let e = a.entry(round).or_insert((0, None));
                     e.0 += 1;
-                    if e.0 == VCPUS {
-                        // After the frees (even rounds): two complete recycler passes.
-                        let passes = recycler.read().unwrap().stats().passes;
-                        e.1 = Some(passes + if round % 2 == 0 { 3 } else { 0 });
+                    if e.0 == vcpus {
+                        // The pass running now does not count.
+                        let done = recycler.read().unwrap().stats().passes;
+                        e.1 = Some(done + passes(round) + 1);
                     }
-                    e.0 == VCPUS
+                    e.0 == vcpus
                 };
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while Instant::now() < deadline {
                     let want = arrived.lock().unwrap()[&round].1;
-                    let passes = recycler.read().unwrap().stats().passes;
-                    if want.is_some_and(|w| passes >= w) {
+                    let done = recycler.read().unwrap().stats().passes;
+                    if want.is_some_and(|w| done >= w) {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(1));
@@ -138,13 +151,9 @@ fn guest_freed_pages_are_recycled_and_read_zeros_when_allocated_again() {
             _ => 0,
         })
     };
-    let mut args = [0; 16];
-    args[abi::PPR_POOL_BYTES] = POOL;
-    args[abi::PPR_PAGES] = PAGES;
-    args[abi::PPR_CYCLES] = CYCLES;
     let config = VmConfig::new("ppr", 32 * MIB)
-        .vcpus(VCPUS)
-        .workload(abi::WORKLOAD_PPR, args)
+        .vcpus(vcpus)
+        .workload(workload, args)
         .on_call(hook);
     let mut vm = Vm::new(config, &image).unwrap();
     // SAFETY: nothing in this process remaps, madvises or registers the guest's RAM with
@@ -176,13 +185,45 @@ fn guest_freed_pages_are_recycled_and_read_zeros_when_allocated_again() {
     let usage = usage_at.lock().unwrap().clone();
     println!("recycler {stats:?}");
     println!("usage at barriers (round, bytes) {usage:?}");
-    let out = out.unwrap();
-    let mut total = [0u64; abi::PPR_VALUES];
-    for (_, v) in out.reports(abi::REPORT_PPR) {
+    // The pool lives in guest RAM: drop the recycler before the RAM goes back.
+    drop(recycler);
+    adapter.release(adopted).unwrap();
+    Some(PprRun {
+        out: out.unwrap(),
+        stats,
+        usage,
+    })
+}
+
+fn summed<const N: usize>(out: &kvm_vmm::VmOutcome, tag: u64) -> [u64; N] {
+    let mut total = [0u64; N];
+    for (_, v) in out.reports(tag) {
         for (t, x) in total.iter_mut().zip(v) {
             *t += x;
         }
     }
+    total
+}
+
+#[test]
+fn guest_freed_pages_are_recycled_and_read_zeros_when_allocated_again() {
+    const PAGES: u64 = 4096;
+    const CYCLES: u64 = 3;
+    let mut args = [0; 16];
+    args[abi::PPR_POOL_BYTES] = 64 * 1024;
+    args[abi::PPR_PAGES] = PAGES;
+    args[abi::PPR_CYCLES] = CYCLES;
+    // After the frees (even rounds): two complete recycler passes.
+    let Some(run) = run_ppr(
+        abi::WORKLOAD_PPR,
+        args,
+        2,
+        |r| if r % 2 == 0 { 2 } else { 0 },
+    ) else {
+        return;
+    };
+    let (out, stats, usage) = (run.out, run.stats, run.usage);
+    let total: [u64; abi::PPR_VALUES] = summed(&out, abi::REPORT_PPR);
     println!("guest: {total:?}");
     let [allocs, zeros, intact, corrupt, offered, not_offered, _busy, pages] = total;
     assert_eq!(pages, PAGES);
@@ -214,6 +255,30 @@ fn guest_freed_pages_are_recycled_and_read_zeros_when_allocated_again() {
             "cycle {cycle}: {used} bytes in use, {freed} after the frees"
         );
     }
-    drop(recycler);
-    adapter.release(adopted).unwrap();
+}
+
+#[test]
+fn hostile_guest_gets_rejections_counted_and_no_page_in_use_recycled() {
+    const PAGES: u64 = 1000;
+    let mut args = [0; 16];
+    args[abi::PPR_POOL_BYTES] = 64 * 1024;
+    args[abi::PPR_PAGES] = PAGES;
+    let Some(run) = run_ppr(abi::WORKLOAD_PPR_HOSTILE, args, 1, |_| 3) else {
+        return;
+    };
+    let (out, stats) = (run.out, run.stats);
+    let [pages, changed]: [u64; 2] = summed(&out, abi::REPORT_PPR_HOSTILE);
+    assert_eq!(pages, PAGES);
+    // Nothing the guest keeps in use was touched...
+    assert_eq!(changed, 0, "{}", out.console);
+    assert_eq!(stats.recycled, 0, "{stats:?}");
+    assert_eq!(stats.tampered, 0, "{stats:?}");
+    // ... and every kind of garbage was seen and counted: marks naming another pool, a
+    // slot out of range, a slot not holding the page (empty or garbage), and marks read
+    // while the header was garbage.
+    use pip::Invalid;
+    assert!(stats.invalid[Invalid::Pool.index()] > 0, "{stats:?}");
+    assert!(stats.invalid[Invalid::Slot.index()] > 0, "{stats:?}");
+    assert!(stats.invalid[Invalid::NotOffered.index()] > 0, "{stats:?}");
+    assert!(stats.invalid_pool > 0, "{stats:?}");
 }

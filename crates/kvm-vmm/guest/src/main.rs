@@ -107,6 +107,7 @@ pub extern "C" fn _start(params: *const Params, cpu: u64) -> ! {
         }
         abi::WORKLOAD_CHECKER => checker(&p, cpu),
         abi::WORKLOAD_PPR => ppr(&p, cpu),
+        abi::WORKLOAD_PPR_HOSTILE => hostile(&p, cpu),
         w => {
             println!("cpu {cpu}: unknown workload {w}");
             1
@@ -171,7 +172,8 @@ fn checker(p: &Params, cpu: u64) -> u32 {
     for page in first..end {
         fill(p, page, src0(page), 0, seed);
     }
-    let mut write_cycles = rdtsc() - t0;
+    let fill_cycles = rdtsc() - t0;
+    let mut write_cycles = fill_cycles;
     let (mut checked, mut rewritten, mut bad_pages, mut bad_words) = (0u64, 0u64, 0u64, 0u64);
     if barrier {
         call(abi::CALL_ROUND, &[0]);
@@ -215,6 +217,7 @@ fn checker(p: &Params, cpu: u64) -> u32 {
             total,
             rounds,
             end - first,
+            fill_cycles,
         ],
     );
     println!("checker: cpu {cpu}: {checked} pages checked, {rewritten} rewritten, {bad_pages} mismatched");
@@ -390,6 +393,111 @@ fn ppr(p: &Params, cpu: u64) -> u32 {
         ],
     );
     println!("ppr: cpu {cpu}: {allocs} allocations, {zeros} read zeros, {intact} intact, {corrupt} corrupt");
+    0
+}
+
+fn atomic_u64(addr: u64) -> &'static AtomicU64 {
+    // SAFETY: an 8-byte aligned address inside the pool (the caller's arithmetic), RAM
+    // for the guest's whole life, accessed atomically only.
+    unsafe { &*(addr as *const AtomicU64) }
+}
+
+/// The two mark words hostile page `i` carries (`indicator`, `pool_id`, `slots`: the
+/// pool's, as registered).
+fn hostile_mark(i: u64, indicator: u64, pool_id: u64, slots: u64) -> [u64; 2] {
+    let slot = i % slots;
+    match i % 5 {
+        // An empty slot (nothing offered): NotOffered.
+        0 => [indicator, pool_id << 32 | slot],
+        // Another pool: Pool.
+        1 => [indicator, (pool_id + 1) << 32 | slot],
+        // A slot past the end: Slot.
+        2 => [indicator, pool_id << 32 | (slots + i) & 0xFFFF_FFFF],
+        // A slot the guest filled with a garbage frame number: NotOffered.
+        3 => [indicator, pool_id << 32 | slot],
+        // Not even the indicator.
+        _ => [abi::pattern_word(i, 7, 7, 0), abi::pattern_word(i, 7, 7, 1)],
+    }
+}
+
+fn hostile(p: &Params, cpu: u64) -> u32 {
+    if cpu != 0 {
+        return 0;
+    }
+    let a = &p.args;
+    let pool = p.data_base;
+    let pool_len = a[abi::PPR_POOL_BYTES];
+    let pages = a[abi::PPR_PAGES];
+    let first = pool + pool_len.div_ceil(abi::PAGE_SIZE) * abi::PAGE_SIZE;
+    if first + pages * abi::PAGE_SIZE > p.data_base + p.data_len {
+        println!("hostile: {pages} pages do not fit");
+        return 4;
+    }
+    // SAFETY: zeroed RAM of the data area, atomics only from now on.
+    let view = unsafe { PoolView::init_raw(pool as *const u8, pool_len as usize, 1) };
+    if view.is_err()
+        || call(
+            abi::CALL_REGISTER,
+            &[abi::REGISTER_PIP_POOL, pool, pool_len],
+        ) != 1
+    {
+        println!("hostile: the pool was not registered");
+        return 6;
+    }
+    // The header's fields (pip's documented offsets).
+    let pool_id = atomic_u64(pool + 16).load(Ordering::Acquire) & 0xFFFF_FFFF;
+    let indicator = atomic_u64(pool + 32).load(Ordering::Acquire);
+    let slots = atomic_u64(pool + 40).load(Ordering::Acquire);
+    let slots_at = pool + atomic_u64(pool + 48).load(Ordering::Acquire);
+    let frame_of = |i: u64| first / abi::PAGE_SIZE + i + abi::PPR_FRAME_OFFSET;
+    let page = |i: u64| page_at(first + i * abi::PAGE_SIZE);
+    // Every page in use: its pattern, then the garbage mark over its first two words.
+    for i in 0..pages {
+        let mark = hostile_mark(i, indicator, pool_id, slots);
+        for (w, word) in page(i).iter().enumerate() {
+            let v = match w {
+                0 | 1 => mark[w],
+                _ => abi::pattern_word(frame_of(i), 1, abi::PPR_SEED, w as u64),
+            };
+            word.store(v, Ordering::Relaxed);
+        }
+        if i % 5 == 3 {
+            // Garbage in the named slot: a frame far out of range, or the frame of
+            // another page in use (neither names this page).
+            let garbage = if i % 2 == 0 {
+                0x7FFF_FFFF_FFF0 + i
+            } else {
+                frame_of(i + 1)
+            };
+            atomic_u64(slots_at + (i % slots) * 8).store(garbage, Ordering::Release);
+        }
+    }
+    let mut changed = 0;
+    let mut check = |round: u64| {
+        call(abi::CALL_ROUND, &[round]);
+        for i in 0..pages {
+            let mark = hostile_mark(i, indicator, pool_id, slots);
+            let ok = page(i).iter().enumerate().all(|(w, word)| {
+                let want = match w {
+                    0 | 1 => mark[w],
+                    _ => abi::pattern_word(frame_of(i), 1, abi::PPR_SEED, w as u64),
+                };
+                word.load(Ordering::Relaxed) == want
+            });
+            if !ok {
+                if changed < 4 {
+                    println!("hostile: page {i} changed by round {round}");
+                }
+                changed += 1;
+            }
+        }
+    };
+    check(1);
+    // Round 2: a header that no longer describes a valid layout.
+    atomic_u64(pool + 40).store(u64::MAX, Ordering::Release);
+    check(2);
+    call(abi::CALL_REPORT, &[abi::REPORT_PPR_HOSTILE, pages, changed]);
+    println!("hostile: {pages} pages in use, {changed} changed");
     0
 }
 
