@@ -1166,3 +1166,8 @@ impl<M: PageMemory> Ksm<M> {
 
 #[cfg(test)]
 mod tests;
+
+// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

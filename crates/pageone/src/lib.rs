@@ -447,3 +447,8 @@ fn daemon_loop<M: PageMemory + 'static>(shared: &Arc<Shared<M>>, pool: &pool::Po
         }
     }
 }
+
+// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -360,3 +360,8 @@ impl<M: PageMemory + ?Sized> ScanHook<M> for Recycler {
         Recycler::examine(self, memory, page)
     }
 }
+
+// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,7 +1,7 @@
 //! The recycler over the simulated memory: guests churning pages never see an allocated
 //! page change, freed pages come back to the host within two reclaim passes, hostile
-//! marks are counted and skipped, and inside PageONE a freed page is recycled rather than
-//! deduplicated.
+//! marks are counted and skipped. (The recycler inside PageONE's passes is tested by the
+//! facade crate, `tests/ppr_in_pageone.rs`: ppr-host does not depend on pageone.)
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use page_memory::sim::SimMemory;
 use page_memory::{DomainId, PageId, PageMemory, RegionInfo};
-use pageone::{Config, PageOne};
 use pip::{Invalid, PoolStorage};
 use ppr_guest::{GuestPage, Hooks, PageAllocator};
 use ppr_host::{Recycler, RecyclerThread, SimGuestPage};
@@ -216,48 +215,4 @@ fn a_broken_pool_header_is_counted_not_trusted() {
     assert_eq!(stats.recycled, 0);
     assert_eq!(stats.invalid_pool, 1);
     assert!(!mem.is_zero_mapped(p).unwrap());
-}
-
-#[test]
-fn inside_pageone_a_freed_page_is_recycled_instead_of_merged() {
-    const PAGES: u32 = 256;
-    let (mem, info, pool, recycler) = setup(PAGES);
-    let recycler = Arc::new(recycler);
-    let engine = PageOne::with_hook(
-        mem.clone(),
-        Config::default().work_threads(2),
-        recycler.clone(),
-    )
-    .unwrap();
-    let pages = SimGuestPage::region(&mem, info.id, PAGES);
-    let mut alloc = PageAllocator::new(Hooks::attach(pool.view().unwrap()).unwrap(), &pages, 1);
-    // The guest uses every page, all with the same contents: ideal for deduplication.
-    let mut used = Vec::new();
-    while let Some((frame, page)) = alloc.alloc(0) {
-        page.fill(99);
-        used.push((frame, page));
-    }
-    assert_eq!(used.len(), PAGES as usize);
-    for _ in 0..3 {
-        engine.merge_pass();
-    }
-    assert_eq!(engine.stats().pages_sharing, PAGES as u64 - 1);
-    // It frees half of them: those are recycled (zero page), not kept merged.
-    for (frame, _) in used.drain(..PAGES as usize / 2) {
-        alloc.free(0, frame).unwrap();
-    }
-    engine.base_pass();
-    assert_eq!(recycler.stats().recycled, PAGES as u64 / 2);
-    for (_, page) in &used {
-        assert!(page.verify(99), "a page still in use changed");
-    }
-    let (zero, in_use): (Vec<_>, Vec<_>) = pages
-        .iter()
-        .partition(|p| mem.is_zero_mapped(p.id()).unwrap());
-    assert_eq!(zero.len(), PAGES as usize / 2);
-    assert_eq!(in_use.len(), PAGES as usize / 2);
-    // The other half stays merged, and the engine's counters agree with the memory.
-    engine.merge_pass();
-    assert_eq!(engine.stats().pages_sharing, mem.accounting().pages_sharing);
-    assert_eq!(mem.accounting().frames, 1);
 }
