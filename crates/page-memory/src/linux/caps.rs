@@ -57,7 +57,8 @@ pub struct LinuxCaps {
     pub wp_unpopulated: bool,
     /// userfaultfd's non-cooperative events `UFFD_EVENT_UNMAP`, `UFFD_EVENT_REMOVE` and
     /// `UFFD_EVENT_REMAP` (Linux 4.11) are on: the fault thread learns of every unmap,
-    /// discard and move of guest memory (see the module docs).
+    /// discard and move of guest memory (see the module docs). Off where the kernel lacks
+    /// them or [`LinuxConfig::events`] is off.
     pub events: bool,
     /// `PAGEMAP_SCAN` (Linux 6.7) works.
     pub pagemap_scan: bool,

@@ -121,13 +121,21 @@
 //! # Costs (measured on the project's 2-core Linux 6.18 VM, release build)
 //! `written_since` 18 ns; `protect` 0.2–0.5 µs per page (one call per run); `read_page`
 //! 3.7–4.7 µs (`process_vm_readv`, and the two checks that the page is still the
-//! region's, about 1 µs each: *Unmaps, discards and moves*; it was 1.5–2.3 µs without); `canonicalize` and `merge` 11–18 µs per page, most of
-//! it the kernel's `mmap(MAP_FIXED)` (splitting and joining mappings, freeing the old page
-//! with a TLB flush) and the userfaultfd register/protect calls that follow; `unmerge`
-//! 4–6 µs; the pin check of each protect, recycle or discard call about 5–7 µs
-//! (*Pins*). A guest's first write to a protected page waits 8–10 µs (median)
-//! for the fault thread, 13–17 µs on a merged page (the copy included; *Side channels*). With one fault thread, a
-//! write may also wait for the faults queued before it ([`LinuxConfig::fault_threads`]).
+//! region's, about 1 µs each: *Unmaps, discards and moves*); `canonicalize` and `merge`
+//! 22–29 µs per page one call at a time, most of it the kernel's `mmap(MAP_FIXED)`
+//! (splitting and joining mappings, freeing the old page with a TLB flush), the round
+//! trip to the fault thread that its unmap event costs, and the userfaultfd
+//! register/protect calls that follow; `recycle` of one private page 22–25 µs (the drop's
+//! event round trip, and the pin check); `unmerge` 4–6 µs; the pin check of each
+//! protect, recycle or discard call about 5–7 µs (*Pins*). Before the unmap events, the
+//! per-operation checks and the pin checks, a single-page merge took 10–16 µs, a
+//! single-page recycle 2–4 µs and `read_page` 1.5–2.3 µs (measured side by side on the
+//! same machine, under the load of other builds, so roughly; [`LinuxConfig::events`]
+//! and [`LinuxConfig::pin_check`] turn the dearer parts off, at the price they say). A
+//! guest's first write to a protected page waits 8–10 µs (median) for the fault thread,
+//! 13–17 µs on a merged page (the copy included; *Side channels*). With one fault
+//! thread, a write may also wait for the faults queued before it
+//! ([`LinuxConfig::fault_threads`]).
 //!
 //! # Batches: runs of pages with one system call each
 //! Those per-page costs are mostly fixed costs of the calls, so
@@ -191,7 +199,8 @@
 //!
 //! # Unmaps, discards and moves: userfaultfd's non-cooperative events
 //! The userfaultfd is opened with `UFFD_FEATURE_EVENT_UNMAP`, `UFFD_FEATURE_EVENT_REMOVE`
-//! and `UFFD_FEATURE_EVENT_REMAP` ([`LinuxCaps::events`]), so the fault thread hears of
+//! and `UFFD_FEATURE_EVENT_REMAP` ([`LinuxCaps::events`]; [`LinuxConfig::events`] says
+//! what turning them off costs and saves), so the fault thread hears of
 //! every `munmap` of guest memory (and every `mmap(MAP_FIXED)` or `mremap` that replaces
 //! some), every `MADV_DONTNEED` / `MADV_REMOVE` of it, and every `mremap` that moves it.
 //! What the kernel does (read in its source, `fs/userfaultfd.c`, `mm/madvise.c`,
@@ -214,7 +223,10 @@
 //! - **The backend's own remaps raise events too.** Every `mmap(MAP_FIXED)` of a merge,
 //!   every `MADV_DONTNEED` of a recycle and the `mremap` that gives a region back raise
 //!   `UNMAP` or `REMOVE` events, and their callers hold page locks while the kernel holds
-//!   them until the event is read. The fault thread therefore never waits for a page lock
+//!   them until the event is read. (That round trip is what the events cost: measured
+//!   here, a single-page merge takes 22–29 µs instead of 11–16 µs, a single-page recycle
+//!   22–25 µs instead of 2–4 µs, of which about 5 µs is the pin check; batches pay it
+//!   once per run.) The fault thread therefore never waits for a page lock
 //!   (it keeps a fault or an event whose page is locked, in order, and tries again within
 //!   20 µs or after its next read), and each own remap is counted on its pages
 //!   beforehand, so that the fault thread takes its event off the count instead of taking

@@ -101,7 +101,11 @@ fn open_probed(config: &LinuxConfig, caps: &mut LinuxCaps) -> Result<Uffd, Linux
     // module docs).
     let want = UFFD_FEATURE_PAGEFAULT_FLAG_WP
         | (supported & UFFD_FEATURE_WP_UNPOPULATED)
-        | (supported & UFFD_FEATURE_EVENTS);
+        | if config.events {
+            supported & UFFD_FEATURE_EVENTS
+        } else {
+            0
+        };
     let (uffd, _) = Uffd::open(!kernel_faults).map_err(|e| user_mode_error(e, kernel_faults))?;
     uffd.api(want).map_err(|e| os("UFFDIO_API", e))?;
     caps.source = Some(source);
