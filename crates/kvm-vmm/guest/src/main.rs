@@ -92,10 +92,10 @@ macro_rules! println {
 /// Entered by every vCPU in long mode: `params` in `rdi`, the vCPU's index in `rsi`.
 #[no_mangle]
 #[link_section = ".text._start"]
-pub extern "C" fn _start(params: *const Params, cpu: u64) -> ! {
+pub extern "C" fn _start(params: u64, cpu: u64) -> ! {
     // SAFETY: the VMM wrote the parameter block at this address before starting us and
     // never changes it.
-    let p = unsafe { core::ptr::read_volatile(params) };
+    let p = unsafe { core::ptr::read_volatile(params as *const Params) };
     if p.magic != abi::PARAMS_MAGIC {
         println!("cpu {cpu}: bad parameter block");
         done(2);
