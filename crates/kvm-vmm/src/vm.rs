@@ -31,7 +31,9 @@ pub struct Call {
 
 /// Handles the guest's calls on the calling vCPU's thread (it may block that vCPU); its
 /// answer is what the guest reads back. Every call is also recorded in
-/// [`VmOutcome::calls`].
+/// [`VmOutcome::calls`]. A hook that blocks should do so with a deadline: a stopped VM
+/// (timeout, another vCPU's failure) kicks its vCPUs out of `KVM_RUN`, but waits for a
+/// hook to return.
 pub type CallHook = Arc<dyn Fn(&Call) -> u64 + Send + Sync>;
 
 /// The privilege level the vCPUs start at.
