@@ -74,9 +74,10 @@ pub struct LinuxConfig {
     /// on): the fault thread learns synchronously of every unmap, drop and move of guest
     /// memory (see *Unmaps, discards and moves* in the module docs). They cost the
     /// backend's own remaps and drops a round trip to the fault thread each (the kernel
-    /// holds the caller until the event is read): measured here, a single-page merge
-    /// 22–29 µs instead of 11–16 µs, a single-page recycle 22–25 µs instead of 2–4 µs
-    /// (batches pay it once per run). Off: operations still check before they touch a
+    /// holds the caller until the event is read; the fault threads poll without sleeping
+    /// while such a call is under way): measured here, a single-page merge 22–29 µs
+    /// instead of 10–16 µs, a single-page recycle 21–25 µs instead of 2–4 µs (batches pay
+    /// it once per run). Off: operations still check before they touch a
     /// page that it is still the region's (a new occupant of a region's address is never
     /// read, dropped or remapped once the unmap returned), but an owner's `MADV_DONTNEED`
     /// does not make tokens stale (`written_since` misses it), a region its owner moved

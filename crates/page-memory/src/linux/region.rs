@@ -461,7 +461,9 @@ impl Inner {
                 // checked to be still the region's and write-protected (no write can land
                 // meanwhile), with their exact contents: no reader sees a change. The
                 // destination's old mappings are replaced atomically.
-                unsafe { sys::mremap_over(scratch, addr, len) }.map_err(|e| {
+                let r = unsafe { sys::mremap_over(scratch, addr, len) };
+                self.own_done(counted);
+                r.map_err(|e| {
                     self.unexpect_unmap(sts, counted);
                     PageError::Os {
                         op: "mremap (give a region back as anonymous memory)",

@@ -204,7 +204,16 @@ impl Inner {
         for s in sts.iter_mut() {
             s.own_unmaps = s.own_unmaps.saturating_add(1);
         }
+        self.own_in_flight.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// The remap or drop counted by [`expect_unmap`](Self::expect_unmap) or
+    /// [`expect_remove`](Self::expect_remove) returned (its event, if any, was read).
+    pub(super) fn own_done(&self, counted: bool) {
+        if counted {
+            self.own_in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Takes back what [`expect_unmap`](Self::expect_unmap) counted (the remap failed).
@@ -223,12 +232,13 @@ impl Inner {
     /// Counts, on the pages about to be dropped (`MADV_DONTNEED`), the
     /// `UFFD_EVENT_REMOVE` each registered one will raise.
     pub(super) fn expect_remove<S: DerefMut<Target = PageState>>(&self, sts: &mut [S]) -> bool {
-        if !self.caps.events {
+        if !self.caps.events || !sts.iter().any(|s| s.registered) {
             return false;
         }
         for s in sts.iter_mut().filter(|s| s.registered) {
             s.own_removes = s.own_removes.saturating_add(1);
         }
+        self.own_in_flight.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -385,6 +395,7 @@ impl Inner {
         // or land in a copy. `slot` stays allocated while the page maps it (`st.slot`
         // holds it).
         let r = unsafe { sys::map_file_fixed(addr, PAGE_SIZE, self.store.fd(), slot.offset()) };
+        self.own_done(counted);
         if let Err(e) = r {
             self.unexpect_unmap(std::slice::from_mut(&mut &mut *st), counted);
             return Err(self.mmap_error("mmap of a store page over a guest page", e));
@@ -424,6 +435,7 @@ impl Inner {
                 slots[0].offset(),
             )
         };
+        self.own_done(counted);
         if let Err(e) = r {
             self.unexpect_unmap(sts, counted);
             return Err(self.mmap_error("mmap of store pages over guest pages", e));
@@ -531,6 +543,7 @@ impl Inner {
         // page's contents are to read as zeros (they are zeros already, or the page is
         // being recycled or discarded).
         let r = unsafe { sys::map_anon_fixed(addr, PAGE_SIZE) };
+        self.own_done(counted);
         if let Err(e) = r {
             self.unexpect_unmap(std::slice::from_mut(&mut &mut *st), counted);
             return Err(self.mmap_error("mmap of anonymous memory over a guest page", e));
@@ -556,7 +569,9 @@ impl Inner {
                 // SAFETY: a locked page of a live region, just checked to be still the
                 // region's, whose contents are all zeros: after dropping it, it reads as
                 // zeros (the kernel's zero page) again.
-                unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxDontNeed) }.map_err(|e| {
+                let r = unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxDontNeed) };
+                self.own_done(counted);
+                r.map_err(|e| {
                     self.unexpect_remove(std::slice::from_mut(&mut &mut *st), counted);
                     gone_or(region, "MADV_DONTNEED", e, &[Errno::NOMEM])
                 })?;

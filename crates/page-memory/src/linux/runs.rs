@@ -246,6 +246,7 @@ impl Inner {
                         let r = unsafe {
                             sys::madvise(addr, (j - k) * PAGE_SIZE, Advice::LinuxDontNeed)
                         };
+                        self.own_done(counted);
                         r.map_err(|e| {
                             self.unexpect_remove(&mut guards[k..j], counted);
                             gone_or(region, "MADV_DONTNEED (recycle)", e, &[Errno::NOMEM])
