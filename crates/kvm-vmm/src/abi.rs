@@ -137,6 +137,66 @@ pub const WORKLOAD_PPR_HOSTILE: u64 = 3;
 /// Report tag of [`WORKLOAD_PPR_HOSTILE`]. Values: pages, pages found changed.
 pub const REPORT_PPR_HOSTILE: u64 = 0x0666;
 
+/// Workload: the density workload of the repository's `examples/density`, in the guest.
+/// In the data area, in order: a PIP pool ([`DENSITY_POOL_BYTES`], registered with
+/// [`CALL_REGISTER`]; a host that answers 0 leaves the hooks disabled), an "OS image"
+/// ([`DENSITY_IMAGE`] pages whose contents depend only on [`DENSITY_IMAGE_SEED`]: the
+/// same bytes in every VM given the same seed), OS pages private to the VM
+/// ([`DENSITY_PRIVATE`], from [`DENSITY_SEED`]), pages the guest zeroed
+/// ([`DENSITY_ZEROED`]: written with zeros), the page allocator's metadata (three `u32`
+/// per page: free stack, held stack, generation), then the allocator's pages
+/// ([`DENSITY_FREE`]), all freed through `on_free` at boot. The application then runs
+/// [`DENSITY_CYCLES`] cycles of `2 * steps` steps ([`DENSITY_STEPS`]): at step `t` it
+/// holds `peak * tri((t + phase) % (2 * steps)) / steps` pages ([`DENSITY_APP_PEAK`],
+/// [`DENSITY_PHASE`]; `tri(x) = min(x, 2 * steps - x)`), allocating (through `on_alloc`;
+/// each page must read zeros or exactly its last contents, then gets fresh unique
+/// contents) or freeing (each page first checked unchanged since it was written, then
+/// `on_free`) to get there, last allocated first freed. Each vCPU runs its share of
+/// every count over its own pages. After boot and after every step it calls
+/// [`CALL_ROUND`] (round 0, then the step number `t`), and after the last step it frees
+/// every page still held (round `cycles * 2 * steps + 1`). Every `2 * steps` steps and
+/// at the end it re-reads the image, private and zeroed pages (each must hold what was
+/// written). Then it reports [`REPORT_DENSITY`].
+pub const WORKLOAD_DENSITY: u64 = 4;
+/// Index in [`Params::args`]: the density workload's PIP pool size in bytes, at
+/// [`DATA_BASE`] (rounded up to whole pages; at least one page).
+pub const DENSITY_POOL_BYTES: usize = 0;
+/// Index in [`Params::args`]: OS image pages (identical in every VM with the same
+/// [`DENSITY_IMAGE_SEED`]).
+pub const DENSITY_IMAGE: usize = 1;
+/// Index in [`Params::args`]: OS pages private to the VM (unique contents).
+pub const DENSITY_PRIVATE: usize = 2;
+/// Index in [`Params::args`]: pages the guest zeroed (written with zeros at boot).
+pub const DENSITY_ZEROED: usize = 3;
+/// Index in [`Params::args`]: the application's peak, pages (all vCPUs together).
+pub const DENSITY_APP_PEAK: usize = 4;
+/// Index in [`Params::args`]: steps up (and as many down) per application cycle.
+pub const DENSITY_STEPS: usize = 5;
+/// Index in [`Params::args`]: application cycles.
+pub const DENSITY_CYCLES: usize = 6;
+/// Index in [`Params::args`]: the VM's phase, in steps into the cycle.
+pub const DENSITY_PHASE: usize = 7;
+/// Index in [`Params::args`]: the VM's own seed (private and application contents).
+pub const DENSITY_SEED: usize = 8;
+/// Index in [`Params::args`]: the OS image's seed (give every VM the same).
+pub const DENSITY_IMAGE_SEED: usize = 9;
+/// Index in [`Params::args`]: the allocator's pages, all vCPUs together (0: the rest of
+/// the data area). At least the peak.
+pub const DENSITY_FREE: usize = 10;
+/// Report tag of [`WORKLOAD_DENSITY`] (one per vCPU). Values, in order: pages
+/// allocated by the application, pages it freed (boot-time frees not counted), of the
+/// allocations those that read zeros, those that read their last contents intact, pages
+/// found corrupt (an allocation reading neither, a held page changed before its free,
+/// an OS page not holding what was written), frees offered to the host (boot-time frees
+/// included), frees not offered (pool full or refused), `on_alloc` answers `Busy`
+/// (retried), OS page reads checked, steps, TSC cycles of the steps' work (allocating,
+/// writing, checking, freeing; not the barriers), TSC cycles of the boot (OS pages and
+/// boot-time frees), the allocator's pages on this vCPU, 1 if the host registered the
+/// pool (the hooks are enabled).
+pub const REPORT_DENSITY: u64 = 0xDE25;
+/// Number of values in a [`REPORT_DENSITY`] report.
+pub const DENSITY_VALUES: usize = 14;
+
 /// Index in [`Params::args`] of the checker's page count (all vCPUs together; 0: every
 /// page of the data area).
 pub const CHECKER_PAGES: usize = 0;

@@ -58,6 +58,7 @@
 #![cfg(target_os = "linux")]
 
 pub mod abi;
+pub mod barrier;
 mod error;
 pub mod image;
 mod vm;

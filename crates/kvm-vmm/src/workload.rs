@@ -121,3 +121,192 @@ impl Checker {
         (r.vcpus > 0).then_some(r)
     }
 }
+
+/// The density workload ([`abi::WORKLOAD_DENSITY`]), as in the repository's
+/// `examples/density`: an OS image identical in every VM (same [`Density::image_seed`]),
+/// OS pages private to the VM, pages the guest zeroed, and an application that
+/// allocates pages up to its peak and frees them again in cycles, through a page
+/// allocator whose free and alloc paths call `ppr-guest`'s hooks over a PIP pool the
+/// guest registers with [`abi::CALL_REGISTER`] (a host that answers 0 leaves the hooks
+/// disabled: no PPR). Every page the application allocates gets fresh contents unique
+/// to the VM; the guest checks every page it allocates (zeros, or its last contents),
+/// every page before it frees it (unchanged), and its OS pages every cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Density {
+    /// OS image pages (identical in every VM with the same `image_seed`).
+    pub image: u64,
+    /// OS pages private to the VM.
+    pub private: u64,
+    /// Pages the guest zeroed.
+    pub zeroed: u64,
+    /// The application's peak, pages.
+    pub app_peak: u64,
+    /// The allocator's pages (0: the rest of the data area). At least `app_peak`.
+    pub free: u64,
+    /// Steps up (and as many down) per cycle; a [`abi::CALL_ROUND`] after each.
+    pub steps: u64,
+    /// Application cycles.
+    pub cycles: u64,
+    /// The VM's phase, in steps into the cycle.
+    pub phase: u64,
+    /// The VM's own seed (give each VM its own).
+    pub seed: u64,
+    /// The OS image's seed (give every VM the same).
+    pub image_seed: u64,
+    /// vCPUs (each runs its share of every count over its own pages).
+    pub vcpus: u32,
+}
+
+impl Density {
+    /// The workload for a VM of `mem_size` bytes with the fractions of
+    /// `examples/density`'s plan: OS image 5 %, private 3.5 %, zeroed 2 %, the
+    /// application's peak 75 % of the VM (of its data area here), the allocator owning
+    /// every page after the OS pages; `steps` steps up per cycle, `cycles` cycles.
+    pub fn plan(mem_size: u64, steps: u64, cycles: u64) -> Density {
+        let pages = (mem_size - abi::DATA_BASE) / abi::PAGE_SIZE;
+        let frac = |f: f64| (pages as f64 * f).round() as u64;
+        Density {
+            image: frac(0.05),
+            private: frac(0.035),
+            zeroed: frac(0.02),
+            app_peak: frac(0.75),
+            free: 0,
+            steps,
+            cycles,
+            phase: 0,
+            seed: 1,
+            image_seed: 0x1111,
+            vcpus: 1,
+        }
+    }
+
+    /// Bytes of the PIP pool: a slot for twice the allocator's pages (at most, every
+    /// page of the data area), as `pip::layout::pool_bytes` lays it out (a 64-byte
+    /// header, 64 bytes per shard, 8 per slot), rounded up to whole pages.
+    pub fn pool_bytes(&self, mem_size: u64) -> u64 {
+        let pages = (mem_size - abi::DATA_BASE) / abi::PAGE_SIZE;
+        let shards = self.vcpus.max(1) as u64;
+        let slots_per_shard = (2 * pages).div_ceil(shards);
+        (64 + 64 * shards + 8 * slots_per_shard * shards).div_ceil(abi::PAGE_SIZE) * abi::PAGE_SIZE
+    }
+
+    /// The workload's [`abi::Params::args`] for a VM of `mem_size` bytes.
+    pub fn args(&self, mem_size: u64) -> [u64; 16] {
+        let mut a = [0; 16];
+        a[abi::DENSITY_POOL_BYTES] = self.pool_bytes(mem_size);
+        a[abi::DENSITY_IMAGE] = self.image;
+        a[abi::DENSITY_PRIVATE] = self.private;
+        a[abi::DENSITY_ZEROED] = self.zeroed;
+        a[abi::DENSITY_APP_PEAK] = self.app_peak;
+        a[abi::DENSITY_STEPS] = self.steps;
+        a[abi::DENSITY_CYCLES] = self.cycles;
+        a[abi::DENSITY_PHASE] = self.phase;
+        a[abi::DENSITY_SEED] = self.seed;
+        a[abi::DENSITY_IMAGE_SEED] = self.image_seed;
+        a[abi::DENSITY_FREE] = self.free;
+        a
+    }
+
+    /// A VM configuration running this workload.
+    pub fn config(&self, name: impl Into<String>, mem_size: u64) -> VmConfig {
+        VmConfig::new(name, mem_size)
+            .vcpus(self.vcpus)
+            .workload(abi::WORKLOAD_DENSITY, self.args(mem_size))
+    }
+
+    /// The barrier rounds the guest calls: 0 after boot, `1..=last_round() - 1` after
+    /// each step, `last_round()` after the final frees.
+    pub fn last_round(&self) -> u64 {
+        self.cycles * 2 * self.steps.max(1) + 1
+    }
+
+    /// The workload's reports in `outcome`, summed (`None`: no vCPU reported).
+    pub fn report(outcome: &VmOutcome) -> Option<DensityReport> {
+        let mut r = DensityReport::default();
+        for (_, v) in outcome.reports(abi::REPORT_DENSITY) {
+            let Ok(v) = <[u64; abi::DENSITY_VALUES]>::try_from(v) else {
+                continue;
+            };
+            r.vcpus += 1;
+            r.allocs += v[0];
+            r.frees += v[1];
+            r.zeros += v[2];
+            r.intact += v[3];
+            r.corrupt += v[4];
+            r.offered += v[5];
+            r.not_offered += v[6];
+            r.busy += v[7];
+            r.os_checked += v[8];
+            r.steps = r.steps.max(v[9]);
+            r.work_cycles += v[10];
+            r.boot_cycles += v[11];
+            r.allocator_pages += v[12];
+            r.ppr_vcpus += v[13];
+        }
+        (r.vcpus > 0).then_some(r)
+    }
+}
+
+/// What the density workload reported, summed over vCPUs (and VMs, with
+/// [`DensityReport::add`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DensityReport {
+    /// vCPUs that reported.
+    pub vcpus: u64,
+    /// Pages the application allocated.
+    pub allocs: u64,
+    /// Pages it freed (boot-time frees not counted).
+    pub frees: u64,
+    /// Allocations that read zeros (recycled, zero-merged, or never written).
+    pub zeros: u64,
+    /// Allocations that read their last contents (not recycled).
+    pub intact: u64,
+    /// Pages found corrupt: allocated reading neither, changed while held, or an OS page
+    /// not holding what was written (must be 0).
+    pub corrupt: u64,
+    /// Frees offered to the host (boot-time frees included).
+    pub offered: u64,
+    /// Frees not offered (pool full or refused).
+    pub not_offered: u64,
+    /// `on_alloc` answers `Busy` (the host was recycling the page; retried).
+    pub busy: u64,
+    /// OS page reads checked.
+    pub os_checked: u64,
+    /// Steps (per vCPU), the final frees included.
+    pub steps: u64,
+    /// TSC cycles of the steps' work (not the barriers), summed over vCPUs.
+    pub work_cycles: u64,
+    /// TSC cycles of the boot (OS pages, boot-time frees), summed over vCPUs.
+    pub boot_cycles: u64,
+    /// The allocator's pages.
+    pub allocator_pages: u64,
+    /// vCPUs whose hooks were enabled (the host registered the pool).
+    pub ppr_vcpus: u64,
+}
+
+impl DensityReport {
+    /// Adds another VM's report.
+    pub fn add(&mut self, o: &DensityReport) {
+        self.vcpus += o.vcpus;
+        self.allocs += o.allocs;
+        self.frees += o.frees;
+        self.zeros += o.zeros;
+        self.intact += o.intact;
+        self.corrupt += o.corrupt;
+        self.offered += o.offered;
+        self.not_offered += o.not_offered;
+        self.busy += o.busy;
+        self.os_checked += o.os_checked;
+        self.steps = self.steps.max(o.steps);
+        self.work_cycles += o.work_cycles;
+        self.boot_cycles += o.boot_cycles;
+        self.allocator_pages += o.allocator_pages;
+        self.ppr_vcpus += o.ppr_vcpus;
+    }
+
+    /// Pages allocated and written per million TSC cycles of the steps' work: the
+    /// guest's progress, to compare between runs on one machine.
+    pub fn allocs_per_mcycle(&self) -> f64 {
+        self.allocs as f64 / (self.work_cycles.max(1) as f64 / 1e6)
+    }
+}

@@ -9,6 +9,9 @@
 //!   rewritten and mismatched.
 //! - ppr: a page allocator that calls `ppr-guest`'s `on_free` / `on_alloc` hooks, over a
 //!   PIP pool in guest memory registered with the host through a call.
+//! - density: the repository's density workload: an OS image identical in every VM,
+//!   private and zeroed OS pages, and an application that allocates and frees pages in
+//!   cycles through such a page allocator.
 
 #![no_std]
 #![no_main]
@@ -108,6 +111,7 @@ pub extern "C" fn _start(params: u64, cpu: u64) -> ! {
         abi::WORKLOAD_CHECKER => checker(&p, cpu),
         abi::WORKLOAD_PPR => ppr(&p, cpu),
         abi::WORKLOAD_PPR_HOSTILE => hostile(&p, cpu),
+        abi::WORKLOAD_DENSITY => density(&p, cpu),
         w => {
             println!("cpu {cpu}: unknown workload {w}");
             1
@@ -498,6 +502,321 @@ fn hostile(p: &Params, cpu: u64) -> u32 {
     check(2);
     call(abi::CALL_REPORT, &[abi::REPORT_PPR_HOSTILE, pages, changed]);
     println!("hostile: {pages} pages in use, {changed} changed");
+    0
+}
+
+/// The density workload's pool: 0 until vCPU 0 knows, then 1 (registered: hooks on)
+/// or 2 (the host refused: hooks off).
+static DENSITY_POOL: AtomicU64 = AtomicU64::new(0);
+
+/// Seeds of the density workload's page contents, kept apart by kind.
+const PRIVATE_SEED: u64 = 0x2222_0000_0000_0000;
+const APP_SEED: u64 = 0x3333_0000_0000_0000;
+
+/// Word `w` of a page whose contents are (`page`, `generation`, `seed`), or zeros.
+#[derive(Clone, Copy)]
+enum Contents {
+    Zero,
+    Pattern(u64, u64, u64),
+}
+
+impl Contents {
+    fn word(self, w: usize) -> u64 {
+        match self {
+            Contents::Zero => 0,
+            Contents::Pattern(page, generation, seed) => {
+                abi::pattern_word(page, generation, seed, w as u64)
+            }
+        }
+    }
+
+    fn write(self, page: &Page) {
+        for (w, word) in page.iter().enumerate() {
+            word.store(self.word(w), Ordering::Relaxed);
+        }
+    }
+
+    fn holds(self, page: &Page) -> bool {
+        page.iter()
+            .enumerate()
+            .all(|(w, word)| word.load(Ordering::Relaxed) == self.word(w))
+    }
+}
+
+/// A `u32` array of this vCPU's own in guest RAM (the allocator's metadata).
+struct Meta {
+    ptr: *mut u32,
+    len: u64,
+}
+
+impl Meta {
+    fn get(&self, i: u64) -> u32 {
+        assert!(i < self.len);
+        // SAFETY: in bounds (checked) of metadata RAM only this vCPU accesses.
+        unsafe { self.ptr.add(i as usize).read_volatile() }
+    }
+
+    fn set(&self, i: u64, v: u32) {
+        assert!(i < self.len);
+        // SAFETY: as in `get`.
+        unsafe { self.ptr.add(i as usize).write_volatile(v) }
+    }
+}
+
+/// Pages the application holds at step `t`.
+fn density_target(peak: u64, steps: u64, phase: u64, t: u64) -> u64 {
+    let x = (t + phase) % (2 * steps);
+    peak * x.min(2 * steps - x) / steps
+}
+
+fn density(p: &Params, cpu: u64) -> u32 {
+    let a = &p.args;
+    let n = p.vcpus;
+    let page = abi::PAGE_SIZE;
+    let pool_addr = p.data_base;
+    let pool_len = a[abi::DENSITY_POOL_BYTES].max(1).div_ceil(page) * page;
+    let (image, private, zeroed) = (
+        a[abi::DENSITY_IMAGE],
+        a[abi::DENSITY_PRIVATE],
+        a[abi::DENSITY_ZEROED],
+    );
+    let (peak, steps, cycles) = (
+        a[abi::DENSITY_APP_PEAK],
+        a[abi::DENSITY_STEPS].max(1),
+        a[abi::DENSITY_CYCLES],
+    );
+    let (phase, seed, image_seed) = (
+        a[abi::DENSITY_PHASE],
+        a[abi::DENSITY_SEED],
+        a[abi::DENSITY_IMAGE_SEED],
+    );
+    let data_pages = p.data_len / page;
+    let os_first = pool_len / page;
+    let os_pages = image + private + zeroed;
+    let meta_first = os_first + os_pages;
+    // Three u32 per allocator page: solve for the allocator's pages when not given.
+    let free = if a[abi::DENSITY_FREE] != 0 {
+        a[abi::DENSITY_FREE]
+    } else {
+        let rest = data_pages.saturating_sub(meta_first);
+        let mut f = rest * page / (page + 12);
+        while f > 0 && f + (12 * f).div_ceil(page) > rest {
+            f -= 1;
+        }
+        f
+    };
+    let meta_pages = (12 * free).div_ceil(page);
+    let app_first = meta_first + meta_pages;
+    if app_first + free > data_pages || free < peak || free > u32::MAX as u64 {
+        println!(
+            "density: {os_pages} OS pages and {free} allocator pages (peak {peak}) do not fit"
+        );
+        return 4;
+    }
+    let addr = |i: u64| p.data_base + i * page;
+    let t0 = rdtsc();
+
+    // The pool: laid out and registered by vCPU 0.
+    let hooks = if cpu == 0 {
+        // SAFETY: the pool's bytes are zeroed RAM of the data area that nothing else
+        // uses; from now on the guest (pip) and the host access them atomically only.
+        let view =
+            unsafe { PoolView::init_raw(pool_addr as *const u8, pool_len as usize, n as u32) };
+        let Ok(view) = view else {
+            println!("density: cannot lay out the pool");
+            DENSITY_POOL.store(2, Ordering::Release);
+            return 5;
+        };
+        let registered = call(
+            abi::CALL_REGISTER,
+            &[abi::REGISTER_PIP_POOL, pool_addr, pool_len],
+        ) == 1;
+        let hooks = if registered {
+            match Hooks::attach(view) {
+                Ok(h) => h,
+                Err(e) => {
+                    println!("density: cannot attach: {e:?}");
+                    DENSITY_POOL.store(2, Ordering::Release);
+                    return 7;
+                }
+            }
+        } else {
+            Hooks::disabled()
+        };
+        DENSITY_POOL.store(if registered { 1 } else { 2 }, Ordering::Release);
+        hooks
+    } else {
+        let state = loop {
+            match DENSITY_POOL.load(Ordering::Acquire) {
+                0 => core::hint::spin_loop(),
+                s => break s,
+            }
+        };
+        if state == 1 {
+            // SAFETY: as above; vCPU 0 laid the pool out and the host registered it.
+            let view = unsafe { PoolView::from_raw(pool_addr as *const u8, pool_len as usize) };
+            match view.map(Hooks::attach) {
+                Ok(Ok(h)) => h,
+                _ => {
+                    println!("density: cpu {cpu}: cannot attach to the pool");
+                    return 7;
+                }
+            }
+        } else {
+            Hooks::disabled()
+        }
+    };
+    let enabled = hooks.is_enabled();
+    let c = cpu as usize;
+
+    // The OS pages: this vCPU's share of each kind.
+    let share = |total: u64| (total * cpu / n, total * (cpu + 1) / n);
+    let os_contents = |i: u64| {
+        if i < image {
+            Contents::Pattern(i, 1, image_seed)
+        } else if i < image + private {
+            Contents::Pattern(i, 2, seed ^ PRIVATE_SEED)
+        } else {
+            Contents::Zero
+        }
+    };
+    let (os_lo, os_hi) = share(os_pages);
+    for i in os_lo..os_hi {
+        os_contents(i).write(page_at(addr(os_first + i)));
+    }
+    let mut corrupt = 0u64;
+    let mut os_checked = 0u64;
+    let mut check_os = |corrupt: &mut u64| {
+        for i in os_lo..os_hi {
+            os_checked += 1;
+            if !os_contents(i).holds(page_at(addr(os_first + i))) {
+                if *corrupt < 4 {
+                    println!("density: cpu {cpu}: OS page {i} changed");
+                }
+                *corrupt += 1;
+            }
+        }
+    };
+
+    // The allocator over this vCPU's pages: LIFO free stack, held stack, generations.
+    let (lo, hi) = share(free);
+    let mine = hi - lo;
+    let my_peak = share(peak).1 - share(peak).0;
+    let meta = |k: u64| Meta {
+        // SAFETY (of the later accesses): three arrays of `free` u32 in the metadata
+        // pages; this vCPU uses entries lo..hi of each only.
+        ptr: (addr(meta_first) + 4 * (k * free + lo)) as *mut u32,
+        len: mine,
+    };
+    let (stack, held, generation) = (meta(0), meta(1), meta(2));
+    let frame_of = |i: u64| addr(app_first + lo + i) / page + abi::PPR_FRAME_OFFSET;
+    let app_page = |i: u64| page_at(addr(app_first + lo + i));
+    let (mut n_free, mut n_held) = (0u64, 0u64);
+    let (mut offered, mut not_offered) = (0u64, 0u64);
+    let free_page = |i: u64, n_free: &mut u64, offered: &mut u64, not_offered: &mut u64| {
+        match hooks.on_free(c, frame_of(i), app_page(i)) {
+            Some(Free::Offered(_)) => *offered += 1,
+            Some(_) => *not_offered += 1,
+            None => {}
+        }
+        stack.set(*n_free, i as u32);
+        *n_free += 1;
+    };
+    // Every page starts free (offered); the lowest is allocated first.
+    for i in (0..mine).rev() {
+        generation.set(i, 0);
+        free_page(i, &mut n_free, &mut offered, &mut not_offered);
+    }
+    let boot_cycles = rdtsc() - t0;
+    call(abi::CALL_ROUND, &[0]);
+
+    let (mut allocs, mut frees, mut zeros, mut intact, mut busy) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut work_cycles = 0u64;
+    let total = cycles * 2 * steps;
+    for t in 1..=total + 1 {
+        let w0 = rdtsc();
+        let target = if t > total {
+            0
+        } else {
+            density_target(my_peak, steps, phase, t)
+        };
+        while n_held < target && n_free > 0 {
+            n_free -= 1;
+            let i = stack.get(n_free) as u64;
+            let (frame, pg) = (frame_of(i), app_page(i));
+            // The host may be recycling this very page: retry until it lets go (it
+            // ends every claim in bounded time).
+            while !hooks.on_alloc(c, frame, pg).is_usable() {
+                busy += 1;
+                core::hint::spin_loop();
+            }
+            allocs += 1;
+            let g = generation.get(i) as u64;
+            let last = Contents::Pattern(frame, g, seed ^ APP_SEED);
+            if Contents::Zero.holds(pg) {
+                zeros += 1;
+            } else if g != 0
+                && pg.iter().enumerate().all(|(w, word)| {
+                    let v = word.load(Ordering::Relaxed);
+                    v == last.word(w) || (w < pip::MARK_WORDS && v == 0)
+                })
+            {
+                intact += 1;
+            } else {
+                if corrupt < 4 {
+                    println!("density: cpu {cpu} frame {frame} step {t}: corrupt on alloc");
+                }
+                corrupt += 1;
+            }
+            let g = g + 1;
+            generation.set(i, g as u32);
+            Contents::Pattern(frame, g, seed ^ APP_SEED).write(pg);
+            held.set(n_held, i as u32);
+            n_held += 1;
+        }
+        while n_held > target {
+            n_held -= 1;
+            let i = held.get(n_held) as u64;
+            let (frame, g) = (frame_of(i), generation.get(i) as u64);
+            if !Contents::Pattern(frame, g, seed ^ APP_SEED).holds(app_page(i)) {
+                if corrupt < 4 {
+                    println!("density: cpu {cpu} frame {frame} step {t}: changed while held");
+                }
+                corrupt += 1;
+            }
+            frees += 1;
+            free_page(i, &mut n_free, &mut offered, &mut not_offered);
+        }
+        if t % (2 * steps) == 0 || t > total {
+            check_os(&mut corrupt);
+        }
+        work_cycles += rdtsc() - w0;
+        call(abi::CALL_ROUND, &[t]);
+    }
+    call(
+        abi::CALL_REPORT,
+        &[
+            abi::REPORT_DENSITY,
+            allocs,
+            frees,
+            zeros,
+            intact,
+            corrupt,
+            offered,
+            not_offered,
+            busy,
+            os_checked,
+            total + 1,
+            work_cycles,
+            boot_cycles,
+            mine,
+            enabled as u64,
+        ],
+    );
+    println!(
+        "density: cpu {cpu}: {allocs} allocated, {frees} freed, {zeros} read zeros, \
+         {intact} intact, {corrupt} corrupt, {os_checked} OS pages checked"
+    );
     0
 }
 
