@@ -31,9 +31,10 @@
 //! fault thread (every first write to a protected page is resolved there) and the
 //! recycler's thread; KSM: ksmd. Not included for either: the faults' cost in the
 //! faulting vCPU threads (KSM's copy-on-write, the userfaultfd round trip's guest
-//! side), which shows in the guests' progress. "to converge" is that CPU from the
-//! engine's start until the guests are released after boot, divided by the pages it
-//! saved by then (merged, zero-merged and recycled).
+//! side), which shows in the guests' progress. "to converge after boot" is that CPU
+//! from the engine's start (before the guests boot) until the guests are released after
+//! boot, also per page of memory saved then against the no-engine runs; "per page
+//! recycled" is the whole run's engine CPU divided by the pages recycled.
 //!
 //! Needs `/dev/kvm`, the guest (target `x86_64-unknown-none`), root (userfaultfd with
 //! kernel faults, KSM's sysfs knobs) and no other KSM user; says what is missing and
@@ -59,6 +60,7 @@ use ppr_host::{PoolMemory, Recycler};
 
 const KSM: &str = "/sys/kernel/mm/ksm";
 const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Setup {
@@ -678,13 +680,14 @@ fn main() {
     let progress0 = mean(rows[0].1.iter().map(|r| r.report.allocs_per_mcycle()));
     let steps_mem = |r: &Row| mean(r.steps.iter().map(|s| s.memory() as f64));
     let mem0 = mean(rows[0].1.iter().map(steps_mem));
+    let boot0 = mean(rows[0].1.iter().map(|r| r.boot.memory() as f64));
     let mib = |b: f64| b / MIB as f64;
     println!();
     println!(
         "| set-up | guest memory over the steps, mean (vs no engine) | at the end | after \
-         boot | merged / zero-merged pages after boot | pages recycled | engine CPU | \
-         engine CPU to converge, per page saved | corrupt pages | guest progress vs no \
-         engine | run wall |"
+         boot | merged / zero-merged pages after boot | pages recycled | engine CPU: \
+         run (per page recycled) | engine CPU to converge after boot (per page saved vs \
+         no engine) | corrupt pages | guest progress vs no engine | run wall |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (s, rs) in &rows {
@@ -693,8 +696,11 @@ fn main() {
         }
         let m = |f: &dyn Fn(&Row) -> f64| mean(rs.iter().map(f));
         let step_mem = m(&steps_mem);
-        let saved = |r: &Row| (r.boot.merged + r.boot.zero + r.boot.recycled) as f64;
-        let per_page = m(&|r| r.boot.cpu.as_secs_f64() * 1e6 / saved(r).max(1.0));
+        // Pages of memory saved after boot, against the no-engine runs' mean.
+        let saved = |r: &Row| (boot0 - r.boot.memory() as f64) / PAGE as f64;
+        let per_saved = m(&|r| r.boot.cpu.as_secs_f64() * 1e6 / saved(r));
+        let recycled = m(&|r| r.end.recycled as f64);
+        let per_recycled = m(&|r| r.engine_cpu.as_secs_f64() * 1e6 / r.end.recycled.max(1) as f64);
         println!(
             "| {} | {:.1} MiB ({:.2}) | {:.1} MiB | {:.1} MiB | {:.0} / {:.0} | {:.0} | {:.2} s | {} | {} | {:.2} | {:.1} s |",
             s.name(),
@@ -704,12 +710,21 @@ fn main() {
             mib(m(&|r| r.boot.memory() as f64)),
             m(&|r| r.boot.merged as f64),
             m(&|r| r.boot.zero as f64),
-            m(&|r| r.end.recycled as f64),
-            m(&|r| r.engine_cpu.as_secs_f64()),
-            if *s == Setup::None {
-                "–".to_string()
+            recycled,
+            if recycled > 0.0 {
+                format!("{:.2} s ({per_recycled:.0} µs)", m(&|r| r.engine_cpu.as_secs_f64()))
             } else {
-                format!("{:.2} s, {per_page:.1} µs", m(&|r| r.boot.cpu.as_secs_f64()))
+                format!("{:.2} s", m(&|r| r.engine_cpu.as_secs_f64()))
+            },
+            match s {
+                Setup::None => "–".to_string(),
+                _ if mean(rs.iter().map(saved)) < 1.0 => {
+                    format!("{:.2} s (nothing saved)", m(&|r| r.boot.cpu.as_secs_f64()))
+                }
+                _ => format!(
+                    "{:.2} s ({per_saved:.1} µs)",
+                    m(&|r| r.boot.cpu.as_secs_f64())
+                ),
             },
             rs.iter().map(|r| r.report.corrupt).sum::<u64>(),
             m(&|r| r.report.allocs_per_mcycle()) / progress0,
