@@ -241,8 +241,8 @@
 //! - `REMAP`: the pages are gone at their old address, and the range at its new address
 //!   is unregistered (it keeps the registration across the move, and a write there would
 //!   otherwise wait for a fault thread that no longer knows it). Its store pages keep
-//!   their slots, since the moved memory may still map them
-//!   ([`LinuxStats::foreign_remaps`]).
+//!   their slots for the life of the process (never freed: the moved memory may still
+//!   map them, and must keep reading the same; [`LinuxStats::foreign_remaps`]).
 //! - `REMOVE`: the pages' contents are being dropped without a write fault, and dropped
 //!   anonymous memory loses its write protection: the pages are unprotected and their
 //!   tokens stale ([`LinuxStats::foreign_removes`]); see *Discards*.
@@ -264,7 +264,8 @@
 //! - Guaranteed: once the owner's `munmap`, `mremap` or `mmap(MAP_FIXED)` over guest
 //!   memory has returned, no later operation reads, drops or remaps the new occupant of
 //!   the address: each fails ([`PageError::Unmapped`], or [`PageError::Os`] with `ENOENT`
-//!   until the event is applied). Bytes returned by `read_page` and `read_words` were the
+//!   until the event is applied; a merge whose token a failed `protect` made stale
+//!   reports `Changed`). Bytes returned by `read_page` and `read_words` were the
 //!   region's. Tested with a new mapping taking the address at once
 //!   (`a_new_mapping_at_an_unmapped_regions_address_is_never_read_nor_zeroed`), one page
 //!   unmapped (`one_page_unmapped_by_its_owner_is_gone_alone`), a region moved
