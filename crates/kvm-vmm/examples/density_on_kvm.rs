@@ -42,9 +42,11 @@
 //! `cargo run --release -p kvm-vmm --example density_on_kvm -- [--vms 4] [--mib 64]
 //! [--steps 4] [--cycles 2] [--reps 1]`.
 
+use std::collections::HashSet;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use kvm_vmm::barrier::RoundBarrier;
@@ -219,6 +221,71 @@ fn pss(ranges: &[(usize, usize)]) -> u64 {
     total
 }
 
+/// The physical frame of the kernel's shared zero page (what a read of fresh anonymous
+/// memory maps), from `/proc/self/pagemap` (root sees frame numbers).
+fn zero_pfn() -> Option<u64> {
+    static PFN: OnceLock<Option<u64>> = OnceLock::new();
+    *PFN.get_or_init(|| {
+        // SAFETY: a fresh private anonymous page of our own, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE as usize,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: `p` is a readable page just mapped; reading maps the zero page.
+        let _ = unsafe { (p as *const u8).read_volatile() };
+        let pfn = pagemap(p as usize, 1)
+            .and_then(|e| e.first().copied())
+            .filter(|e| e >> 63 == 1)
+            .map(|e| e & PFN_MASK);
+        // SAFETY: the page mapped above, not used afterwards.
+        unsafe { libc::munmap(p, PAGE as usize) };
+        pfn
+    })
+}
+
+const PFN_MASK: u64 = (1 << 55) - 1;
+
+/// `pages` entries of `/proc/self/pagemap` from address `addr`.
+fn pagemap(addr: usize, pages: usize) -> Option<Vec<u64>> {
+    let f = fs::File::open("/proc/self/pagemap").ok()?;
+    let mut buf = vec![0u8; pages * 8];
+    f.read_exact_at(&mut buf, (addr as u64 / PAGE) * 8).ok()?;
+    Some(
+        buf.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+    )
+}
+
+/// Bytes of distinct physical pages mapped in `ranges` (the kernel's zero page not
+/// counted; a KSM page mapped by many guest pages counted once), from
+/// `/proc/self/pagemap`; `None` without frame numbers (not root).
+fn distinct_resident(ranges: &[(usize, usize)]) -> Option<u64> {
+    let zero = zero_pfn()?;
+    let mut frames = HashSet::new();
+    for &(a, b) in ranges {
+        for e in pagemap(a, (b - a) / PAGE as usize)? {
+            let pfn = e & PFN_MASK;
+            if e >> 63 == 1 && pfn != zero {
+                if pfn == 0 {
+                    return None;
+                }
+                frames.insert(pfn);
+            }
+        }
+    }
+    Some(frames.len() as u64 * PAGE)
+}
+
 /// KSM's knobs as they were; written back on drop.
 struct KsmRestore(Vec<(&'static str, String)>);
 
@@ -265,8 +332,11 @@ impl ScanHook<LinuxMemory> for SharedRecycler {
 /// One sample, taken at a barrier with the guests held.
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
-    /// `Pss` of the guest RAM's mappings.
+    /// `Pss` of the guest RAM's mappings (a mapping that the kernel merged with a
+    /// neighbour counts whole).
     pss: u64,
+    /// Distinct physical pages mapped in the guest RAM, bytes (`/proc/self/pagemap`).
+    resident: Option<u64>,
     /// The Linux backend's usage (`LinuxUsage::total_bytes`), where there is one.
     usage: Option<u64>,
     /// Pages sharing a merged page (beyond the first).
@@ -281,10 +351,10 @@ struct Sample {
 
 impl Sample {
     /// The memory the guest RAM uses: the backend's usage where there is one (the
-    /// guests' private memory plus the canonical store; `Pss` misses store pages not
-    /// mapped into the guest's page tables yet), else `Pss`.
+    /// guests' private memory plus the canonical store; page tables miss store pages
+    /// not mapped into the guest yet), else the distinct resident pages (else `Pss`).
     fn memory(&self) -> u64 {
-        self.usage.unwrap_or(self.pss)
+        self.usage.or(self.resident).unwrap_or(self.pss)
     }
 }
 
@@ -445,6 +515,7 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
             let s = e.as_ref().map(|e| e.stats()).unwrap_or_default();
             Sample {
                 pss: pss(&rr),
+                resident: distinct_resident(&rr),
                 usage: ad.memory().usage().ok().map(|u| u.total_bytes()),
                 merged: s.pages_sharing,
                 zero: s.zero_pages,
@@ -524,6 +595,7 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
         let (rr, cpu) = (ranges.clone(), cpu_now.clone());
         *probe.lock().unwrap() = Some(Box::new(move || Sample {
             pss: pss(&rr),
+            resident: distinct_resident(&rr),
             usage: None,
             merged: ksm_num("pages_sharing"),
             zero: ksm_num("ksm_zero_pages"),
@@ -546,6 +618,7 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
         let rr = ranges.clone();
         *probe.lock().unwrap() = Some(Box::new(move || Sample {
             pss: pss(&rr),
+            resident: distinct_resident(&rr),
             ..Sample::default()
         }));
     }
@@ -702,7 +775,7 @@ fn main() {
         let recycled = m(&|r| r.end.recycled as f64);
         let per_recycled = m(&|r| r.engine_cpu.as_secs_f64() * 1e6 / r.end.recycled.max(1) as f64);
         println!(
-            "| {} | {:.1} MiB ({:.2}) | {:.1} MiB | {:.1} MiB | {:.0} / {:.0} | {:.0} | {:.2} s | {} | {} | {:.2} | {:.1} s |",
+            "| {} | {:.1} MiB ({:.2}) | {:.1} MiB | {:.1} MiB | {:.0} / {:.0} | {:.0} | {} | {} | {} | {:.2} | {:.1} s |",
             s.name(),
             mib(step_mem),
             step_mem / mem0,
@@ -737,7 +810,8 @@ fn main() {
             println!(
                 "{}: allocs {} (read zeros {}, intact {}), frees {}, offered {}, not offered {}, \
                  busy {}, OS pages checked {}, barrier timeouts {}, boot CPU {:.2} s, \
-                 guest RAM Pss over the steps {:.1} MiB, at the end {:.1} MiB",
+                 guest RAM over the steps: Pss {:.1} MiB, distinct resident pages {:.1} MiB; \
+                 at the end: Pss {:.1} MiB",
                 s.name(),
                 r.report.allocs,
                 r.report.zeros,
@@ -750,6 +824,7 @@ fn main() {
                 r.timeouts,
                 r.boot.cpu.as_secs_f64(),
                 mib(mean(r.steps.iter().map(|s| s.pss as f64))),
+                mib(mean(r.steps.iter().map(|s| s.resident.unwrap_or(0) as f64))),
                 mib(r.end.pss as f64),
             );
         }

@@ -22,13 +22,16 @@
 //! [`abi`]: the memory checker ([`workload::Checker`]) and the Per Page Recycler's guest
 //! side ([`abi::WORKLOAD_PPR`]: a page allocator calling `ppr-guest`'s hooks over a PIP
 //! pool in guest RAM that it registers through [`abi::CALL_REGISTER`]; the host answers
-//! with `ppr_host::Recycler::register`, see `tests/ppr.rs`), and a hostile PPR guest
-//! ([`abi::WORKLOAD_PPR_HOSTILE`]).
+//! with `ppr_host::Recycler::register`, see `tests/ppr.rs`), a hostile PPR guest
+//! ([`abi::WORKLOAD_PPR_HOSTILE`]), and the density workload of the repository's
+//! `examples/density` ([`workload::Density`], [`abi::WORKLOAD_DENSITY`]). Hosts hold the
+//! guests at their round calls with a [`barrier::RoundBarrier`] (engine passes counted).
 //!
 //! `examples/engines_on_kvm.rs` runs the checker's guests with no engine, under PageONE
 //! and under Linux KSM, and prints memory, merged pages, engine CPU, mismatches and the
 //! guests' write throughput side by side (`docs/benchmarks.md`, "The engines on real
-//! vCPUs").
+//! vCPUs"); `examples/density_on_kvm.rs` runs the density workload with no engine, KSM,
+//! PageONE, the PPR recycler and PPR + PageONE ("The density workload on real vCPUs").
 //!
 //! ```no_run
 //! use std::time::Duration;
