@@ -4,95 +4,37 @@
 //! with the reason printed, where userfaultfd write-protect is unavailable.
 #![cfg(feature = "linux")]
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use page_memory::linux::{Backing, LinuxConfig, LinuxMemory, LinuxUsage};
-use page_memory::{
-    is_zero_page, DomainId, PageError, PageId, PageMemory, RegionId, PAGE_SIZE, PAGE_WORDS,
-};
+use page_memory::linux::test_util::*;
+use page_memory::linux::{Backing, LinuxMemory};
+use page_memory::{is_zero_page, DomainId, PageError, PageId, PageMemory, RegionId, PAGE_SIZE};
 use pageone::{Config, PageOne};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
-fn memory() -> Option<LinuxMemory> {
-    memory_with(LinuxConfig::default())
-}
-
-/// The memory these tests use: they write guest memory from user space only, so a
-/// process that may not have kernel faults (CI's unprivileged run) falls back to a
-/// user-mode-only userfaultfd.
-fn memory_with(config: LinuxConfig) -> Option<LinuxMemory> {
-    match LinuxMemory::with_config(config.with_require_kernel_faults(false)) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            let knob = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
-                .unwrap_or_else(|_| "unknown".into());
-            eprintln!(
-                "SKIPPED: no userfaultfd write-protect here: {e} (vm.unprivileged_userfaultfd = {})",
-                knob.trim()
-            );
-            None
-        }
+/// PageONE over `mem` with its daemon running fast (2 work threads, passes every few
+/// milliseconds), once it has merged at least 100 pages (asserted, within 5 s).
+fn merging_engine(mem: &Arc<LinuxMemory>) -> PageOne<LinuxMemory> {
+    let engine = PageOne::new(
+        mem.clone(),
+        Config::default()
+            .work_threads(2)
+            .merge_period(Duration::from_millis(4))
+            .base_period(Duration::from_millis(2))
+            .stable_periods(1),
+    )
+    .expect("the engine's threads");
+    engine.start().expect("the engine's daemon thread");
+    let t0 = Instant::now();
+    while engine.stats().pages_sharing < 100 && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(2));
     }
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Word `i` of the page with contents `seed`.
-fn pattern(seed: u64, i: usize) -> u64 {
-    splitmix(seed.wrapping_mul(PAGE_WORDS as u64) + i as u64) | 1
-}
-
-/// Word `i` of `page`, as the guest sees it.
-fn word(mem: &LinuxMemory, page: PageId, i: usize) -> &AtomicU64 {
-    assert!(i < PAGE_WORDS);
-    let base = mem.page_ptr(page).unwrap().cast::<u64>();
-    // SAFETY: `page` is a page of a region of `mem` that no test removes or unmaps while
-    // the returned reference is used (it borrows `mem`); word `i` is inside it and
-    // aligned. All test accesses to guest memory are atomic.
-    unsafe { AtomicU64::from_ptr(base.add(i)) }
-}
-
-/// Guest write of the page with contents `seed` to `page`.
-fn fill(mem: &LinuxMemory, page: PageId, seed: u64) {
-    for i in 0..PAGE_WORDS {
-        word(mem, page, i).store(pattern(seed, i), Ordering::Relaxed);
-    }
-}
-
-/// Whether `page` holds the contents `seed` (read through the backend).
-fn holds(mem: &LinuxMemory, page: PageId, seed: u64) -> bool {
-    let mut buf = [0u8; PAGE_SIZE];
-    mem.read_page(page, &mut buf).unwrap();
-    buf.chunks_exact(8)
-        .enumerate()
-        .all(|(i, c)| u64::from_ne_bytes(c.try_into().unwrap()) == pattern(seed, i))
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-fn show(label: &str, u: &LinuxUsage) {
-    eprintln!(
-        "{label}: anonymous {:.2} MiB, store {:.2} MiB, total {:.2} MiB; rss {:.2} MiB, pss {:.2} MiB, \
-         {} mappings; census {:?}",
-        mib(u.region_anonymous),
-        mib(u.store_bytes),
-        mib(u.total_bytes()),
-        mib(u.region_rss),
-        mib(u.region_pss),
-        u.region_mappings,
-        u.census
-    );
+    assert!(engine.stats().pages_sharing >= 100);
+    engine
 }
 
 fn fill_duplicates(mem: &LinuxMemory, regions: &[RegionId], pages_each: u32, distinct: u64) {
@@ -226,21 +168,7 @@ fn a_region_unmapped_under_a_running_engine_yields_errors() {
     for i in 0..64 {
         fill(&mem, PageId::new(keep, i), 1 + (i % 8) as u64);
     }
-    let engine = PageOne::new(
-        mem.clone(),
-        Config::default()
-            .work_threads(2)
-            .merge_period(Duration::from_millis(4))
-            .base_period(Duration::from_millis(2))
-            .stable_periods(1),
-    )
-    .expect("the engine's threads");
-    engine.start().expect("the engine's daemon thread");
-    let t0 = Instant::now();
-    while engine.stats().pages_sharing < 100 && t0.elapsed() < Duration::from_secs(5) {
-        thread::sleep(Duration::from_millis(2));
-    }
-    assert!(engine.stats().pages_sharing >= 100);
+    let engine = merging_engine(&mem);
     // The embedder unmaps the region behind the engine's back (the address stays reserved,
     // so that no other test's mapping can land where the memory still has a region).
     unmap_keeping_the_address(base, len);
@@ -273,41 +201,6 @@ fn a_region_unmapped_under_a_running_engine_yields_errors() {
     unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
 }
 
-/// Maps `len` bytes of private anonymous memory, as an embedder would.
-fn embedder_mmap(len: usize) -> *mut u8 {
-    // SAFETY: a fresh private anonymous mapping at an address the kernel chooses.
-    unsafe {
-        rustix::mm::mmap_anonymous(
-            std::ptr::null_mut(),
-            len,
-            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-            rustix::mm::MapFlags::PRIVATE,
-        )
-    }
-    .expect("mmap")
-    .cast()
-}
-
-/// Unmaps `[base, base + len)` as an embedder would, except that the address range stays
-/// reserved (a `PROT_NONE` mapping replaces the memory atomically): no other test in this
-/// process can get a mapping there while a memory still remembers the region. Release it
-/// with `munmap` once no memory refers to it.
-fn unmap_keeping_the_address(base: *mut u8, len: usize) {
-    // SAFETY: the test's own mapping, which nothing in the test touches afterwards (the
-    // backend only reaches it through fault-checked calls, which fail on PROT_NONE).
-    unsafe {
-        rustix::mm::mmap_anonymous(
-            base.cast(),
-            len,
-            rustix::mm::ProtFlags::empty(),
-            rustix::mm::MapFlags::PRIVATE
-                | rustix::mm::MapFlags::FIXED
-                | rustix::mm::MapFlags::NORESERVE,
-        )
-    }
-    .expect("mmap PROT_NONE over the region");
-}
-
 /// A balloon discards guest pages and the embedder declares a pinned range while PageONE
 /// runs: discarded pages read zeros, pinned pages are never merged (the engine's protect
 /// calls are refused and counted), every other page keeps its contents, and none of the
@@ -325,21 +218,7 @@ fn discards_and_declared_pins_under_a_running_engine() {
     let expect = |i: u32| -> Option<u64> { (i % 16 != 15).then(|| 1 + i as u64) };
     // Region 0's first 16 pages are pinned before the engine starts.
     mem.declare_pinned(regions[0], 0..16).unwrap();
-    let engine = PageOne::new(
-        mem.clone(),
-        Config::default()
-            .work_threads(2)
-            .merge_period(Duration::from_millis(4))
-            .base_period(Duration::from_millis(2))
-            .stable_periods(1),
-    )
-    .expect("the engine's threads");
-    engine.start().expect("the engine's daemon thread");
-    let t0 = Instant::now();
-    while engine.stats().pages_sharing < 100 && t0.elapsed() < Duration::from_secs(5) {
-        thread::sleep(Duration::from_millis(2));
-    }
-    assert!(engine.stats().pages_sharing >= 100);
+    let engine = merging_engine(&mem);
     // The balloon takes region 1's first 64 pages (merged ones among them).
     let balloon: Vec<PageId> = (0..64).map(|i| PageId::new(regions[1], i)).collect();
     let out = mem.discard(&balloon);

@@ -9,7 +9,8 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use page_memory::linux::{Backing, LinuxConfig, LinuxError, LinuxFrame, LinuxMemory, LinuxUsage};
+use page_memory::linux::test_util::*;
+use page_memory::linux::{Backing, LinuxConfig, LinuxError, LinuxFrame, LinuxMemory};
 use page_memory::{
     is_zero_page, DomainId, MergeOutcome, PageError, PageId, PageMemory, RegionId, PAGE_SIZE,
     PAGE_WORDS,
@@ -17,86 +18,26 @@ use page_memory::{
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
-fn memory() -> Option<LinuxMemory> {
-    memory_with(LinuxConfig::default())
-}
-
-/// The memory these tests use: they write guest memory from user space only, so a
-/// process that may not have kernel faults (CI's unprivileged run) falls back to a
-/// user-mode-only userfaultfd.
-fn memory_with(config: LinuxConfig) -> Option<LinuxMemory> {
-    match LinuxMemory::with_config(config.with_require_kernel_faults(false)) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            let knob = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
-                .unwrap_or_else(|_| "unknown".into());
-            eprintln!(
-                "SKIPPED: no userfaultfd write-protect here: {e} (vm.unprivileged_userfaultfd = {})",
-                knob.trim()
-            );
-            None
-        }
+/// [`memory`], where it has userfaultfd non-cooperative events (`None`, the reason
+/// printed, where it has not).
+fn memory_with_events() -> Option<LinuxMemory> {
+    let mem = memory()?;
+    if !mem.caps().events {
+        eprintln!("SKIPPED: no userfaultfd non-cooperative events here");
+        return None;
     }
+    Some(mem)
 }
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Word `i` of the page with contents `seed`.
-fn pattern(seed: u64, i: usize) -> u64 {
-    splitmix(seed.wrapping_mul(PAGE_WORDS as u64) + i as u64) | 1
-}
-
-/// Word `i` of `page`, as the guest sees it.
-fn word(mem: &LinuxMemory, page: PageId, i: usize) -> &AtomicU64 {
-    assert!(i < PAGE_WORDS);
-    let base = mem.page_ptr(page).unwrap().cast::<u64>();
-    // SAFETY: `page` is a page of a region of `mem` that no test removes or unmaps while
-    // the returned reference is used (it borrows `mem`); word `i` is inside it and
-    // aligned. All test accesses to guest memory are atomic.
-    unsafe { AtomicU64::from_ptr(base.add(i)) }
-}
-
-/// Guest write of the page with contents `seed` to `page`.
-fn fill(mem: &LinuxMemory, page: PageId, seed: u64) {
-    for i in 0..PAGE_WORDS {
-        word(mem, page, i).store(pattern(seed, i), Ordering::Relaxed);
-    }
-}
-
-/// Whether `page` holds the contents `seed` (read through the backend).
-fn holds(mem: &LinuxMemory, page: PageId, seed: u64) -> bool {
-    let mut buf = [0u8; PAGE_SIZE];
-    mem.read_page(page, &mut buf).unwrap();
-    buf.chunks_exact(8)
-        .enumerate()
-        .all(|(i, c)| u64::from_ne_bytes(c.try_into().unwrap()) == pattern(seed, i))
-}
-
-fn pages(r: RegionId, range: std::ops::Range<u32>) -> Vec<PageId> {
-    range.map(|i| PageId::new(r, i)).collect()
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-fn show(label: &str, u: &LinuxUsage) {
-    eprintln!(
-        "{label}: anonymous {:.2} MiB, store {:.2} MiB, total {:.2} MiB; rss {:.2} MiB, pss {:.2} MiB, \
-         {} mappings; census {:?}",
-        mib(u.region_anonymous),
-        mib(u.store_bytes),
-        mib(u.total_bytes()),
-        mib(u.region_rss),
-        mib(u.region_pss),
-        u.region_mappings,
-        u.census
-    );
+/// `pages` pages of the test's own memory (a fresh private anonymous mapping, as an
+/// embedder's), adopted into `mem`: the mapping's address, its length and the region.
+/// The test unmaps the mapping itself, once no memory refers to it.
+fn adopted(mem: &LinuxMemory, pages: usize) -> (*mut u8, usize, RegionId) {
+    let len = pages * PAGE_SIZE;
+    let base = embedder_mmap(len);
+    // SAFETY: the test's own fresh private anonymous mapping, unmapped only by the test.
+    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    (base, len, r)
 }
 
 #[test]
@@ -554,10 +495,7 @@ fn writers_lose_no_write_across_merge_and_copy_on_write_cycles() {
 fn a_region_unmapped_by_its_owner_yields_errors() {
     let Some(mem) = memory() else { return };
     const PAGES: usize = 64;
-    let len = PAGES * PAGE_SIZE;
-    let base = embedder_mmap(len);
-    // SAFETY: the mapping just made: private, anonymous, page-aligned, ours.
-    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    let (base, len, r) = adopted(&mem, PAGES);
     let keep = mem.add_region(8, DomainId(0)).unwrap();
     for i in 0..PAGES as u32 {
         fill(&mem, PageId::new(r, i), 1 + (i % 8) as u64);
@@ -602,21 +540,6 @@ fn a_region_unmapped_by_its_owner_yields_errors() {
     drop(mem);
     // SAFETY: the reservation made above; no memory refers to the range any more.
     unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
-}
-
-/// Maps `len` bytes of private anonymous memory, as an embedder would.
-fn embedder_mmap(len: usize) -> *mut u8 {
-    // SAFETY: a fresh private anonymous mapping at an address the kernel chooses.
-    unsafe {
-        rustix::mm::mmap_anonymous(
-            std::ptr::null_mut(),
-            len,
-            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-            rustix::mm::MapFlags::PRIVATE,
-        )
-    }
-    .expect("mmap")
-    .cast()
 }
 
 /// Without userfaultfd: nothing is protected or merged, recycling still frees memory.
@@ -671,10 +594,7 @@ fn without_userfaultfd_nothing_merges_but_recycling_works() {
 fn removing_an_adopted_region_gives_it_back_as_plain_memory() {
     let Some(mem) = memory() else { return };
     const PAGES: usize = 64;
-    let len = PAGES * PAGE_SIZE;
-    let base = embedder_mmap(len);
-    // SAFETY: the test's own fresh private anonymous mapping, unmapped only at the end.
-    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    let (base, len, r) = adopted(&mem, PAGES);
     for i in 0..PAGES as u32 {
         fill(&mem, PageId::new(r, i), 1 + (i % 4) as u64);
     }
@@ -838,26 +758,6 @@ fn batches_do_what_single_calls_do() {
     assert!(holds(&mem, PageId::new(r, N + 51), 52));
 }
 
-/// Unmaps `[base, base + len)` as an embedder would, except that the address range stays
-/// reserved (a `PROT_NONE` mapping replaces the memory atomically): no other test in this
-/// process can get a mapping there while a memory still remembers the region. Release it
-/// with `munmap` once no memory refers to it.
-fn unmap_keeping_the_address(base: *mut u8, len: usize) {
-    // SAFETY: the test's own mapping, which nothing in the test touches afterwards (the
-    // backend only reaches it through fault-checked calls, which fail on PROT_NONE).
-    unsafe {
-        rustix::mm::mmap_anonymous(
-            base.cast(),
-            len,
-            rustix::mm::ProtFlags::empty(),
-            rustix::mm::MapFlags::PRIVATE
-                | rustix::mm::MapFlags::FIXED
-                | rustix::mm::MapFlags::NORESERVE,
-        )
-    }
-    .expect("mmap PROT_NONE over the region");
-}
-
 /// One page of an adopted region is replaced behind the backend's back (a fresh
 /// anonymous mapping over it, which the userfaultfd does not know): protecting it fails
 /// for that page alone, with no token; the rest of the region keeps working and is not
@@ -866,10 +766,7 @@ fn unmap_keeping_the_address(base: *mut u8, len: usize) {
 fn a_page_replaced_behind_the_backends_back_fails_alone() {
     let Some(mem) = memory() else { return };
     const PAGES: usize = 8;
-    let len = PAGES * PAGE_SIZE;
-    let base = embedder_mmap(len);
-    // SAFETY: the test's own fresh private anonymous mapping, unmapped only at the end.
-    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    let (base, len, r) = adopted(&mem, PAGES);
     for i in 0..PAGES as u32 {
         fill(&mem, PageId::new(r, i), 1 + (i % 2) as u64);
     }
@@ -952,11 +849,9 @@ fn all_bytes(at: *mut u8, len: usize, b: u8) -> bool {
 /// the memory's drop.
 #[test]
 fn a_new_mapping_at_an_unmapped_regions_address_is_never_read_nor_zeroed() {
-    let Some(mem) = memory() else { return };
-    if !mem.caps().events {
-        eprintln!("SKIPPED: no userfaultfd non-cooperative events here");
+    let Some(mem) = memory_with_events() else {
         return;
-    }
+    };
     new_occupant_is_never_touched(mem);
 }
 
@@ -1093,16 +988,11 @@ fn new_occupant_is_never_touched(mem: LinuxMemory) {
 /// One page of a region unmapped by its owner: that page alone is gone.
 #[test]
 fn one_page_unmapped_by_its_owner_is_gone_alone() {
-    let Some(mem) = memory() else { return };
-    if !mem.caps().events {
-        eprintln!("SKIPPED: no userfaultfd non-cooperative events here");
+    let Some(mem) = memory_with_events() else {
         return;
-    }
+    };
     const PAGES: usize = 8;
-    let len = PAGES * PAGE_SIZE;
-    let base = embedder_mmap(len);
-    // SAFETY: the test's own fresh private anonymous mapping.
-    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    let (base, len, r) = adopted(&mem, PAGES);
     for i in 0..PAGES as u32 {
         fill(&mem, PageId::new(r, i), 7);
     }
@@ -1145,16 +1035,11 @@ fn one_page_unmapped_by_its_owner_is_gone_alone() {
 /// unregistered), and the moved memory keeps its contents.
 #[test]
 fn a_region_moved_by_its_owner_is_gone_and_the_moved_memory_works() {
-    let Some(mem) = memory() else { return };
-    if !mem.caps().events {
-        eprintln!("SKIPPED: no userfaultfd non-cooperative events here");
+    let Some(mem) = memory_with_events() else {
         return;
-    }
+    };
     const PAGES: usize = 8;
-    let len = PAGES * PAGE_SIZE;
-    let base = embedder_mmap(len);
-    // SAFETY: the test's own fresh private anonymous mapping.
-    let r = unsafe { mem.adopt_region(base, len, DomainId(0)) }.unwrap();
+    let (base, len, r) = adopted(&mem, PAGES);
     // Pages 0 and 1 hold the same contents and get merged before the move.
     let seed = |i: usize| 3 + i.max(1) as u64;
     for i in 0..PAGES {
@@ -1290,11 +1175,9 @@ fn discard_makes_every_kind_of_page_read_zeros() {
 /// while the page lies in a mapping of it. Tokens of dropped pages are stale.
 #[test]
 fn an_embedders_dontneed_never_shows_another_domains_bytes() {
-    let Some(mem) = memory() else { return };
-    if !mem.caps().events {
-        eprintln!("SKIPPED: no userfaultfd non-cooperative events here");
+    let Some(mem) = memory_with_events() else {
         return;
-    }
+    };
     let ra = mem.add_region(3, DomainId(0)).unwrap();
     let rb = mem.add_region(1, DomainId(1)).unwrap();
     let [a0, a1, a2] = [0, 1, 2].map(|i| PageId::new(ra, i));

@@ -5,48 +5,9 @@
 //! write-protect is unavailable.
 #![cfg(feature = "linux")]
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use page_memory::linux::{LinuxConfig, LinuxMemory};
-use page_memory::{DomainId, MergeOutcome, PageError, PageId, PageMemory, RegionId, PAGE_WORDS};
-
-/// The memory these tests use: they write guest memory from user space only, so a
-/// process that may not have kernel faults (CI's unprivileged run) falls back to a
-/// user-mode-only userfaultfd.
-fn memory_with(config: LinuxConfig) -> Option<LinuxMemory> {
-    match LinuxMemory::with_config(config.with_require_kernel_faults(false)) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            eprintln!("SKIPPED: no userfaultfd write-protect here: {e}");
-            None
-        }
-    }
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Guest write of the page with contents `seed` to `page`.
-fn fill(mem: &LinuxMemory, page: PageId, seed: u64) {
-    let base = mem.page_ptr(page).unwrap().cast::<u64>();
-    for i in 0..PAGE_WORDS {
-        // SAFETY: word `i` of a page of a live region of `mem`, aligned; guest memory is
-        // only accessed atomically here.
-        let w = unsafe { AtomicU64::from_ptr(base.add(i)) };
-        w.store(
-            splitmix(seed.wrapping_mul(PAGE_WORDS as u64) + i as u64) | 1,
-            Ordering::Relaxed,
-        );
-    }
-}
-
-fn pages(r: RegionId, range: std::ops::Range<u32>) -> Vec<PageId> {
-    range.map(|i| PageId::new(r, i)).collect()
-}
+use page_memory::linux::test_util::*;
+use page_memory::linux::LinuxConfig;
+use page_memory::{DomainId, MergeOutcome, PageError, PageId, PageMemory};
 
 /// Merging stops short of vm.max_map_count, with a typed, counted reason.
 #[test]

@@ -4,93 +4,12 @@
 #![cfg(feature = "vm-memory")]
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use page_memory::linux::{LinuxConfig, LinuxMemory};
-use page_memory::vmm::vm_memory::bitmap::{AtomicBitmap, Bitmap};
-use page_memory::vmm::vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
-use page_memory::vmm::{AdoptedGuest, VmMemoryAdapter};
+use page_memory::linux::test_util::*;
+use page_memory::vmm::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use page_memory::{DomainId, MergeOutcome, PageError, PageId, PageMemory, PAGE_SIZE};
 
-type Guest = GuestMemoryMmap<AtomicBitmap>;
-
 const PAGE: u64 = PAGE_SIZE as u64;
-/// Two guest regions, with a hole between them.
-const STARTS: [u64; 2] = [0, 1 << 32];
-
-/// The adapter these tests use: they write guest memory from user space only, so a
-/// process that may not have kernel faults (CI's unprivileged run) falls back to a
-/// user-mode-only userfaultfd.
-fn adapter() -> Option<VmMemoryAdapter> {
-    match LinuxMemory::with_config(LinuxConfig::default().with_require_kernel_faults(false)) {
-        Ok(m) => Some(VmMemoryAdapter::new(Arc::new(m))),
-        Err(e) => {
-            eprintln!("SKIPPED: no userfaultfd write-protect here: {e}");
-            None
-        }
-    }
-}
-
-fn guest(pages: u64) -> Guest {
-    GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(STARTS[0]), (pages * PAGE) as usize),
-        (GuestAddress(STARTS[1]), (pages * PAGE) as usize),
-    ])
-    .expect("GuestMemoryMmap")
-}
-
-/// The contents `seed` (0: a zero page).
-fn content(seed: u64) -> Vec<u8> {
-    if seed == 0 {
-        return vec![0; PAGE_SIZE];
-    }
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..PAGE_SIZE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Guest address of page `i` of region `r`.
-fn gpa(r: usize, i: u64) -> GuestAddress {
-    GuestAddress(STARTS[r] + i * PAGE)
-}
-
-fn clear_bitmaps(g: &Guest) {
-    for r in g.iter() {
-        r.get_mmap().bitmap().reset();
-    }
-}
-
-/// Guest addresses (page-aligned) whose dirty bit is set.
-fn dirty(g: &Guest) -> BTreeSet<u64> {
-    let mut out = BTreeSet::new();
-    for r in g.iter() {
-        let b = r.bitmap();
-        for off in (0..r.len()).step_by(PAGE_SIZE) {
-            if b.dirty_at(off as usize) {
-                out.insert(r.start_addr().0 + off);
-            }
-        }
-    }
-    out
-}
-
-fn read(g: &Guest, addr: GuestAddress) -> Vec<u8> {
-    let mut buf = vec![0u8; PAGE_SIZE];
-    g.read_slice(&mut buf, addr).expect("read_slice");
-    buf
-}
-
-fn page(vm: &AdoptedGuest, addr: GuestAddress) -> PageId {
-    vm.page_of(addr).expect("an adopted page")
-}
 
 /// The backend's own operations mark exactly the pages they change, at the right guest
 /// addresses, and nothing else.
