@@ -29,6 +29,15 @@ fn memory_with_events() -> Option<LinuxMemory> {
     Some(mem)
 }
 
+/// Waits (at most 5 s) until the backend has learnt of `want` pages unmapped by their
+/// owner.
+fn wait_for_foreign_unmaps(mem: &LinuxMemory, want: u64) {
+    let t0 = Instant::now();
+    while mem.stats().foreign_unmaps < want && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// `pages` pages of the test's own memory (a fresh private anonymous mapping, as an
 /// embedder's), adopted into `mem`: the mapping's address, its length and the region.
 /// The test unmaps the mapping itself, once no memory refers to it.
@@ -900,12 +909,8 @@ fn new_occupant_is_never_touched(mem: LinuxMemory) {
             // Another test took the address in between: try again elsewhere, once the
             // fault thread has applied this unmap.
             None => {
-                let t0 = Instant::now();
-                while events
-                    && mem.stats().foreign_unmaps < unmapped * PAGES as u64
-                    && t0.elapsed() < Duration::from_secs(5)
-                {
-                    thread::sleep(Duration::from_millis(1));
+                if events {
+                    wait_for_foreign_unmaps(&mem, unmapped * PAGES as u64);
                 }
                 continue;
             }
@@ -963,11 +968,8 @@ fn new_occupant_is_never_touched(mem: LinuxMemory) {
         unsafe { rustix::mm::munmap(base.cast(), len) }.unwrap();
         return;
     }
-    let t0 = Instant::now();
     let want = unmapped * PAGES as u64;
-    while mem.stats().foreign_unmaps < want && t0.elapsed() < Duration::from_secs(5) {
-        thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_foreign_unmaps(&mem, want);
     assert_eq!(mem.stats().foreign_unmaps, want);
     let mut buf = [0u8; PAGE_SIZE];
     assert_eq!(
@@ -1003,10 +1005,7 @@ fn one_page_unmapped_by_its_owner_is_gone_alone() {
         unsafe { base.add(2 * PAGE_SIZE) },
         PAGE_SIZE,
     );
-    let t0 = Instant::now();
-    while mem.stats().foreign_unmaps < 1 && t0.elapsed() < Duration::from_secs(5) {
-        thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_foreign_unmaps(&mem, 1);
     assert_eq!(mem.stats().foreign_unmaps, 1);
     let all = pages(r, 0..PAGES as u32);
     let t = mem.protect(&all);
@@ -1070,10 +1069,7 @@ fn a_region_moved_by_its_owner_is_gone_and_the_moved_memory_works() {
         }
         .expect("mremap");
     }
-    let t0 = Instant::now();
-    while mem.stats().foreign_unmaps < PAGES as u64 && t0.elapsed() < Duration::from_secs(5) {
-        thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_foreign_unmaps(&mem, PAGES as u64);
     assert_eq!(mem.stats().foreign_remaps, 3);
     let mut buf = [0u8; PAGE_SIZE];
     assert_eq!(mem.read_page(all[0], &mut buf), Err(PageError::Unmapped(r)));
