@@ -42,25 +42,24 @@
 //! `cargo run --release -p kvm-vmm --example density_on_kvm -- [--vms 4] [--mib 64]
 //! [--steps 4] [--cycles 2] [--reps 1]`.
 
+mod common;
+
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_vmm::barrier::RoundBarrier;
+use kvm_vmm::harness::{self, guest_or_skip, linux_adapter, PoolRegistry, Worker};
+use kvm_vmm::host::{load_average, process_run_time, pss, schedstat};
+use kvm_vmm::ksm;
 use kvm_vmm::workload::{Density, DensityReport};
-use kvm_vmm::{abi, guest_image, kvm_usable, run_all, CallHook, GuestImage, Vm};
-use page_memory::linux::LinuxMemory;
-use page_memory::vmm::vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use page_memory::vmm::VmMemoryAdapter;
-use page_memory::{DomainId, PageId, PageMemory, RegionInfo, ScanHook};
+use kvm_vmm::{abi, run_all, CallHook, GuestImage, Vm};
+use page_memory::DomainId;
 use pageone::{Config, PageOne};
-use pip::PoolView;
-use ppr_host::{PoolMemory, Recycler};
 
-const KSM: &str = "/sys/kernel/mm/ksm";
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
@@ -126,61 +125,19 @@ fn parse_args() -> Args {
         ksm_sleep_ms: 20,
         ksm_pages: 4096,
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let v: u64 = argv
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{} needs a number", argv[i]));
-        match argv[i].as_str() {
-            "--vms" => a.vms = v,
-            "--mib" => a.mib = v,
-            "--steps" => a.steps = v,
-            "--cycles" => a.cycles = v,
-            "--reps" => a.reps = v,
-            "--base-ms" => a.base_ms = v,
-            "--merge-ms" => a.merge_ms = v,
-            "--reclaim-ms" => a.reclaim_ms = v,
-            "--ksm-sleep-ms" => a.ksm_sleep_ms = v,
-            "--ksm-pages" => a.ksm_pages = v,
-            other => panic!("unknown flag {other}"),
-        }
-        i += 2;
-    }
+    common::parse_flags(&mut [
+        ("--vms", &mut a.vms),
+        ("--mib", &mut a.mib),
+        ("--steps", &mut a.steps),
+        ("--cycles", &mut a.cycles),
+        ("--reps", &mut a.reps),
+        ("--base-ms", &mut a.base_ms),
+        ("--merge-ms", &mut a.merge_ms),
+        ("--reclaim-ms", &mut a.reclaim_ms),
+        ("--ksm-sleep-ms", &mut a.ksm_sleep_ms),
+        ("--ksm-pages", &mut a.ksm_pages),
+    ]);
     a
-}
-
-fn ksm_read(knob: &str) -> String {
-    fs::read_to_string(format!("{KSM}/{knob}"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-fn ksm_num(knob: &str) -> u64 {
-    ksm_read(knob).parse().unwrap_or(0)
-}
-
-fn ksm_write(knob: &str, v: &str) -> std::io::Result<()> {
-    fs::write(format!("{KSM}/{knob}"), v)
-}
-
-fn ksmd_pid() -> Option<u32> {
-    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-        fs::read_to_string(format!("/proc/{pid}/comm"))
-            .is_ok_and(|c| c.trim() == "ksmd")
-            .then_some(pid)
-    })
-}
-
-fn schedstat(path: &str) -> Duration {
-    let ns = fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    Duration::from_nanos(ns)
 }
 
 /// Run time of this process's engine threads (by name: PageONE's work threads, the
@@ -199,26 +156,6 @@ fn engine_threads_cpu() -> Duration {
         })
         .map(|t| schedstat(&t.path().join("schedstat").to_string_lossy()))
         .sum()
-}
-
-/// `Pss` (bytes) of this process's mappings inside `ranges`.
-fn pss(ranges: &[(usize, usize)]) -> u64 {
-    let text = fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let (mut total, mut inside) = (0, false);
-    for line in text.lines() {
-        let mut f = line.split_ascii_whitespace();
-        let first = f.next().unwrap_or("");
-        if !first.ends_with(':') {
-            if let Some((s, e)) = first.split_once('-') {
-                let s = usize::from_str_radix(s, 16).unwrap_or(0);
-                let e = usize::from_str_radix(e, 16).unwrap_or(0);
-                inside = ranges.iter().any(|&(a, b)| s < b && e > a);
-            }
-        } else if inside && first == "Pss:" {
-            total += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
-        }
-    }
-    total
 }
 
 /// The physical frame of the kernel's shared zero page (what a read of fresh anonymous
@@ -286,49 +223,6 @@ fn distinct_resident(ranges: &[(usize, usize)]) -> Option<u64> {
     Some(frames.len() as u64 * PAGE)
 }
 
-/// KSM's knobs as they were; written back on drop.
-struct KsmRestore(Vec<(&'static str, String)>);
-
-impl Drop for KsmRestore {
-    fn drop(&mut self) {
-        for (k, v) in self.0.iter().rev() {
-            let _ = ksm_write(k, v);
-        }
-    }
-}
-
-/// A guest's PIP pool, in guest RAM, as the host sees it.
-struct GuestPool {
-    ptr: *const u8,
-    len: usize,
-}
-
-// SAFETY: the pointer is into guest RAM that stays mapped while the VMs and the adapter
-// live (`run` drops the engines and the recycler before the VMs); only accessed
-// atomically (pip).
-unsafe impl Send for GuestPool {}
-// SAFETY: as for Send.
-unsafe impl Sync for GuestPool {}
-
-impl PoolMemory for GuestPool {
-    fn view(&self) -> Option<PoolView<'_>> {
-        // SAFETY: see the Send impl.
-        unsafe { PoolView::from_raw(self.ptr, self.len) }.ok()
-    }
-}
-
-/// Per VM, once its RAM is adopted: the guest RAM's host base and its region.
-type Targets = Arc<Mutex<Vec<Option<(usize, RegionInfo)>>>>;
-
-/// The recycler, registered with pools while PageONE already holds it as its hook.
-struct SharedRecycler(RwLock<Recycler>);
-
-impl ScanHook<LinuxMemory> for SharedRecycler {
-    fn examine(&self, memory: &LinuxMemory, page: PageId) -> bool {
-        self.0.read().unwrap().examine(memory, page)
-    }
-}
-
 /// One sample, taken at a barrier with the guests held.
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
@@ -382,8 +276,8 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
     let progress = Arc::new(AtomicU64::new(0));
     let probe: Arc<Mutex<Option<Probe>>> = Arc::default();
     let samples: Arc<Mutex<Vec<(u64, Sample)>>> = Arc::default();
-    let recycler = Arc::new(SharedRecycler(RwLock::new(Recycler::new())));
-    let targets: Targets = Arc::new(Mutex::new(vec![None; n]));
+    let pools = Arc::new(PoolRegistry::new(n));
+    let recycler = pools.recycler().clone();
     let hook = |vm: usize| -> CallHook {
         let (barrier, progress, probe, samples) = (
             barrier.clone(),
@@ -391,31 +285,15 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
             probe.clone(),
             samples.clone(),
         );
-        let (recycler, targets) = (recycler.clone(), targets.clone());
+        let pools = pools.clone();
         Arc::new(move |c| match c.code {
-            abi::CALL_REGISTER if c.args.first() == Some(&abi::REGISTER_PIP_POOL) => {
-                if !setup.ppr() {
-                    return 0;
-                }
-                let (Some(&addr), Some(&len)) = (c.args.get(1), c.args.get(2)) else {
-                    return 0;
-                };
-                let Some((base, region)) = targets.lock().unwrap()[vm] else {
-                    return 0;
-                };
-                let pool = GuestPool {
-                    ptr: (base + addr as usize) as *const u8,
-                    len: len as usize,
-                };
-                let r = recycler.0.write().unwrap().register(
-                    Arc::new(pool),
-                    vm as u32 + 1,
-                    0xDE25_17E0_0000_0000 ^ (vm as u64) << 24 ^ addr,
-                    region,
-                    abi::PPR_FRAME_OFFSET,
-                );
-                r.is_ok() as u64
-            }
+            // Only the PPR set-ups take the guests' pools.
+            abi::CALL_REGISTER if setup.ppr() => pools.register(
+                vm,
+                c,
+                vm as u32 + 1,
+                0xDE25_17E0_0000_0000 ^ (vm as u64) << 24,
+            ),
             abi::CALL_ROUND => {
                 let round = c.args[0];
                 let more = if round == 0 { boot_wait } else { step_wait };
@@ -441,52 +319,30 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
                 .map_err(|e| e.to_string())
         })
         .collect::<Result<_, _>>()?;
-    let ranges: Vec<(usize, usize)> = vms
-        .iter()
-        .flat_map(|vm| {
-            vm.memory()
-                .iter()
-                .map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.len() as usize))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let stop = Arc::new(AtomicBool::new(false));
+    let ranges = harness::host_ranges(&vms);
     let mut threads = Vec::new();
     let mut restore = None;
     let mut adopted = None;
     let mut engine_keep = None;
     let ksmd = if setup == Setup::Ksm {
-        Some(ksmd_pid().ok_or("no ksmd (a kernel without KSM)")?)
+        Some(ksm::ksmd()?)
     } else {
         None
     };
     let cpu_now: Arc<dyn Fn() -> Duration + Send + Sync> = match ksmd {
-        Some(pid) => Arc::new(move || schedstat(&format!("/proc/{pid}/schedstat"))),
+        Some(pid) => Arc::new(move || process_run_time(pid)),
         None => Arc::new(engine_threads_cpu),
     };
     let cpu0 = cpu_now();
     if matches!(setup, Setup::PageOne | Setup::Ppr | Setup::PprPageOne) {
-        let memory =
-            LinuxMemory::new().map_err(|e| format!("the Linux backend cannot run here: {e}"))?;
-        let adapter = Arc::new(VmMemoryAdapter::new(Arc::new(memory)));
+        let adapter = linux_adapter()?;
         let mut guests = Vec::new();
         for (i, vm) in vms.iter().enumerate() {
             // SAFETY: nothing in this process remaps, madvises or registers the guests'
             // RAM with another userfaultfd; KVM and the vCPUs read and write it.
-            let g =
-                unsafe { adapter.adopt(vm.memory(), DomainId(0)) }.map_err(|e| e.to_string())?;
-            let id = g.regions()[0].region;
-            let region = adapter
-                .memory()
-                .regions()
-                .into_iter()
-                .find(|r| r.id == id)
-                .ok_or("the adopted region is not listed")?;
-            let base = vm
-                .memory()
-                .get_host_address(GuestAddress(0))
-                .map_err(|e| e.to_string())? as usize;
-            targets.lock().unwrap()[i] = Some((base, region));
+            let g = unsafe { harness::adopt(&adapter, vm, DomainId(0)) }?;
+            // SAFETY: `run` drops the engines and the recycler before the VMs.
+            unsafe { pools.set_target(i, &g) };
             guests.push(g);
         }
         let engine = match setup {
@@ -523,7 +379,7 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
                 cpu: cpu().saturating_sub(cpu0),
             }
         }));
-        let (st, pr) = (stop.clone(), progress.clone());
+        let pr = progress.clone();
         let (base, merge, reclaim) = (
             Duration::from_millis(a.base_ms),
             Duration::from_millis(a.merge_ms),
@@ -532,36 +388,30 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
         let driver = match engine.clone() {
             // PageONE's daemon loop, with its passes counted: a merge pass when due,
             // else a base pass when there is a hook.
-            Some(engine) => std::thread::Builder::new()
-                .name("pageone-driver".into())
-                .spawn(move || {
-                    let with_hook = setup == Setup::PprPageOne;
-                    let mut last_merge = Instant::now() - merge;
-                    while !st.load(Ordering::Acquire) {
-                        if last_merge.elapsed() + base / 2 >= merge {
-                            last_merge = Instant::now();
-                            engine.merge_pass();
-                        } else if with_hook {
-                            engine.base_pass();
-                        } else {
-                            std::thread::sleep(base);
-                            continue;
-                        }
-                        pr.fetch_add(1, Ordering::Release);
+            Some(engine) => {
+                let with_hook = setup == Setup::PprPageOne;
+                let mut last_merge = Instant::now() - merge;
+                Worker::spawn("pageone-driver", (), move |_| {
+                    if last_merge.elapsed() + base / 2 >= merge {
+                        last_merge = Instant::now();
+                        engine.merge_pass();
+                    } else if with_hook {
+                        engine.base_pass();
+                    } else {
                         std::thread::sleep(base);
+                        return;
                     }
-                }),
+                    pr.fetch_add(1, Ordering::Release);
+                    std::thread::sleep(base);
+                })
+            }
             None => {
                 let (r, ad) = (recycler.clone(), adapter.clone());
-                std::thread::Builder::new()
-                    .name("ppr-recycler".into())
-                    .spawn(move || {
-                        while !st.load(Ordering::Acquire) {
-                            r.0.read().unwrap().scan_pass(&**ad.memory());
-                            pr.fetch_add(1, Ordering::Release);
-                            std::thread::sleep(reclaim);
-                        }
-                    })
+                Worker::spawn("ppr-recycler", (), move |_| {
+                    r.0.read().unwrap().scan_pass(&**ad.memory());
+                    pr.fetch_add(1, Ordering::Release);
+                    std::thread::sleep(reclaim);
+                })
             }
         }
         .map_err(|e| e.to_string())?;
@@ -569,51 +419,23 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
         engine_keep = engine;
         adopted = Some((adapter, guests));
     } else if setup == Setup::Ksm {
-        if ksm_num("run") != 0 || ksm_num("pages_sharing") != 0 {
-            return Err("KSM is in use by someone else (run != 0 or pages merged)".into());
-        }
-        let knobs = ["run", "sleep_millisecs", "pages_to_scan", "use_zero_pages"];
-        restore = Some(KsmRestore(
-            knobs.iter().map(|&k| (k, ksm_read(k))).collect(),
-        ));
-        for &(base, end) in &ranges {
-            // SAFETY: guest RAM of our VMs; MADV_MERGEABLE only lets ksmd merge it.
-            if unsafe { libc::madvise(base as *mut libc::c_void, end - base, libc::MADV_MERGEABLE) }
-                != 0
-            {
-                return Err(format!(
-                    "MADV_MERGEABLE: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-        }
-        let set =
-            |k: &str, v: &str| ksm_write(k, v).map_err(|e| format!("KSM's {k} (needs root): {e}"));
-        set("sleep_millisecs", &a.ksm_sleep_ms.to_string())?;
-        set("pages_to_scan", &a.ksm_pages.to_string())?;
-        set("use_zero_pages", "1")?;
+        restore = Some(ksm::claim(&ranges)?);
+        ksm::set("sleep_millisecs", &a.ksm_sleep_ms.to_string())?;
+        ksm::set("pages_to_scan", &a.ksm_pages.to_string())?;
+        ksm::set("use_zero_pages", "1")?;
         let (rr, cpu) = (ranges.clone(), cpu_now.clone());
         *probe.lock().unwrap() = Some(Box::new(move || Sample {
             pss: pss(&rr),
             resident: distinct_resident(&rr),
             usage: None,
-            merged: ksm_num("pages_sharing"),
-            zero: ksm_num("ksm_zero_pages"),
+            merged: ksm::num("pages_sharing"),
+            zero: ksm::num("ksm_zero_pages"),
             recycled: 0,
             cpu: cpu().saturating_sub(cpu0),
         }));
-        let scans0 = ksm_num("full_scans");
-        set("run", "1")?;
-        let (st, pr) = (stop.clone(), progress.clone());
-        threads.push(std::thread::spawn(move || {
-            while !st.load(Ordering::Acquire) {
-                pr.store(
-                    ksm_num("full_scans").saturating_sub(scans0),
-                    Ordering::Release,
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }));
+        let scans = ksm::count_full_scans(progress.clone()).map_err(|e| e.to_string())?;
+        threads.push(scans);
+        ksm::set("run", "1")?;
     } else {
         let rr = ranges.clone();
         *probe.lock().unwrap() = Some(Box::new(move || Sample {
@@ -626,9 +448,8 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
     let results = run_all(&mut vms, Duration::from_secs(900));
     let run_wall = t0.elapsed();
     let engine_cpu = cpu_now().saturating_sub(cpu0);
-    stop.store(true, Ordering::Release);
     for t in threads {
-        let _ = t.join();
+        t.stop();
     }
     let mut row = Row {
         engine_cpu,
@@ -652,23 +473,16 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
         row.report.add(&rep);
     }
     if setup == Setup::Ksm {
-        let _ = ksm_write("run", "2");
-        let t = Instant::now();
-        while ksm_num("pages_shared") + ksm_num("pages_sharing") > 0
-            && t.elapsed() < Duration::from_secs(120)
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        ksm::unmerge(Duration::from_secs(120));
     }
     drop(restore);
     drop(engine_keep);
     *probe.lock().unwrap() = None;
     if let Some((adapter, guests)) = adopted {
-        for g in guests {
-            adapter.release(g).map_err(|e| e.to_string())?;
-        }
+        harness::release(&adapter, guests)?;
     }
     drop(recycler);
+    drop(pools);
     Ok(row)
 }
 
@@ -687,19 +501,8 @@ fn mean(xs: impl Iterator<Item = f64>) -> f64 {
 
 fn main() {
     let a = parse_args();
-    if let Err(e) = kvm_usable() {
-        println!("SKIPPED: KVM is not usable here: {e}");
-        return;
-    }
-    let image = match guest_image() {
-        Ok(i) => i,
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            return;
-        }
-    };
+    let Some(image) = guest_or_skip() else { return };
     let plan = Density::plan(a.mib * MIB, a.steps, a.cycles);
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "{} VMs x {} MiB, 1 vCPU each; per VM: OS image {} pages (same in every VM), \
          private {}, zeroed {}, application peak {} pages; {} cycles of {} steps up and \
@@ -718,38 +521,34 @@ fn main() {
         a.reclaim_ms,
         a.ksm_sleep_ms,
         a.ksm_pages,
-        ksm_read("smart_scan"),
+        ksm::read("smart_scan"),
         a.reps,
-        load.trim()
+        load_average()
     );
-    let setups = [
-        Setup::None,
-        Setup::Ksm,
-        Setup::PageOne,
-        Setup::Ppr,
-        Setup::PprPageOne,
-    ];
-    let mut rows: Vec<(Setup, Vec<Row>)> = setups.iter().map(|&s| (s, Vec::new())).collect();
-    for rep in 0..a.reps {
-        for (s, out) in rows.iter_mut() {
-            match run(*s, &a, &image) {
-                Ok(r) => {
-                    eprintln!(
-                        "rep {rep} {}: boot {:?} end {:?} cpu {:?} wall {:?} timeouts {} {:?}",
-                        s.name(),
-                        r.boot,
-                        r.end,
-                        r.engine_cpu,
-                        r.run_wall,
-                        r.timeouts,
-                        r.report
-                    );
-                    out.push(r)
-                }
-                Err(e) => println!("{}: SKIPPED: {e}", s.name()),
-            }
-        }
-    }
+    let rows = common::run_reps(
+        &[
+            Setup::None,
+            Setup::Ksm,
+            Setup::PageOne,
+            Setup::Ppr,
+            Setup::PprPageOne,
+        ],
+        a.reps,
+        Setup::name,
+        |s| run(s, &a, &image),
+        |rep, s, r| {
+            eprintln!(
+                "rep {rep} {}: boot {:?} end {:?} cpu {:?} wall {:?} timeouts {} {:?}",
+                s.name(),
+                r.boot,
+                r.end,
+                r.engine_cpu,
+                r.run_wall,
+                r.timeouts,
+                r.report
+            )
+        },
+    );
     let progress0 = mean(rows[0].1.iter().map(|r| r.report.allocs_per_mcycle()));
     let steps_mem = |r: &Row| mean(r.steps.iter().map(|s| s.memory() as f64));
     let mem0 = mean(rows[0].1.iter().map(steps_mem));

@@ -25,21 +25,21 @@
 //! `cargo run --release -p kvm-vmm --example engines_on_kvm -- [--vms 4] [--mib 64]
 //! [--rounds 8] [--stride 8] [--period 1024] [--reps 1]`.
 
-use std::collections::HashMap;
-use std::fs;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kvm_vmm::barrier::RoundBarrier;
+use kvm_vmm::harness::{self, guest_or_skip, linux_adapter, Worker};
+use kvm_vmm::host::{load_average, process_cpu, process_run_time, pss};
+use kvm_vmm::ksm;
 use kvm_vmm::workload::{Checker, CheckerReport};
-use kvm_vmm::{abi, guest_image, kvm_usable, run_all, CallHook, GuestImage, Vm};
-use page_memory::linux::LinuxMemory;
-use page_memory::vmm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use page_memory::vmm::VmMemoryAdapter;
+use kvm_vmm::{abi, run_all, CallHook, GuestImage, Vm};
 use page_memory::DomainId;
 use pageone::{Config, PageOne};
 
-const KSM: &str = "/sys/kernel/mm/ksm";
 const MIB: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,98 +77,15 @@ fn parse_args() -> Args {
         period: 1024,
         reps: 1,
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let v: u64 = argv
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{} needs a number", argv[i]));
-        match argv[i].as_str() {
-            "--vms" => a.vms = v,
-            "--mib" => a.mib = v,
-            "--rounds" => a.rounds = v,
-            "--stride" => a.stride = v,
-            "--period" => a.period = v,
-            "--reps" => a.reps = v,
-            other => panic!("unknown flag {other}"),
-        }
-        i += 2;
-    }
+    common::parse_flags(&mut [
+        ("--vms", &mut a.vms),
+        ("--mib", &mut a.mib),
+        ("--rounds", &mut a.rounds),
+        ("--stride", &mut a.stride),
+        ("--period", &mut a.period),
+        ("--reps", &mut a.reps),
+    ]);
     a
-}
-
-fn process_cpu() -> Duration {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-}
-
-fn ksm_read(knob: &str) -> String {
-    fs::read_to_string(format!("{KSM}/{knob}"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-fn ksm_num(knob: &str) -> u64 {
-    ksm_read(knob).parse().unwrap_or(0)
-}
-
-fn ksm_write(knob: &str, v: &str) -> std::io::Result<()> {
-    fs::write(format!("{KSM}/{knob}"), v)
-}
-
-fn ksmd_pid() -> Option<u32> {
-    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-        fs::read_to_string(format!("/proc/{pid}/comm"))
-            .is_ok_and(|c| c.trim() == "ksmd")
-            .then_some(pid)
-    })
-}
-
-fn ksmd_cpu(pid: u32) -> Duration {
-    let ns = fs::read_to_string(format!("/proc/{pid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    Duration::from_nanos(ns)
-}
-
-/// `Pss` (bytes) of this process's mappings inside `ranges`.
-fn pss(ranges: &[(usize, usize)]) -> u64 {
-    let text = fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let (mut total, mut inside) = (0, false);
-    for line in text.lines() {
-        let mut f = line.split_ascii_whitespace();
-        let first = f.next().unwrap_or("");
-        if !first.ends_with(':') {
-            if let Some((s, e)) = first.split_once('-') {
-                let s = usize::from_str_radix(s, 16).unwrap_or(0);
-                let e = usize::from_str_radix(e, 16).unwrap_or(0);
-                inside = ranges.iter().any(|&(a, b)| s < b && e > a);
-            }
-        } else if inside && first == "Pss:" {
-            total += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
-        }
-    }
-    total
-}
-
-/// KSM's knobs as they were; written back on drop (`run` last).
-struct KsmRestore(Vec<(&'static str, String)>);
-
-impl Drop for KsmRestore {
-    fn drop(&mut self) {
-        for (k, v) in self.0.iter().rev() {
-            let _ = ksm_write(k, v);
-        }
-    }
 }
 
 /// What one set-up measured.
@@ -182,58 +99,37 @@ struct Row {
     report: CheckerReport,
 }
 
-/// Per barrier round: VMs arrived, and the progress to wait for.
-type Arrivals = HashMap<u64, (u64, Option<u64>)>;
-
 /// Reads guest RAM in use (bytes), merged pages and zero-merged pages.
 type Measure = Box<dyn Fn() -> (u64, u64, u64) + Send>;
-
-/// Merge passes (PageONE) or full scans (KSM) completed: what the barrier waits for.
-static PROGRESS: AtomicU64 = AtomicU64::new(0);
 
 fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
     let memory_at_barrier = Arc::new(Mutex::new(0u64));
     let merged_at_barrier = Arc::new(Mutex::new((0u64, 0u64)));
-    let arrived: Arc<Mutex<Arrivals>> = Arc::default();
+    // Merge passes (PageONE) or full scans (KSM) completed: what the barrier waits for.
+    let progress = Arc::new(AtomicU64::new(0));
+    // All the VMs (1 vCPU each) after the fill.
+    let barrier = Arc::new(RoundBarrier::new(a.vms as u32, Duration::from_secs(300)));
     let measure: Arc<Mutex<Option<Measure>>> = Arc::new(Mutex::new(None));
     let wait_for = match setup {
         Setup::None => 0,
         Setup::PageOne => 10,
         Setup::Ksm => 3,
     };
-    let vms_n = a.vms;
     let hook: CallHook = {
-        let (arrived, measure) = (arrived.clone(), measure.clone());
+        let (barrier, progress, measure) = (barrier.clone(), progress.clone(), measure.clone());
         let (mem_at, merged_at) = (memory_at_barrier.clone(), merged_at_barrier.clone());
         Arc::new(move |c| {
             if c.code != abi::CALL_ROUND || c.args.first() != Some(&0) {
                 return 0;
             }
-            let last = {
-                let mut r = arrived.lock().unwrap();
-                let e = r.entry(0).or_insert((0, None));
-                e.0 += 1;
-                if e.0 == vms_n {
-                    e.1 = Some(PROGRESS.load(Ordering::Acquire) + wait_for + 1);
-                }
-                e.0 == vms_n
-            };
-            let deadline = Instant::now() + Duration::from_secs(300);
-            while Instant::now() < deadline {
-                let want = arrived.lock().unwrap()[&0].1;
-                let have = PROGRESS.load(Ordering::Acquire);
-                if want.is_some_and(|w| wait_for == 0 || have >= w) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if last {
+            let p = || progress.load(Ordering::Acquire);
+            barrier.wait(0, wait_for, &p, &mut || {
                 if let Some(m) = &*measure.lock().unwrap() {
                     let (bytes, merged, zero) = m();
                     *mem_at.lock().unwrap() = bytes;
                     *merged_at.lock().unwrap() = (merged, zero);
                 }
-            }
+            });
             0
         })
     };
@@ -256,17 +152,7 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
             .map_err(|e| e.to_string())
         })
         .collect::<Result<_, _>>()?;
-    let ranges: Vec<(usize, usize)> = vms
-        .iter()
-        .flat_map(|vm| {
-            vm.memory()
-                .iter()
-                .map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.len() as usize))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    PROGRESS.store(0, Ordering::Release);
-    let stop = Arc::new(AtomicBool::new(false));
+    let ranges = harness::host_ranges(&vms);
     let cpu0 = process_cpu();
     let mut ksmd = None;
     let mut _restore = None;
@@ -278,17 +164,12 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
             *measure.lock().unwrap() = Some(Box::new(move || (pss(&r), 0, 0)));
         }
         Setup::PageOne => {
-            let memory = LinuxMemory::new()
-                .map_err(|e| format!("the Linux backend cannot run here: {e}"))?;
-            let adapter = Arc::new(VmMemoryAdapter::new(Arc::new(memory)));
+            let adapter = linux_adapter()?;
             let mut guests = Vec::new();
             for vm in &vms {
                 // SAFETY: nothing in this process remaps, madvises or registers the
                 // guests' RAM with another userfaultfd; KVM and the vCPUs read and write it.
-                guests.push(
-                    unsafe { adapter.adopt(vm.memory(), DomainId(0)) }
-                        .map_err(|e| e.to_string())?,
-                );
+                guests.push(unsafe { harness::adopt(&adapter, vm, DomainId(0)) }?);
             }
             let engine = Arc::new(
                 PageOne::new(adapter.memory().clone(), Config::default().work_threads(1))
@@ -300,67 +181,40 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
                 let used = ad.memory().usage().map_or(0, |u| u.total_bytes());
                 (used, s.pages_sharing, s.zero_pages)
             }));
-            let st = stop.clone();
-            worker = Some(std::thread::spawn(move || {
-                while !st.load(Ordering::Acquire) {
+            let progress = progress.clone();
+            worker = Some(
+                Worker::spawn("pageone-merge", (), move |_| {
                     engine.merge_pass();
-                    PROGRESS.fetch_add(1, Ordering::Release);
-                }
-            }));
+                    progress.fetch_add(1, Ordering::Release);
+                })
+                .map_err(|e| e.to_string())?,
+            );
             adapter_guests = Some((adapter, guests));
         }
         Setup::Ksm => {
-            let pid = ksmd_pid().ok_or("no ksmd (a kernel without KSM)")?;
-            if ksm_num("run") != 0 || ksm_num("pages_sharing") != 0 {
-                return Err("KSM is in use by someone else (run != 0 or pages merged)".into());
-            }
-            let knobs = ["run", "sleep_millisecs", "pages_to_scan", "use_zero_pages"];
-            _restore = Some(KsmRestore(
-                knobs.iter().map(|&k| (k, ksm_read(k))).collect(),
-            ));
-            for &(base, end) in &ranges {
-                // SAFETY: guest RAM of our VMs; MADV_MERGEABLE only lets ksmd merge it.
-                if unsafe {
-                    libc::madvise(base as *mut libc::c_void, end - base, libc::MADV_MERGEABLE)
-                } != 0
-                {
-                    return Err(format!(
-                        "MADV_MERGEABLE: {}",
-                        std::io::Error::last_os_error()
-                    ));
-                }
-            }
-            let set = |k: &str, v: &str| {
-                ksm_write(k, v).map_err(|e| format!("KSM's {k} (needs root): {e}"))
-            };
-            set("sleep_millisecs", "0")?;
-            set("pages_to_scan", "4096")?;
-            set("use_zero_pages", "1")?;
-            set("run", "1")?;
+            let pid = ksm::ksmd()?;
+            _restore = Some(ksm::claim(&ranges)?);
+            ksm::set("sleep_millisecs", "0")?;
+            ksm::set("pages_to_scan", "4096")?;
+            ksm::set("use_zero_pages", "1")?;
+            ksm::set("run", "1")?;
             let r = ranges.clone();
             *measure.lock().unwrap() = Some(Box::new(move || {
-                (pss(&r), ksm_num("pages_sharing"), ksm_num("ksm_zero_pages"))
+                (
+                    pss(&r),
+                    ksm::num("pages_sharing"),
+                    ksm::num("ksm_zero_pages"),
+                )
             }));
-            let st = stop.clone();
-            let scans0 = ksm_num("full_scans");
-            worker = Some(std::thread::spawn(move || {
-                while !st.load(Ordering::Acquire) {
-                    PROGRESS.store(
-                        ksm_num("full_scans").saturating_sub(scans0),
-                        Ordering::Release,
-                    );
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }));
-            ksmd = Some((pid, ksmd_cpu(pid)));
+            worker = Some(ksm::count_full_scans(progress.clone()).map_err(|e| e.to_string())?);
+            ksmd = Some((pid, process_run_time(pid)));
         }
     }
     let t0 = Instant::now();
     let results = run_all(&mut vms, Duration::from_secs(600));
     let run_wall = t0.elapsed();
-    stop.store(true, Ordering::Release);
     if let Some(w) = worker {
-        let _ = w.join();
+        w.stop();
     }
     let (merged, zero) = *merged_at_barrier.lock().unwrap();
     let mut row = Row {
@@ -385,41 +239,22 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
         row.report.fill_cycles += rep.fill_cycles;
     }
     row.engine_cpu = match (setup, ksmd) {
-        (Setup::Ksm, Some((pid, c0))) => ksmd_cpu(pid).saturating_sub(c0),
+        (Setup::Ksm, Some((pid, c0))) => process_run_time(pid).saturating_sub(c0),
         (Setup::PageOne, _) => (process_cpu() - cpu0).saturating_sub(vcpu_cpu),
         _ => Duration::ZERO,
     };
     if setup == Setup::Ksm {
-        let _ = ksm_write("run", "2");
-        let t = Instant::now();
-        while ksm_num("pages_shared") + ksm_num("pages_sharing") > 0
-            && t.elapsed() < Duration::from_secs(120)
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        ksm::unmerge(Duration::from_secs(120));
     }
     if let Some((adapter, guests)) = adapter_guests {
-        for g in guests {
-            adapter.release(g).map_err(|e| e.to_string())?;
-        }
+        harness::release(&adapter, guests)?;
     }
     Ok(row)
 }
 
 fn main() {
     let a = parse_args();
-    if let Err(e) = kvm_usable() {
-        println!("SKIPPED: KVM is not usable here: {e}");
-        return;
-    }
-    let image = match guest_image() {
-        Ok(i) => i,
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            return;
-        }
-    };
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let Some(image) = guest_or_skip() else { return };
     println!(
         "{} VMs x {} MiB, 1 vCPU each; checker over the whole data area, generation 0 \
          repeating every {} pages in every VM; {} rounds rewriting 1/{} each; {} rep(s); \
@@ -430,21 +265,15 @@ fn main() {
         a.rounds,
         a.stride,
         a.reps,
-        load.trim()
+        load_average()
     );
-    let setups = [Setup::None, Setup::PageOne, Setup::Ksm];
-    let mut rows: Vec<(Setup, Vec<Row>)> = setups.iter().map(|&s| (s, Vec::new())).collect();
-    for rep in 0..a.reps {
-        for (s, out) in rows.iter_mut() {
-            match run(*s, &a, &image) {
-                Ok(r) => {
-                    eprintln!("rep {rep} {}: {r:?}", s.name());
-                    out.push(r)
-                }
-                Err(e) => println!("{}: SKIPPED: {e}", s.name()),
-            }
-        }
-    }
+    let rows = common::run_reps(
+        &[Setup::None, Setup::PageOne, Setup::Ksm],
+        a.reps,
+        Setup::name,
+        |s| run(s, &a, &image),
+        |rep, s, r| eprintln!("rep {rep} {}: {r:?}", s.name()),
+    );
     let base = |f: fn(&CheckerReport) -> f64| {
         rows[0].1.iter().map(|r| f(&r.report)).sum::<f64>() / rows[0].1.len().max(1) as f64
     };

@@ -32,6 +32,10 @@
 //! guests' write throughput side by side (`docs/benchmarks.md`, "The engines on real
 //! vCPUs"); `examples/density_on_kvm.rs` runs the density workload with no engine, KSM,
 //! PageONE, the PPR recycler and PPR + PageONE ("The density workload on real vCPUs").
+//! What they and the tests set up around the VMs is [`harness`] (skipping where the
+//! machine cannot run them, guest RAM adopted by the Linux backend, the PPR pools
+//! registered with a recycler, engine threads); the examples' measurements are [`host`]
+//! (`/proc` figures) and [`ksm`] (Linux KSM's knobs).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -63,7 +67,10 @@
 pub mod abi;
 pub mod barrier;
 mod error;
+pub mod harness;
+pub mod host;
 pub mod image;
+pub mod ksm;
 mod vm;
 pub mod workload;
 

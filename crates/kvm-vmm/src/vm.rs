@@ -163,6 +163,18 @@ impl VmOutcome {
             .filter(move |c| c.code == abi::CALL_REPORT && c.args.first() == Some(&tag))
             .map(|c| (c.vcpu, &c.args[1..]))
     }
+
+    /// The first `N` values of every report tagged `tag`, summed over the reports (all
+    /// vCPUs'), value by value.
+    pub fn summed<const N: usize>(&self, tag: u64) -> [u64; N] {
+        let mut total = [0u64; N];
+        for (_, v) in self.reports(tag) {
+            for (t, x) in total.iter_mut().zip(v) {
+                *t += x;
+            }
+        }
+        total
+    }
 }
 
 /// Opens `/dev/kvm`, telling a missing device from a denied one.

@@ -10,148 +10,56 @@
 //! Skips (saying why) where `/dev/kvm` is unusable, the guest was not built, or the
 //! Linux backend cannot run.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{merge_passes, MIB};
+use kvm_vmm::barrier::RoundBarrier;
+use kvm_vmm::harness::{adapter_or_skip, adopt, guest_or_skip, release, PoolRegistry};
 use kvm_vmm::workload::Checker;
-use kvm_vmm::{abi, guest_image, kvm_usable, run_all, CallHook, GuestImage, Vm, VmConfig};
-use page_memory::linux::LinuxMemory;
-use page_memory::vmm::vm_memory::{GuestAddress, GuestMemoryBackend};
-use page_memory::vmm::VmMemoryAdapter;
-use page_memory::{DomainId, PageId, PageMemory, RegionInfo, ScanHook};
-use pageone::{Config, PageOne};
-use pip::PoolView;
-use ppr_host::{PoolMemory, Recycler};
-
-const MIB: u64 = 1 << 20;
-
-fn guest_or_skip() -> Option<GuestImage> {
-    if let Err(e) = kvm_usable() {
-        println!("SKIPPED: KVM is not usable here: {e}");
-        return None;
-    }
-    match guest_image() {
-        Ok(g) => Some(g),
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            None
-        }
-    }
-}
-
-/// The guest's PIP pool, in guest RAM, as the host sees it.
-struct GuestPool {
-    ptr: *const u8,
-    len: usize,
-}
-
-// SAFETY: the pointer is into guest RAM that stays mapped while the VM and the adapter
-// live (the test drops the engine and the recycler first); it is only accessed
-// atomically (pip).
-unsafe impl Send for GuestPool {}
-// SAFETY: as for Send.
-unsafe impl Sync for GuestPool {}
-
-impl PoolMemory for GuestPool {
-    fn view(&self) -> Option<PoolView<'_>> {
-        // SAFETY: see the Send impl.
-        unsafe { PoolView::from_raw(self.ptr, self.len) }.ok()
-    }
-}
-
-/// The recycler, registered with pools while PageONE already holds it as its hook.
-struct SharedRecycler(RwLock<Recycler>);
-
-impl ScanHook<LinuxMemory> for SharedRecycler {
-    fn examine(&self, memory: &LinuxMemory, page: PageId) -> bool {
-        self.0.read().unwrap().examine(memory, page)
-    }
-}
-
-/// Engine passes completed.
-static PASSES: AtomicU64 = AtomicU64::new(0);
-
-/// Per VM and round: vCPUs arrived, and the pass count to wait for.
-type Arrivals = HashMap<(usize, u64), (u32, Option<u64>)>;
-
-/// Holds the vCPU until all `vcpus` of VM `vm` reached `round`, then `passes` more
-/// passes completed (at most 60 s).
-fn barrier(arrivals: &Mutex<Arrivals>, vm: usize, vcpus: u32, round: u64, passes: u64) {
-    {
-        let mut a = arrivals.lock().unwrap();
-        let e = a.entry((vm, round)).or_insert((0, None));
-        e.0 += 1;
-        if e.0 == vcpus {
-            e.1 = Some(PASSES.load(Ordering::Acquire) + passes + 1);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let want = arrivals.lock().unwrap()[&(vm, round)].1;
-        if want.is_some_and(|w| PASSES.load(Ordering::Acquire) >= w) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
+use kvm_vmm::{abi, run_all, CallHook, Vm, VmConfig};
+use page_memory::DomainId;
 
 #[test]
 fn checker_and_ppr_guests_under_pageone_with_the_recycler_in_its_scan() {
     let Some(image) = guest_or_skip() else { return };
-    let memory = match LinuxMemory::new() {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            println!("SKIPPED: the Linux backend cannot run here: {e}");
-            return;
-        }
+    let Some(adapter) = adapter_or_skip() else {
+        return;
     };
     const CHECK_PAGES: u64 = 4096;
     const PERIOD: u64 = 128;
     const ROUNDS: u64 = 4;
     const PPR_PAGES: u64 = 2048;
     const CYCLES: u64 = 3;
-    let adapter = Arc::new(VmMemoryAdapter::new(memory));
-    let recycler = Arc::new(SharedRecycler(RwLock::new(Recycler::new())));
-    let target: Arc<Mutex<Option<(usize, RegionInfo)>>> = Arc::default();
-    let arrivals: Arc<Mutex<Arrivals>> = Arc::default();
+    // Only the PPR guest (VM 1) registers a pool.
+    let pools = Arc::new(PoolRegistry::new(2));
+    let recycler = pools.recycler().clone();
+    // Engine passes completed.
+    let passes = Arc::new(AtomicU64::new(0));
     let hook = |vm: usize, vcpus: u32| -> CallHook {
-        let (recycler, target, arrivals) = (recycler.clone(), target.clone(), arrivals.clone());
+        let (pools, passes) = (pools.clone(), passes.clone());
+        // Holds the VM's vCPUs at each round until all arrived, then the passes asked
+        // for more passes completed (at most 60 s).
+        let barrier = RoundBarrier::new(vcpus, Duration::from_secs(60));
         Arc::new(move |c| match c.code {
-            abi::CALL_REGISTER if c.args.first() == Some(&abi::REGISTER_PIP_POOL) => {
-                let (Some(&addr), Some(&len)) = (c.args.get(1), c.args.get(2)) else {
-                    return 0;
-                };
-                let Some((base, region)) = *target.lock().unwrap() else {
-                    return 0;
-                };
-                let pool = GuestPool {
-                    ptr: (base + addr as usize) as *const u8,
-                    len: len as usize,
-                };
-                let r = recycler.0.write().unwrap().register(
-                    Arc::new(pool),
-                    3,
-                    0xC0DE_5EED_0000_0000 ^ addr,
-                    region,
-                    abi::PPR_FRAME_OFFSET,
-                );
-                r.is_ok() as u64
-            }
+            abi::CALL_REGISTER => pools.register(vm, c, 3, 0xC0DE_5EED_0000_0000),
             abi::CALL_ROUND => {
                 // The checker: after the fill, long enough to merge everything (pages
                 // written while protected are backed off for a few passes); after a
                 // round, enough to merge what stayed. The PPR guest: after its frees,
                 // two passes (a page offered before a pass is recycled by its end).
                 let round = c.args[0];
-                let passes = match (vm, round) {
+                let more = match (vm, round) {
                     (0, 0) => 10,
                     (0, _) => 3,
                     (_, r) if r % 2 == 0 => 2,
                     _ => 0,
                 };
-                barrier(&arrivals, vm, vcpus, round, passes);
+                let progress = || passes.load(Ordering::Acquire);
+                barrier.wait(round, more, &progress, &mut || {});
                 0
             }
             _ => 0,
@@ -187,49 +95,23 @@ fn checker_and_ppr_guests_under_pageone_with_the_recycler_in_its_scan() {
         )
         .unwrap(),
     ];
-    let mut adopted = Vec::new();
-    for (i, vm) in vms.iter().enumerate() {
+    let adopted: Vec<_> = vms
+        .iter()
+        .enumerate()
         // SAFETY: nothing in this process remaps, madvises or registers the guests' RAM
         // with another userfaultfd; KVM and the vCPUs only read and write it.
-        adopted.push(unsafe { adapter.adopt(vm.memory(), DomainId(i as u32)) }.unwrap());
-    }
-    let ppr_region = adopted[1].regions()[0].region;
-    let region = adapter
-        .memory()
-        .regions()
-        .into_iter()
-        .find(|r| r.id == ppr_region)
-        .unwrap();
-    let base = vms[1].memory().get_host_address(GuestAddress(0)).unwrap() as usize;
-    *target.lock().unwrap() = Some((base, region));
-    let engine = Arc::new(
-        PageOne::with_hook(
-            adapter.memory().clone(),
-            Config::default().work_threads(1),
-            recycler.clone(),
-        )
-        .unwrap(),
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = {
-        let (engine, stop) = (engine.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut most_sharing = 0;
-            while !stop.load(Ordering::Acquire) {
-                engine.merge_pass();
-                most_sharing = most_sharing.max(engine.stats().pages_sharing);
-                PASSES.fetch_add(1, Ordering::Release);
-            }
-            most_sharing
-        })
-    };
+        .map(|(i, vm)| unsafe { adopt(&adapter, vm, DomainId(i as u32)) }.unwrap())
+        .collect();
+    // SAFETY: the VMs outlive the recycler (dropped before them, below).
+    unsafe { pools.set_target(1, &adopted[1]) };
+    let engine = common::pageone(&adapter, Some(recycler.clone()));
+    let worker = merge_passes(engine.clone(), passes.clone());
     let results = run_all(&mut vms, Duration::from_secs(120));
-    stop.store(true, Ordering::Release);
-    let most_sharing = worker.join().unwrap();
+    let most_sharing = worker.stop();
     let stats = engine.stats();
     let rstats = recycler.0.read().unwrap().stats();
     let backend = adapter.memory().stats();
-    println!("passes {}", PASSES.load(Ordering::Acquire));
+    println!("passes {}", passes.load(Ordering::Acquire));
     println!("engine {stats:?}");
     println!("recycler {rstats:?}");
     println!("backend {backend:?}");
@@ -240,10 +122,7 @@ fn checker_and_ppr_guests_under_pageone_with_the_recycler_in_its_scan() {
     assert_eq!(rep.checked, CHECK_PAGES * ROUNDS);
     assert_eq!(rep.mismatched, 0, "{}", out.console);
     let out = results.next().unwrap().unwrap();
-    let mut t = [0u64; abi::PPR_VALUES];
-    for (_, v) in out.reports(abi::REPORT_PPR) {
-        t.iter_mut().zip(v).for_each(|(t, x)| *t += x);
-    }
+    let t: [u64; abi::PPR_VALUES] = out.summed(abi::REPORT_PPR);
     println!("ppr guest {t:?}");
     let [allocs, zeros, _intact, corrupt, _offered, not_offered, _busy, _pages] = t;
     assert_eq!(allocs, PPR_PAGES * CYCLES);
@@ -267,7 +146,6 @@ fn checker_and_ppr_guests_under_pageone_with_the_recycler_in_its_scan() {
     );
     drop(engine);
     drop(recycler);
-    for g in adopted {
-        adapter.release(g).unwrap();
-    }
+    drop(pools);
+    release(&adapter, adopted).unwrap();
 }

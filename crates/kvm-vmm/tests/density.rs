@@ -16,79 +16,28 @@
 //! Skips (saying why) where `/dev/kvm` is unusable, the guest was not built, or the
 //! Linux backend cannot run.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{merge_passes, MIB};
 use kvm_vmm::barrier::RoundBarrier;
+use kvm_vmm::harness::{adapter_or_skip, adopt, guest_or_skip, release, PoolRegistry};
 use kvm_vmm::workload::{Density, DensityReport};
-use kvm_vmm::{abi, guest_image, kvm_usable, run_all, CallHook, GuestImage, Vm};
+use kvm_vmm::{abi, run_all, CallHook, Vm};
 use page_memory::linux::LinuxMemory;
-use page_memory::vmm::vm_memory::{GuestAddress, GuestMemoryBackend};
-use page_memory::vmm::VmMemoryAdapter;
-use page_memory::{DomainId, PageId, PageMemory, RegionInfo, ScanHook};
-use pageone::{Config, PageOne};
-use pip::PoolView;
-use ppr_host::{PoolMemory, Recycler};
+use page_memory::DomainId;
+use pageone::PageOne;
 
-const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-
-fn guest_or_skip() -> Option<GuestImage> {
-    if let Err(e) = kvm_usable() {
-        println!("SKIPPED: KVM is not usable here: {e}");
-        return None;
-    }
-    match guest_image() {
-        Ok(g) => Some(g),
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            None
-        }
-    }
-}
-
-/// A guest's PIP pool, in guest RAM, as the host sees it.
-struct GuestPool {
-    ptr: *const u8,
-    len: usize,
-}
-
-// SAFETY: the pointer is into guest RAM that stays mapped while the VMs and the adapter
-// live (the test drops the engine and the recycler first); it is only accessed
-// atomically (pip).
-unsafe impl Send for GuestPool {}
-// SAFETY: as for Send.
-unsafe impl Sync for GuestPool {}
-
-impl PoolMemory for GuestPool {
-    fn view(&self) -> Option<PoolView<'_>> {
-        // SAFETY: see the Send impl.
-        unsafe { PoolView::from_raw(self.ptr, self.len) }.ok()
-    }
-}
-
-/// Per VM, once its RAM is adopted: the guest RAM's host base and its region.
-type Targets = Arc<Mutex<Vec<Option<(usize, RegionInfo)>>>>;
-
-/// The recycler, registered with pools while PageONE already holds it as its hook.
-struct SharedRecycler(RwLock<Recycler>);
-
-impl ScanHook<LinuxMemory> for SharedRecycler {
-    fn examine(&self, memory: &LinuxMemory, page: PageId) -> bool {
-        self.0.read().unwrap().examine(memory, page)
-    }
-}
 
 #[test]
 fn density_guests_under_ppr_and_pageone_recycle_every_free_and_share_the_os_image() {
     let Some(image) = guest_or_skip() else { return };
-    let memory = match LinuxMemory::new() {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            println!("SKIPPED: the Linux backend cannot run here: {e}");
-            return;
-        }
+    let Some(adapter) = adapter_or_skip() else {
+        return;
     };
     const VMS: usize = 3;
     const MEM: u64 = 12 * MIB;
@@ -106,39 +55,24 @@ fn density_guests_under_ppr_and_pageone_recycle_every_free_and_share_the_os_imag
             * PAGE as usize,
         "Density::pool_bytes follows pip's layout"
     );
-    let adapter = Arc::new(VmMemoryAdapter::new(memory));
-    let recycler = Arc::new(SharedRecycler(RwLock::new(Recycler::new())));
-    let targets: Targets = Arc::new(Mutex::new(vec![None; VMS]));
+    let pools = Arc::new(PoolRegistry::new(VMS));
+    let recycler = pools.recycler().clone();
     let passes = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(RoundBarrier::new(VMS as u32, Duration::from_secs(60)));
     // Engine figures when the guests were held after boot.
     let engine_slot: Arc<Mutex<Option<Arc<PageOne<LinuxMemory>>>>> = Arc::default();
     let at_boot: Arc<Mutex<Option<pageone::Stats>>> = Arc::default();
     let hook = |vm: usize| -> CallHook {
-        let (recycler, targets, passes) = (recycler.clone(), targets.clone(), passes.clone());
+        let (pools, passes) = (pools.clone(), passes.clone());
         let (barrier, engine_slot, at_boot) =
             (barrier.clone(), engine_slot.clone(), at_boot.clone());
         Arc::new(move |c| match c.code {
-            abi::CALL_REGISTER if c.args.first() == Some(&abi::REGISTER_PIP_POOL) => {
-                let (Some(&addr), Some(&len)) = (c.args.get(1), c.args.get(2)) else {
-                    return 0;
-                };
-                let Some((base, region)) = targets.lock().unwrap()[vm] else {
-                    return 0;
-                };
-                let pool = GuestPool {
-                    ptr: (base + addr as usize) as *const u8,
-                    len: len as usize,
-                };
-                let r = recycler.0.write().unwrap().register(
-                    Arc::new(pool),
-                    vm as u32 + 1,
-                    0xD0E5_1700_0000_0000 ^ (vm as u64) << 20 ^ addr,
-                    region,
-                    abi::PPR_FRAME_OFFSET,
-                );
-                r.is_ok() as u64
-            }
+            abi::CALL_REGISTER => pools.register(
+                vm,
+                c,
+                vm as u32 + 1,
+                0xD0E5_1700_0000_0000 ^ (vm as u64) << 20,
+            ),
             abi::CALL_ROUND => {
                 let round = c.args[0];
                 // After boot: enough passes to merge the OS pages (pages must stay
@@ -167,43 +101,19 @@ fn density_guests_under_ppr_and_pageone_recycle_every_free_and_share_the_os_imag
     for (i, vm) in vms.iter().enumerate() {
         // SAFETY: nothing in this process remaps, madvises or registers the guests' RAM
         // with another userfaultfd; KVM and the vCPUs only read and write it.
-        let g = unsafe { adapter.adopt(vm.memory(), DomainId(0)) }.unwrap();
-        let id = g.regions()[0].region;
-        let region = adapter
-            .memory()
-            .regions()
-            .into_iter()
-            .find(|r| r.id == id)
-            .unwrap();
-        let base = vm.memory().get_host_address(GuestAddress(0)).unwrap() as usize;
-        targets.lock().unwrap()[i] = Some((base, region));
-        adopted.push(g);
+        let a = unsafe { adopt(&adapter, vm, DomainId(0)) }.unwrap();
+        // SAFETY: the VMs outlive the recycler (dropped before them, below).
+        unsafe { pools.set_target(i, &a) };
+        adopted.push(a);
     }
-    let engine = Arc::new(
-        PageOne::with_hook(
-            adapter.memory().clone(),
-            Config::default().work_threads(1),
-            recycler.clone(),
-        )
-        .unwrap(),
-    );
+    let engine = common::pageone(&adapter, Some(recycler.clone()));
     *engine_slot.lock().unwrap() = Some(engine.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = {
-        let (engine, stop, passes) = (engine.clone(), stop.clone(), passes.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Acquire) {
-                engine.merge_pass();
-                passes.fetch_add(1, Ordering::Release);
-            }
-        })
-    };
+    let worker = merge_passes(engine.clone(), passes.clone());
     let results = run_all(&mut vms, Duration::from_secs(120));
     // The guests are done; memory now: the OS pages, the pools and the allocators'
     // metadata, every application page recycled.
     let used_at_end = adapter.memory().usage().map_or(0, |u| u.total_bytes());
-    stop.store(true, Ordering::Release);
-    worker.join().unwrap();
+    worker.stop();
     *engine_slot.lock().unwrap() = None;
     let stats = engine.stats();
     let rstats = recycler.0.read().unwrap().stats();
@@ -274,7 +184,6 @@ fn density_guests_under_ppr_and_pageone_recycle_every_free_and_share_the_os_imag
     );
     drop(engine);
     drop(recycler);
-    for g in adopted {
-        adapter.release(g).unwrap();
-    }
+    drop(pools);
+    release(&adapter, adopted).unwrap();
 }

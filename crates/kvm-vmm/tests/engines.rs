@@ -11,81 +11,26 @@
 //! Linux backend cannot run (it needs userfaultfd write-protect with kernel faults:
 //! root, or see `page_memory::linux`).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{merge_passes, MIB};
+use kvm_vmm::barrier::RoundBarrier;
+use kvm_vmm::harness::{adapter_or_skip, adopt, guest_or_skip, release};
 use kvm_vmm::workload::Checker;
-use kvm_vmm::{abi, guest_image, kvm_usable, run_all, CallHook, GuestImage, Vm};
-use page_memory::linux::LinuxMemory;
-use page_memory::vmm::VmMemoryAdapter;
+use kvm_vmm::{abi, run_all, CallHook, Vm};
 use page_memory::DomainId;
-use pageone::{Config, PageOne};
 
-const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-
-fn guest_or_skip() -> Option<GuestImage> {
-    if let Err(e) = kvm_usable() {
-        println!("SKIPPED: KVM is not usable here: {e}");
-        return None;
-    }
-    match guest_image() {
-        Ok(g) => Some(g),
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            None
-        }
-    }
-}
-
-/// Merge passes the engine thread has completed.
-static PASSES: AtomicU64 = AtomicU64::new(0);
-
-/// A barrier of all the vCPUs at each round that then waits for merge passes.
-struct RoundBarrier {
-    vcpus: u32,
-    /// Per round: vCPUs arrived, and the pass count to wait for once all have.
-    rounds: Mutex<HashMap<u64, (u32, Option<u64>)>>,
-}
-
-impl RoundBarrier {
-    /// Holds the calling vCPU until every vCPU reached `round` and then `passes` more
-    /// merge passes completed (the one running when the last vCPU arrived does not
-    /// count). Returns whether this vCPU was the last to arrive. At most 60 s: a stuck
-    /// engine fails the test through its counts, not a hang.
-    fn wait(&self, round: u64, passes: u64) -> bool {
-        let last = {
-            let mut rounds = self.rounds.lock().unwrap();
-            let e = rounds.entry(round).or_insert((0, None));
-            e.0 += 1;
-            if e.0 == self.vcpus {
-                e.1 = Some(PASSES.load(Ordering::Acquire) + passes + 1);
-            }
-            e.0 == self.vcpus
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            let target = self.rounds.lock().unwrap()[&round].1;
-            if target.is_some_and(|t| PASSES.load(Ordering::Acquire) >= t) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        last
-    }
-}
 
 #[test]
 fn checker_finds_no_mismatch_while_pageone_merges_guest_ram() {
     let Some(image) = guest_or_skip() else { return };
-    let memory = match LinuxMemory::new() {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            println!("SKIPPED: the Linux backend cannot run here: {e}");
-            return;
-        }
+    let Some(adapter) = adapter_or_skip() else {
+        return;
     };
     // Two VMs of 32 MiB, 2 vCPUs each. The checker's 4096 pages (16 MiB) per VM start
     // as 256 distinct contents, the same in both VMs (a shared "image"); every round
@@ -96,22 +41,25 @@ fn checker_finds_no_mismatch_while_pageone_merges_guest_ram() {
     const STRIDE: u64 = 4;
     // Usage of the guests' RAM (anonymous + canonical store) at each barrier.
     let usage_at: Arc<Mutex<Vec<(u64, u64)>>> = Arc::new(Mutex::new(Vec::new()));
-    let adapter = Arc::new(VmMemoryAdapter::new(memory));
-    let barrier = Arc::new(RoundBarrier {
-        vcpus: 4,
-        rounds: Mutex::new(HashMap::new()),
-    });
+    // Merge passes the engine thread has completed.
+    let passes = Arc::new(AtomicU64::new(0));
+    // All 4 vCPUs at each round; a stuck engine fails the test through its counts, not
+    // a hang.
+    let barrier = Arc::new(RoundBarrier::new(4, Duration::from_secs(60)));
     let hook: CallHook = {
-        let (usage_at, adapter) = (usage_at.clone(), adapter.clone());
+        let (usage_at, adapter, passes) = (usage_at.clone(), adapter.clone(), passes.clone());
         Arc::new(move |c| {
             // Enough passes for a page left alone to be protected, found stable and
             // merged (PageONE merges a page unchanged for two passes in the third);
             // after the fill, more: pages written while a pass protected them are
             // backed off (skipped for a few passes).
-            let passes = if c.args.first() == Some(&0) { 10 } else { 3 };
-            if c.code == abi::CALL_ROUND && barrier.wait(c.args[0], passes) {
-                let total = adapter.memory().usage().map_or(0, |u| u.total_bytes());
-                usage_at.lock().unwrap().push((c.args[0], total));
+            let more = if c.args.first() == Some(&0) { 10 } else { 3 };
+            if c.code == abi::CALL_ROUND {
+                let progress = || passes.load(Ordering::Acquire);
+                barrier.wait(c.args[0], more, &progress, &mut || {
+                    let total = adapter.memory().usage().map_or(0, |u| u.total_bytes());
+                    usage_at.lock().unwrap().push((c.args[0], total));
+                });
             }
             0
         })
@@ -133,37 +81,22 @@ fn checker_finds_no_mismatch_while_pageone_merges_guest_ram() {
             Vm::new(config, &image).unwrap()
         })
         .collect();
-    let mut adopted = Vec::new();
-    for vm in &vms {
+    let adopted: Vec<_> = vms
+        .iter()
         // SAFETY: nothing in this process remaps, madvises or registers the guests' RAM
         // with another userfaultfd; KVM and the vCPUs only read and write it.
-        adopted.push(unsafe { adapter.adopt(vm.memory(), DomainId(0)) }.unwrap());
-    }
-    let engine = Arc::new(
-        PageOne::new(adapter.memory().clone(), Config::default().work_threads(1)).unwrap(),
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let merger = {
-        let (engine, stop) = (engine.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut most_sharing = 0;
-            while !stop.load(Ordering::Acquire) {
-                engine.merge_pass();
-                most_sharing = most_sharing.max(engine.stats().pages_sharing);
-                PASSES.fetch_add(1, Ordering::Release);
-            }
-            most_sharing
-        })
-    };
+        .map(|vm| unsafe { adopt(&adapter, vm, DomainId(0)) }.unwrap())
+        .collect();
+    let engine = common::pageone(&adapter, None);
+    let merger = merge_passes(engine.clone(), passes.clone());
     let results = run_all(&mut vms, Duration::from_secs(120));
-    stop.store(true, Ordering::Release);
-    let most_sharing = merger.join().unwrap();
+    let most_sharing = merger.stop();
     let stats = engine.stats();
     let backend = adapter.memory().stats();
     let usage = usage_at.lock().unwrap().clone();
     println!(
         "passes {}, most pages_sharing {most_sharing}",
-        PASSES.load(Ordering::Acquire)
+        passes.load(Ordering::Acquire)
     );
     println!("engine {stats:?}");
     println!("backend {backend:?}");
@@ -198,7 +131,5 @@ fn checker_finds_no_mismatch_while_pageone_merges_guest_ram() {
     // protected pages, and writes to merged pages whose sharing was broken.
     assert!(backend.write_faults > 0, "{backend:?}");
     assert!(backend.cow_breaks > 0, "{backend:?}");
-    for g in adopted {
-        adapter.release(g).unwrap();
-    }
+    release(&adapter, adopted).unwrap();
 }

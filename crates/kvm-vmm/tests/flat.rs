@@ -6,17 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_vmm::abi::{self, IMAGE_BASE};
-use kvm_vmm::{kvm_usable, run_all, Error, GuestImage, Privilege, Vm, VmConfig};
-
-fn kvm_or_skip() -> bool {
-    match kvm_usable() {
-        Ok(()) => true,
-        Err(e) => {
-            println!("SKIPPED: KVM is not usable here: {e}");
-            false
-        }
-    }
-}
+use kvm_vmm::harness::kvm_or_skip;
+use kvm_vmm::{run_all, Error, GuestImage, Privilege, Vm, VmConfig};
 
 /// A tiny x86-64 assembler for the few instructions these guests use.
 #[derive(Default)]

@@ -4,24 +4,11 @@
 
 use std::time::Duration;
 
+use kvm_vmm::harness::guest_or_skip;
 use kvm_vmm::workload::Checker;
-use kvm_vmm::{guest_image, kvm_usable, run_all, GuestImage, Vm, VmConfig};
+use kvm_vmm::{run_all, Vm, VmConfig};
 
 const MIB: u64 = 1 << 20;
-
-fn guest_or_skip() -> Option<GuestImage> {
-    if let Err(e) = kvm_usable() {
-        println!("SKIPPED: KVM is not usable here: {e}");
-        return None;
-    }
-    match guest_image() {
-        Ok(g) => Some(g),
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            None
-        }
-    }
-}
 
 #[test]
 fn guest_boots_on_every_vcpu() {

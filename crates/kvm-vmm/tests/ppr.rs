@@ -15,58 +15,18 @@
 //! Skips (saying why) where `/dev/kvm` is unusable, the guest was not built, or the
 //! Linux backend cannot run.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+mod common;
 
-use kvm_vmm::{abi, guest_image, kvm_usable, CallHook, GuestImage, Vm, VmConfig};
-use page_memory::linux::LinuxMemory;
-use page_memory::vmm::vm_memory::{GuestAddress, GuestMemoryBackend};
-use page_memory::vmm::VmMemoryAdapter;
-use page_memory::{DomainId, PageMemory};
-use pip::PoolView;
-use ppr_host::{PoolMemory, Recycler};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-const MIB: u64 = 1 << 20;
+use common::MIB;
+use kvm_vmm::barrier::RoundBarrier;
+use kvm_vmm::harness::{adapter_or_skip, adopt, guest_or_skip, release, PoolRegistry, Worker};
+use kvm_vmm::{abi, CallHook, Vm, VmConfig};
+use page_memory::DomainId;
+
 const PAGE: u64 = 4096;
-
-fn guest_or_skip() -> Option<GuestImage> {
-    if let Err(e) = kvm_usable() {
-        println!("SKIPPED: KVM is not usable here: {e}");
-        return None;
-    }
-    match guest_image() {
-        Ok(g) => Some(g),
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            None
-        }
-    }
-}
-
-/// The guest's PIP pool, in guest RAM, as the host sees it.
-struct GuestPool {
-    ptr: *const u8,
-    len: usize,
-}
-
-// SAFETY: the pointer is into guest RAM that stays mapped while the VM and the adapter
-// live (the test drops the recycler first); it is only accessed atomically (pip).
-unsafe impl Send for GuestPool {}
-// SAFETY: as for Send.
-unsafe impl Sync for GuestPool {}
-
-impl PoolMemory for GuestPool {
-    fn view(&self) -> Option<PoolView<'_>> {
-        // SAFETY: see the Send impl: mapped for the pool's life, atomic accesses only
-        // (the guest's pip and the host's recycler).
-        unsafe { PoolView::from_raw(self.ptr, self.len) }.ok()
-    }
-}
-
-/// Per barrier round: vCPUs arrived, and the recycler pass count to wait for.
-type Arrivals = HashMap<u64, (u32, Option<u64>)>;
 
 /// What one PPR run left: the guest's outcome, the recycler's stats, and the guest RAM's
 /// usage (bytes) at each barrier round.
@@ -82,70 +42,24 @@ struct PprRun {
 /// `passes(r)` more recycler passes completed. `None`: skipped (printed why).
 fn run_ppr(workload: u64, args: [u64; 16], vcpus: u32, passes: fn(u64) -> u64) -> Option<PprRun> {
     let image = guest_or_skip()?;
-    let memory = match LinuxMemory::new() {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            println!("SKIPPED: the Linux backend cannot run here: {e}");
-            return None;
-        }
-    };
-    let adapter = Arc::new(VmMemoryAdapter::new(memory));
-    let recycler = Arc::new(RwLock::new(Recycler::new()));
-    // Set once the VM and its adoption exist: the guest RAM's host base and the region.
-    let target: Arc<Mutex<Option<(usize, page_memory::RegionInfo)>>> = Arc::new(Mutex::new(None));
-    // Per barrier round: vCPUs arrived, and the pass count to wait for.
-    let arrived: Arc<Mutex<Arrivals>> = Arc::default();
+    let adapter = adapter_or_skip()?;
+    let pools = Arc::new(PoolRegistry::new(1));
+    let recycler = pools.recycler().clone();
+    // All the vCPUs at each round (at most 60 s for the recycler's passes).
+    let barrier = RoundBarrier::new(vcpus, Duration::from_secs(60));
     let usage_at: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     let hook: CallHook = {
-        let (recycler, target, adapter) = (recycler.clone(), target.clone(), adapter.clone());
-        let (arrived, usage_at) = (arrived.clone(), usage_at.clone());
+        let (pools, recycler, adapter) = (pools.clone(), recycler.clone(), adapter.clone());
+        let usage_at = usage_at.clone();
         Arc::new(move |c| match c.code {
-            abi::CALL_REGISTER if c.args.first() == Some(&abi::REGISTER_PIP_POOL) => {
-                let (Some(&addr), Some(&len)) = (c.args.get(1), c.args.get(2)) else {
-                    return 0;
-                };
-                let Some((base, region)) = *target.lock().unwrap() else {
-                    return 0;
-                };
-                let pool = GuestPool {
-                    ptr: (base + addr as usize) as *const u8,
-                    len: len as usize,
-                };
-                let registered = recycler.write().unwrap().register(
-                    Arc::new(pool),
-                    7,
-                    0x5EED_C0FF_EE00_0000 ^ addr,
-                    region,
-                    abi::PPR_FRAME_OFFSET,
-                );
-                registered.is_ok() as u64
-            }
+            abi::CALL_REGISTER => pools.register(0, c, 7, 0x5EED_C0FF_EE00_0000),
             abi::CALL_ROUND => {
                 let round = c.args[0];
-                let last = {
-                    let mut a = arrived.lock().unwrap();
-                    let e = a.entry(round).or_insert((0, None));
-                    e.0 += 1;
-                    if e.0 == vcpus {
-                        // The pass running now does not count.
-                        let done = recycler.read().unwrap().stats().passes;
-                        e.1 = Some(done + passes(round) + 1);
-                    }
-                    e.0 == vcpus
-                };
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while Instant::now() < deadline {
-                    let want = arrived.lock().unwrap()[&round].1;
-                    let done = recycler.read().unwrap().stats().passes;
-                    if want.is_some_and(|w| done >= w) {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                if last {
+                let done = || recycler.0.read().unwrap().stats().passes;
+                barrier.wait(round, passes(round), &done, &mut || {
                     let total = adapter.memory().usage().map_or(0, |u| u.total_bytes());
                     usage_at.lock().unwrap().push((round, total));
-                }
+                });
                 0
             }
             _ => 0,
@@ -158,51 +72,32 @@ fn run_ppr(workload: u64, args: [u64; 16], vcpus: u32, passes: fn(u64) -> u64) -
     let mut vm = Vm::new(config, &image).unwrap();
     // SAFETY: nothing in this process remaps, madvises or registers the guest's RAM with
     // another userfaultfd; KVM and the vCPUs only read and write it.
-    let adopted = unsafe { adapter.adopt(vm.memory(), DomainId(0)) }.unwrap();
-    let region_id = adopted.regions()[0].region;
-    let region = adapter
-        .memory()
-        .regions()
-        .into_iter()
-        .find(|r| r.id == region_id)
-        .unwrap();
-    let base = vm.memory().get_host_address(GuestAddress(0)).unwrap() as usize;
-    *target.lock().unwrap() = Some((base, region));
-    let stop = Arc::new(AtomicBool::new(false));
+    let adopted = unsafe { adopt(&adapter, &vm, DomainId(0)) }.unwrap();
+    // SAFETY: the VM outlives the recycler (dropped before it, below).
+    unsafe { pools.set_target(0, &adopted) };
     let scanner = {
-        let (recycler, stop, adapter) = (recycler.clone(), stop.clone(), adapter.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Acquire) {
-                recycler.read().unwrap().scan_pass(&**adapter.memory());
-                std::thread::sleep(Duration::from_millis(1));
-            }
+        let (recycler, adapter) = (recycler.clone(), adapter.clone());
+        Worker::spawn("ppr-recycler", (), move |_| {
+            recycler.0.read().unwrap().scan_pass(&**adapter.memory());
+            std::thread::sleep(Duration::from_millis(1));
         })
+        .unwrap()
     };
     let out = vm.run(Duration::from_secs(120));
-    stop.store(true, Ordering::Release);
-    scanner.join().unwrap();
-    let stats = recycler.read().unwrap().stats();
+    scanner.stop();
+    let stats = recycler.0.read().unwrap().stats();
     let usage = usage_at.lock().unwrap().clone();
     println!("recycler {stats:?}");
     println!("usage at barriers (round, bytes) {usage:?}");
     // The pool lives in guest RAM: drop the recycler before the RAM goes back.
     drop(recycler);
-    adapter.release(adopted).unwrap();
+    drop(pools);
+    release(&adapter, [adopted]).unwrap();
     Some(PprRun {
         out: out.unwrap(),
         stats,
         usage,
     })
-}
-
-fn summed<const N: usize>(out: &kvm_vmm::VmOutcome, tag: u64) -> [u64; N] {
-    let mut total = [0u64; N];
-    for (_, v) in out.reports(tag) {
-        for (t, x) in total.iter_mut().zip(v) {
-            *t += x;
-        }
-    }
-    total
 }
 
 #[test]
@@ -223,7 +118,7 @@ fn guest_freed_pages_are_recycled_and_read_zeros_when_allocated_again() {
         return;
     };
     let (out, stats, usage) = (run.out, run.stats, run.usage);
-    let total: [u64; abi::PPR_VALUES] = summed(&out, abi::REPORT_PPR);
+    let total: [u64; abi::PPR_VALUES] = out.summed(abi::REPORT_PPR);
     println!("guest: {total:?}");
     let [allocs, zeros, intact, corrupt, offered, not_offered, _busy, pages] = total;
     assert_eq!(pages, PAGES);
@@ -267,7 +162,7 @@ fn hostile_guest_gets_rejections_counted_and_no_page_in_use_recycled() {
         return;
     };
     let (out, stats) = (run.out, run.stats);
-    let [pages, changed]: [u64; 2] = summed(&out, abi::REPORT_PPR_HOSTILE);
+    let [pages, changed]: [u64; 2] = out.summed(abi::REPORT_PPR_HOSTILE);
     assert_eq!(pages, PAGES);
     // Nothing the guest keeps in use was touched...
     assert_eq!(changed, 0, "{}", out.console);
