@@ -18,15 +18,14 @@ use std::time::Duration;
 
 use common::{merge_passes, MIB};
 use kvm_vmm::barrier::RoundBarrier;
-use kvm_vmm::harness::{adapter_or_skip, adopt, guest_or_skip, release, PoolRegistry};
+use kvm_vmm::harness::{adopt, release, PoolRegistry};
 use kvm_vmm::workload::Checker;
 use kvm_vmm::{abi, run_all, CallHook, Vm, VmConfig};
 use page_memory::DomainId;
 
 #[test]
 fn checker_and_ppr_guests_under_pageone_with_the_recycler_in_its_scan() {
-    let Some(image) = guest_or_skip() else { return };
-    let Some(adapter) = adapter_or_skip() else {
+    let Some((image, adapter)) = common::guest_and_adapter_or_skip() else {
         return;
     };
     const CHECK_PAGES: u64 = 4096;

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use common::{merge_passes, MIB};
 use kvm_vmm::barrier::RoundBarrier;
-use kvm_vmm::harness::{adapter_or_skip, adopt, guest_or_skip, release, PoolRegistry};
+use kvm_vmm::harness::{adopt, release, PoolRegistry};
 use kvm_vmm::workload::{Density, DensityReport};
 use kvm_vmm::{abi, run_all, CallHook, Vm};
 use page_memory::linux::LinuxMemory;
@@ -35,8 +35,7 @@ const PAGE: u64 = 4096;
 
 #[test]
 fn density_guests_under_ppr_and_pageone_recycle_every_free_and_share_the_os_image() {
-    let Some(image) = guest_or_skip() else { return };
-    let Some(adapter) = adapter_or_skip() else {
+    let Some((image, adapter)) = common::guest_and_adapter_or_skip() else {
         return;
     };
     const VMS: usize = 3;

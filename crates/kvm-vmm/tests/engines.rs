@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::{merge_passes, MIB};
 use kvm_vmm::barrier::RoundBarrier;
-use kvm_vmm::harness::{adapter_or_skip, adopt, guest_or_skip, release};
+use kvm_vmm::harness::{adopt, release};
 use kvm_vmm::workload::Checker;
 use kvm_vmm::{abi, run_all, CallHook, Vm};
 use page_memory::DomainId;
@@ -28,8 +28,7 @@ const PAGE: u64 = 4096;
 
 #[test]
 fn checker_finds_no_mismatch_while_pageone_merges_guest_ram() {
-    let Some(image) = guest_or_skip() else { return };
-    let Some(adapter) = adapter_or_skip() else {
+    let Some((image, adapter)) = common::guest_and_adapter_or_skip() else {
         return;
     };
     // Two VMs of 32 MiB, 2 vCPUs each. The checker's 4096 pages (16 MiB) per VM start

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use common::MIB;
 use kvm_vmm::barrier::RoundBarrier;
-use kvm_vmm::harness::{adapter_or_skip, adopt, guest_or_skip, release, PoolRegistry, Worker};
+use kvm_vmm::harness::{adopt, release, PoolRegistry, Worker};
 use kvm_vmm::{abi, CallHook, Vm, VmConfig};
 use page_memory::DomainId;
 
@@ -41,8 +41,7 @@ struct PprRun {
 /// barrier round `r` the guest is held until every vCPU arrived and then
 /// `passes(r)` more recycler passes completed. `None`: skipped (printed why).
 fn run_ppr(workload: u64, args: [u64; 16], vcpus: u32, passes: fn(u64) -> u64) -> Option<PprRun> {
-    let image = guest_or_skip()?;
-    let adapter = adapter_or_skip()?;
+    let (image, adapter) = common::guest_and_adapter_or_skip()?;
     let pools = Arc::new(PoolRegistry::new(1));
     let recycler = pools.recycler().clone();
     // All the vCPUs at each round (at most 60 s for the recycler's passes).

@@ -5,7 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kvm_vmm::harness::Worker;
+use kvm_vmm::harness::{adapter_or_skip, guest_or_skip, Worker};
+use kvm_vmm::GuestImage;
 use page_memory::linux::LinuxMemory;
 use page_memory::vmm::VmMemoryAdapter;
 use page_memory::ScanHook;
@@ -13,6 +14,12 @@ use pageone::{Config, PageOne};
 
 /// A mebibyte.
 pub const MIB: u64 = 1 << 20;
+
+/// The guest and a vm-memory adapter over the Linux backend, or `None` having printed
+/// `SKIPPED:` and why (KVM unusable, the guest not built, the backend unable to run).
+pub fn guest_and_adapter_or_skip() -> Option<(GuestImage, Arc<VmMemoryAdapter>)> {
+    Some((guest_or_skip()?, adapter_or_skip()?))
+}
 
 /// PageONE's merge passes back to back on a thread, each counted in `passes` once done;
 /// the thread's state is the most pages sharing seen after a pass.
