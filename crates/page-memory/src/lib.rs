@@ -269,6 +269,14 @@ pub trait PageMemory: Send + Sync {
     /// The shared all-zero frame: merging a page with it makes the page a zero page.
     fn zero_frame(&self) -> Self::Frame;
 
+    /// The limit on the mappings the backend's merges spend, read now (`vm.max_map_count`
+    /// for the Linux backend), or `None` if the backend has none (the default). An engine
+    /// that was refused with [`PageError::MapCountLimit`] reads it to learn that the limit
+    /// was raised, and retries at once rather than after its back-off.
+    fn mapping_limit(&self) -> Option<u64> {
+        None
+    }
+
     /// Makes `pages` read as zeros, dropping their contents; one result per page.
     fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>>;
 

@@ -1,7 +1,7 @@
 //! Canonical pages and the SD trees that index them, one tree per trust-domain group.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use page_memory::DomainId;
@@ -68,8 +68,12 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
 
     /// The tree for `domain`'s group.
     fn tree(&self, domain: DomainId) -> &Tree<F> {
-        let g = self.group_of.get(&domain).copied().unwrap_or(0);
-        &self.trees[g]
+        &self.trees[self.group(domain)]
+    }
+
+    /// The index of `domain`'s group (of its tree).
+    pub(crate) fn group(&self, domain: DomainId) -> usize {
+        self.group_of.get(&domain).copied().unwrap_or(0)
     }
 
     /// Looks `bytes` up in `domain`'s tree. A canonical page that is full (reached
@@ -163,5 +167,88 @@ fn adjust_on_change(old: u32, new: u32, c: &Counters) {
 fn add(a: &AtomicI64, d: i64) {
     if d != 0 {
         a.fetch_add(d, Ordering::Relaxed);
+    }
+}
+
+/// Claims on contents being made canonical: a fixed, lock-free table of fingerprints
+/// (tagged with the tree's group), so that of the threads that find the same contents
+/// vacant at the same time only one canonicalizes them (see *Convergence* in the crate
+/// docs). A claim is a hint, never a proof: equal fingerprints of different contents only
+/// put a page off by one pass, and a full bucket lets the page go unclaimed (as before
+/// claims: it may lose an insert race, which is counted).
+pub(crate) struct Claims {
+    slots: Box<[AtomicU64]>,
+}
+
+/// What [`Claims::claim`] got.
+pub(crate) enum Claim {
+    /// The caller holds the claim in this slot; it must [`Claims::release`] it.
+    Held(usize),
+    /// Another thread holds a claim on the same key: put the page off.
+    Lost,
+    /// No free slot in the key's bucket: go on without a claim.
+    Full,
+}
+
+impl Claims {
+    /// Slots per bucket: a key is only ever claimed in its bucket.
+    const BUCKET: usize = 8;
+    const BUCKETS: usize = 1024;
+
+    pub(crate) fn new() -> Self {
+        Claims {
+            slots: (0..Self::BUCKETS * Self::BUCKET)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// The key of a page with fingerprint `print` in group `group`: never 0 (a free slot).
+    pub(crate) fn key(print: u64, group: usize) -> u64 {
+        (print ^ (group as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
+    }
+
+    /// Claims `key`. Sequentially consistent, Dekker-style: a thread writes its claim,
+    /// then looks for another on the same key; of two threads that claim one key at the
+    /// same time, at least one sees the other's claim and yields, so two never both hold
+    /// it.
+    pub(crate) fn claim(&self, key: u64) -> Claim {
+        let start = (key as usize >> 1) % Self::BUCKETS * Self::BUCKET;
+        let bucket = &self.slots[start..start + Self::BUCKET];
+        if bucket.iter().any(|s| s.load(Ordering::SeqCst) == key) {
+            return Claim::Lost;
+        }
+        let Some(mine) = bucket.iter().position(|s| {
+            s.compare_exchange(0, key, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        }) else {
+            return Claim::Full;
+        };
+        let other = bucket
+            .iter()
+            .enumerate()
+            .any(|(i, s)| i != mine && s.load(Ordering::SeqCst) == key);
+        if other {
+            bucket[mine].store(0, Ordering::SeqCst);
+            return Claim::Lost;
+        }
+        Claim::Held(start + mine)
+    }
+
+    /// Waits (yielding) until nobody holds a claim on `key`, or until `deadline`.
+    pub(crate) fn wait_released(&self, key: u64, deadline: std::time::Instant) {
+        let start = (key as usize >> 1) % Self::BUCKETS * Self::BUCKET;
+        let bucket = &self.slots[start..start + Self::BUCKET];
+        while bucket.iter().any(|s| s.load(Ordering::SeqCst) == key)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Gives up the claim in `slot` (after the page's insert, or its failure): the
+    /// release publishes the insert to whoever claims the key next.
+    pub(crate) fn release(&self, slot: usize) {
+        self.slots[slot].store(0, Ordering::SeqCst);
     }
 }

@@ -1,6 +1,7 @@
 //! Configuration and the knobs that can change while the engine runs.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use page_memory::DomainId;
@@ -47,6 +48,47 @@ pub struct Config {
     pub joined_domains: Vec<Vec<DomainId>>,
     /// Skip a volatile page for more passes each time it changes (up to this many).
     pub max_backoff: u8,
+    /// Called with every [`Event`] as it happens (on a work thread: keep it short). The
+    /// same facts are in [`Stats`](crate::Stats) for an embedder that polls.
+    pub on_event: Option<EventHook>,
+}
+
+/// Something the embedder may want to act on, sent to [`Config::on_event`].
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use pageone::{Config, Event};
+///
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let log = seen.clone();
+/// let config = Config::default().on_event(move |e: &Event| log.lock().unwrap().push(*e));
+/// assert!(config.on_event.is_some());
+/// # let _ = seen;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The backend refused merges to stay below the process's mapping limit
+    /// (`vm.max_map_count` on Linux). Sent once per episode: when the engine first runs
+    /// into the limit, and again only after a retry found room. Until then the refused
+    /// pages are parked (see *The mapping budget* in the crate docs). Raising the limit
+    /// (`sysctl -w vm.max_map_count=N`) lets the parked pages merge at the next retry.
+    MapCountLimit {
+        /// The limit.
+        limit: u64,
+        /// The process's mappings at the backend's last count.
+        mappings: u64,
+    },
+}
+
+/// The callback of [`Config::on_event`].
+#[derive(Clone)]
+pub struct EventHook(pub Arc<dyn Fn(&Event) + Send + Sync>);
+
+impl std::fmt::Debug for EventHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventHook(..)")
+    }
 }
 
 impl Default for Config {
@@ -60,6 +102,7 @@ impl Default for Config {
             max_page_sharing: 256,
             joined_domains: Vec::new(),
             max_backoff: 7,
+            on_event: None,
         }
     }
 }
@@ -118,6 +161,13 @@ impl Config {
     #[must_use]
     pub fn max_backoff(mut self, passes: u8) -> Self {
         self.max_backoff = passes;
+        self
+    }
+
+    /// Sets the `on_event` field: `hook` is called with every [`Event`].
+    #[must_use]
+    pub fn on_event(mut self, hook: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.on_event = Some(EventHook(Arc::new(hook)));
         self
     }
 }

@@ -31,13 +31,70 @@
 //!   through [`PageMemory::merge`], which re-checks protection and compares the page in
 //!   full atomically with the switch; if none, the page itself becomes canonical
 //!   ([`PageMemory::canonicalize`]) and is inserted with `insert_or_get` (if another
-//!   thread inserted an equal page first, it is merged with that one instead).
+//!   thread inserted an equal page first, it is merged with that one instead; see
+//!   *One canonicalization per content* below for why that is rare).
 //!
 //! A guest write to a watched, canonical, merged or zero page breaks the protection (copy
 //! on write in the backend): the next pass sees the token stale, drops the page's
 //! reference to its canonical page (the last reference takes the canonical page out of the
 //! tree), and makes it volatile again, to be skipped for one more pass each time it
 //! changed (up to [`Config::max_backoff`]), like KSM's smart scan.
+//!
+//! # Convergence
+//! Every merge pass returns a [`PassReport`] of what it changed (pages merged, zero-merged,
+//! made canonical, found written, unmerged, protected), what the backend refused, by
+//! reason (the mapping limit, pinned, changed or different at the switch, lost insert
+//! races, other errors), and what is still on its way (pages watched, parked for the
+//! mapping limit, deferred, backing off). [`PassReport::quiet`]: a pass over every page
+//! changed nothing, was refused nothing and left nothing waiting; [`PageOne::is_quiet`]:
+//! the last merge pass over each chunk was quiet (with a `pages_per_pass` budget too).
+//!
+//! **How many passes a quiet memory needs.** With no guest writes, a page goes through
+//! one pass that protects it, `stable_periods - 1` passes that watch it and one that
+//! merges it (or makes it canonical), so memory that no pass has seen yet is merged by
+//! pass `stable_periods + 1` and reported quiet by pass `stable_periods + 2` (4 with the
+//! default two stable periods; with a budget, that many full rounds of chunks). A page
+//! written meanwhile starts again after its back-off (1 to [`Config::max_backoff`]
+//! passes); a page whose contents another thread was making canonical waits for it within
+//! the pass, or (if that takes longer than a second) merges a pass later; a page refused
+//! for the mapping limit waits for the gate below. Tests:
+//! `tests/convergence.rs`.
+//!
+//! # One canonicalization per content
+//! Making a page canonical costs the backend a copy and a remap (on Linux a store slot and
+//! an `mmap`), so when two work threads find the same contents vacant at once, only one
+//! should pay. Before canonicalizing, a thread *claims* the contents: a fingerprint of the
+//! page (tagged with its tree) in a fixed, lock-free table of claims (compare-and-swap; a
+//! thread that finds another's claim on the same key yields). The winner looks the page
+//! up again holding the claim (catching an equal page inserted by the claim's previous
+//! holder), canonicalizes, inserts, then releases the claim. A loser finishes its own
+//! batch first (releasing its claims), waits for the winner's claim to be released — a
+//! waiting thread holds no claim, so no two threads wait for each other — and looks its
+//! page up again: it then merges with the winner's page. A claim is only a hint: a full
+//! bucket lets a page go unclaimed, and an equal fingerprint of other contents only makes
+//! a page wait; equality is still verified by the tree and by the backend under
+//! protection. Lost insert races are counted in [`Stats::insert_races`].
+//!
+//! # The mapping budget
+//! A backend may refuse a merge or canonicalization because it would spend mappings the
+//! process may not have ([`page_memory::PageError::MapCountLimit`]; the Linux backend
+//! stops short of `vm.max_map_count`). Such a page is not retried every pass: it stays
+//! write-protected and watched (its token good) and is **parked**, and the engine closes
+//! its gate for 1 merge pass, then 2, 4, ... up to 32 for each retry in a row that is
+//! refused again; while the gate is closed, parked pages are not read, looked up or
+//! offered to the backend (a pass then costs about what a pass over merged pages costs),
+//! and newly stable pages that would need the tree are parked too (zero pages still
+//! merge). The gate opens early when [`PageMemory::mapping_limit`] reports a higher limit
+//! than at the refusal (`sysctl -w vm.max_map_count=N`); a retry pass that meets no
+//! refusal ends the episode. Refusals are counted by reason in [`Stats`]
+//! (`refused_map_count`, `refused_pinned`, `refused_errors`, `merge_races`,
+//! `insert_races`), the parked pages in `map_count_parked`, and the embedder hears of the
+//! limit as [`Stats::map_count_limit`] / [`Stats::map_count_mappings`] and, once per
+//! episode, as an [`Event::MapCountLimit`] sent to [`Config::on_event`].
+//!
+//! Not done yet: the engine does not know what a merge costs in mappings (whether the
+//! duplicate's store offset joins its neighbours' run), so it cannot prefer merges that
+//! cost none when the budget runs low; every refused page waits for the same gate.
 //!
 //! # Threads
 //! A daemon thread ([`PageOne::start`]) wakes every base period and, every merge period,
@@ -78,19 +135,43 @@ use std::time::{Duration, Instant};
 
 use page_memory::{DomainId, PageMemory};
 
-use crate::canon::{Canon, Canons};
+use crate::canon::{Canon, Canons, Claims};
 use crate::config::Knobs;
-use crate::page::{Chunk, Ctx, PassKind, CHUNK_PAGES};
+use crate::page::{Chunk, Ctx, MapGate, PassKind, Tally, CHUNK_PAGES};
 use crate::pool::Pool;
 use crate::stats::{get, Counters};
 
-pub use crate::config::Config;
+pub use crate::config::{Config, Event, EventHook};
 pub use crate::stats::{Stats, WorkerStats};
 /// Something that looks at volatile pages during every pass before the engine does (the
 /// Per Page Recycler's host side plugs in here): [`page_memory::ScanHook`], re-exported.
 pub use page_memory::ScanHook;
 
-/// What one pass did.
+/// What one pass did: what it changed, what the backend refused (by reason), and what is
+/// still on its way. See *Convergence* in the crate docs.
+///
+/// ```
+/// use std::sync::Arc;
+/// use page_memory::sim::SimMemory;
+/// use page_memory::{DomainId, PageId};
+/// use pageone::{Config, PageOne};
+///
+/// let mem = Arc::new(SimMemory::new());
+/// let vm = mem.add_region(8, DomainId(0));
+/// for i in 0..8 {
+///     mem.write(PageId::new(vm, i), 0, &[(i % 2) as u8 + 1; 4096]).unwrap();
+/// }
+/// let engine = PageOne::new(mem, Config::default().work_threads(1))?;
+/// let protect = engine.merge_pass(); // protects the 8 pages
+/// assert_eq!((protect.protected, protect.watching), (8, 8));
+/// let _watch = engine.merge_pass(); // they stay unwritten
+/// let merge = engine.merge_pass(); // stable: 2 become canonical, 6 merge with them
+/// assert_eq!((merge.canonicalized, merge.merged), (2, 6));
+/// assert!(!merge.quiet());
+/// assert!(engine.merge_pass().quiet()); // stable_periods + 2 passes in all
+/// assert!(engine.is_quiet());
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PassReport {
@@ -98,8 +179,111 @@ pub struct PassReport {
     pub pages: u64,
     /// Whether the pass completed a full scan of all pages.
     pub full_scan: bool,
+    /// Whether it examined every page (a merge pass without a budget, or with one at least
+    /// as large as the memory).
+    pub every_page: bool,
     /// How long it took.
     pub elapsed: Duration,
+    /// Pages merged with an equal canonical page.
+    pub merged: u64,
+    /// Pages merged with the zero page.
+    pub zero_merged: u64,
+    /// Pages made canonical (new canonical pages).
+    pub canonicalized: u64,
+    /// Pages found written since their token (watched, merged, canonical or zero pages):
+    /// volatile again.
+    pub written: u64,
+    /// Of those, merged, canonical or zero pages whose sharing a write broke.
+    pub unmerged: u64,
+    /// Volatile pages write-protected (now watched).
+    pub protected: u64,
+    /// Volatile pages a scan hook took.
+    pub recycled: u64,
+    /// Refused by the backend for the mapping limit (the pages are parked).
+    pub refused_map_count: u64,
+    /// Refused by the backend because the page is or may be pinned.
+    pub refused_pinned: u64,
+    /// Found changed by the backend as it merged (a write raced with the merge).
+    pub refused_changed: u64,
+    /// Found different from the canonical page by the backend (a write it saw first).
+    pub refused_differs: u64,
+    /// Canonicalizations wasted on a lost insert race.
+    pub insert_races: u64,
+    /// Refused for another error.
+    pub refused_errors: u64,
+    /// Stable pages put off to the next pass: another thread was making an equal page
+    /// canonical.
+    pub deferred: u64,
+    /// Pages parked for the mapping limit at the end of the pass.
+    pub parked: u64,
+    /// Pages watched at the end of the pass, on their way to a merge (parked ones not
+    /// counted).
+    pub watching: u64,
+    /// Volatile pages this pass skipped because they changed recently (back-off).
+    pub backing_off: u64,
+}
+
+impl PassReport {
+    /// Every refusal, all reasons together.
+    pub fn refused(&self) -> u64 {
+        self.refused_map_count
+            + self.refused_pinned
+            + self.refused_changed
+            + self.refused_differs
+            + self.insert_races
+            + self.refused_errors
+    }
+
+    /// Whether the pass examined every page and found the memory quiet: it changed
+    /// nothing, the backend refused nothing, and nothing is waiting to happen by itself
+    /// (no page watched, parked, deferred or backing off). The next pass will do nothing
+    /// either unless the guest writes. With a budget (`pages_per_pass`), use
+    /// [`PageOne::is_quiet`].
+    pub fn quiet(&self) -> bool {
+        self.every_page && self.tally().quiet()
+    }
+
+    fn tally(&self) -> Tally {
+        Tally {
+            merged: self.merged,
+            zero_merged: self.zero_merged,
+            canonicalized: self.canonicalized,
+            written: self.written,
+            unmerged: self.unmerged,
+            protected: self.protected,
+            recycled: self.recycled,
+            map_count: self.refused_map_count,
+            pinned: self.refused_pinned,
+            changed: self.refused_changed,
+            differs: self.refused_differs,
+            insert_races: self.insert_races,
+            errors: self.refused_errors,
+            deferred: self.deferred,
+            parked: self.parked,
+            watching: self.watching,
+            backing_off: self.backing_off,
+        }
+    }
+
+    fn set_tally(&mut self, t: &Tally) {
+        self.merged = t.merged;
+        self.zero_merged = t.zero_merged;
+        self.canonicalized = t.canonicalized;
+        self.written = t.written;
+        self.unmerged = t.unmerged;
+        self.protected = t.protected;
+        self.recycled = t.recycled;
+        self.refused_map_count = t.map_count;
+        self.refused_pinned = t.pinned;
+        self.refused_changed = t.changed;
+        self.refused_differs = t.differs;
+        self.insert_races = t.insert_races;
+        self.refused_errors = t.errors;
+        self.deferred = t.deferred;
+        self.parked = t.parked;
+        self.watching = t.watching;
+        self.backing_off = t.backing_off;
+    }
 }
 
 /// State shared by the engine handle, the daemon and the work threads.
@@ -114,6 +298,12 @@ pub(crate) struct Shared<M: PageMemory> {
     hook: Option<Arc<dyn ScanHook<M>>>,
     zero: M::Frame,
     config: Config,
+    /// The mapping budget's gate.
+    gate: MapGate,
+    /// Claims on contents being made canonical.
+    claims: Claims,
+    /// What the current pass did so far (chunks add to it as they finish).
+    pass_tally: Mutex<Tally>,
     /// Serializes passes (daemon and callers).
     pass_lock: Mutex<Cursor>,
     /// Wakes the daemon early (stop, knob changes).
@@ -136,6 +326,9 @@ impl<M: PageMemory + 'static> Shared<M> {
             zero: &self.zero,
             stable_periods: self.config.stable_periods.max(1),
             max_backoff: self.config.max_backoff,
+            gate: &self.gate,
+            claims: &self.claims,
+            on_event: self.config.on_event.as_ref(),
         }
     }
 }
@@ -211,6 +404,9 @@ impl<M: PageMemory + 'static> PageOne<M> {
             knobs: Knobs::new(&config),
             hook,
             zero,
+            gate: MapGate::new(),
+            claims: Claims::new(),
+            pass_tally: Mutex::new(Tally::default()),
             pass_lock: Mutex::new(Cursor { chunk: 0 }),
             daemon_wake: (Mutex::new(false), Condvar::new()),
             config,
@@ -328,15 +524,27 @@ impl<M: PageMemory + 'static> PageOne<M> {
             .store(pages.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
+    /// Whether the memory is quiet: the last merge pass over every chunk changed nothing,
+    /// was refused nothing and left nothing waiting (see [`PassReport::quiet`]). It works
+    /// with a budget too (`pages_per_pass`): each chunk counts as of its own last merge
+    /// pass. False before every chunk had a merge pass, and after a base pass saw a write.
+    pub fn is_quiet(&self) -> bool {
+        self.shared
+            .chunks
+            .iter()
+            .all(|c| c.quiet.load(Ordering::Relaxed))
+    }
+
     /// A snapshot of the statistics.
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
         let c = &s.counters;
-        let (mut volatile, mut watched, mut pages) = (0u64, 0u64, 0u64);
+        let (mut volatile, mut watched, mut parked, mut pages) = (0u64, 0u64, 0u64, 0u64);
         for ch in &s.chunks {
-            let (v, w) = ch.gauges();
+            let (v, w, p) = ch.gauges();
             volatile += v as u64;
             watched += w as u64;
+            parked += p as u64;
             pages += ch.len() as u64;
         }
         let canonical_indexed = s.canons.indexed() as u64;
@@ -362,6 +570,16 @@ impl<M: PageMemory + 'static> PageOne<M> {
             merge_races: c.merge_races.load(Ordering::Relaxed),
             cow_breaks: c.cow_breaks.load(Ordering::Relaxed),
             recycled: c.recycled.load(Ordering::Relaxed),
+            canonicalized: c.canonicalized.load(Ordering::Relaxed),
+            insert_races: c.insert_races.load(Ordering::Relaxed),
+            claim_deferrals: c.claim_deferrals.load(Ordering::Relaxed),
+            refused_map_count: c.refused_map_count.load(Ordering::Relaxed),
+            refused_pinned: c.refused_pinned.load(Ordering::Relaxed),
+            refused_errors: c.refused_errors.load(Ordering::Relaxed),
+            map_count_parked: parked,
+            map_count_events: c.map_count_events.load(Ordering::Relaxed),
+            map_count_limit: c.map_count_limit.load(Ordering::Relaxed),
+            map_count_mappings: c.map_count_mappings.load(Ordering::Relaxed),
             canonical_indexed,
             metadata_bytes_per_page: per_page,
             metadata_bytes,
@@ -413,15 +631,27 @@ fn run_pass<M: PageMemory + 'static>(
         }
         cursor.chunk = i % n.max(1);
     }
+    if kind == PassKind::Merge {
+        shared.gate.start_pass(&*shared.memory);
+    }
+    *shared.pass_tally.lock().unwrap_or_else(|e| e.into_inner()) = Tally::default();
     pool.run(kind, &chosen);
+    let tally = *shared.pass_tally.lock().unwrap_or_else(|e| e.into_inner());
+    if kind == PassKind::Merge {
+        shared.gate.end_pass(tally.map_count);
+    }
     if full_scan {
         shared.counters.full_scans.fetch_add(1, Ordering::Relaxed);
     }
-    PassReport {
+    let mut report = PassReport {
         pages,
         full_scan,
+        every_page: kind == PassKind::Merge && chosen.len() == n,
         elapsed: start.elapsed(),
-    }
+        ..PassReport::default()
+    };
+    report.set_tally(&tally);
+    report
 }
 
 fn daemon_loop<M: PageMemory + 'static>(shared: &Arc<Shared<M>>, pool: &pool::PoolHandle<M>) {

@@ -1,15 +1,17 @@
 //! Page states and what a pass does to each page of a chunk.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use page_memory::{
-    is_zero_page, DomainId, MergeOutcome, PageId, PageMemory, ProtectToken, RegionId, PAGE_SIZE,
+    is_zero_page, DomainId, MergeOutcome, PageError, PageId, PageMemory, ProtectToken, RegionId,
+    PAGE_SIZE,
 };
 
-use crate::canon::{Canon, Canons, Found};
+use crate::canon::{Canon, Canons, Claim, Claims, Found};
+use crate::config::EventHook;
 use crate::stats::{Counters, WorkerCounters};
-use crate::ScanHook;
+use crate::{Event, ScanHook};
 
 /// Pages per chunk: the unit of work a thread takes (and steals).
 pub(crate) const CHUNK_PAGES: u32 = 512;
@@ -41,6 +43,8 @@ pub(crate) struct PageEntry<F> {
     backoff: u8,
     /// Merge passes still to skip.
     skip: u8,
+    /// Watched and stable, refused for the mapping limit: waits while the gate is closed.
+    parked: bool,
 }
 
 impl<F> PageEntry<F> {
@@ -49,6 +53,7 @@ impl<F> PageEntry<F> {
             phase: Phase::Volatile,
             backoff: 0,
             skip: 0,
+            parked: false,
         }
     }
 }
@@ -63,6 +68,10 @@ pub(crate) struct Chunk<F> {
     /// Gauges written at the end of each merge pass over this chunk.
     volatile: AtomicU32,
     watched: AtomicU32,
+    parked: AtomicU32,
+    /// Whether the last merge pass over this chunk changed nothing and left nothing
+    /// pending (see [`Tally::quiet`]).
+    pub(crate) quiet: AtomicBool,
 }
 
 impl<F> Chunk<F> {
@@ -75,6 +84,8 @@ impl<F> Chunk<F> {
             entries: Mutex::new((0..pages).map(|_| PageEntry::new()).collect()),
             volatile: AtomicU32::new(pages),
             watched: AtomicU32::new(0),
+            parked: AtomicU32::new(0),
+            quiet: AtomicBool::new(false),
         }
     }
 
@@ -82,10 +93,11 @@ impl<F> Chunk<F> {
         self.pages
     }
 
-    pub(crate) fn gauges(&self) -> (u32, u32) {
+    pub(crate) fn gauges(&self) -> (u32, u32, u32) {
         (
             self.volatile.load(Ordering::Relaxed),
             self.watched.load(Ordering::Relaxed),
+            self.parked.load(Ordering::Relaxed),
         )
     }
 
@@ -105,6 +117,166 @@ pub(crate) enum PassKind {
     Unmerge,
 }
 
+/// What a pass did to the pages of one chunk (summed over the chunks of a pass into a
+/// [`PassReport`](crate::PassReport)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub(crate) merged: u64,
+    pub(crate) zero_merged: u64,
+    pub(crate) canonicalized: u64,
+    pub(crate) written: u64,
+    pub(crate) unmerged: u64,
+    pub(crate) protected: u64,
+    pub(crate) recycled: u64,
+    pub(crate) map_count: u64,
+    pub(crate) pinned: u64,
+    pub(crate) changed: u64,
+    pub(crate) differs: u64,
+    pub(crate) insert_races: u64,
+    pub(crate) errors: u64,
+    pub(crate) deferred: u64,
+    pub(crate) parked: u64,
+    pub(crate) watching: u64,
+    pub(crate) backing_off: u64,
+}
+
+impl Tally {
+    pub(crate) fn add(&mut self, o: &Tally) {
+        self.merged += o.merged;
+        self.zero_merged += o.zero_merged;
+        self.canonicalized += o.canonicalized;
+        self.written += o.written;
+        self.unmerged += o.unmerged;
+        self.protected += o.protected;
+        self.recycled += o.recycled;
+        self.map_count += o.map_count;
+        self.pinned += o.pinned;
+        self.changed += o.changed;
+        self.differs += o.differs;
+        self.insert_races += o.insert_races;
+        self.errors += o.errors;
+        self.deferred += o.deferred;
+        self.parked += o.parked;
+        self.watching += o.watching;
+        self.backing_off += o.backing_off;
+    }
+
+    /// Refusals of every reason.
+    pub(crate) fn refused(&self) -> u64 {
+        self.map_count + self.pinned + self.changed + self.differs + self.insert_races + self.errors
+    }
+
+    /// Nothing changed, nothing refused, nothing waiting to happen by itself.
+    pub(crate) fn quiet(&self) -> bool {
+        self.merged
+            + self.zero_merged
+            + self.canonicalized
+            + self.written
+            + self.protected
+            + self.recycled
+            + self.refused()
+            + self.deferred
+            + self.parked
+            + self.watching
+            + self.backing_off
+            == 0
+    }
+}
+
+/// The longest a thread waits for another to insert a page whose contents it claimed
+/// (a safety bound: a claim is held for one batch's canonicalization, milliseconds).
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Most merge passes the gate stays closed after the mapping limit refused a merge.
+pub(crate) const MAX_MAP_BACKOFF: u64 = 32;
+
+/// The mapping budget's gate: closed (pages refused for the mapping limit stay parked)
+/// for a number of merge passes that doubles at each refusal in a row, up to
+/// [`MAX_MAP_BACKOFF`]; opened early when the backend reports a higher limit.
+pub(crate) struct MapGate {
+    /// Merge passes started.
+    pub(crate) pass: AtomicU64,
+    /// Closed while `pass < closed_until`.
+    closed_until: AtomicU64,
+    /// Passes of the next closing.
+    backoff: AtomicU64,
+    /// The limit at the last refusal (0: none).
+    limit: AtomicU64,
+    /// Whether this episode's event was sent.
+    reported: AtomicBool,
+    /// Whether the gate was open when the current pass started.
+    pub(crate) open_at_start: AtomicBool,
+}
+
+impl MapGate {
+    pub(crate) fn new() -> Self {
+        MapGate {
+            pass: AtomicU64::new(0),
+            closed_until: AtomicU64::new(0),
+            backoff: AtomicU64::new(1),
+            limit: AtomicU64::new(0),
+            reported: AtomicBool::new(false),
+            open_at_start: AtomicBool::new(true),
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.pass.load(Ordering::Relaxed) < self.closed_until.load(Ordering::Relaxed)
+    }
+
+    /// At the start of a merge pass: counts it, and opens the gate if the backend's limit
+    /// went up since the refusal.
+    pub(crate) fn start_pass<M: PageMemory>(&self, memory: &M) {
+        self.pass.fetch_add(1, Ordering::Relaxed);
+        if self.is_closed() {
+            let was = self.limit.load(Ordering::Relaxed);
+            if matches!(memory.mapping_limit(), Some(now) if now > was) {
+                self.closed_until.store(0, Ordering::Relaxed);
+            }
+        }
+        self.open_at_start
+            .store(!self.is_closed(), Ordering::Relaxed);
+    }
+
+    /// At the end of a merge pass: a pass that had the gate open and met no refusal for
+    /// the limit ends the episode.
+    pub(crate) fn end_pass(&self, refused_map_count: u64) {
+        if self.open_at_start.load(Ordering::Relaxed) && refused_map_count == 0 {
+            self.backoff.store(1, Ordering::Relaxed);
+            self.reported.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// The backend refused for the limit: close the gate (if open), record the figures,
+    /// and send the episode's event.
+    fn hit(&self, limit: u64, mappings: u64, counters: &Counters, hook: Option<&EventHook>) {
+        counters.map_count_limit.store(limit, Ordering::Relaxed);
+        counters
+            .map_count_mappings
+            .store(mappings, Ordering::Relaxed);
+        self.limit.store(limit, Ordering::Relaxed);
+        let pass = self.pass.load(Ordering::Relaxed);
+        let until = self.closed_until.load(Ordering::Relaxed);
+        if until <= pass {
+            let backoff = self.backoff.load(Ordering::Relaxed);
+            if self
+                .closed_until
+                .compare_exchange(until, pass + backoff, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.backoff
+                    .store((backoff * 2).min(MAX_MAP_BACKOFF), Ordering::Relaxed);
+            }
+        }
+        if !self.reported.swap(true, Ordering::Relaxed) {
+            counters.map_count_events.fetch_add(1, Ordering::Relaxed);
+            if let Some(h) = hook {
+                (h.0)(&Event::MapCountLimit { limit, mappings });
+            }
+        }
+    }
+}
+
 /// Everything a pass over a chunk needs.
 pub(crate) struct Ctx<'a, M: PageMemory> {
     pub(crate) memory: &'a M,
@@ -115,14 +287,19 @@ pub(crate) struct Ctx<'a, M: PageMemory> {
     pub(crate) zero: &'a M::Frame,
     pub(crate) stable_periods: u8,
     pub(crate) max_backoff: u8,
+    pub(crate) gate: &'a MapGate,
+    pub(crate) claims: &'a Claims,
+    pub(crate) on_event: Option<&'a EventHook>,
 }
 
 impl<M: PageMemory> Ctx<'_, M> {
-    /// Runs `kind` over every page of `chunk`.
-    pub(crate) fn run(&self, chunk: &Chunk<M::Frame>, kind: PassKind) {
+    /// Runs `kind` over every page of `chunk`; returns what it did.
+    pub(crate) fn run(&self, chunk: &Chunk<M::Frame>, kind: PassKind) -> Tally {
+        let mut t = Tally::default();
         let mut entries = chunk.lock();
         let mut to_protect: Vec<u32> = Vec::new();
         let mut stable: Vec<(u32, ProtectToken)> = Vec::new();
+        let closed = self.gate.is_closed();
         for (i, e) in entries.iter_mut().enumerate() {
             let page = PageId::new(chunk.region, chunk.first + i as u32);
             // Per thread only: a shared counter here would bounce its cache line between
@@ -132,12 +309,13 @@ impl<M: PageMemory> Ctx<'_, M> {
                 self.unmerge(e, page, chunk.domain);
                 continue;
             }
-            self.notice_writes(e, page, chunk.domain);
+            self.notice_writes(e, page, chunk.domain, &mut t);
             match e.phase {
                 Phase::Volatile => {
                     if let Some(hook) = self.hook {
                         if hook.examine(self.memory, page) {
                             self.counters.recycled.fetch_add(1, Ordering::Relaxed);
+                            t.recycled += 1;
                             e.skip = 0;
                             continue;
                         }
@@ -145,11 +323,15 @@ impl<M: PageMemory> Ctx<'_, M> {
                     if kind == PassKind::Merge {
                         if e.skip > 0 {
                             e.skip -= 1;
+                            t.backing_off += 1;
                         } else {
                             to_protect.push(i as u32);
                         }
                     }
                 }
+                // Refused for the mapping limit: not read, looked up or offered to the
+                // backend again until the gate opens.
+                Phase::Watch { .. } if kind == PassKind::Merge && e.parked && closed => {}
                 Phase::Watch { token, periods } if kind == PassKind::Merge => {
                     if periods + 1 >= self.stable_periods {
                         stable.push((i as u32, token));
@@ -164,7 +346,7 @@ impl<M: PageMemory> Ctx<'_, M> {
             }
         }
         if !stable.is_empty() {
-            self.merge_stable(chunk, &mut entries, &stable);
+            self.merge_stable(chunk, &mut entries, &stable, &mut t, true);
         }
         if !to_protect.is_empty() {
             let pages: Vec<PageId> = to_protect
@@ -172,27 +354,59 @@ impl<M: PageMemory> Ctx<'_, M> {
                 .map(|&i| PageId::new(chunk.region, chunk.first + i))
                 .collect();
             for (&i, r) in to_protect.iter().zip(self.memory.protect(&pages)) {
-                if let Ok(token) = r {
-                    entries[i as usize].phase = Phase::Watch { token, periods: 0 };
+                let e = &mut entries[i as usize];
+                match r {
+                    Ok(token) => {
+                        e.phase = Phase::Watch { token, periods: 0 };
+                        t.protected += 1;
+                    }
+                    // Not protected: tried again after a back-off, counted by reason.
+                    Err(err) => {
+                        self.count_error(&err, &mut t);
+                        self.back_off(e);
+                    }
                 }
             }
         }
         if kind == PassKind::Merge {
-            let (mut v, mut w) = (0, 0);
+            let (mut v, mut w, mut p) = (0, 0, 0);
             for e in entries.iter() {
                 match e.phase {
                     Phase::Volatile => v += 1,
-                    Phase::Watch { .. } => w += 1,
+                    Phase::Watch { .. } => {
+                        w += 1;
+                        if e.parked {
+                            p += 1;
+                        }
+                    }
                     _ => {}
                 }
             }
+            t.parked = p as u64;
+            // Pages watched and not parked are still on their way to a merge (deferred
+            // ones included: they are counted in `deferred` too).
+            t.watching = (w - p) as u64;
             chunk.volatile.store(v, Ordering::Relaxed);
             chunk.watched.store(w, Ordering::Relaxed);
+            chunk.parked.store(p, Ordering::Relaxed);
+            chunk.quiet.store(t.quiet(), Ordering::Relaxed);
+        } else if kind == PassKind::Unmerge {
+            chunk.parked.store(0, Ordering::Relaxed);
+            chunk.quiet.store(false, Ordering::Relaxed);
+        } else if !t.quiet() {
+            chunk.quiet.store(false, Ordering::Relaxed);
         }
+        t
     }
 
     /// If the page was written since its token, it is volatile again: drop what it held.
-    fn notice_writes(&self, e: &mut PageEntry<M::Frame>, page: PageId, domain: DomainId) {
+    fn notice_writes(
+        &self,
+        e: &mut PageEntry<M::Frame>,
+        page: PageId,
+        domain: DomainId,
+        t: &mut Tally,
+    ) {
         let token = match &e.phase {
             Phase::Volatile => return,
             Phase::Watch { token, .. }
@@ -204,14 +418,18 @@ impl<M: PageMemory> Ctx<'_, M> {
         if !self.memory.written_since(page, token).unwrap_or(true) {
             return;
         }
+        t.written += 1;
+        e.parked = false;
         match std::mem::replace(&mut e.phase, Phase::Volatile) {
             Phase::Canonical { canon, .. } | Phase::Merged { canon, .. } => {
                 self.canons.drop_sharer(domain, &canon, self.counters);
                 self.counters.cow_breaks.fetch_add(1, Ordering::Relaxed);
+                t.unmerged += 1;
             }
             Phase::Zero { .. } => {
                 self.counters.zero_pages.fetch_sub(1, Ordering::Relaxed);
                 self.counters.cow_breaks.fetch_add(1, Ordering::Relaxed);
+                t.unmerged += 1;
             }
             Phase::Watch { .. } | Phase::Volatile => {}
         }
@@ -228,60 +446,114 @@ impl<M: PageMemory> Ctx<'_, M> {
     ///
     /// Done in batches, so the backend can remap runs of pages at once: pages are read
     /// (protected and unwritten, so what we read is what they hold) and looked up; the
-    /// ones with no canonical match are canonicalized together
-    /// ([`PageMemory::canonicalize_batch`]) and inserted; then the merges go to the backend
-    /// together ([`PageMemory::merge_batch`]), which re-checks each page's protection and
-    /// compares it in full as it switches. The result is what merging page by page gives:
-    /// a batch is flushed early when a page would take a canonical page past
+    /// ones with no canonical match are claimed ([`Claims`]: a page whose contents another
+    /// thread is making canonical right now is put off to the next pass), canonicalized
+    /// together ([`PageMemory::canonicalize_batch`]) and inserted; then the merges go to
+    /// the backend together ([`PageMemory::merge_batch`]), which re-checks each page's
+    /// protection and compares it in full as it switches. The result is what merging page
+    /// by page gives: a batch is flushed early when a page would take a canonical page past
     /// `max_page_sharing` counting the batch's own merges, or may equal a page of the batch
     /// that is to become canonical (same fingerprint), so that the lookup after the flush
-    /// sees it.
+    /// sees it. While the mapping gate is closed, pages that would need the tree are
+    /// parked instead.
     fn merge_stable(
         &self,
         chunk: &Chunk<M::Frame>,
         entries: &mut [PageEntry<M::Frame>],
         stable: &[(u32, ProtectToken)],
+        t: &mut Tally,
+        again: bool,
     ) {
         let domain = chunk.domain;
+        let group = self.canons.group(domain);
         let id = |i: u32| PageId::new(chunk.region, chunk.first + i);
         let mut buf = Box::new([0u8; PAGE_SIZE]);
         let mut batch = Batch::default();
+        let mut put_off = Vec::new();
         for &(i, token) in stable {
-            if self.memory.read_page(id(i), &mut buf).is_err() {
+            if let Err(err) = self.memory.read_page(id(i), &mut buf) {
+                self.count_error(&err, t);
                 entries[i as usize].phase = Phase::Volatile;
+                entries[i as usize].parked = false;
                 continue;
             }
             if is_zero_page(&buf[..]) {
                 batch.merges.push((i, token, None));
                 continue;
             }
+            if self.gate.is_closed() {
+                // The backend refused merges for the mapping limit this pass or recently:
+                // keep the page watched (its token stays good) until the gate opens.
+                entries[i as usize].parked = true;
+                continue;
+            }
             let print = fingerprint(&buf[..]);
             if batch.prints.contains(&print) {
-                self.flush(chunk, entries, &mut batch);
+                self.flush(chunk, entries, &mut batch, t);
             }
+            let mut claimed = None;
             loop {
                 match self.canons.find(domain, &buf[..]) {
                     Found::Existing(c) => {
+                        if let Some(slot) = claimed.take() {
+                            self.claims.release(slot);
+                        }
                         let extra =
                             batch.pending.iter().filter(|p| Arc::ptr_eq(p, &c)).count() as u32;
                         if extra > 0 && !self.canons.has_room(&c, extra + 1) {
                             // Merging would overfill it: settle the batch, then look again
                             // (the full page is then taken out of the tree).
-                            self.flush(chunk, entries, &mut batch);
+                            self.flush(chunk, entries, &mut batch, t);
                             continue;
                         }
                         batch.pending.push(c.clone());
                         batch.merges.push((i, token, Some(c)));
                     }
-                    Found::Vacant => {
+                    Found::Vacant if claimed.is_some() => {
                         batch.prints.push(print);
                         batch.vacant.push((id(i), token));
+                        batch.claims.push(claimed);
                     }
+                    Found::Vacant => match self.claims.claim(Claims::key(print, group)) {
+                        // Look again holding the claim: an equal page inserted by the
+                        // thread that held it before is seen now.
+                        Claim::Held(slot) => {
+                            claimed = Some(slot);
+                            continue;
+                        }
+                        // Another thread is making this content canonical: merge with its
+                        // page next pass (the page stays watched and stable).
+                        Claim::Lost if again => put_off.push((i, token, Claims::key(print, group))),
+                        Claim::Lost => {
+                            t.deferred += 1;
+                            self.counters
+                                .claim_deferrals
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        Claim::Full => {
+                            batch.prints.push(print);
+                            batch.vacant.push((id(i), token));
+                            batch.claims.push(None);
+                        }
+                    },
                 }
                 break;
             }
         }
-        self.flush(chunk, entries, &mut batch);
+        self.flush(chunk, entries, &mut batch, t);
+        // Once more, after this thread's own claims are released: wait (holding no claim,
+        // so no two threads can wait for each other) until the threads that held the
+        // claims have inserted their pages, then look the pages up again. A page whose
+        // claim is still held after `CLAIM_WAIT`, or is claimed again meanwhile, waits for
+        // the next pass.
+        if !put_off.is_empty() {
+            let deadline = std::time::Instant::now() + CLAIM_WAIT;
+            for &(_, _, key) in &put_off {
+                self.claims.wait_released(key, deadline);
+            }
+            let again: Vec<_> = put_off.iter().map(|&(i, token, _)| (i, token)).collect();
+            self.merge_stable(chunk, entries, &again, t, false);
+        }
     }
 
     /// Canonicalizes and merges what `batch` holds, and empties it.
@@ -290,34 +562,46 @@ impl<M: PageMemory> Ctx<'_, M> {
         chunk: &Chunk<M::Frame>,
         entries: &mut [PageEntry<M::Frame>],
         batch: &mut Batch<M::Frame>,
+        t: &mut Tally,
     ) {
         let domain = chunk.domain;
         let id = |i: u32| PageId::new(chunk.region, chunk.first + i);
         let mut to_merge = std::mem::take(&mut batch.merges);
         let vacant = std::mem::take(&mut batch.vacant);
+        let claims = std::mem::take(&mut batch.claims);
         batch.pending.clear();
         batch.prints.clear();
         if !vacant.is_empty() {
             let frames = self.memory.canonicalize_batch(&vacant);
             let mut late = false;
-            for (&(page, token), r) in vacant.iter().zip(frames) {
+            for ((&(page, token), r), claim) in vacant.iter().zip(frames).zip(claims) {
                 let i = page.index - chunk.first;
                 let e = &mut entries[i as usize];
-                let Ok(frame) = r else {
-                    self.raced(e);
-                    continue;
-                };
-                match self.canons.insert(domain, frame, self.counters) {
-                    Ok(mine) => {
-                        e.phase = Phase::Canonical { token, canon: mine };
-                        e.backoff = 0;
+                match r {
+                    Err(err) => self.refused(e, &err, t),
+                    Ok(frame) => {
+                        self.counters.canonicalized.fetch_add(1, Ordering::Relaxed);
+                        t.canonicalized += 1;
+                        match self.canons.insert(domain, frame, self.counters) {
+                            Ok(mine) => {
+                                e.phase = Phase::Canonical { token, canon: mine };
+                                e.backoff = 0;
+                                e.parked = false;
+                            }
+                            // An equal page became canonical meanwhile (another thread's,
+                            // unclaimed): merge with it. The canonicalization was wasted.
+                            Err(other) => {
+                                t.insert_races += 1;
+                                self.counters.insert_races.fetch_add(1, Ordering::Relaxed);
+                                to_merge.push((i, token, Some(other)));
+                                late = true;
+                            }
+                        }
                     }
-                    // An equal page became canonical meanwhile (another thread's): merge
-                    // with it.
-                    Err(other) => {
-                        to_merge.push((i, token, Some(other)));
-                        late = true;
-                    }
+                }
+                // After the insert: whoever claims the contents next finds the page.
+                if let Some(slot) = claim {
+                    self.claims.release(slot);
                 }
             }
             // Keep page order, so the backend sees runs.
@@ -340,25 +624,76 @@ impl<M: PageMemory> Ctx<'_, M> {
                 (Ok(MergeOutcome::Merged), None) => {
                     e.phase = Phase::Zero { token };
                     e.backoff = 0;
+                    e.parked = false;
+                    t.zero_merged += 1;
                     self.counters.zero_pages.fetch_add(1, Ordering::Relaxed);
                     self.counters.merges.fetch_add(1, Ordering::Relaxed);
                 }
                 (Ok(MergeOutcome::Merged), Some(canon)) => {
                     self.canons.add_sharer(&canon, self.counters);
                     self.counters.merges.fetch_add(1, Ordering::Relaxed);
+                    t.merged += 1;
                     e.phase = Phase::Merged { token, canon };
                     e.backoff = 0;
+                    e.parked = false;
                 }
                 // `Differs`: the tree verified equality against our snapshot of a protected
                 // page, so the backend saw a write we did not: treat it as one.
-                (Ok(MergeOutcome::Differs | MergeOutcome::Changed) | Err(_), _) => self.raced(e),
+                (Ok(MergeOutcome::Differs), _) => {
+                    t.differs += 1;
+                    self.raced(e);
+                }
+                (Ok(MergeOutcome::Changed), _) => {
+                    t.changed += 1;
+                    self.raced(e);
+                }
+                (Err(err), _) => self.refused(e, &err, t),
             }
+        }
+    }
+
+    /// Counts a refusal by its reason (the page's state is the caller's business).
+    fn count_error(&self, err: &PageError, t: &mut Tally) {
+        let c = self.counters;
+        match err {
+            PageError::MapCountLimit { limit, mappings } => {
+                t.map_count += 1;
+                c.refused_map_count.fetch_add(1, Ordering::Relaxed);
+                self.gate.hit(*limit, *mappings, c, self.on_event);
+            }
+            PageError::Pinned(_) => {
+                t.pinned += 1;
+                c.refused_pinned.fetch_add(1, Ordering::Relaxed);
+            }
+            PageError::Stale(_) => {
+                t.changed += 1;
+                c.merge_races.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                t.errors += 1;
+                c.refused_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The backend refused to canonicalize or merge a stable page: a page refused for the
+    /// mapping limit stays watched (protected, its token good) and is parked; any other
+    /// page is volatile again, after a back-off.
+    fn refused(&self, e: &mut PageEntry<M::Frame>, err: &PageError, t: &mut Tally) {
+        self.count_error(err, t);
+        if matches!(err, PageError::MapCountLimit { .. }) {
+            e.parked = true;
+        } else {
+            e.parked = false;
+            e.phase = Phase::Volatile;
+            self.back_off(e);
         }
     }
 
     fn raced(&self, e: &mut PageEntry<M::Frame>) {
         self.counters.merge_races.fetch_add(1, Ordering::Relaxed);
         e.phase = Phase::Volatile;
+        e.parked = false;
         self.back_off(e);
     }
 
@@ -379,6 +714,7 @@ impl<M: PageMemory> Ctx<'_, M> {
         }
         e.backoff = 0;
         e.skip = 0;
+        e.parked = false;
     }
 }
 
@@ -391,6 +727,8 @@ struct Batch<F> {
     merges: Vec<PendingMerge<F>>,
     /// Pages to become canonical, page order.
     vacant: Vec<(PageId, ProtectToken)>,
+    /// The claim slot held for each page of `vacant` (`None`: unclaimed).
+    claims: Vec<Option<usize>>,
     /// The canonical pages `merges` adds sharers to, once per merge.
     pending: Vec<Arc<Canon<F>>>,
     /// Fingerprints of the pages in `vacant`.
@@ -402,6 +740,7 @@ impl<F> Default for Batch<F> {
         Batch {
             merges: Vec::new(),
             vacant: Vec::new(),
+            claims: Vec::new(),
             pending: Vec::new(),
             prints: Vec::new(),
         }

@@ -170,7 +170,8 @@ fn worker_loop<M: PageMemory + 'static>(inner: &Inner<M>, w: usize) {
             // pass ends.
             let kind = lock(&inner.state).kind;
             let start = Instant::now();
-            ctx.run(&inner.shared.chunks[c], kind);
+            let tally = ctx.run(&inner.shared.chunks[c], kind);
+            lock(&inner.shared.pass_tally).add(&tally);
             // Hand what this chunk retired (canonical pages taken out of a tree) to the
             // global collector, so it is freed once no thread can read it, not whenever
             // this thread next runs.

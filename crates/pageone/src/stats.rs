@@ -17,6 +17,15 @@ pub(crate) struct Counters {
     pub(crate) merge_races: AtomicU64,
     pub(crate) cow_breaks: AtomicU64,
     pub(crate) recycled: AtomicU64,
+    pub(crate) canonicalized: AtomicU64,
+    pub(crate) refused_map_count: AtomicU64,
+    pub(crate) refused_pinned: AtomicU64,
+    pub(crate) refused_errors: AtomicU64,
+    pub(crate) insert_races: AtomicU64,
+    pub(crate) claim_deferrals: AtomicU64,
+    pub(crate) map_count_events: AtomicU64,
+    pub(crate) map_count_limit: AtomicU64,
+    pub(crate) map_count_mappings: AtomicU64,
 }
 
 /// Per-work-thread counters.
@@ -80,8 +89,39 @@ pub struct Stats {
     pub zero_pages: u64,
     /// Successful merges, all time.
     pub merges: u64,
-    /// Merges abandoned because the page was written while being merged.
+    /// Merges and canonicalizations abandoned because the page was written while being
+    /// merged (the backend found it changed, or different from the canonical page).
     pub merge_races: u64,
+    /// Pages made canonical (each costs the backend a copy: on Linux, a store slot and a
+    /// remap), all time.
+    pub canonicalized: u64,
+    /// Canonicalizations wasted: the page was made canonical, but an equal page of
+    /// another thread was inserted in the tree first, so it was merged with that one.
+    /// Kept near zero by the claims described in the crate docs (*Convergence*).
+    pub insert_races: u64,
+    /// Stable pages whose canonicalization was put off to the next pass because another
+    /// thread was making an equal page canonical at the same time (a claim lost).
+    pub claim_deferrals: u64,
+    /// Merges and canonicalizations the backend refused to stay below the process's
+    /// mapping limit ([`PageError::MapCountLimit`](page_memory::PageError::MapCountLimit)).
+    pub refused_map_count: u64,
+    /// Pages the backend refused because they are, or may be, pinned
+    /// ([`PageError::Pinned`](page_memory::PageError::Pinned)): protect, merge or
+    /// canonicalize.
+    pub refused_pinned: u64,
+    /// Operations refused for any other error (a region gone, an OS call failed).
+    pub refused_errors: u64,
+    /// Pages parked until the mapping budget has room again (end of the last pass over
+    /// each chunk): stable and protected, waiting, not retried every pass.
+    pub map_count_parked: u64,
+    /// Times the engine ran into the mapping limit (one per episode: each
+    /// [`Event::MapCountLimit`](crate::Event::MapCountLimit) sent).
+    pub map_count_events: u64,
+    /// The mapping limit the backend reported at the last refusal (`vm.max_map_count` on
+    /// Linux); 0 if it never refused for it.
+    pub map_count_limit: u64,
+    /// The process's mappings the backend reported at the last refusal.
+    pub map_count_mappings: u64,
     /// Merged or canonical pages whose sharing a guest write broke.
     pub cow_breaks: u64,
     /// Pages a scan hook (the Per Page Recycler) recycled.

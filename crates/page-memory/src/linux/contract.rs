@@ -253,6 +253,11 @@ impl PageMemory for LinuxMemory {
         LinuxFrame(None)
     }
 
+    /// `vm.max_map_count`, reread (one small read of `/proc/sys`).
+    fn mapping_limit(&self) -> Option<u64> {
+        sys::max_map_count()
+    }
+
     fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
         if let Err(refused) = self.inner.pins_checked(pages) {
             return refused;

@@ -1,0 +1,324 @@
+//! Convergence and the mapping budget, decided by counts: what each merge pass reports,
+//! how many passes a quiet memory needs, pages refused for the mapping limit parked (not
+//! retried every pass) and retried when the limit is raised or after a back-off, the
+//! embedder told once per episode, and one canonicalization per content with two threads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use page_memory::sim::{SimFrame, SimMemory};
+use page_memory::{
+    DirtyHook, DomainId, MergeOutcome, PageError, PageId, PageMemory, ProtectToken, RegionId,
+    RegionInfo, PAGE_SIZE,
+};
+use pageone::{Config, Event, PageOne};
+
+/// A page whose contents are determined by `seed` (0 = all zeros).
+fn content(seed: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE_SIZE];
+    if seed != 0 {
+        p[100..108].copy_from_slice(&seed.to_le_bytes());
+        p[PAGE_SIZE - 8..].copy_from_slice(&(seed * 31).to_le_bytes());
+    }
+    p
+}
+
+fn fill(mem: &SimMemory, r: RegionId, pages: u32, seed_of: impl Fn(u32) -> u64) {
+    for i in 0..pages {
+        mem.write(PageId::new(r, i), 0, &content(seed_of(i)))
+            .unwrap();
+    }
+}
+
+/// A memory whose merges and canonicalizations spend a budget of mappings, one each, and
+/// are refused with `MapCountLimit` once it is spent (the way the Linux backend refuses
+/// near `vm.max_map_count`); pages in `pinned` are refused protection as pinned. It counts
+/// what the engine asks of it.
+struct Budgeted {
+    sim: SimMemory,
+    /// Mappings left.
+    budget: AtomicU64,
+    /// The limit reported (raised by the test).
+    limit: AtomicU64,
+    pinned: Mutex<Vec<PageId>>,
+    /// Pages offered to merge or canonicalize (refused ones included).
+    offered: AtomicU64,
+    /// Protect calls for pinned pages.
+    pinned_protects: AtomicU64,
+}
+
+impl Budgeted {
+    fn new(budget: u64) -> Self {
+        Budgeted {
+            sim: SimMemory::new(),
+            budget: AtomicU64::new(budget),
+            limit: AtomicU64::new(1000),
+            pinned: Mutex::new(Vec::new()),
+            offered: AtomicU64::new(0),
+            pinned_protects: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one mapping from the budget, or refuses.
+    fn spend(&self) -> Result<(), PageError> {
+        self.offered.fetch_add(1, Ordering::Relaxed);
+        self.budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+            .map(|_| ())
+            .map_err(|_| PageError::MapCountLimit {
+                limit: self.limit.load(Ordering::Relaxed),
+                mappings: self.limit.load(Ordering::Relaxed) - 10,
+            })
+    }
+}
+
+impl PageMemory for Budgeted {
+    type Frame = SimFrame;
+
+    fn regions(&self) -> Vec<RegionInfo> {
+        self.sim.regions()
+    }
+    fn read_page(&self, page: PageId, buf: &mut [u8; PAGE_SIZE]) -> Result<(), PageError> {
+        self.sim.read_page(page, buf)
+    }
+    fn read_words(&self, page: PageId, out: &mut [u64]) -> Result<(), PageError> {
+        self.sim.read_words(page, out)
+    }
+    fn protect(&self, pages: &[PageId]) -> Vec<Result<ProtectToken, PageError>> {
+        let pinned = self.pinned.lock().unwrap().clone();
+        pages
+            .iter()
+            .map(|p| {
+                if pinned.contains(p) {
+                    self.pinned_protects.fetch_add(1, Ordering::Relaxed);
+                    Err(PageError::Pinned(*p))
+                } else {
+                    self.sim.protect(&[*p]).pop().unwrap()
+                }
+            })
+            .collect()
+    }
+    fn unprotect(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
+        self.sim.unprotect(pages)
+    }
+    fn written_since(&self, page: PageId, token: ProtectToken) -> Result<bool, PageError> {
+        self.sim.written_since(page, token)
+    }
+    fn canonicalize(&self, page: PageId, token: ProtectToken) -> Result<SimFrame, PageError> {
+        self.spend()?;
+        self.sim.canonicalize(page, token)
+    }
+    fn merge(
+        &self,
+        dup: PageId,
+        token: ProtectToken,
+        canonical: &SimFrame,
+    ) -> Result<MergeOutcome, PageError> {
+        // Zero merges drop the page: no mapping spent.
+        if canonical.as_ref() != self.sim.zero_frame().as_ref() {
+            self.spend()?;
+        }
+        self.sim.merge(dup, token, canonical)
+    }
+    fn zero_frame(&self) -> SimFrame {
+        self.sim.zero_frame()
+    }
+    fn mapping_limit(&self) -> Option<u64> {
+        Some(self.limit.load(Ordering::Relaxed))
+    }
+    fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
+        self.sim.recycle(pages)
+    }
+    fn unmerge(&self, page: PageId) -> Result<(), PageError> {
+        self.sim.unmerge(page)
+    }
+    fn set_dirty_hook(&self, hook: Option<DirtyHook>) {
+        self.sim.set_dirty_hook(hook)
+    }
+}
+
+/// A quiet memory needs `stable_periods + 2` merge passes: protect, watch
+/// (`stable_periods - 1` passes), merge, and one that finds nothing to do; each pass
+/// reports what it changed.
+#[test]
+fn a_quiet_memory_needs_stable_periods_plus_two_passes() {
+    for stable in 1..=3u8 {
+        let mem = Arc::new(SimMemory::new());
+        let r = mem.add_region(100, DomainId(0));
+        // 10 contents, each in 9 pages; 10 zero pages.
+        fill(&mem, r, 100, |i| (i % 11) as u64);
+        let engine = PageOne::new(
+            mem.clone(),
+            Config::default().work_threads(1).stable_periods(stable),
+        )
+        .unwrap();
+        let first = engine.merge_pass();
+        assert_eq!((first.protected, first.watching), (100, 100));
+        for _ in 1..stable {
+            let watch = engine.merge_pass();
+            assert_eq!((watch.protected, watch.watching, watch.merged), (0, 100, 0));
+            assert!(!watch.quiet() && !engine.is_quiet());
+        }
+        let merge = engine.merge_pass();
+        assert_eq!(merge.canonicalized, 10);
+        assert_eq!(merge.merged, 80);
+        assert_eq!(merge.zero_merged, 10);
+        assert_eq!((merge.refused(), merge.deferred, merge.watching), (0, 0, 0));
+        assert!(!merge.quiet());
+        let last = engine.merge_pass();
+        assert!(last.quiet(), "stable_periods {stable}: {last:?}");
+        assert!(engine.is_quiet());
+        assert_eq!(mem.accounting().frames, 10);
+        let s = engine.stats();
+        assert_eq!((s.canonicalized, s.insert_races, s.merges), (10, 0, 90));
+    }
+}
+
+/// A write makes the memory busy again: the pass that sees it reports it, and the
+/// memory is quiet again once the page has been through its back-off, watch and merge.
+#[test]
+fn a_write_is_reported_and_the_memory_settles_again() {
+    let mem = Arc::new(SimMemory::new());
+    let r = mem.add_region(64, DomainId(0));
+    fill(&mem, r, 64, |i| (i % 4) as u64 + 1);
+    let engine = PageOne::new(mem.clone(), Config::default().work_threads(1)).unwrap();
+    let passes = (0..4).map(|_| engine.merge_pass()).collect::<Vec<_>>();
+    assert!(passes[3].quiet());
+    mem.write(PageId::new(r, 5), 0, &content(2)).unwrap(); // same contents, but a write
+    let seen = engine.merge_pass();
+    assert_eq!((seen.written, seen.unmerged, seen.backing_off), (1, 1, 1));
+    assert!(!seen.quiet() && !engine.is_quiet());
+    // The pass that saw the write skipped it (back-off 1); then protect, watch, merge,
+    // quiet.
+    let rest: Vec<_> = (0..4).map(|_| engine.merge_pass()).collect();
+    assert_eq!(rest[0].protected, 1);
+    assert_eq!(rest[2].merged, 1);
+    assert!(rest[3].quiet());
+    assert_eq!(mem.accounting().frames, 4);
+}
+
+/// Pages refused for the mapping limit are parked: not offered to the backend again while
+/// the gate is closed (back-off doubling per refusal in a row), counted by reason, the
+/// embedder told once; raising the limit lets them merge at the next pass.
+#[test]
+fn map_count_refusals_are_parked_reported_once_and_retried_when_the_limit_rises() {
+    let mem = Arc::new(Budgeted::new(20));
+    let r = mem.sim.add_region(200, DomainId(0));
+    // 50 contents, each in 4 scattered pages.
+    fill(&mem.sim, r, 200, |i| (i * 37 % 50) as u64 + 1);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let engine = PageOne::new(
+        mem.clone(),
+        Config::default()
+            .work_threads(1)
+            .on_event(move |e: &Event| log.lock().unwrap().push(*e)),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        engine.merge_pass();
+    }
+    let hit = engine.merge_pass();
+    // 20 mappings spent (canonical pages and merges), the rest of the 200 refused.
+    assert_eq!(hit.canonicalized + hit.merged, 20);
+    assert!(hit.refused_map_count > 0);
+    assert_eq!(hit.refused_changed + hit.refused_errors, 0);
+    assert_eq!(hit.parked, 200 - 20);
+    assert!(!hit.quiet());
+    let s = engine.stats();
+    assert_eq!(s.refused_map_count, hit.refused_map_count);
+    assert_eq!(s.merge_races, 0);
+    assert_eq!((s.map_count_limit, s.map_count_mappings), (1000, 990));
+    assert_eq!(s.map_count_parked, 180);
+    assert_eq!(
+        *events.lock().unwrap(),
+        vec![Event::MapCountLimit {
+            limit: 1000,
+            mappings: 990
+        }]
+    );
+    // 60 passes at the limit: the parked pages are offered again only on back-off
+    // expiry (after 1, 2, 4, 8, 16, 32 passes), each time refused at the first page of
+    // each chunk... and the event is not repeated.
+    let offered = mem.offered.load(Ordering::Relaxed);
+    let mut retries = 0;
+    for _ in 0..60 {
+        let p = engine.merge_pass();
+        if p.refused_map_count > 0 {
+            retries += 1;
+        }
+        assert_eq!(p.canonicalized + p.merged, 0);
+    }
+    assert!(retries <= 6, "{retries} retries in 60 passes");
+    let per_retry = 180; // every parked page is offered once per retry
+    assert!(mem.offered.load(Ordering::Relaxed) - offered <= retries * per_retry);
+    assert_eq!(events.lock().unwrap().len(), 1);
+    assert_eq!(engine.stats().map_count_events, 1);
+    // The limit is raised: the next pass retries at once and everything merges.
+    mem.budget.store(1000, Ordering::Relaxed);
+    mem.limit.store(100_000, Ordering::Relaxed);
+    let after = engine.merge_pass();
+    assert_eq!(after.refused_map_count, 0);
+    assert_eq!(after.parked, 0);
+    assert_eq!(mem.sim.accounting().frames, 50);
+    assert!(engine.merge_pass().quiet());
+    assert_eq!(engine.stats().map_count_parked, 0);
+}
+
+/// A page the backend refuses as pinned is counted as such and tried again only after a
+/// back-off, not every pass; the memory is not quiet while it is refused.
+#[test]
+fn pinned_refusals_are_counted_and_backed_off() {
+    let mem = Arc::new(Budgeted::new(1000));
+    let r = mem.sim.add_region(16, DomainId(0));
+    fill(&mem.sim, r, 16, |i| (i % 2) as u64 + 1);
+    mem.pinned.lock().unwrap().push(PageId::new(r, 3));
+    let engine = PageOne::new(
+        mem.clone(),
+        Config::default().work_threads(1).max_backoff(4),
+    )
+    .unwrap();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let p = engine.merge_pass();
+        refused += p.refused_pinned;
+        assert!(!p.quiet());
+    }
+    let tries = mem.pinned_protects.load(Ordering::Relaxed);
+    assert_eq!(refused, tries);
+    assert_eq!(engine.stats().refused_pinned, tries);
+    // Back-off 1, 2, 3, 4, 4...: 1 + 2 + 3 + 4 + 4 + ... passes between tries.
+    assert!((4..=6).contains(&tries), "{tries} tries in 20 passes");
+    assert_eq!(mem.sim.accounting().frames, 3); // 2 canonical + the pinned page
+}
+
+/// Two threads, eight VMs with the same contents: each content is made canonical once
+/// (claims), no canonicalization is lost to an insert race, and the memory converges.
+#[test]
+fn each_content_is_canonicalized_once_with_two_threads() {
+    let mem = Arc::new(SimMemory::new());
+    for _ in 0..8 {
+        let r = mem.add_region(1024, DomainId(0));
+        fill(&mem, r, 1024, |i| i as u64 % 700 + 1);
+    }
+    let engine = PageOne::new(mem.clone(), Config::default().work_threads(2)).unwrap();
+    let mut passes = 0;
+    let mut deferred = 0;
+    loop {
+        let p = engine.merge_pass();
+        passes += 1;
+        deferred += p.deferred;
+        if p.quiet() {
+            break;
+        }
+        assert!(passes < 10, "not quiet after {passes} passes: {p:?}");
+    }
+    let s = engine.stats();
+    assert_eq!(s.canonicalized, 700);
+    assert_eq!(s.insert_races, 0);
+    assert_eq!(s.claim_deferrals, deferred);
+    assert_eq!(mem.accounting().frames, 700);
+    assert_eq!(s.pages_sharing, 8 * 1024 - 700);
+    // Each deferral costs one pass at most.
+    assert!(passes <= 4 + usize::from(deferred > 0));
+}
