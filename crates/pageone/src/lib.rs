@@ -94,7 +94,9 @@
 //!
 //! Not done yet: the engine does not know what a merge costs in mappings (whether the
 //! duplicate's store offset joins its neighbours' run), so it cannot prefer merges that
-//! cost none when the budget runs low; every refused page waits for the same gate.
+//! cost none when the budget runs low; every refused page waits for the same gate. (It
+//! would not help on its own: the Linux backend's guard charges every remap two mappings
+//! and refuses them all alike near the limit, so it would have to admit by cost too.)
 //!
 //! # Threads
 //! A daemon thread ([`PageOne::start`]) wakes every base period and, every merge period,

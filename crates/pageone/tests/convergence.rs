@@ -322,3 +322,31 @@ fn each_content_is_canonicalized_once_with_two_threads() {
     // Each deferral costs one pass at most.
     assert!(passes <= 4 + usize::from(deferred > 0));
 }
+
+/// With a budget (`pages_per_pass`), no single pass sees every page, so no report is
+/// quiet; the engine is quiet once the last pass over each chunk was, and a write makes
+/// it busy again at the next pass over the written chunk.
+#[test]
+fn is_quiet_works_with_a_budget() {
+    let mem = Arc::new(SimMemory::new());
+    let r = mem.add_region(2048, DomainId(0)); // 4 chunks of 512 pages
+    fill(&mem, r, 2048, |i| (i % 64) as u64 + 1);
+    let engine = PageOne::new(
+        mem.clone(),
+        Config::default().work_threads(1).pages_per_pass(Some(1024)),
+    )
+    .unwrap();
+    // Two passes per round of the chunks; quiet after stable_periods + 2 = 4 rounds.
+    for pass in 1..=8 {
+        let p = engine.merge_pass();
+        assert!(!p.quiet() && !p.every_page);
+        assert_eq!(engine.is_quiet(), pass == 8, "after pass {pass}");
+    }
+    assert_eq!(mem.accounting().frames, 64);
+    mem.write(PageId::new(r, 1500), 0, &content(9)).unwrap();
+    engine.merge_pass(); // chunks 0 and 1: the write is not seen yet
+    assert!(engine.is_quiet());
+    let p = engine.merge_pass(); // chunks 2 and 3
+    assert_eq!(p.written, 1);
+    assert!(!engine.is_quiet());
+}
