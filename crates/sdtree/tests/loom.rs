@@ -2,6 +2,7 @@
 //!
 //! Run with:
 //! `RUSTFLAGS="--cfg sdtree_loom --cfg crossbeam_loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p sdtree --test loom --release`
+//! (about 95 s on two cores: the three-thread models below are cut off, see there).
 //!
 //! Each model starts from a small tree built on one thread, races two threads (or a
 //! thread and the main thread), and checks the outcome against what some serial order of
@@ -253,5 +254,208 @@ fn map_entries_are_retired_through_the_collector() {
         assert_eq!(map.get([1u8], &g), None);
         assert_eq!(map.get([2u8], &g), Some(&20));
         assert_eq!(map.len(), 1);
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Three-thread models. Each races three operations (two spawned threads and the main
+// thread, or three spawned threads), so that one operation can meet another's pending
+// removal (a flagged leaf edge or a tagged sibling edge) and complete it: helping.
+// `LOOM_MAX_PREEMPTIONS=2` bounds the exploration; the key sets are three or four keys.
+//
+// Even so, three threads that each register with and pin crossbeam-epoch (whose own
+// atomics loom also explores) give far more executions than fit the run's time budget:
+// `three_threads_keys_change_while_stored` is explored exhaustively (within the preemption
+// bound), but the other three are cut off after `BOUNDED` executions each (`model3`), the
+// first ones of loom's depth-first order. They are bounded model checks, not proofs.
+// Set `LOOM_MAX_PERMUTATIONS` to explore further (or `0` for no cut-off: an exhaustive
+// run with two preemptions takes far longer than an hour on two cores).
+// ---------------------------------------------------------------------------------------
+
+/// Executions explored per cut-off three-thread model (about 20 s each on two cores).
+const BOUNDED: usize = 100_000;
+
+/// `loom::model`, cut off after [`BOUNDED`] executions unless `LOOM_MAX_PERMUTATIONS`
+/// says otherwise (`0`: no cut-off).
+fn model3(name: &str, f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    builder.max_permutations = match builder.max_permutations {
+        None => Some(BOUNDED),
+        Some(0) => None,
+        Some(n) => Some(n),
+    };
+    // loom only looks at the cut-off every `checkpoint_interval` executions (20 000 by
+    // default); look every time, so the bound is exact.
+    builder.checkpoint_interval = 1;
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = runs.clone();
+    builder.check(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f()
+    });
+    eprintln!(
+        "{name}: {} executions explored",
+        runs.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn three_threads_insert_helps_sibling_removals() {
+    // Root tests bit 0: child[0] = node(bit 7: 0x10, 0x11), child[1] = 0xFF.
+    // Thread a removes 0x11, thread b removes 0x10 (siblings: their unlinks chain), and
+    // the main thread inserts 0x12, which needs the edge those unlinks rewrite (a new node
+    // at bit 6 above 0x10/0x11), so whenever it finds a flag or tag on its path it must
+    // help the pending removal before it can link its node.
+    model3("three_threads_insert_helps_sibling_removals", || {
+        let (t, c) = tree(&[&[0x10], &[0x11], &[0xFF], &[0x12]], &[0, 1, 2]);
+        let a = spawn(&t, &c, |t, g| t.remove(&[0x11], g));
+        let b = spawn(&t, &c, |t, g| t.remove(&[0x10], g));
+        let inserted = {
+            let h = c.register();
+            let g = h.pin();
+            t.insert_or_get(3, &g)
+        };
+        assert_eq!(inserted, Insert::Inserted);
+        assert_eq!(a.join().unwrap(), Some(1));
+        assert_eq!(b.join().unwrap(), Some(0));
+        assert_eq!(contents(&t, &c), [3, 2]);
+    });
+}
+
+#[test]
+fn three_threads_reader_sees_helped_removal() {
+    // Thread a removes 0x11; thread b removes 0x90 (its unlink tags the edge a's splice
+    // needs, or the reverse, so one completes the other's); the main thread looks up the
+    // surviving key 0x10 and iterates. A key present throughout must always be found, and
+    // the iteration must be one of the orders some serialization allows.
+    model3("three_threads_reader_sees_helped_removal", || {
+        let (t, c) = tree(&[&[0x10], &[0x11], &[0x90]], &[0, 1, 2]);
+        let a = spawn(&t, &c, |t, g| t.remove(&[0x11], g));
+        let b = spawn(&t, &c, |t, g| t.remove(&[0x90], g));
+        let (kept, order) = {
+            let h = c.register();
+            let g = h.pin();
+            let kept = t.get(&[0x10], &g);
+            let order: Vec<usize> = t.iter(&g).collect();
+            (kept, order)
+        };
+        assert_eq!(kept, Some(0), "a key present throughout was missed");
+        assert!(
+            [&[0, 1, 2][..], &[0, 2], &[0, 1], &[0]].contains(&order.as_slice()),
+            "{order:?}"
+        );
+        assert_eq!(a.join().unwrap(), Some(1));
+        assert_eq!(b.join().unwrap(), Some(2));
+        assert_eq!(contents(&t, &c), [0]);
+    });
+}
+
+#[test]
+fn three_threads_chain_unlink_races_insert() {
+    // Same shape as `remove_remove_nested_unlinks_a_chain` (root bit 0 over node(bit 7:
+    // 0x10, 0x11) and 0xFF): removing 0xFF tags the root's edge to node(bit 7); removing
+    // 0x10 then cannot splice that tagged edge and unlinks the chain root → node(bit 7)
+    // with one CAS on the head. Meanwhile an insert of 0x12 wants to replace the very edge
+    // the chain runs through (the root's child[0], or after the unlinks the head edge).
+    model3("three_threads_chain_unlink_races_insert", || {
+        let (t, c) = tree(&[&[0x10], &[0x11], &[0xFF], &[0x12]], &[0, 1, 2]);
+        let a = spawn(&t, &c, |t, g| t.remove(&[0xFF], g));
+        let b = spawn(&t, &c, |t, g| t.remove(&[0x10], g));
+        let i = spawn(&t, &c, |t, g| t.insert_or_get(3, g));
+        assert_eq!(a.join().unwrap(), Some(2));
+        assert_eq!(b.join().unwrap(), Some(0));
+        assert_eq!(i.join().unwrap(), Insert::Inserted);
+        assert_eq!(contents(&t, &c), [1, 3]);
+    });
+}
+
+/// Keys that change while stored: handle `h` reads `a[h]` or `b[h]` as the loom atomic
+/// `which[h]` says. A switch is one atomic store, so loom explores it against every step
+/// of the tree's operations (a real page changes byte by byte; the tree never assumes
+/// anything of a key's bytes beyond what it reads, so a whole-key switch at any point of
+/// an operation is the interesting interleaving).
+struct Switching {
+    a: Vec<Vec<u8>>,
+    b: Vec<Vec<u8>>,
+    which: Vec<loom::sync::atomic::AtomicUsize>,
+}
+
+impl sdtree::KeySource for Switching {
+    fn key(&self, h: usize) -> &[u8] {
+        if self.which[h].load(loom::sync::atomic::Ordering::Relaxed) == 0 {
+            &self.a[h]
+        } else {
+            &self.b[h]
+        }
+    }
+}
+
+#[test]
+fn three_threads_keys_change_while_stored() {
+    // Handle 1's key switches from 0x11 to 0x90 while one thread inserts handle 2 (0x12,
+    // next to 0x10/0x11 before the switch) and another removes 0x11. Nothing here is
+    // guaranteed about what the searches find once a stored key has changed (crate docs,
+    // "Consistency"); what is checked is that every operation terminates (loom fails a
+    // model whose execution exceeds its branch bound, so a livelock on the changed key
+    // fails), that nothing crashes or trips loom's checks of the atomics and of epoch
+    // reclamation, that every answer names a handle whose key equals the probe under one of
+    // its two versions, and that the tree stays a tree afterwards: iteration yields each
+    // handle at most once, agrees with `len`, and a further insert and remove work.
+    type SwTree = SdTree<std::sync::Arc<Switching>>;
+    loom::model(|| {
+        let collector = Collector::new();
+        let keys = std::sync::Arc::new(Switching {
+            a: vec![vec![0x10], vec![0x11], vec![0x12], vec![0xFF]],
+            b: vec![vec![0x10], vec![0x90], vec![0x12], vec![0xFF]],
+            which: (0..4)
+                .map(|_| loom::sync::atomic::AtomicUsize::new(0))
+                .collect(),
+        });
+        let t: Arc<SwTree> = Arc::new(SdTree::new(keys.clone(), collector.clone()));
+        {
+            let h = collector.register();
+            let g = h.pin();
+            assert_eq!(t.insert_or_get(0, &g), Insert::Inserted);
+            assert_eq!(t.insert_or_get(1, &g), Insert::Inserted);
+        }
+        let run = |f: fn(&SwTree, &sdtree::epoch::Guard) -> Option<usize>| {
+            let (t, c) = (t.clone(), collector.clone());
+            thread::spawn(move || {
+                let h = c.register();
+                let g = h.pin();
+                f(&t, &g)
+            })
+        };
+        let ins = run(|t, g| match t.insert_or_get(2, g) {
+            Insert::Inserted => None,
+            Insert::Present(p) => Some(p),
+            // Allowed once stored keys change (there may be no free bit position).
+            Insert::Refused => None,
+        });
+        let rem = run(|t, g| t.remove(&[0x11], g));
+        keys.which[1].store(1, loom::sync::atomic::Ordering::Relaxed);
+
+        // An insert of 0x12 can only find a handle whose key is (or was) 0x12: none.
+        assert_eq!(ins.join().unwrap(), None);
+        // A remove of 0x11 can only take handle 1, while it still read 0x11.
+        assert!(matches!(rem.join().unwrap(), None | Some(1)));
+
+        let h = collector.register();
+        let g = h.pin();
+        let all: Vec<usize> = t.iter(&g).collect();
+        let mut set = all.clone();
+        set.sort_unstable();
+        set.dedup();
+        assert_eq!(set.len(), all.len(), "a handle was yielded twice: {all:?}");
+        assert!(all.iter().all(|&x| x < 3), "{all:?}");
+        assert!(
+            all.contains(&0),
+            "an unchanged, never-removed key vanished: {all:?}"
+        );
+        assert_eq!(t.len(), all.len());
+        // Still a working tree: 0xFF goes in and comes out again.
+        assert_eq!(t.insert_or_get(3, &g), Insert::Inserted);
+        assert_eq!(t.get(&[0xFF], &g), Some(3));
+        assert_eq!(t.remove(&[0xFF], &g), Some(3));
     });
 }
