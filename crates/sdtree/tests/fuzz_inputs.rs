@@ -137,3 +137,43 @@ fn hand_written_inputs() {
         replay_one(name, data);
     }
 }
+
+#[path = "common/short_keys.rs"]
+mod short_keys;
+
+/// Hand-written inputs for the `differential_short` target's checker: prefix chains,
+/// equal keys inserted twice, removes of present and absent keys, arbitrary bytes.
+#[test]
+fn short_key_inputs() {
+    // Each op: op byte, length byte (len = 1 + b % 16), then len key bytes.
+    let inputs: [&[u8]; 6] = [
+        b"",
+        // insert [00], insert [00] again (Present), get, remove, get.
+        &[0, 0, 0, 1, 0, 0, 3, 0, 0, 4, 0, 0, 3, 0, 0],
+        // insert the prefixes of a 16-byte key, then iterate.
+        &[6, 15, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 7],
+        // bytes >= 0xC0 are taken as they are; remove_if of an odd value (op 1).
+        &[2, 1, 0xC0, 0xFE, 0, 1, 0xC0, 0xFF, 5, 1, 0xC0, 0xFF, 7],
+        // keys that differ only in their last byte, at every length.
+        &[
+            0, 7, 3, 3, 3, 3, 3, 3, 3, 2, 1, 7, 3, 3, 3, 3, 3, 3, 3, 3, 6, 7, 3, 3, 3, 3, 3, 3, 3,
+            2, 7,
+        ],
+        // a truncated key reads zeros.
+        &[0, 9, 1],
+    ];
+    for data in inputs {
+        short_keys::run(data);
+    }
+    // A long pseudo-random program.
+    let mut x = 0x1234_5678_9ABC_DEF1u64;
+    let data: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    short_keys::run(&data);
+}

@@ -1,7 +1,16 @@
 //! Multi-thread stress: threads race inserts and removes on overlapping keys; the final
 //! state must account for every successful operation, with nothing lost or duplicated.
+//!
+//! Besides the shared keys, each thread owns private keys that no other thread touches,
+//! interleaved with its shared operations (and stored in the same subtrees, since every key
+//! comes from one table): on those, every single result the thread sees must be exactly
+//! what a sequential model of its own operations says.
+//!
+//! Every test runs a fixed number of operations, not for a time. `SDTREE_TEST_SCALE` (a
+//! percentage, default 100) scales those counts, for the sanitizer runs of
+//! `.ci/sanitizers.sh`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 use std::thread;
@@ -9,6 +18,15 @@ use std::thread;
 use sdtree::{base, epoch, Insert, SdMap, SdTree};
 
 const THREADS: usize = 4;
+
+/// `n` scaled by `SDTREE_TEST_SCALE` percent (at least 1).
+fn scaled(n: usize) -> usize {
+    let pct: usize = std::env::var("SDTREE_TEST_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    (n * pct / 100).max(1)
+}
 
 /// A small xorshift generator: deterministic per thread, no dependency.
 struct Rng(u64);
@@ -42,11 +60,13 @@ fn key_table(distinct: usize) -> Vec<Vec<u8>> {
 #[test]
 fn handles_are_never_lost_or_duplicated() {
     const DISTINCT: usize = 64;
+    const PRIVATE: usize = 16;
     const COPIES: usize = 3;
-    const OPS: usize = 20_000;
-    let distinct = key_table(DISTINCT);
+    let ops = scaled(50_000);
+    // Keys 0..DISTINCT are shared; thread t owns keys DISTINCT + t * PRIVATE + 0..PRIVATE.
+    let distinct = key_table(DISTINCT + THREADS * PRIVATE);
     // Handle h has key distinct[h / COPIES]: COPIES handles share each key.
-    let keys: Vec<Vec<u8>> = (0..DISTINCT * COPIES)
+    let keys: Vec<Vec<u8>> = (0..distinct.len() * COPIES)
         .map(|h| distinct[h / COPIES].clone())
         .collect();
     let tree = SdTree::new(&keys);
@@ -55,33 +75,86 @@ fn handles_are_never_lost_or_duplicated() {
     let nets: Vec<Vec<i64>> = thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (tree, keys, barrier) = (&tree, &keys, &barrier);
+                let (tree, keys, barrier, distinct) = (&tree, &keys, &barrier, &distinct);
                 s.spawn(move || {
                     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1));
                     let mut net = vec![0i64; keys.len()];
+                    // This thread's private keys: key index -> the handle stored under it.
+                    let mut mine: BTreeMap<usize, usize> = BTreeMap::new();
+                    let first_private = (DISTINCT + t * PRIVATE) * COPIES;
                     barrier.wait();
-                    for _ in 0..OPS {
-                        let h = rng.below(keys.len());
+                    for _ in 0..ops {
+                        let private = rng.below(4) == 0;
+                        let h = if private {
+                            first_private + rng.below(PRIVATE * COPIES)
+                        } else {
+                            rng.below(DISTINCT * COPIES)
+                        };
+                        let k = h / COPIES;
                         match rng.below(4) {
                             0 | 1 => match tree.insert_or_get(h) {
-                                Insert::Inserted => net[h] += 1,
+                                Insert::Inserted => {
+                                    net[h] += 1;
+                                    if private {
+                                        assert_eq!(
+                                            mine.insert(k, h),
+                                            None,
+                                            "private {h}: inserted twice"
+                                        );
+                                    }
+                                }
                                 Insert::Present(p) => {
-                                    assert_eq!(keys[p], keys[h], "Present gave another key")
+                                    assert_eq!(keys[p], keys[h], "Present gave another key");
+                                    if private {
+                                        assert_eq!(
+                                            mine.get(&k),
+                                            Some(&p),
+                                            "private {h}: Present({p})"
+                                        );
+                                    }
                                 }
                                 Insert::Refused => panic!("Refused with immutable keys"),
                             },
                             2 => {
-                                if tree.remove_handle(h) {
+                                let removed = tree.remove_handle(h);
+                                if removed {
                                     net[h] -= 1;
+                                }
+                                if private {
+                                    let want = mine.get(&k) == Some(&h);
+                                    assert_eq!(removed, want, "private {h}: remove_handle");
+                                    if want {
+                                        mine.remove(&k);
+                                    }
                                 }
                             }
                             _ => {
-                                if let Some(p) = tree.remove(&keys[h]) {
+                                let got = tree.remove(&keys[h]);
+                                if let Some(p) = got {
                                     assert_eq!(keys[p], keys[h]);
                                     net[p] -= 1;
                                 }
+                                if private {
+                                    assert_eq!(got, mine.remove(&k), "private {h}: remove");
+                                }
                             }
                         }
+                        if private {
+                            assert_eq!(
+                                tree.get(&keys[h]),
+                                mine.get(&k).copied(),
+                                "private {h}: get"
+                            );
+                        }
+                    }
+                    // Private keys are unchanged since this thread's last operation.
+                    let lo = DISTINCT + t * PRIVATE;
+                    for (k, key) in distinct.iter().enumerate().skip(lo).take(PRIVATE) {
+                        assert_eq!(
+                            tree.get(key),
+                            mine.get(&k).copied(),
+                            "private key {k} at the end"
+                        );
                     }
                     net
                 })
@@ -112,8 +185,11 @@ fn handles_are_never_lost_or_duplicated() {
 
 #[test]
 fn map_values_are_removed_at_most_once() {
-    const OPS: usize = 20_000;
-    let keys = key_table(48);
+    const SHARED: usize = 48;
+    const PRIVATE: usize = 16;
+    let ops = scaled(50_000);
+    // Keys 0..SHARED are shared; thread t owns keys SHARED + t * PRIVATE + 0..PRIVATE.
+    let keys = key_table(SHARED + THREADS * PRIVATE);
     let map: SdMap<Vec<u8>, u64> = SdMap::new();
     let barrier = Barrier::new(THREADS);
     let (inserted, removed): (Vec<Vec<u64>>, Vec<Vec<u64>>) = thread::scope(|s| {
@@ -123,18 +199,57 @@ fn map_values_are_removed_at_most_once() {
                 s.spawn(move || {
                     let mut rng = Rng(0xD1B5_4A32_D192_ED03 ^ (t as u64 + 1));
                     let (mut ins, mut rem) = (Vec::new(), Vec::new());
+                    // This thread's private keys: key index -> the value stored under it.
+                    let mut mine: BTreeMap<usize, u64> = BTreeMap::new();
                     barrier.wait();
-                    for i in 0..OPS {
-                        let k = rng.below(keys.len());
+                    for i in 0..ops {
+                        let private = rng.below(4) == 0;
+                        let k = if private {
+                            SHARED + t * PRIVATE + rng.below(PRIVATE)
+                        } else {
+                            rng.below(SHARED)
+                        };
                         // Values are unique: thread in the top bits, op number below.
                         let v = ((t as u64) << 32) | i as u64;
                         if rng.below(2) == 0 {
-                            if map.insert_or_get(keys[k].clone(), v) == Insert::Inserted {
+                            let got = map.insert_or_get(keys[k].clone(), v);
+                            if got == Insert::Inserted {
                                 ins.push(v);
                             }
-                        } else if let Some(old) = map.remove(&keys[k]) {
-                            rem.push(old);
+                            if private {
+                                let want = match mine.get(&k) {
+                                    Some(&old) => Insert::Present(old),
+                                    None => {
+                                        mine.insert(k, v);
+                                        Insert::Inserted
+                                    }
+                                };
+                                assert_eq!(got, want, "private key {k}: insert_or_get");
+                            }
+                        } else {
+                            let got = map.remove(&keys[k]);
+                            if let Some(old) = got {
+                                rem.push(old);
+                            }
+                            if private {
+                                assert_eq!(got, mine.remove(&k), "private key {k}: remove");
+                            }
                         }
+                        if private {
+                            assert_eq!(
+                                map.get(&keys[k]),
+                                mine.get(&k).copied(),
+                                "private key {k}: get"
+                            );
+                        }
+                    }
+                    let lo = SHARED + t * PRIVATE;
+                    for (k, key) in keys.iter().enumerate().skip(lo).take(PRIVATE) {
+                        assert_eq!(
+                            map.get(key),
+                            mine.get(&k).copied(),
+                            "private key {k} at the end"
+                        );
                     }
                     (ins, rem)
                 })
@@ -176,13 +291,14 @@ fn stable_keys_stay_visible_while_neighbours_churn() {
         }
     }
     let stop = AtomicBool::new(false);
+    let churn = scaled(30_000);
     thread::scope(|s| {
         for t in 0..2 {
             let (tree, keys, stop, collector) = (&tree, &keys, &stop, &collector);
             s.spawn(move || {
                 let handle = collector.register();
                 let mut rng = Rng(77 + t);
-                for _ in 0..30_000 {
+                for _ in 0..churn {
                     let k = rng.below(keys.len());
                     if k % 4 == 0 {
                         continue;
