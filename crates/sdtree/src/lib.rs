@@ -34,8 +34,15 @@
 //! the tree reads a 64-bit **zero-run header** that ranks the key's leading run of zero
 //! bytes in that same order: pages that begin with zero runs of many different lengths
 //! (the 2017 seeds' hard case) would otherwise form a comb of one node per distinct first
-//! 1 bit, over a thousand deep; with the header a search stays about log2(n) deep
-//! (`tests/search_cost.rs`). The probe's run is scanned once per operation, a stored
+//! 1 bit, over a thousand deep; with the header they stay under 64 deep at 10,000 keys
+//! (`tests/search_cost.rs`). A search is *not* about log2(n) nodes on real data, though:
+//! a crit-bit trie is as deep as its keys' bit patterns make it, not balanced. On pages
+//! with random tails it visits about 1.0–1.1 × log2(n) nodes (22 at a million keys,
+//! `docs/benchmarks.md`); on the 200,000 distinct 4 KiB pages of this machine's
+//! `/usr/lib` it visited 35.9 on average (2.0 × log2 n) and up to 240
+//! (`tests/search_cost.rs`, `real_pages_search_depth`, ignored by default); issue 15
+//! measured 34 on average (about 2.3 × log2 n) and up to 61 on its real pages, past the
+//! 48-step inline search path. The probe's run is scanned once per operation, a stored
 //! key's only in the final comparison. A bit position (`pos`) is `symbol << 4 | offset`;
 //! positions compare like the bits they name. See `key.rs` for the proof of order.
 //!

@@ -93,7 +93,7 @@ fn a_missing_page_is_rejected_after_reading_at_most_one_page() {
 
 /// Pages that begin with a random run of zero bytes (0 to 256, the seeds' hard case). Read
 /// plainly, their first 1 bits form a comb thousands of nodes deep; the tree's zero-run
-/// header keeps searches about log2(n) deep.
+/// header keeps searches under 64 deep (about log2(n) on these random tails).
 #[test]
 fn zero_prefixed_pages_do_not_build_a_comb() {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -128,4 +128,60 @@ fn zero_prefixed_pages_do_not_build_a_comb() {
     // Still byte-ordered.
     let order: Vec<&Vec<u8>> = tree.iter().map(|h| &pages[h]).collect();
     assert!(order.windows(2).all(|w| w[0] <= w[1]));
+}
+
+/// Search depth on real pages: the distinct 4 KiB pages of the files under
+/// `SDTREE_REAL_PAGES` (default `/usr/lib`), up to 200,000 of them; prints the average and
+/// the deepest number of nodes a hit visits against log2(n). Ignored by default (it reads
+/// the machine's files); run with
+/// `cargo test -p sdtree --release --test search_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn real_pages_search_depth() {
+    use std::collections::HashSet;
+    use std::path::PathBuf;
+    let root = std::env::var("SDTREE_REAL_PAGES").unwrap_or_else(|_| "/usr/lib".into());
+    let mut seen = HashSet::new();
+    let mut pages: Vec<Vec<u8>> = Vec::new();
+    let mut dirs = vec![PathBuf::from(root)];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut entries: Vec<_> = entries.flatten().collect();
+        entries.sort_by_key(|e| e.path());
+        for e in entries {
+            let Ok(ty) = e.file_type() else { continue };
+            if ty.is_dir() {
+                dirs.push(e.path());
+            } else if ty.is_file() {
+                let Ok(data) = std::fs::read(e.path()) else {
+                    continue;
+                };
+                for chunk in data.chunks_exact(PAGE) {
+                    if pages.len() < 200_000 && seen.insert(chunk.to_vec()) {
+                        pages.push(chunk.to_vec());
+                    }
+                }
+            }
+        }
+    }
+    let tree = SdTree::new(&pages);
+    for h in 0..pages.len() {
+        assert_eq!(tree.insert_or_get(h), sdtree::Insert::Inserted);
+    }
+    let (mut total, mut deepest) = (0usize, 0usize);
+    for (h, page) in pages.iter().enumerate() {
+        let (found, stats) = tree.get_with_stats(page);
+        assert_eq!(found, Some(h));
+        total += stats.nodes_visited;
+        deepest = deepest.max(stats.nodes_visited);
+    }
+    let n = pages.len();
+    let avg = total as f64 / n as f64;
+    let log2n = (n as f64).log2();
+    eprintln!(
+        "{n} distinct real pages: hits visit {avg:.1} nodes on average ({:.2} x log2 n = {log2n:.1}), at most {deepest}",
+        avg / log2n
+    );
 }
