@@ -5,7 +5,10 @@
 //! `fuzz/corpus/differential_short/`. The slower `differential` target covers long keys
 //! and the handle tree.
 //!
-//! `RUSTC_BOOTSTRAP=1 cargo fuzz run differential_short` from `fuzz/`.
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run differential_short` from `fuzz/`. Measured on two
+//! shared cores, from the checked-in corpus, 30 s runs: about 3,300 executions per second
+//! under AddressSanitizer (cargo fuzz's default), about 16,000 with `--sanitizer none
+//! -- -max_len=256` (half a million in the 30 s).
 
 #![no_main]
 
