@@ -13,9 +13,8 @@
 //!     mem.write(PageId::new(vm, i), 0, &[(i % 4) as u8 + 1; 4096]).unwrap();
 //! }
 //! let engine = PageOne::new(mem.clone(), Config::default().work_threads(2))?;
-//! for _ in 0..3 {
-//!     engine.merge_pass(); // or engine.start() for the periodic daemon
-//! }
+//! // Passes until the memory is quiet (or engine.start() for the periodic daemon).
+//! while !engine.merge_pass().quiet() {}
 //! assert_eq!(engine.stats().pages_sharing, 60); // 64 pages, 4 distinct contents
 //! assert_eq!(mem.accounting().frames, 4);
 //! # Ok::<(), std::io::Error>(())
