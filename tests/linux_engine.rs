@@ -71,9 +71,12 @@ fn pageone_deduplicates_real_memory_and_unmerge_all_restores_every_page() {
     let engine =
         PageOne::new(mem.clone(), Config::default().work_threads(2)).expect("the engine's threads");
     let t0 = Instant::now();
-    for _ in 0..3 {
-        engine.merge_pass();
-    }
+    // Merged by the third pass, but with two threads a content both claimed at once may
+    // wait a pass: run passes until one changes nothing and leaves nothing pending.
+    let passes = (1..=8)
+        .find(|_| engine.merge_pass().quiet())
+        .expect("quiet within 8 merge passes");
+    assert!(passes >= 3);
     let elapsed = t0.elapsed();
     let s = engine.stats();
     let nonzero = PAGES as u64 * 15 / 16;
@@ -84,7 +87,7 @@ fn pageone_deduplicates_real_memory_and_unmerge_all_restores_every_page() {
     let merged = mem.usage().unwrap();
     show("pageone: merged", &merged);
     eprintln!(
-        "pageone: 3 merge passes over {} pages in {:?}; backend {:?}",
+        "pageone: {passes} merge passes over {} pages in {:?}; backend {:?}",
         6 * PAGES,
         elapsed,
         mem.stats()

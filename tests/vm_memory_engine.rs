@@ -34,9 +34,12 @@ fn pageone_deduplicates_guest_memory_readable_through_bytes() {
     let before = mem.usage().unwrap();
     let engine =
         PageOne::new(mem.clone(), Config::default().work_threads(2)).expect("the engine's threads");
-    for _ in 0..3 {
-        engine.merge_pass();
-    }
+    // Merged by the third pass, but with two threads a content both claimed at once may
+    // wait a pass: run passes until one changes nothing and leaves nothing pending.
+    let passes = (1..=8)
+        .find(|_| engine.merge_pass().quiet())
+        .expect("quiet within 8 merge passes");
+    assert!(passes >= 3);
     let s = engine.stats();
     let nonzero = N * 7 / 8;
     assert_eq!(s.pages_shared, nonzero);
