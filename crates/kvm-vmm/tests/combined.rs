@@ -123,12 +123,19 @@ fn checker_and_ppr_guests_under_pageone_with_the_recycler_in_its_scan() {
     let out = results.next().unwrap().unwrap();
     let t: [u64; abi::PPR_VALUES] = out.summed(abi::REPORT_PPR);
     println!("ppr guest {t:?}");
-    let [allocs, zeros, _intact, corrupt, _offered, not_offered, _busy, _pages] = t;
+    let [allocs, zeros, intact, corrupt, _offered, not_offered, _busy, _pages] = t;
     assert_eq!(allocs, PPR_PAGES * CYCLES);
     assert_eq!(corrupt, 0, "{}", out.console);
     assert_eq!(not_offered, 0);
-    // Every page freed came back as zeros: recycled within two passes of the engine.
-    assert_eq!(zeros, allocs);
+    // Every page allocated again read zeros (recycled) or exactly its last contents (the
+    // guest took it back before the host recycled it): never anything else. Inside
+    // PageONE's passes most are recycled in time, but not always all: one CI run saw
+    // 5,870 of 6,144 (the standalone recycler's test, tests/ppr.rs, asserts all).
+    assert_eq!(zeros + intact, allocs);
+    assert!(
+        zeros * 2 > allocs,
+        "most freed pages recycled: {zeros} of {allocs}"
+    );
     assert!(rstats.recycled >= PPR_PAGES * (CYCLES - 1), "{rstats:?}");
     assert_eq!(
         rstats.recycled, stats.recycled,
