@@ -19,28 +19,9 @@ use sdtree::{base, epoch, Insert, SdMap, SdTree};
 
 const THREADS: usize = 4;
 
-/// `n` scaled by `SDTREE_TEST_SCALE` percent (at least 1).
-fn scaled(n: usize) -> usize {
-    let pct: usize = std::env::var("SDTREE_TEST_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
-    (n * pct / 100).max(1)
-}
-
-/// A small xorshift generator: deterministic per thread, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+#[path = "common/workload.rs"]
+mod workload;
+use workload::{scaled, Rng};
 
 /// Distinct keys with long shared prefixes; key `2b + 1` is key `2b` plus a zero byte.
 fn key_table(distinct: usize) -> Vec<Vec<u8>> {
