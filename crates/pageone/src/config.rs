@@ -48,6 +48,12 @@ pub struct Config {
     pub joined_domains: Vec<Vec<DomainId>>,
     /// Skip a volatile page for more passes each time it changes (up to this many).
     pub max_backoff: u8,
+    /// Whether a stable page with no twin stays where it is, indexed in place (default),
+    /// or is made canonical at once (copied into the backend's store and remapped), as
+    /// before in-place indexing. In place, a page without a twin costs one read and an
+    /// index entry; a twin found later costs both pages a remap (see *Unique pages* and
+    /// *The mapping budget* in the crate docs for when that spends more mappings).
+    pub unique_in_place: bool,
     /// Called with every [`Event`] as it happens (on a work thread: keep it short). The
     /// same facts are in [`Stats`](crate::Stats) for an embedder that polls.
     pub on_event: Option<EventHook>,
@@ -102,6 +108,7 @@ impl Default for Config {
             max_page_sharing: 256,
             joined_domains: Vec::new(),
             max_backoff: 7,
+            unique_in_place: true,
             on_event: None,
         }
     }
@@ -154,6 +161,13 @@ impl Config {
     #[must_use]
     pub fn joined_domains(mut self, groups: Vec<Vec<DomainId>>) -> Self {
         self.joined_domains = groups;
+        self
+    }
+
+    /// Sets the `unique_in_place` field.
+    #[must_use]
+    pub fn unique_in_place(mut self, in_place: bool) -> Self {
+        self.unique_in_place = in_place;
         self
     }
 

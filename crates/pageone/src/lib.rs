@@ -128,19 +128,22 @@ mod config;
 mod page;
 mod pool;
 mod stats;
+mod unique;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use page_memory::{DomainId, PageMemory};
+use page_memory::{DomainId, PageMemory, RegionId};
 
 use crate::canon::{Canon, Canons, Claims};
 use crate::config::Knobs;
 use crate::page::{Chunk, Ctx, MapGate, PassKind, Tally, CHUNK_PAGES};
 use crate::pool::Pool;
 use crate::stats::{get, Counters};
+use crate::unique::Uniques;
 
 pub use crate::config::{Config, Event, EventHook};
 pub use crate::stats::{Stats, WorkerStats};
@@ -189,8 +192,12 @@ pub struct PassReport {
     pub merged: u64,
     /// Pages merged with the zero page.
     pub zero_merged: u64,
-    /// Pages made canonical (new canonical pages).
+    /// Pages made canonical (new canonical pages): each the first of its contents to
+    /// meet a twin.
     pub canonicalized: u64,
+    /// Stable pages with no twin, indexed where they are (not copied or remapped; see
+    /// *Unique pages* in the crate docs).
+    pub indexed: u64,
     /// Pages found written since their token (watched, merged, canonical or zero pages):
     /// volatile again.
     pub written: u64,
@@ -249,6 +256,7 @@ impl PassReport {
             merged: self.merged,
             zero_merged: self.zero_merged,
             canonicalized: self.canonicalized,
+            indexed: self.indexed,
             written: self.written,
             unmerged: self.unmerged,
             protected: self.protected,
@@ -270,6 +278,7 @@ impl PassReport {
         self.merged = t.merged;
         self.zero_merged = t.zero_merged;
         self.canonicalized = t.canonicalized;
+        self.indexed = t.indexed;
         self.written = t.written;
         self.unmerged = t.unmerged;
         self.protected = t.protected;
@@ -291,6 +300,10 @@ impl PassReport {
 pub(crate) struct Shared<M: PageMemory> {
     memory: Arc<M>,
     chunks: Vec<Chunk<M::Frame>>,
+    /// The index in `chunks` of each region's first chunk.
+    first_chunk: HashMap<RegionId, usize>,
+    /// Unique pages indexed in place.
+    uniques: Uniques,
     /// Home work thread of each chunk.
     home: Vec<usize>,
     canons: Canons<M::Frame>,
@@ -330,6 +343,10 @@ impl<M: PageMemory + 'static> Shared<M> {
             gate: &self.gate,
             claims: &self.claims,
             on_event: self.config.on_event.as_ref(),
+            uniques: &self.uniques,
+            in_place: self.config.unique_in_place,
+            chunks: &self.chunks,
+            first_chunk: &self.first_chunk,
         }
     }
 }
@@ -386,7 +403,9 @@ impl<M: PageMemory + 'static> PageOne<M> {
         let domains: Vec<DomainId> = regions.iter().map(|r| r.domain).collect();
         let mut chunks = Vec::new();
         let mut home = Vec::new();
+        let mut first_chunk = HashMap::new();
         for (n, r) in regions.iter().enumerate() {
+            first_chunk.entry(r.id).or_insert(chunks.len());
             let mut first = 0;
             while first < r.pages {
                 let len = CHUNK_PAGES.min(r.pages - first);
@@ -400,6 +419,8 @@ impl<M: PageMemory + 'static> PageOne<M> {
             canons: Canons::new(&domains, &config.joined_domains, config.max_page_sharing),
             memory,
             chunks,
+            first_chunk,
+            uniques: Uniques::new(),
             home,
             counters: Counters::default(),
             knobs: Knobs::new(&config),
@@ -557,12 +578,15 @@ impl<M: PageMemory + 'static> PageOne<M> {
             + std::mem::size_of::<(canon::FrameKey<M::Frame>, Arc<Canon<M::Frame>>)>()
             + sdtree::NODE_BYTES;
         let canon_records = get(&c.pages_shared) + get(&c.pages_unshared);
-        let metadata_bytes = pages * per_page as u64 + canon_records * per_canon as u64;
+        let metadata_bytes = pages * per_page as u64
+            + canon_records * per_canon as u64
+            + get(&c.pages_unique) * Uniques::entry_bytes() as u64;
         let mut stats = Stats {
             pages_scanned: 0,
             pages_shared: get(&c.pages_shared),
             pages_sharing: get(&c.pages_sharing),
-            pages_unshared: get(&c.pages_unshared),
+            pages_unshared: get(&c.pages_unshared) + get(&c.pages_unique),
+            pages_unique: get(&c.pages_unique),
             pages_volatile: volatile,
             pages_watched: watched,
             full_scans: c.full_scans.load(Ordering::Relaxed),
@@ -637,6 +661,17 @@ fn run_pass<M: PageMemory + 'static>(
     }
     *shared.pass_tally.lock().unwrap_or_else(|e| e.into_inner()) = Tally::default();
     pool.run(kind, &chosen);
+    if kind == PassKind::Merge {
+        // Unique pages (of chunks already done) whose twins this pass made canonical merge
+        // in this pass too. Merging one can flag another only in rare races: a few rounds.
+        for _ in 0..4 {
+            let flagged: Vec<usize> = (0..n).filter(|&i| shared.chunks[i].has_twins()).collect();
+            if flagged.is_empty() {
+                break;
+            }
+            pool.run(PassKind::Twins, &flagged);
+        }
+    }
     let tally = *shared.pass_tally.lock().unwrap_or_else(|e| e.into_inner());
     if kind == PassKind::Merge {
         shared.gate.end_pass(tally.map_count);

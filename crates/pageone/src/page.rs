@@ -1,5 +1,6 @@
 //! Page states and what a pass does to each page of a chunk.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +12,7 @@ use page_memory::{
 use crate::canon::{Canon, Canons, Claim, Claims, Found};
 use crate::config::EventHook;
 use crate::stats::{Counters, WorkerCounters};
+use crate::unique::{Pair, UniqueRef, Uniques};
 use crate::{Event, ScanHook};
 
 /// Pages per chunk: the unit of work a thread takes (and steals).
@@ -22,6 +24,9 @@ pub(crate) enum Phase<F> {
     Volatile,
     /// Write-protected since `token`, unwritten for `periods` merge passes.
     Watch { token: ProtectToken, periods: u8 },
+    /// Stable, protected since `token`, with no twin found: indexed where it is under
+    /// `print` ([`Uniques`]), neither copied nor remapped.
+    Unique { token: ProtectToken, print: u64 },
     /// Maps its own frozen frame, which is canonical (indexed, or full and retired).
     Canonical {
         token: ProtectToken,
@@ -72,7 +77,14 @@ pub(crate) struct Chunk<F> {
     /// Whether the last merge pass over this chunk changed nothing and left nothing
     /// pending (see [`Tally::quiet`]).
     pub(crate) quiet: AtomicBool,
+    /// One bit per page: a unique page of this chunk whose twin was found (and made
+    /// canonical) by a pass over another page. Set by any thread, taken by the thread
+    /// that holds the chunk.
+    twins: [AtomicU64; TWIN_WORDS],
 }
+
+/// Words of twin flags per chunk.
+const TWIN_WORDS: usize = CHUNK_PAGES as usize / 64;
 
 impl<F> Chunk<F> {
     pub(crate) fn new(region: RegionId, domain: DomainId, first: u32, pages: u32) -> Self {
@@ -86,7 +98,35 @@ impl<F> Chunk<F> {
             watched: AtomicU32::new(0),
             parked: AtomicU32::new(0),
             quiet: AtomicBool::new(false),
+            twins: Default::default(),
         }
+    }
+
+    /// Flags page `i` of the chunk: its twin is canonical now.
+    fn flag_twin(&self, i: u32) {
+        self.twins[i as usize / 64].fetch_or(1 << (i % 64), Ordering::AcqRel);
+    }
+
+    /// Whether any page of the chunk is flagged.
+    pub(crate) fn has_twins(&self) -> bool {
+        self.twins.iter().any(|w| w.load(Ordering::Acquire) != 0)
+    }
+
+    /// Takes the flags: the pages flagged since the last call, in order.
+    fn take_twins(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (n, w) in self.twins.iter().enumerate() {
+            let mut bits = if w.load(Ordering::Relaxed) == 0 {
+                0
+            } else {
+                w.swap(0, Ordering::AcqRel)
+            };
+            while bits != 0 {
+                out.push(n as u32 * 64 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+        out
     }
 
     pub(crate) fn len(&self) -> u32 {
@@ -115,6 +155,8 @@ pub(crate) enum PassKind {
     Base,
     /// Give every merged page a private copy again.
     Unmerge,
+    /// Merge the unique pages whose twins were found after the pass went over them.
+    Twins,
 }
 
 /// What a pass did to the pages of one chunk (summed over the chunks of a pass into a
@@ -124,6 +166,7 @@ pub(crate) struct Tally {
     pub(crate) merged: u64,
     pub(crate) zero_merged: u64,
     pub(crate) canonicalized: u64,
+    pub(crate) indexed: u64,
     pub(crate) written: u64,
     pub(crate) unmerged: u64,
     pub(crate) protected: u64,
@@ -145,6 +188,7 @@ impl Tally {
         self.merged += o.merged;
         self.zero_merged += o.zero_merged;
         self.canonicalized += o.canonicalized;
+        self.indexed += o.indexed;
         self.written += o.written;
         self.unmerged += o.unmerged;
         self.protected += o.protected;
@@ -171,6 +215,7 @@ impl Tally {
         self.merged
             + self.zero_merged
             + self.canonicalized
+            + self.indexed
             + self.written
             + self.protected
             + self.recycled
@@ -290,6 +335,12 @@ pub(crate) struct Ctx<'a, M: PageMemory> {
     pub(crate) gate: &'a MapGate,
     pub(crate) claims: &'a Claims,
     pub(crate) on_event: Option<&'a EventHook>,
+    pub(crate) uniques: &'a Uniques,
+    /// Whether unique pages are indexed where they are (else made canonical at once).
+    pub(crate) in_place: bool,
+    /// Every chunk, and the first chunk of each region: where twin flags go.
+    pub(crate) chunks: &'a [Chunk<M::Frame>],
+    pub(crate) first_chunk: &'a HashMap<RegionId, usize>,
 }
 
 impl<M: PageMemory> Ctx<'_, M> {
@@ -297,6 +348,16 @@ impl<M: PageMemory> Ctx<'_, M> {
     pub(crate) fn run(&self, chunk: &Chunk<M::Frame>, kind: PassKind) -> Tally {
         let mut t = Tally::default();
         let mut entries = chunk.lock();
+        if kind == PassKind::Twins {
+            self.merge_twins(chunk, &mut entries, &mut t);
+            if !t.quiet() {
+                chunk.quiet.store(false, Ordering::Relaxed);
+            }
+            return t;
+        }
+        if kind == PassKind::Merge {
+            self.merge_twins(chunk, &mut entries, &mut t);
+        }
         let mut to_protect: Vec<u32> = Vec::new();
         let mut stable: Vec<(u32, ProtectToken)> = Vec::new();
         let closed = self.gate.is_closed();
@@ -369,6 +430,9 @@ impl<M: PageMemory> Ctx<'_, M> {
             }
         }
         if kind == PassKind::Merge {
+            // Twins found in this pass by this chunk's own pages (or by other threads
+            // while it ran): merge them now rather than next pass.
+            self.merge_twins(chunk, &mut entries, &mut t);
             let (mut v, mut w, mut p) = (0, 0, 0);
             for e in entries.iter() {
                 match e.phase {
@@ -410,6 +474,7 @@ impl<M: PageMemory> Ctx<'_, M> {
         let token = match &e.phase {
             Phase::Volatile => return,
             Phase::Watch { token, .. }
+            | Phase::Unique { token, .. }
             | Phase::Canonical { token, .. }
             | Phase::Merged { token, .. }
             | Phase::Zero { token } => *token,
@@ -431,9 +496,93 @@ impl<M: PageMemory> Ctx<'_, M> {
                 self.counters.cow_breaks.fetch_add(1, Ordering::Relaxed);
                 t.unmerged += 1;
             }
+            Phase::Unique { print, .. } => {
+                self.uniques.remove(print, page);
+                self.counters.pages_unique.fetch_sub(1, Ordering::Relaxed);
+            }
             Phase::Watch { .. } | Phase::Volatile => {}
         }
         self.back_off(e);
+    }
+
+    /// Merges the unique pages of `chunk` flagged since the last call: pages indexed in
+    /// place whose twin another page found and made canonical (see [`Uniques`]). Each is
+    /// handled as a stable page again: looked up (it finds its twin's canonical page) and
+    /// merged, or, if its contents differ after all, indexed again.
+    fn merge_twins(
+        &self,
+        chunk: &Chunk<M::Frame>,
+        entries: &mut [PageEntry<M::Frame>],
+        t: &mut Tally,
+    ) {
+        let mut stable = Vec::new();
+        for i in chunk.take_twins() {
+            let page = PageId::new(chunk.region, chunk.first + i);
+            let e = &mut entries[i as usize];
+            self.notice_writes(e, page, chunk.domain, t);
+            if let Phase::Unique { token, print } = e.phase {
+                self.uniques.remove(print, page);
+                self.counters.pages_unique.fetch_sub(1, Ordering::Relaxed);
+                e.phase = Phase::Watch {
+                    token,
+                    periods: self.stable_periods,
+                };
+                stable.push((i, token));
+            }
+        }
+        if !stable.is_empty() {
+            self.merge_stable(chunk, entries, &stable, t, true);
+        }
+    }
+
+    /// Tells the unique page `page` that its twin is canonical now.
+    fn flag_twin(&self, page: PageId) {
+        let Some(&first) = self.first_chunk.get(&page.region) else {
+            return;
+        };
+        let c = first + (page.index / CHUNK_PAGES) as usize;
+        if let Some(ch) = self.chunks.get(c) {
+            if ch.region == page.region && page.index >= ch.first {
+                ch.flag_twin(page.index - ch.first);
+            }
+        }
+    }
+
+    /// A stable page with no canonical match, holding its contents' claim (if any): with
+    /// no twin indexed it is indexed in place and stays where it is; with one, it goes to
+    /// `batch` to be made canonical, and the twin is flagged after that.
+    #[allow(clippy::too_many_arguments)]
+    fn vacant(
+        &self,
+        e: &mut PageEntry<M::Frame>,
+        batch: &mut Batch<M::Frame>,
+        page: PageId,
+        token: ProtectToken,
+        print: u64,
+        claim: Option<usize>,
+        t: &mut Tally,
+    ) {
+        if self.in_place {
+            let me = UniqueRef { page, token };
+            let live = |r: &UniqueRef| !self.memory.written_since(r.page, r.token).unwrap_or(true);
+            match self.uniques.pair(print, me, live) {
+                Pair::Indexed => {
+                    e.phase = Phase::Unique { token, print };
+                    e.backoff = 0;
+                    e.parked = false;
+                    t.indexed += 1;
+                    self.counters.pages_unique.fetch_add(1, Ordering::Relaxed);
+                    if let Some(slot) = claim {
+                        self.claims.release(slot);
+                    }
+                    return;
+                }
+                Pair::Twin(twin) => batch.twins.push(twin.page),
+            }
+        }
+        batch.prints.push(print);
+        batch.vacant.push((page, token));
+        batch.claims.push(claim);
     }
 
     fn back_off(&self, e: &mut PageEntry<M::Frame>) {
@@ -487,7 +636,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                 entries[i as usize].parked = true;
                 continue;
             }
-            let print = fingerprint(&buf[..]);
+            let print = self.uniques.print(&buf[..], group);
             if batch.prints.contains(&print) {
                 self.flush(chunk, entries, &mut batch, t);
             }
@@ -510,9 +659,8 @@ impl<M: PageMemory> Ctx<'_, M> {
                         batch.merges.push((i, token, Some(c)));
                     }
                     Found::Vacant if claimed.is_some() => {
-                        batch.prints.push(print);
-                        batch.vacant.push((id(i), token));
-                        batch.claims.push(claimed);
+                        let e = &mut entries[i as usize];
+                        self.vacant(e, &mut batch, id(i), token, print, claimed.take(), t);
                     }
                     Found::Vacant => match self.claims.claim(Claims::key(print, group)) {
                         // Look again holding the claim: an equal page inserted by the
@@ -531,9 +679,8 @@ impl<M: PageMemory> Ctx<'_, M> {
                                 .fetch_add(1, Ordering::Relaxed);
                         }
                         Claim::Full => {
-                            batch.prints.push(print);
-                            batch.vacant.push((id(i), token));
-                            batch.claims.push(None);
+                            let e = &mut entries[i as usize];
+                            self.vacant(e, &mut batch, id(i), token, print, None, t);
                         }
                     },
                 }
@@ -569,6 +716,7 @@ impl<M: PageMemory> Ctx<'_, M> {
         let mut to_merge = std::mem::take(&mut batch.merges);
         let vacant = std::mem::take(&mut batch.vacant);
         let claims = std::mem::take(&mut batch.claims);
+        let twins = std::mem::take(&mut batch.twins);
         batch.pending.clear();
         batch.prints.clear();
         if !vacant.is_empty() {
@@ -608,6 +756,11 @@ impl<M: PageMemory> Ctx<'_, M> {
             if late {
                 to_merge.sort_by_key(|m| m.0);
             }
+        }
+        // After the inserts: a flagged twin looks its page up and finds its canonical
+        // page (or, if that failed, is indexed again).
+        for page in twins {
+            self.flag_twin(page);
         }
         if to_merge.is_empty() {
             return;
@@ -710,6 +863,11 @@ impl<M: PageMemory> Ctx<'_, M> {
             Phase::Watch { .. } => {
                 let _ = self.memory.unprotect(&[page]);
             }
+            Phase::Unique { print, .. } => {
+                let _ = self.memory.unprotect(&[page]);
+                self.uniques.remove(print, page);
+                self.counters.pages_unique.fetch_sub(1, Ordering::Relaxed);
+            }
             Phase::Volatile => {}
         }
         e.backoff = 0;
@@ -733,6 +891,8 @@ struct Batch<F> {
     pending: Vec<Arc<Canon<F>>>,
     /// Fingerprints of the pages in `vacant`.
     prints: Vec<u64>,
+    /// Unique pages whose twins are in `vacant`: flagged once those are canonical.
+    twins: Vec<PageId>,
 }
 
 impl<F> Default for Batch<F> {
@@ -743,23 +903,9 @@ impl<F> Default for Batch<F> {
             claims: Vec::new(),
             pending: Vec::new(),
             prints: Vec::new(),
+            twins: Vec::new(),
         }
     }
-}
-
-/// A 64-bit fingerprint of a page (every word counts): equal pages have equal ones.
-fn fingerprint(bytes: &[u8]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut lanes = [1u64, 2, 3, 4];
-    for c in bytes.chunks_exact(32) {
-        for (l, w) in lanes.iter_mut().zip(c.chunks_exact(8)) {
-            let w = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-            *l = (*l ^ w).wrapping_mul(K).rotate_left(29);
-        }
-    }
-    lanes
-        .iter()
-        .fold(0u64, |h, &l| (h ^ l).wrapping_mul(K).rotate_left(31))
 }
 
 /// Bytes of engine state per tracked page.

@@ -11,6 +11,7 @@ pub(crate) struct Counters {
     pub(crate) pages_shared: AtomicI64,
     pub(crate) pages_sharing: AtomicI64,
     pub(crate) pages_unshared: AtomicI64,
+    pub(crate) pages_unique: AtomicI64,
     pub(crate) zero_pages: AtomicI64,
     pub(crate) full_scans: AtomicU64,
     pub(crate) merges: AtomicU64,
@@ -77,8 +78,13 @@ pub struct Stats {
     pub pages_shared: u64,
     /// Pages mapping a canonical page beyond its first: pages saved.
     pub pages_sharing: u64,
-    /// Canonical pages mapped only by the page they came from.
+    /// Pages with no twin, indexed for merging: unique pages indexed where they are
+    /// (`pages_unique`), plus canonical pages mapped only by the page they came from (their
+    /// twins were written since). KSM counts its unstable tree's pages here.
     pub pages_unshared: u64,
+    /// Stable pages with no twin found, indexed where they are: write-protected, neither
+    /// copied nor remapped (see *Unique pages* in the crate docs).
+    pub pages_unique: u64,
     /// Pages that changed too recently to be merged (at the end of the last pass).
     pub pages_volatile: u64,
     /// Pages write-protected and being watched for stability (end of the last pass).
@@ -93,7 +99,8 @@ pub struct Stats {
     /// merged (the backend found it changed, or different from the canonical page).
     pub merge_races: u64,
     /// Pages made canonical (each costs the backend a copy: on Linux, a store slot and a
-    /// remap), all time.
+    /// remap), all time. A page is made canonical only once a twin is found (unless
+    /// [`Config::unique_in_place`](crate::Config::unique_in_place) is off).
     pub canonicalized: u64,
     /// Canonicalizations wasted: the page was made canonical, but an equal page of
     /// another thread was inserted in the tree first, so it was merged with that one.

@@ -1,0 +1,199 @@
+//! Unique pages indexed in place, decided by counts and contents: a page with no twin is
+//! never made canonical (no copy, its own frame kept); a twin found in a later pass, or
+//! in another chunk or thread, merges both; a unique page written meanwhile never merges
+//! with its old contents' twin; and switching in-place indexing off gives the old
+//! behaviour (every stable page canonical).
+
+use std::sync::Arc;
+
+use page_memory::sim::SimMemory;
+use page_memory::{DomainId, PageId, PageMemory, RegionId, PAGE_SIZE};
+use pageone::{Config, PageOne};
+
+/// A page whose contents are determined by `seed` (0 = all zeros).
+fn content(seed: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE_SIZE];
+    if seed != 0 {
+        p[200..208].copy_from_slice(&seed.to_le_bytes());
+        p[PAGE_SIZE - 8..].copy_from_slice(&(seed * 7).to_le_bytes());
+    }
+    p
+}
+
+fn write(mem: &SimMemory, r: RegionId, i: u32, seed: u64) {
+    mem.write(PageId::new(r, i), 0, &content(seed)).unwrap();
+}
+
+fn read(mem: &SimMemory, r: RegionId, i: u32) -> Vec<u8> {
+    let mut buf = [0u8; PAGE_SIZE];
+    mem.read_page(PageId::new(r, i), &mut buf).unwrap();
+    buf.to_vec()
+}
+
+fn until_quiet<M: PageMemory>(engine: &PageOne<M>) -> u32 {
+    for n in 1..=16 {
+        if engine.merge_pass().quiet() {
+            return n;
+        }
+    }
+    panic!("not quiet after 16 passes");
+}
+
+fn config(threads: usize) -> Config {
+    Config::default().work_threads(threads)
+}
+
+#[test]
+fn unique_pages_stay_where_they_are_and_twins_merge() {
+    let mem = Arc::new(SimMemory::new());
+    let r = mem.add_region(1024, DomainId(0));
+    // 1024 pages: 900 unique, 62 contents twice (124 pages).
+    for i in 0..900 {
+        write(&mem, r, i, 1000 + i as u64);
+    }
+    for i in 900..1024 {
+        write(&mem, r, i, 1 + (i as u64 - 900) / 2);
+    }
+    let engine = PageOne::new(mem.clone(), config(1)).unwrap();
+    engine.merge_pass();
+    engine.merge_pass();
+    let merge = engine.merge_pass();
+    assert_eq!(merge.canonicalized, 62, "only pages with a twin are copied");
+    // Each content's first page is indexed before its twin comes along in the same pass.
+    assert_eq!(merge.indexed, 900 + 62);
+    assert_eq!(merge.merged, 62);
+    until_quiet(&engine);
+    let s = engine.stats();
+    assert_eq!(s.canonicalized, 62);
+    assert_eq!(s.pages_unique, 900);
+    assert_eq!(s.pages_unshared, 900);
+    assert_eq!((s.pages_shared, s.pages_sharing), (62, 62));
+    assert_eq!(mem.accounting().frames, 962);
+    for i in 0..1024 {
+        let seed = if i < 900 {
+            1000 + i as u64
+        } else {
+            1 + (i as u64 - 900) / 2
+        };
+        assert_eq!(read(&mem, r, i), content(seed), "page {i}");
+    }
+}
+
+#[test]
+fn a_twin_that_comes_later_merges_with_the_indexed_page() {
+    let mem = Arc::new(SimMemory::new());
+    let a = mem.add_region(600, DomainId(0));
+    for i in 0..600 {
+        write(&mem, a, i, 5000 + i as u64);
+    }
+    let engine = PageOne::new(mem.clone(), config(1)).unwrap();
+    until_quiet(&engine);
+    assert_eq!(engine.stats().pages_unique, 600);
+    assert_eq!(engine.stats().canonicalized, 0);
+    // Page 599 gets page 3's contents: it is volatile again, then stable, then finds page
+    // 3 (indexed passes ago, in another chunk) as its twin.
+    write(&mem, a, 599, 5003);
+    let passes = until_quiet(&engine);
+    assert!(passes <= 5, "{passes} passes");
+    let s = engine.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 1));
+    assert_eq!(s.pages_unique, 598);
+    assert_eq!(s.canonicalized, 1);
+    assert_eq!(mem.accounting().frames, 599);
+    assert_eq!(read(&mem, a, 3), content(5003));
+    assert_eq!(read(&mem, a, 599), content(5003));
+}
+
+#[test]
+fn a_unique_page_written_since_it_was_indexed_is_not_a_twin() {
+    let mem = Arc::new(SimMemory::new());
+    let r = mem.add_region(16, DomainId(0));
+    for i in 0..16 {
+        write(&mem, r, i, 100 + i as u64);
+    }
+    let engine = PageOne::new(mem.clone(), config(1)).unwrap();
+    until_quiet(&engine);
+    assert_eq!(engine.stats().pages_unique, 16);
+    // Page 0 changes, and page 15 takes page 0's old contents in the same interval: the
+    // index still holds page 0 under the old print, but its token is stale.
+    write(&mem, r, 0, 999);
+    write(&mem, r, 15, 100);
+    until_quiet(&engine);
+    let s = engine.stats();
+    assert_eq!(s.pages_sharing, 0, "nothing equal to merge");
+    assert_eq!(s.pages_unique, 16);
+    assert_eq!(read(&mem, r, 0), content(999));
+    assert_eq!(read(&mem, r, 15), content(100));
+    assert_eq!(mem.accounting().frames, 16);
+}
+
+#[test]
+fn twins_in_many_regions_and_two_threads_merge_exactly() {
+    // Four "VMs" booted from one image: region k's page i holds content i (every content
+    // four times), plus unique pages in each.
+    let mem = Arc::new(SimMemory::new());
+    let regions: Vec<RegionId> = (0..4).map(|_| mem.add_region(1500, DomainId(0))).collect();
+    for (k, &r) in regions.iter().enumerate() {
+        for i in 0..1500 {
+            let seed = if i < 1000 {
+                1 + i as u64
+            } else {
+                100_000 * (k as u64 + 1) + i as u64
+            };
+            write(&mem, r, i, seed);
+        }
+    }
+    let engine = PageOne::new(mem.clone(), config(2)).unwrap();
+    until_quiet(&engine);
+    let s = engine.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1000, 3000));
+    assert_eq!(s.pages_unique, 4 * 500);
+    assert_eq!(s.canonicalized - s.insert_races, 1000);
+    assert_eq!(mem.accounting().frames, 1000 + 2000);
+    for (k, &r) in regions.iter().enumerate() {
+        for i in (0..1500).step_by(37) {
+            let seed = if i < 1000 {
+                1 + i as u64
+            } else {
+                100_000 * (k as u64 + 1) + i as u64
+            };
+            assert_eq!(read(&mem, r, i), content(seed));
+        }
+    }
+}
+
+#[test]
+fn without_in_place_indexing_every_stable_page_is_canonical() {
+    let mem = Arc::new(SimMemory::new());
+    let r = mem.add_region(64, DomainId(0));
+    for i in 0..64 {
+        write(&mem, r, i, 1 + (i as u64 % 48));
+    }
+    let engine = PageOne::new(mem.clone(), config(1).unique_in_place(false)).unwrap();
+    until_quiet(&engine);
+    let s = engine.stats();
+    assert_eq!(s.canonicalized, 48);
+    assert_eq!(s.pages_unique, 0);
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (16, 16, 32));
+    assert_eq!(mem.accounting().frames, 48);
+}
+
+#[test]
+fn unmerge_all_takes_unique_pages_out_of_the_index() {
+    let mem = Arc::new(SimMemory::new());
+    let r = mem.add_region(32, DomainId(0));
+    for i in 0..32 {
+        write(&mem, r, i, 1 + i as u64);
+    }
+    let engine = PageOne::new(mem.clone(), config(1)).unwrap();
+    until_quiet(&engine);
+    assert_eq!(engine.stats().pages_unique, 32);
+    engine.unmerge_all();
+    assert_eq!(engine.stats().pages_unique, 0);
+    // Indexed again from scratch; a page written with another's contents now merges.
+    write(&mem, r, 31, 1);
+    until_quiet(&engine);
+    let s = engine.stats();
+    assert_eq!((s.pages_unique, s.pages_sharing), (30, 1));
+    assert_eq!(read(&mem, r, 31), content(1));
+}
