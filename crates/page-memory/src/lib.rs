@@ -211,6 +211,29 @@ pub trait PageMemory: Send + Sync {
     /// seen half-written; a protected page is seen exactly.
     fn read_page(&self, page: PageId, buf: &mut [u8; PAGE_SIZE]) -> Result<(), PageError>;
 
+    /// [`read_page`](Self::read_page) of each of `pages` into the buffer of the same
+    /// index in `out` (which must be at least as long); one result per page, in order,
+    /// exactly as if `read_page` were called on each in turn (the default does that). A
+    /// backend may read runs of consecutive pages at once: the Linux backend reads each run
+    /// with one `process_vm_readv` and proves it is still the region's with one check
+    /// before and one after, instead of per page. The buffer of a page that fails holds
+    /// nothing of use.
+    ///
+    /// # Panics
+    /// If `out` is shorter than `pages`.
+    fn read_pages(
+        &self,
+        pages: &[PageId],
+        out: &mut [[u8; PAGE_SIZE]],
+    ) -> Vec<Result<(), PageError>> {
+        assert!(out.len() >= pages.len(), "read_pages: fewer buffers than pages");
+        pages
+            .iter()
+            .zip(out.iter_mut())
+            .map(|(&page, buf)| self.read_page(page, buf))
+            .collect()
+    }
+
     /// Reads `out.len()` 64-bit words (native endian) from the start of `page`, each word
     /// read atomically: what a scanner needs to look for a mark in a freed page.
     fn read_words(&self, page: PageId, out: &mut [u64]) -> Result<(), PageError>;

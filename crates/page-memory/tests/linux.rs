@@ -1008,6 +1008,19 @@ fn one_page_unmapped_by_its_owner_is_gone_alone() {
     wait_for_foreign_unmaps(&mem, 1);
     assert_eq!(mem.stats().foreign_unmaps, 1);
     let all = pages(r, 0..PAGES as u32);
+    // A batched read of the run: every page but the gone one reads its contents.
+    let mut bufs = vec![[0u8; PAGE_SIZE]; PAGES];
+    let reads = mem.read_pages(&all, &mut bufs);
+    let mut want = [0u8; PAGE_SIZE];
+    mem.read_page(all[0], &mut want).unwrap();
+    for (i, (r2, buf)) in reads.iter().zip(&bufs).enumerate() {
+        if i == 2 {
+            assert_eq!(*r2, Err(PageError::Unmapped(r)));
+        } else {
+            assert_eq!(*r2, Ok(()), "page {i}");
+            assert!(buf[..] == want[..], "page {i}");
+        }
+    }
     let t = mem.protect(&all);
     for (i, t) in t.iter().enumerate() {
         if i == 2 {
@@ -1348,4 +1361,38 @@ fn the_kernel_holds_unmappers_and_droppers_until_their_event_is_read() {
     eprintln!("MADV_DONTNEED and munmap each held until their event was read ({hold:?})");
     // SAFETY: the descriptor made above.
     unsafe { libc::close(fd) };
+}
+
+/// `read_pages` gives what `read_page` gives, page for page, over runs longer than
+/// `max_run_pages`, pages out of order, single pages and pages of two regions.
+#[test]
+fn read_pages_reads_what_read_page_reads() {
+    let Some(mem) = memory() else {
+        return;
+    };
+    let a = mem.add_region(150, DomainId(0)).unwrap();
+    let b = mem.add_region(3, DomainId(0)).unwrap();
+    for i in 0..150 {
+        fill(&mem, PageId::new(a, i), 1000 + i as u64);
+    }
+    for i in 0..3 {
+        fill(&mem, PageId::new(b, i), 5000 + i as u64);
+    }
+    let mut list = pages(a, 0..150);
+    list.extend([PageId::new(b, 2), PageId::new(a, 7), PageId::new(b, 0)]);
+    list.extend(pages(b, 0..3));
+    let _ = mem.protect(&pages(a, 10..90));
+    let mut bufs = vec![[0u8; PAGE_SIZE]; list.len()];
+    let reads = mem.read_pages(&list, &mut bufs);
+    assert_eq!(reads.len(), list.len());
+    let mut one = [0u8; PAGE_SIZE];
+    for ((&p, r), buf) in list.iter().zip(&reads).zip(&bufs) {
+        assert_eq!(*r, Ok(()), "{p}");
+        mem.read_page(p, &mut one).unwrap();
+        assert!(buf[..] == one[..], "{p}");
+    }
+    assert_eq!(
+        mem.read_pages(&[PageId::new(b, 3)], &mut bufs[..1]),
+        vec![Err(PageError::NoSuchPage(PageId::new(b, 3)))]
+    );
 }

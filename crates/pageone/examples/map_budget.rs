@@ -16,7 +16,9 @@
 //! userfaultfd write-protect (root, or `vm.unprivileged_userfaultfd=1`); says so and exits
 //! 0 without it. Run with
 //! `cargo run --release -p pageone --example map_budget -- [--mib 1024] [--threads 1]
-//! [--idle 10] [--reserve N] [--copies 4] [--copy-mib 64]`.
+//! [--idle 10] [--reserve N] [--copies 4] [--copy-mib 64] [--no-in-place]`.
+//! `--no-in-place` turns [`Config::unique_in_place`](pageone::Config) off: every stable
+//! page is made canonical at once, as before in-place indexing.
 
 #[cfg(target_os = "linux")]
 fn main() {
@@ -76,6 +78,16 @@ mod linux {
         Duration::from_nanos(ns)
     }
 
+    fn flag(name: &str) -> bool {
+        std::env::args().any(|a| a == name)
+    }
+
+    fn config(threads: usize) -> Config {
+        Config::default()
+            .work_threads(threads)
+            .unique_in_place(!flag("--no-in-place"))
+    }
+
     fn arg(name: &str) -> Option<u64> {
         let args: Vec<String> = std::env::args().collect();
         args.iter()
@@ -132,12 +144,14 @@ mod linux {
             seeds.push(seed);
             fill(&mem, PageId::new(r, i), seed);
         }
-        let engine = PageOne::new(mem.clone(), Config::default().work_threads(threads)).unwrap();
+        let engine = PageOne::new(mem.clone(), config(threads)).unwrap();
         println!(
             "scattered: {mib} MiB ({pages} pages, {dups} duplicates), {threads} work thread(s), \
-             vm.max_map_count {}",
-            mem.stats().max_map_count
+             vm.max_map_count {}, unique pages in place: {}",
+            mem.stats().max_map_count,
+            !flag("--no-in-place")
         );
+        let mut merging = Duration::ZERO;
         let mut last = 0;
         let mut flat = 0;
         let mut pass = 0;
@@ -146,6 +160,7 @@ mod linux {
             let c0 = cpu();
             engine.merge_pass();
             let c = cpu() - c0;
+            merging += c;
             pass += 1;
             let s = engine.stats();
             let b = mem.stats();
@@ -194,6 +209,10 @@ mod linux {
             b.mappings_counted,
             b.max_map_count
         );
+        println!(
+            "scattered: cpu of the {pass} merging passes {:.1} ms",
+            ms(merging)
+        );
         println!("scattered: engine stats {:?}", engine.stats());
     }
 
@@ -206,7 +225,7 @@ mod linux {
                 fill(&mem, PageId::new(r, i), 1 + i as u64);
             }
         }
-        let engine = PageOne::new(mem.clone(), Config::default().work_threads(2)).unwrap();
+        let engine = PageOne::new(mem.clone(), config(2)).unwrap();
         let c0 = cpu();
         for _ in 0..4 {
             engine.merge_pass();
@@ -214,7 +233,7 @@ mod linux {
         let c = cpu() - c0;
         let s = engine.stats();
         let b = mem.stats();
-        let kept = s.pages_shared + s.pages_unshared;
+        let kept = s.pages_shared + s.pages_unshared - s.pages_unique;
         let wasted = b.canonicalized.saturating_sub(kept);
         println!(
             "copies: {copies} x {mib} MiB, 2 work threads, 4 passes, cpu {:.1} ms: {} \

@@ -232,6 +232,9 @@ impl Tally {
 /// (a safety bound: a claim is held for one batch's canonicalization, milliseconds).
 const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Stable pages read with one [`PageMemory::read_pages`] call.
+const READ_GROUP: usize = 64;
+
 /// Most merge passes the gate stays closed after the mapping limit refused a merge.
 pub(crate) const MAX_MAP_BACKOFF: u64 = 32;
 
@@ -616,75 +619,81 @@ impl<M: PageMemory> Ctx<'_, M> {
         let domain = chunk.domain;
         let group = self.canons.group(domain);
         let id = |i: u32| PageId::new(chunk.region, chunk.first + i);
-        let mut buf = Box::new([0u8; PAGE_SIZE]);
+        let mut bufs = vec![[0u8; PAGE_SIZE]; READ_GROUP.min(stable.len())];
         let mut batch = Batch::default();
         let mut put_off = Vec::new();
-        for &(i, token) in stable {
-            if let Err(err) = self.memory.read_page(id(i), &mut buf) {
-                self.count_error(&err, t);
-                entries[i as usize].phase = Phase::Volatile;
-                entries[i as usize].parked = false;
-                continue;
-            }
-            if is_zero_page(&buf[..]) {
-                batch.merges.push((i, token, None));
-                continue;
-            }
-            if self.gate.is_closed() {
-                // The backend refused merges for the mapping limit this pass or recently:
-                // keep the page watched (its token stays good) until the gate opens.
-                entries[i as usize].parked = true;
-                continue;
-            }
-            let print = self.uniques.print(&buf[..], group);
-            if batch.prints.contains(&print) {
-                self.flush(chunk, entries, &mut batch, t);
-            }
-            let mut claimed = None;
-            loop {
-                match self.canons.find(domain, &buf[..]) {
-                    Found::Existing(c) => {
-                        if let Some(slot) = claimed.take() {
-                            self.claims.release(slot);
-                        }
-                        let extra =
-                            batch.pending.iter().filter(|p| Arc::ptr_eq(p, &c)).count() as u32;
-                        if extra > 0 && !self.canons.has_room(&c, extra + 1) {
-                            // Merging would overfill it: settle the batch, then look again
-                            // (the full page is then taken out of the tree).
-                            self.flush(chunk, entries, &mut batch, t);
-                            continue;
-                        }
-                        batch.pending.push(c.clone());
-                        batch.merges.push((i, token, Some(c)));
-                    }
-                    Found::Vacant if claimed.is_some() => {
-                        let e = &mut entries[i as usize];
-                        self.vacant(e, &mut batch, id(i), token, print, claimed.take(), t);
-                    }
-                    Found::Vacant => match self.claims.claim(Claims::key(print, group)) {
-                        // Look again holding the claim: an equal page inserted by the
-                        // thread that held it before is seen now.
-                        Claim::Held(slot) => {
-                            claimed = Some(slot);
-                            continue;
-                        }
-                        // Another thread is making this content canonical: merge with its
-                        // page next pass (the page stays watched and stable).
-                        Claim::Lost if again => put_off.push((i, token, Claims::key(print, group))),
-                        Claim::Lost => {
-                            t.deferred += 1;
-                            self.counters
-                                .claim_deferrals
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                        Claim::Full => {
-                            let e = &mut entries[i as usize];
-                            self.vacant(e, &mut batch, id(i), token, print, None, t);
-                        }
-                    },
+        for reading in stable.chunks(READ_GROUP) {
+            let ids: Vec<PageId> = reading.iter().map(|&(i, _)| id(i)).collect();
+            let reads = self.memory.read_pages(&ids, &mut bufs);
+            for ((&(i, token), read), buf) in reading.iter().zip(reads).zip(bufs.iter()) {
+                if let Err(err) = read {
+                    self.count_error(&err, t);
+                    entries[i as usize].phase = Phase::Volatile;
+                    entries[i as usize].parked = false;
+                    continue;
                 }
-                break;
+                if is_zero_page(&buf[..]) {
+                    batch.merges.push((i, token, None));
+                    continue;
+                }
+                if self.gate.is_closed() {
+                    // The backend refused merges for the mapping limit this pass or recently:
+                    // keep the page watched (its token stays good) until the gate opens.
+                    entries[i as usize].parked = true;
+                    continue;
+                }
+                let print = self.uniques.print(&buf[..], group);
+                if batch.prints.contains(&print) {
+                    self.flush(chunk, entries, &mut batch, t);
+                }
+                let mut claimed = None;
+                loop {
+                    match self.canons.find(domain, &buf[..]) {
+                        Found::Existing(c) => {
+                            if let Some(slot) = claimed.take() {
+                                self.claims.release(slot);
+                            }
+                            let extra =
+                                batch.pending.iter().filter(|p| Arc::ptr_eq(p, &c)).count() as u32;
+                            if extra > 0 && !self.canons.has_room(&c, extra + 1) {
+                                // Merging would overfill it: settle the batch, then look again
+                                // (the full page is then taken out of the tree).
+                                self.flush(chunk, entries, &mut batch, t);
+                                continue;
+                            }
+                            batch.pending.push(c.clone());
+                            batch.merges.push((i, token, Some(c)));
+                        }
+                        Found::Vacant if claimed.is_some() => {
+                            let e = &mut entries[i as usize];
+                            self.vacant(e, &mut batch, id(i), token, print, claimed.take(), t);
+                        }
+                        Found::Vacant => match self.claims.claim(Claims::key(print, group)) {
+                            // Look again holding the claim: an equal page inserted by the
+                            // thread that held it before is seen now.
+                            Claim::Held(slot) => {
+                                claimed = Some(slot);
+                                continue;
+                            }
+                            // Another thread is making this content canonical: merge with its
+                            // page next pass (the page stays watched and stable).
+                            Claim::Lost if again => {
+                                put_off.push((i, token, Claims::key(print, group)))
+                            }
+                            Claim::Lost => {
+                                t.deferred += 1;
+                                self.counters
+                                    .claim_deferrals
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            Claim::Full => {
+                                let e = &mut entries[i as usize];
+                                self.vacant(e, &mut batch, id(i), token, print, None, t);
+                            }
+                        },
+                    }
+                    break;
+                }
             }
         }
         self.flush(chunk, entries, &mut batch, t);

@@ -108,7 +108,10 @@ impl Uniques {
     /// The print of a page's contents in tree group `group`: equal contents in one group
     /// have equal prints. Never 0.
     pub(crate) fn print(&self, bytes: &[u8], group: usize) -> u64 {
-        fingerprint(bytes, self.seed ^ (group as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
+        fingerprint(
+            bytes,
+            self.seed ^ (group as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ) | 1
     }
 
     fn shard(&self, print: u64) -> std::sync::MutexGuard<'_, Shard> {
@@ -159,7 +162,12 @@ impl Uniques {
 pub(crate) fn fingerprint(bytes: &[u8], seed: u64) -> u64 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     debug_assert!(bytes.len() <= PAGE_SIZE);
-    let mut lanes = [seed ^ 1, seed ^ 2, seed.rotate_left(17) ^ 3, seed.rotate_left(41) ^ 4];
+    let mut lanes = [
+        seed ^ 1,
+        seed ^ 2,
+        seed.rotate_left(17) ^ 3,
+        seed.rotate_left(41) ^ 4,
+    ];
     for c in bytes.chunks_exact(32) {
         for (l, w) in lanes.iter_mut().zip(c.chunks_exact(8)) {
             let w = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);

@@ -174,7 +174,10 @@ fn without_in_place_indexing_every_stable_page_is_canonical() {
     let s = engine.stats();
     assert_eq!(s.canonicalized, 48);
     assert_eq!(s.pages_unique, 0);
-    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (16, 16, 32));
+    assert_eq!(
+        (s.pages_shared, s.pages_sharing, s.pages_unshared),
+        (16, 16, 32)
+    );
     assert_eq!(mem.accounting().frames, 48);
 }
 

@@ -29,6 +29,29 @@ impl PageMemory for LinuxMemory {
         })
     }
 
+    fn read_pages(
+        &self,
+        pages: &[PageId],
+        out: &mut [[u8; PAGE_SIZE]],
+    ) -> Vec<Result<(), PageError>> {
+        assert!(out.len() >= pages.len(), "read_pages: fewer buffers than pages");
+        let max = self.inner.config.max_run_pages.max(1);
+        let mut results = Vec::with_capacity(pages.len());
+        let mut k = 0;
+        for run in runs(pages).flat_map(|r| r.chunks(max)) {
+            let bufs = &mut out[k..k + run.len()];
+            k += run.len();
+            if run.len() == 1 {
+                results.push(self.read_page(run[0], &mut bufs[0]));
+                continue;
+            }
+            self.inner.in_run(run, &mut results, |region, first, guards| {
+                self.inner.read_run(region, first, guards, bufs)
+            });
+        }
+        results
+    }
+
     fn read_words(&self, page: PageId, out: &mut [u64]) -> Result<(), PageError> {
         if out.len() > PAGE_WORDS {
             return Err(PageError::Unsupported("more words than a page holds"));

@@ -367,6 +367,45 @@ impl Inner {
         changed
     }
 
+    /// `read_pages` of a run (locked in `guards`, from page `first` of `region`): one
+    /// `process_vm_readv` of the whole run between two proofs that the run is still the
+    /// region's ([`check_ours`](Self::check_ours)), or, if any of that fails, page by page
+    /// ([`read_checked`](Self::read_checked)), so that each page gets its own result.
+    pub(super) fn read_run(
+        &self,
+        region: &Region,
+        first: usize,
+        guards: &mut [MutexGuard<'_, PageState>],
+        bufs: &mut [[u8; PAGE_SIZE]],
+    ) -> Vec<Result<(), PageError>> {
+        let addr = region.addr(first as u32);
+        let whole = bufs.as_flattened_mut();
+        let read = if self.config.checked_access {
+            self.check_ours(region, addr, guards).is_ok()
+                && self.read_guest(region, addr, whole).is_ok()
+                && self.check_ours(region, addr, guards).is_ok()
+        } else {
+            !region.unmapped.load(Ordering::Relaxed)
+                && guards.iter().all(|s| !s.gone)
+                && self.read_guest(region, addr, whole).is_ok()
+        };
+        if read {
+            return vec![Ok(()); guards.len()];
+        }
+        guards
+            .iter()
+            .zip(bufs.iter_mut())
+            .enumerate()
+            .map(|(k, (st, buf))| {
+                let r = self.read_checked(region, addr + k * PAGE_SIZE, &mut buf[..], st);
+                if r.is_err() {
+                    buf.fill(0);
+                }
+                r
+            })
+            .collect()
+    }
+
     /// `canonicalize` of a run of consecutive pages: each page goes to its home slot where
     /// free, and each sub-run of consecutive slots is copied with one `pwrite` and mapped
     /// with one `mmap`. Pushes one result per page; returns which pages changed.
