@@ -25,13 +25,39 @@
 //! A watched page that stays unwritten for [`Config::stable_periods`] merge passes (two,
 //! as in the original: "observe for two periods, merge in the third") is merged:
 //! - all zeros: it is mapped to the shared zero frame (no tree);
-//! - otherwise it is looked up, by its contents read in place, in the SD tree of
-//!   canonical pages of its trust-domain group; an equal canonical page is merged with it
-//!   through [`PageMemory::merge`], which re-checks protection and compares the page in
-//!   full atomically with the switch; if none, the page itself becomes canonical
+//! - otherwise it is read (runs of pages at once, [`PageMemory::read_pages`]) and looked
+//!   up in the SD tree of canonical pages of its trust-domain group, whose keys are the
+//!   canonical frames read in place; an equal canonical page is merged with it through
+//!   [`PageMemory::merge`], which re-checks protection and compares the page in full
+//!   atomically with the switch;
+//! - if there is none, and no *unique* page has the same contents, the page is **unique**:
+//!   it stays where it is, protected, and is indexed (see *Unique pages*);
+//! - if a unique page has the same contents (its **twin**), this page becomes canonical
 //!   ([`PageMemory::canonicalize`]) and is inserted with `insert_or_get` (if another
-//!   thread inserted an equal page first, it is merged with that one instead; see
-//!   *One canonicalization per content* below for why that is rare).
+//!   thread inserted an equal page first, it is merged with that one instead; see *One
+//!   canonicalization per content* below for why that is rare), and the twin merges with
+//!   it in the same pass.
+//!
+//! # Unique pages
+//! Most pages of real guests have no twin. Making each of them canonical as soon as it is
+//! stable, as the first version did, costs the backend a copy and a remap per page (on
+//! Linux a store slot, an `mmap(MAP_FIXED)` and its round trip to the fault thread) that
+//! Linux KSM never pays. Instead a stable page with no canonical match is entered in an
+//! index of unique pages under a *print* of its contents (a 64-bit fingerprint seeded at
+//! random per engine, tagged with the page's tree group) and left alone: protected, its
+//! own memory, no mapping spent. Only when a second stable page with the same print comes
+//! along do both pay: the newcomer is made canonical, and the indexed page (its twin) is
+//! flagged in its chunk and merged with it, by the thread that holds that chunk, either
+//! before that thread lets the chunk go or in a short sweep at the end of the pass over
+//! the flagged chunks only. A print is a hint: every merge is verified in full by the
+//! backend, and a collision (about 2⁻⁶⁴ per pair; a guest cannot aim for one without the
+//! seed) costs one needless canonicalization. A write to a unique page takes it out of the
+//! index at the next pass. The index is keyed by prints rather than by the pages read in
+//! place because a key read in place is read by every later search that passes by it, and
+//! a VMM may unmap guest memory at any time (the Linux backend reads guest memory only
+//! through `process_vm_readv` for that reason). [`Config::unique_in_place`] off restores
+//! the first version's behaviour; [`Stats::pages_unique`] counts the pages indexed, and
+//! [`PassReport::indexed`] those a pass indexed.
 //!
 //! A guest write to a watched, canonical, merged or zero page breaks the protection (copy
 //! on write in the backend): the next pass sees the token stale, drops the page's
@@ -50,7 +76,9 @@
 //!
 //! **How many passes a quiet memory needs.** With no guest writes, a page goes through
 //! one pass that protects it, `stable_periods - 1` passes that watch it and one that
-//! merges it (or makes it canonical), so memory that no pass has seen yet is merged by
+//! merges it (or makes it canonical, or indexes it as unique: its twin, found later in
+//! the same pass, merges it before the pass returns), so memory that no pass has seen yet
+//! is merged by
 //! pass `stable_periods + 1` and reported quiet by pass `stable_periods + 2` (4 with the
 //! default two stable periods; with a budget, that many full rounds of chunks). A page
 //! written meanwhile starts again after its back-off (1 to [`Config::max_backoff`]
@@ -91,11 +119,24 @@
 //! limit as [`Stats::map_count_limit`] / [`Stats::map_count_mappings`] and, once per
 //! episode, as an [`Event::MapCountLimit`] sent to [`Config::on_event`].
 //!
-//! Not done yet: the engine does not know what a merge costs in mappings (whether the
-//! duplicate's store offset joins its neighbours' run), so it cannot prefer merges that
-//! cost none when the budget runs low; every refused page waits for the same gate. (It
-//! would not help on its own: the Linux backend's guard charges every remap two mappings
-//! and refuses them all alike near the limit, so it would have to admit by cost too.)
+//! What merging costs in mappings (on Linux, VMAs): a page remapped to a store page is
+//! its own mapping unless its neighbours map the neighbouring store pages, so a merged
+//! page that lies alone costs up to two mappings (it splits the mapping it lies in), and
+//! a run of merged pages whose canonical pages lie at consecutive store offsets (VMs
+//! booted from one image: their pages' twins come in runs, and canonical pages go to
+//! consecutive offsets) costs that much for the whole run. With unique pages indexed in
+//! place, a content's canonical page is remapped too (before, every page was remapped
+//! into the store in order, so canonical pages cost nothing and only duplicates did):
+//! duplicates scattered at random cost up to twice the mappings they did, while memory
+//! whose duplicates come in runs costs about the same. A process limited to
+//! `vm.max_map_count` mappings can hold at most about half that many merged pages that
+//! lie alone, whichever way they are laid out (`docs/benchmarks.md`, "PageONE:
+//! convergence, the mapping budget and insert races"); raise the limit, or turn
+//! [`Config::unique_in_place`] off, where scattered duplicates meet it. Not done yet:
+//! the engine does not know what a merge costs, so it cannot prefer merges that cost none
+//! when the budget runs low; every refused page waits for the same gate (and the Linux
+//! backend's guard charges every remap two mappings, so it would have to admit by cost
+//! too).
 //!
 //! # Threads
 //! A daemon thread ([`PageOne::start`]) wakes every base period and, every merge period,
