@@ -293,10 +293,8 @@ fn run_ksm(n: usize, gap: Duration, round: u64) -> Option<(Vec<u64>, Vec<u64>)> 
         );
     }
     // SAFETY: our own mapping; MADV_MERGEABLE only lets ksmd merge its pages.
-    assert_eq!(
-        unsafe { libc::madvise(base.cast(), 4 * n * PAGE_SIZE, libc::MADV_MERGEABLE) },
-        0
-    );
+    let r = unsafe { libc::madvise(base.cast(), 4 * n * PAGE_SIZE, libc::MADV_MERGEABLE) };
+    assert_eq!(r, 0, "MADV_MERGEABLE");
     ksm_write("run", "1");
     let t0 = Instant::now();
     let want = 2 * n as u64;
@@ -329,6 +327,220 @@ fn run_ksm(n: usize, gap: Duration, round: u64) -> Option<(Vec<u64>, Vec<u64>)> 
         );
     }
     out
+}
+
+/// The asynchronous design, prototyped on a raw userfaultfd of its own (not the backend):
+/// `UFFD_FEATURE_WP_ASYNC` (Linux 6.7) for watching, and `UFFDIO_MOVE` (6.8) plus
+/// `MISSING` registration for the merge window. See *Dirty tracking* in the backend's
+/// module docs.
+mod async_wp {
+    use super::*;
+
+    const WP_UNPOPULATED: u64 = 1 << 13;
+    const WP_ASYNC: u64 = 1 << 15;
+    const MOVE: u64 = 1 << 16;
+    const FLAG_WP: u64 = 1 << 0;
+    const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+    const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+    const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+    const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
+    /// `_IOWR(0xAA, 0x05, struct uffdio_move)` (40 bytes).
+    const UFFDIO_MOVE: libc::c_ulong = 0xC028_AA05;
+    const MODE_MISSING: u64 = 1 << 0;
+    const MODE_WP: u64 = 1 << 1;
+
+    #[repr(C)]
+    struct Api {
+        api: u64,
+        features: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    struct Register {
+        start: u64,
+        len: u64,
+        mode: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    struct Wp {
+        start: u64,
+        len: u64,
+        mode: u64,
+    }
+    #[repr(C)]
+    struct Move {
+        dst: u64,
+        src: u64,
+        len: u64,
+        mode: u64,
+        moved: i64,
+    }
+
+    fn ioctl<T>(fd: i32, req: libc::c_ulong, arg: &mut T) -> std::io::Result<()> {
+        // SAFETY: every request used here takes a pointer to the struct `T` given for it,
+        // laid out as the kernel's (`include/uapi/linux/userfaultfd.h`).
+        let r = unsafe { libc::ioctl(fd, req, arg as *mut T) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// What the prototype measured.
+    pub struct Report {
+        pub cold: Vec<u64>,
+        pub burst: Vec<u64>,
+        /// Nanoseconds of one merge window on an unchanged page: move the page out,
+        /// compare it, move it back.
+        pub window: Vec<u64>,
+        /// Windows opened and closed on a page another thread writes without pause; the
+        /// writer's last value; what the page holds after; whether the rest is intact.
+        pub check: (u64, u64, u64, bool),
+    }
+
+    /// `None` (with the reason) where the kernel lacks a feature.
+    pub fn run(n: usize, gap: Duration) -> Result<Report, String> {
+        // SAFETY: userfaultfd(2) takes flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) }
+            as i32;
+        if fd < 0 {
+            return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
+        }
+        let mut api = Api {
+            api: 0xAA,
+            features: FLAG_WP | WP_UNPOPULATED | WP_ASYNC | MOVE,
+            ioctls: 0,
+        };
+        let r = ioctl(fd, UFFDIO_API, &mut api);
+        let out = r
+            .map_err(|e| format!("UFFDIO_API with WP_ASYNC and MOVE (Linux 6.8): {e}"))
+            .and_then(|()| measure(fd, n, gap));
+        // SAFETY: our descriptor, closed once.
+        unsafe { libc::close(fd) };
+        out
+    }
+
+    fn measure(fd: i32, n: usize, gap: Duration) -> Result<Report, String> {
+        let e = |what: &'static str| move |x: std::io::Error| format!("{what}: {x}");
+        // 2n guest pages and one scratch page, all anonymous and registered.
+        let g = mmap_anon(2 * n + 1);
+        let scratch = mmap_anon(1);
+        for i in 0..2 * n + 1 {
+            fill(g.wrapping_add(i * PAGE_SIZE), 1 << 50 | i as u64);
+        }
+        let mut reg = Register {
+            start: g as u64,
+            len: ((2 * n + 1) * PAGE_SIZE) as u64,
+            mode: MODE_MISSING | MODE_WP,
+            ioctls: 0,
+        };
+        ioctl(fd, UFFDIO_REGISTER, &mut reg).map_err(e("register guest"))?;
+        let mut reg = Register {
+            start: scratch as u64,
+            len: PAGE_SIZE as u64,
+            mode: MODE_MISSING,
+            ioctls: 0,
+        };
+        ioctl(fd, UFFDIO_REGISTER, &mut reg).map_err(e("register scratch"))?;
+        let mut wp = Wp {
+            start: g as u64,
+            len: ((2 * n + 1) * PAGE_SIZE) as u64,
+            mode: 1,
+        };
+        ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp).map_err(e("protect"))?;
+        std::thread::sleep(Duration::from_millis(2));
+        // Watching: the kernel resolves the first write itself.
+        let cold = first_writes(&ptrs(g, 0, n), gap);
+        let burst = first_writes(&ptrs(g, n, n), Duration::ZERO);
+        let mv = |dst: *mut u8, src: *mut u8| {
+            let mut m = Move {
+                dst: dst as u64,
+                src: src as u64,
+                len: PAGE_SIZE as u64,
+                mode: 0,
+                moved: 0,
+            };
+            ioctl(fd, UFFDIO_MOVE, &mut m)
+        };
+        // The merge window on unchanged pages: out, compare, back.
+        let mut window = Vec::with_capacity(2 * n);
+        let mut copy = vec![0u8; PAGE_SIZE];
+        for i in 0..2 * n {
+            let p = g.wrapping_add(i * PAGE_SIZE);
+            // SAFETY: a page of our mapping, nobody writes it now.
+            unsafe { std::ptr::copy_nonoverlapping(p, copy.as_mut_ptr(), PAGE_SIZE) };
+            let t0 = Instant::now();
+            mv(scratch, p).map_err(e("move out"))?;
+            // SAFETY: the scratch page, which holds the moved page now.
+            let same = unsafe { std::slice::from_raw_parts(scratch, PAGE_SIZE) } == &copy[..];
+            mv(p, scratch).map_err(e("move back"))?;
+            window.push(t0.elapsed().as_nanos() as u64);
+            assert!(same, "a page nobody wrote changed");
+        }
+        // A writer on the last page without pause while windows open and close on it:
+        // inside a window the page is missing, the write waits (a MISSING fault, which
+        // an asynchronous userfaultfd still delivers) until the window is closed and the
+        // waiter woken; no write is lost and the page cannot change inside the window.
+        let last = g.wrapping_add(2 * n * PAGE_SIZE) as usize;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let w = (last + 8) as *mut u64;
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    // SAFETY: a word of our mapping, written only by this thread.
+                    unsafe { w.write_volatile(i) };
+                }
+                i
+            })
+        };
+        std::thread::sleep(Duration::from_millis(1));
+        let (mut windows, t) = (0u64, Instant::now());
+        while t.elapsed() < Duration::from_millis(100) {
+            match mv(scratch, last as *mut u8) {
+                Ok(()) => {}
+                Err(x) if matches!(x.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => continue,
+                Err(x) => return Err(format!("move out (check): {x}")),
+            }
+            let w = (scratch as usize + 8) as *const u64;
+            // SAFETY: the scratch page, which holds the moved page now.
+            let seen = unsafe { w.read_volatile() };
+            for _ in 0..200 {
+                std::hint::spin_loop();
+            }
+            // SAFETY: as above.
+            assert_eq!(
+                unsafe { w.read_volatile() },
+                seen,
+                "the page changed inside the window"
+            );
+            mv(last as *mut u8, scratch).map_err(e("move back (check)"))?;
+            let mut wake = [last as u64, PAGE_SIZE as u64];
+            ioctl(fd, UFFDIO_WAKE, &mut wake).map_err(e("wake"))?;
+            windows += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = writer.join().expect("writer");
+        let p = last as *const u64;
+        // SAFETY: our mapping; the writer is done.
+        let holds = unsafe { p.add(1).read_volatile() };
+        let seed = 1 << 50 | (2 * n) as u64;
+        let intact = (2..PAGE_SIZE / 8)
+            // SAFETY: as above.
+            .all(|i| unsafe { p.add(i).read_volatile() } == seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64);
+        munmap(g, 2 * n + 1);
+        munmap(scratch, 1);
+        Ok(Report {
+            cold,
+            burst,
+            window,
+            check: (windows, written, holds, intact),
+        })
+    }
 }
 
 fn main() {
@@ -398,9 +610,11 @@ fn main() {
     for &s in &a.spins {
         names.push(format!("merged {}", spin_name(s)));
     }
+    names.push("async-wp prototype".to_string());
     names.push("ksm".to_string());
     let mut cases: Vec<[Case; 2]> = names.iter().map(|_| Default::default()).collect();
     let k = a.spins.len();
+    let (mut window, mut windows) = (Vec::new(), 0u64);
     for round in 0..a.rounds as u64 {
         eprintln!("round {}", round + 1);
         // plain: populated, writable.
@@ -430,13 +644,38 @@ fn main() {
                 case.helper_cpu += cpu;
             }
         }
+        match async_wp::run(n, a.gap) {
+            Ok(r) => {
+                cases[2 + 2 * k][0].add(r.cold);
+                cases[2 + 2 * k][1].add(r.burst);
+                window.append(&mut r.window.clone());
+                let (w, written, holds, intact) = r.check;
+                assert!(
+                    written == holds && intact,
+                    "async prototype lost a write: wrote {written}, page holds {holds}, rest intact {intact}"
+                );
+                windows += w;
+            }
+            Err(e) => eprintln!("  async-wp prototype skipped: {e}"),
+        }
         if let Some((cold, burst)) = run_ksm(n, a.gap, round) {
-            cases[2 + 2 * k][0].add(cold);
-            cases[2 + 2 * k][1].add(burst);
+            cases[3 + 2 * k][0].add(cold);
+            cases[3 + 2 * k][1].add(burst);
         }
     }
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("load after: {}", load.trim());
+    if !window.is_empty() {
+        window.sort_unstable();
+        println!(
+            "async-wp prototype: merge window (move out, compare, move back) median {:.2} us, \
+             p90 {:.2} us, p99 {:.2} us; {windows} windows on a page written without pause \
+             lost no write",
+            q(&window, 0.5),
+            q(&window, 0.9),
+            q(&window, 0.99)
+        );
+    }
     for (pat, label) in [(0, "cold (one write per gap)"), (1, "burst (back to back)")] {
         println!("\n{label}: microseconds per first write");
         println!(
@@ -444,7 +683,7 @@ fn main() {
             "case", "median", "p90", "p99", "max", "med/ksm", "p90/ksm", "cpu/fault"
         );
         let ksm: Option<Vec<u64>> = {
-            let c = &cases[2 + 2 * k][pat];
+            let c = &cases[3 + 2 * k][pat];
             (!c.ns.is_empty()).then(|| {
                 let mut s = c.ns.clone();
                 s.sort_unstable();
