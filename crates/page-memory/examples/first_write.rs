@@ -513,11 +513,8 @@ mod async_wp {
                 std::hint::spin_loop();
             }
             // SAFETY: as above.
-            assert_eq!(
-                unsafe { w.read_volatile() },
-                seen,
-                "the page changed inside the window"
-            );
+            let again = unsafe { w.read_volatile() };
+            assert_eq!(again, seen, "the page changed inside the window");
             mv(last as *mut u8, scratch).map_err(e("move back (check)"))?;
             let mut wake = [last as u64, PAGE_SIZE as u64];
             ioctl(fd, UFFDIO_WAKE, &mut wake).map_err(e("wake"))?;
@@ -529,9 +526,11 @@ mod async_wp {
         // SAFETY: our mapping; the writer is done.
         let holds = unsafe { p.add(1).read_volatile() };
         let seed = 1 << 50 | (2 * n) as u64;
-        let intact = (2..PAGE_SIZE / 8)
+        let intact = (2..PAGE_SIZE / 8).all(|i| {
             // SAFETY: as above.
-            .all(|i| unsafe { p.add(i).read_volatile() } == seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64);
+            let w = unsafe { p.add(i).read_volatile() };
+            w == seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64
+        });
         munmap(g, 2 * n + 1);
         munmap(scratch, 1);
         Ok(Report {
