@@ -284,6 +284,13 @@ fn run_ours(spin: Duration, n: usize, gap: Duration, round: u64) -> [(Vec<u64>, 
 
 /// KSM-merged pages: `(cold, burst)`, or `None` if ksmd did not merge them in time.
 fn run_ksm(n: usize, gap: Duration, round: u64) -> Option<(Vec<u64>, Vec<u64>)> {
+    // Someone else may have started KSM since the last round: leave it alone.
+    if ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 || ksm_read("run") == "1" {
+        eprintln!("  ksm: in use by another process, round skipped");
+        return None;
+    }
+    ksm_write("pages_to_scan", &(8 * n).to_string());
+    ksm_write("sleep_millisecs", "0");
     // [0, 2n) originals, [2n, 4n) their copies.
     let base = mmap_anon(4 * n);
     for i in 0..4 * n {
