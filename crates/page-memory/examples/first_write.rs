@@ -7,6 +7,12 @@
 //!   [`LinuxConfig::fault_spin`];
 //! - **merged**: a page `LinuxMemory` merged (it maps the canonical store: the fault
 //!   thread breaks the sharing with `MADV_POPULATE_WRITE`), for the same settings;
+//! - **sync floor**: the synchronous round trip with the least a handler can do (a raw
+//!   userfaultfd and a thread that only polls, reads and removes the protection);
+//! - **async-wp prototype**: the asynchronous design of the backend's module docs
+//!   (*Asynchronous write-protect*) on a raw userfaultfd: `WP_ASYNC` for watching, and a
+//!   merge window made with `UFFDIO_MOVE` (its cost, and a check that a page written
+//!   without pause loses no write while windows open and close on it);
 //! - **ksm**: a page Linux KSM merged (`MADV_MERGEABLE`, ksmd run until every page is
 //!   merged, then stopped with `run = 0` so that it does not scan while we write): the
 //!   kernel's copy-on-write break.
@@ -23,7 +29,7 @@
 //!
 //! ```text
 //! cargo run --release -p page-memory --features linux --example first_write -- \
-//!     [--pages 1000] [--rounds 5] [--gap-us 300] [--spins 0,50,max]
+//!     [--pages 1000] [--rounds 5] [--gap-us 300] [--spins 0,50,max] [--no-ksm]
 //! ```
 use std::fs;
 use std::time::{Duration, Instant};
@@ -38,6 +44,7 @@ struct Args {
     rounds: usize,
     gap: Duration,
     spins: Vec<Duration>,
+    ksm: bool,
 }
 
 fn parse_args() -> Args {
@@ -46,9 +53,14 @@ fn parse_args() -> Args {
         rounds: 5,
         gap: Duration::from_micros(300),
         spins: vec![Duration::ZERO, Duration::from_micros(50), Duration::MAX],
+        ksm: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--no-ksm" {
+            a.ksm = false;
+            continue;
+        }
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
         match k.as_str() {
             "--pages" => a.pages = v.parse().expect("--pages N"),
@@ -429,6 +441,85 @@ mod async_wp {
         out
     }
 
+    /// The floor of the synchronous round trip: a raw userfaultfd (write-protect,
+    /// synchronous) whose handler thread does the least there is to do (`poll`, `read`,
+    /// one `UFFDIO_WRITEPROTECT` that removes the protection and wakes the writer), with
+    /// no page state, locks or events: `(cold, burst)`.
+    pub fn sync_floor(n: usize, gap: Duration) -> Result<(Vec<u64>, Vec<u64>), String> {
+        // SAFETY: userfaultfd(2) takes flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) }
+            as i32;
+        if fd < 0 {
+            return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
+        }
+        let mut api = Api {
+            api: 0xAA,
+            features: FLAG_WP,
+            ioctls: 0,
+        };
+        let g = mmap_anon(2 * n);
+        for i in 0..2 * n {
+            fill(g.wrapping_add(i * PAGE_SIZE), 1 << 51 | i as u64);
+        }
+        let mut reg = Register {
+            start: g as u64,
+            len: (2 * n * PAGE_SIZE) as u64,
+            mode: MODE_WP,
+            ioctls: 0,
+        };
+        let mut wp = Wp {
+            start: g as u64,
+            len: (2 * n * PAGE_SIZE) as u64,
+            mode: 1,
+        };
+        let setup = ioctl(fd, UFFDIO_API, &mut api)
+            .and_then(|()| ioctl(fd, UFFDIO_REGISTER, &mut reg))
+            .and_then(|()| ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let out = setup
+            .map_err(|e| format!("sync floor setup: {e}"))
+            .map(|()| {
+                let handler = {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let mut msgs = [[0u64; 4]; 16];
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let mut p = libc::pollfd {
+                                fd,
+                                events: libc::POLLIN,
+                                revents: 0,
+                            };
+                            // SAFETY: one pollfd, for the call.
+                            if unsafe { libc::poll(&mut p, 1, 10) } <= 0 {
+                                continue;
+                            }
+                            // SAFETY: `msgs` is 16 `struct uffd_msg` (32 bytes each).
+                            let r = unsafe { libc::read(fd, msgs.as_mut_ptr().cast(), 16 * 32) };
+                            for m in msgs.iter().take(r.max(0) as usize / 32) {
+                                // Word 2 of a page-fault message is its address.
+                                let mut un = Wp {
+                                    start: m[2] & !(PAGE_SIZE as u64 - 1),
+                                    len: PAGE_SIZE as u64,
+                                    mode: 0,
+                                };
+                                let _ = ioctl(fd, UFFDIO_WRITEPROTECT, &mut un);
+                            }
+                        }
+                    })
+                };
+                std::thread::sleep(Duration::from_millis(2));
+                let cold = first_writes(&ptrs(g, 0, n), gap);
+                let burst = first_writes(&ptrs(g, n, n), Duration::ZERO);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                handler.join().expect("handler");
+                (cold, burst)
+            });
+        munmap(g, 2 * n);
+        // SAFETY: our descriptor, closed once.
+        unsafe { libc::close(fd) };
+        out
+    }
+
     fn measure(fd: i32, n: usize, gap: Duration) -> Result<Report, String> {
         let e = |what: &'static str| move |x: std::io::Error| format!("{what}: {x}");
         // 2n guest pages and one scratch page, all anonymous and registered.
@@ -549,24 +640,18 @@ mod async_wp {
     }
 }
 
-fn main() {
-    let a = parse_args();
+/// Takes KSM over for the run: its knobs as they were (written back when the result is
+/// dropped), or why not.
+fn claim_ksm(pages: usize) -> Result<Restore, String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: KSM's sysfs knobs ({KSM}) need root; run as root.");
-        return;
+        return Err(format!("KSM's sysfs knobs ({KSM}) need root; run as root"));
     }
     if !std::path::Path::new(KSM).exists() {
-        println!("SKIPPED: this kernel has no KSM ({KSM} is missing).");
-        return;
+        return Err(format!("this kernel has no KSM ({KSM} is missing)"));
     }
     if ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 || ksm_read("run") == "1" {
-        println!("SKIPPED: KSM is in use by another process (pages_shared > 0 or run = 1).");
-        return;
-    }
-    if let Err(e) = LinuxMemory::new() {
-        println!("SKIPPED: the Linux backend is unavailable here: {e}");
-        return;
+        return Err("KSM is in use by another process (pages_shared > 0 or run = 1)".into());
     }
     let knobs = [
         "run",
@@ -577,7 +662,7 @@ fn main() {
         "max_page_sharing",
         "use_zero_pages",
     ];
-    let _restore = Restore(
+    let restore = Restore(
         knobs
             .iter()
             .map(|&k| (k, ksm_read(k)))
@@ -597,8 +682,28 @@ fn main() {
     if ksm_read("advisor_mode").contains('[') {
         ksm_write("advisor_mode", "none");
     }
-    ksm_write("pages_to_scan", &(8 * a.pages).to_string());
+    ksm_write("pages_to_scan", &(8 * pages).to_string());
     ksm_write("sleep_millisecs", "0");
+    Ok(restore)
+}
+
+fn main() {
+    let a = parse_args();
+    if let Err(e) = LinuxMemory::new() {
+        println!("SKIPPED: the Linux backend is unavailable here: {e}");
+        return;
+    }
+    let _restore = if a.ksm {
+        match claim_ksm(a.pages) {
+            Ok(r) => Some(r),
+            Err(why) => {
+                println!("SKIPPED: {why} (--no-ksm runs the other cases)");
+                return;
+            }
+        }
+    } else {
+        None
+    };
 
     let n = a.pages;
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -616,6 +721,7 @@ fn main() {
     for &s in &a.spins {
         names.push(format!("merged {}", spin_name(s)));
     }
+    names.push("sync floor (raw uffd)".to_string());
     names.push("async-wp prototype".to_string());
     names.push("ksm".to_string());
     let mut cases: Vec<[Case; 2]> = names.iter().map(|_| Default::default()).collect();
@@ -650,10 +756,17 @@ fn main() {
                 case.helper_cpu += cpu;
             }
         }
+        match async_wp::sync_floor(n, a.gap) {
+            Ok((cold, burst)) => {
+                cases[2 + 2 * k][0].add(cold);
+                cases[2 + 2 * k][1].add(burst);
+            }
+            Err(e) => eprintln!("  sync floor skipped: {e}"),
+        }
         match async_wp::run(n, a.gap) {
             Ok(r) => {
-                cases[2 + 2 * k][0].add(r.cold);
-                cases[2 + 2 * k][1].add(r.burst);
+                cases[3 + 2 * k][0].add(r.cold);
+                cases[3 + 2 * k][1].add(r.burst);
                 window.append(&mut r.window.clone());
                 let (w, written, holds, intact) = r.check;
                 assert!(
@@ -664,9 +777,9 @@ fn main() {
             }
             Err(e) => eprintln!("  async-wp prototype skipped: {e}"),
         }
-        if let Some((cold, burst)) = run_ksm(n, a.gap, round) {
-            cases[3 + 2 * k][0].add(cold);
-            cases[3 + 2 * k][1].add(burst);
+        if let Some((cold, burst)) = a.ksm.then(|| run_ksm(n, a.gap, round)).flatten() {
+            cases[4 + 2 * k][0].add(cold);
+            cases[4 + 2 * k][1].add(burst);
         }
     }
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -689,7 +802,7 @@ fn main() {
             "case", "median", "p90", "p99", "max", "med/ksm", "p90/ksm", "cpu/fault"
         );
         let ksm: Option<Vec<u64>> = {
-            let c = &cases[3 + 2 * k][pat];
+            let c = &cases[4 + 2 * k][pat];
             (!c.ns.is_empty()).then(|| {
                 let mut s = c.ns.clone();
                 s.sort_unstable();
