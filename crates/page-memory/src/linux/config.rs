@@ -47,13 +47,18 @@ pub struct LinuxConfig {
     pub require_kernel_faults: bool,
     /// Threads that resolve write faults (default 1).
     pub fault_threads: usize,
-    /// How long a fault thread keeps polling the userfaultfd without sleeping after the
-    /// last write fault it resolved (default [`LinuxConfig::DEFAULT_FAULT_SPIN`]). A fault that
-    /// arrives within that time is read at once, instead of after the sleeping thread's
-    /// wake-up, which is most of a first write's wait (see *Costs* in the module docs).
-    /// Each fault thread then burns up to this much CPU per burst of faults.
-    /// `Duration::ZERO`: sleep as soon as there is nothing to read; `Duration::MAX`:
-    /// never sleep (one core per fault thread, for the lowest latency).
+    /// How long a fault thread keeps polling the userfaultfd without sleeping (yielding
+    /// its CPU between polls) after the last write fault it read (default
+    /// [`LinuxConfig::DEFAULT_FAULT_SPIN`], zero: it sleeps as soon as there is nothing
+    /// to read). A fault that arrives within that time is read without waking the
+    /// thread. `Duration::MAX`: never sleep (a CPU per fault thread).
+    ///
+    /// Measured on the project's 2-core VM, whose idle vCPUs halt at once, it bought
+    /// nothing reliable (the `first_write` example; `docs/benchmarks.md`, "What the
+    /// guest pays"): the writer's own CPU halts while it waits, and waking it costs the
+    /// same whoever wakes it; never sleeping tripled the fault thread's CPU per fault and,
+    /// on a loaded machine, took a CPU from the guest. It may help a host whose idle CPUs
+    /// poll before halting; measure there before turning it on.
     pub fault_spin: Duration,
     /// Home slots of the canonical store: the most guest pages all regions together may
     /// have (default 2^26 pages, 256 GiB). The store reserves twice as much address space

@@ -46,11 +46,11 @@
 //!
 //! # Asynchronous write-protect: why not (yet)
 //! The synchronous round trip is what a guest pays on its first write after each
-//! protection: 8–10 µs here against 2.5–5 µs for Linux KSM's copy-on-write break, and
+//! protection: 8–16 µs here against 2.5–6 µs for Linux KSM's copy-on-write break, and
 //! no handler can do it much faster (*Costs*). Asynchronous write-protect
 //! (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7: the kernel resolves the fault itself, only
 //! clearing the page's write-protect bit, which `PAGEMAP_SCAN` reads back as "written")
-//! costs a first write about 1–2 µs, less than KSM's break. It cannot simply replace the
+//! costs a first write about 1–2.5 µs, less than half of KSM's break. It cannot simply replace the
 //! synchronous mode: a write could then land between a merge's comparison and its remap,
 //! in the page the remap discards, and be lost. Nor can a mapping be asynchronous while
 //! watched and synchronous only while a merge is in flight by switching userfaultfds:
@@ -68,9 +68,9 @@
 //! compares the moved page (which nothing can change any more), then maps the store
 //! page over the empty address (equal) or moves the page back (different), and wakes the
 //! waiters. The `first_write` example prototypes this on a raw userfaultfd: watched first
-//! writes took 1–2 µs, the window (move out, compare, move back) about 3 µs, and a thread
-//! writing one page without pause while 5,000–9,000 windows opened and closed on it lost
-//! no write (`docs/benchmarks.md`, "What the guest pays"). What the backend would have
+//! writes took 1–2.5 µs, the window (move out, compare, move back) about 3 µs, and a
+//! thread writing one page without pause while 14,000–22,000 windows per run opened and
+//! closed on it lost no write (`docs/benchmarks.md`, "What the guest pays"). What the backend would have
 //! to change, all of it outside the fault thread: every empty entry's first access,
 //! reads too, becomes a round trip (`MISSING`), so dropped, recycled and never-touched
 //! pages must map the zero page (`MADV_POPULATE_READ`) or be resolved with
@@ -164,10 +164,21 @@
 //! single-page recycle 2–4 µs and `read_page` 1.5–2.3 µs (measured side by side on the
 //! same machine, under the load of other builds, so roughly; [`LinuxConfig::events`]
 //! and [`LinuxConfig::pin_check`] turn the dearer parts off, at the price they say). A
-//! guest's first write to a protected page waits 8–10 µs (median) for the fault thread,
-//! 13–17 µs on a merged page (the copy included; *Side channels*). With one fault
-//! thread, a write may also wait for the faults queued before it
-//! ([`LinuxConfig::fault_threads`]).
+//! guest's first write to a protected page waits 8–10 µs (median) for the fault thread
+//! when writes come back to back, 15–16 µs when they come one at a time (the thread was
+//! asleep), 13–26 µs on a merged page (the copy included; *Side channels*); Linux KSM's
+//! copy-on-write break takes 2.5–3.5 µs and 4–6 µs, so ours is 2.4–4× KSM's. That is the
+//! synchronous round trip itself, not the fault thread's work: a raw userfaultfd whose
+//! handler only polls, reads and removes the protection takes 8–9 and 13 µs on the same
+//! machine, in the same runs (the `first_write` example, `docs/benchmarks.md`, "What the
+//! guest pays"). On this VM most of it is waking threads whose vCPU halted; a fault
+//! thread that keeps polling ([`LinuxConfig::fault_spin`]) did not help (the writer's
+//! vCPU halts too). Under load the tail is the scheduler's: the fault thread waits for a
+//! CPU (99th percentile in milliseconds when other processes kept both cores busy),
+//! where KSM's break runs in the writer's own context. The fault thread spends 5–18 µs
+//! of CPU per fault. With one fault thread, a write may also wait for the faults queued
+//! before it ([`LinuxConfig::fault_threads`]). Only asynchronous write-protect would
+//! bring a first write below KSM's (see *Asynchronous write-protect*).
 //!
 //! # Batches: runs of pages with one system call each
 //! Those per-page costs are mostly fixed costs of the calls, so
