@@ -25,7 +25,10 @@
 //! minus this (the writing) thread's, over the writes, per fault.
 //!
 //! Needs root for KSM (its knobs are restored afterwards, `run` last); without root, or
-//! without KSM, or with KSM in use by someone else, it prints `SKIPPED` and exits 0.
+//! without KSM, or with KSM in use by someone else, it prints `SKIPPED` and exits 0, and
+//! `--no-ksm` measures the rest (any process may: the writes are its own, so the backend
+//! and the raw userfaultfds do without kernel faults). A round whose KSM another process
+//! took meanwhile has no KSM row.
 //!
 //! ```text
 //! cargo run --release -p page-memory --features linux --example first_write -- \
@@ -226,11 +229,16 @@ fn ptrs(base: *mut u8, from: usize, n: usize) -> Vec<*mut u8> {
         .collect()
 }
 
+/// The backend's configuration here: the writes are the process's own (user space), so
+/// a process without the privilege for kernel faults still measures.
+fn config() -> LinuxConfig {
+    LinuxConfig::default().with_require_kernel_faults(false)
+}
+
 /// Watched and merged pages of a `LinuxMemory` with `spin`: `(watched cold, watched burst,
 /// merged cold, merged burst)`, each with the fault threads' CPU over its writes.
 fn run_ours(spin: Duration, n: usize, gap: Duration, round: u64) -> [(Vec<u64>, u64, Duration); 4] {
-    let mem = LinuxMemory::with_config(LinuxConfig::default().with_fault_spin(spin))
-        .expect("LinuxMemory");
+    let mem = LinuxMemory::with_config(config().with_fault_spin(spin)).expect("LinuxMemory");
     // [0, 2n) watched; [2n, 4n) canonical; [4n, 6n) their duplicates.
     let r = mem.add_region(6 * n as u32, DomainId(0)).unwrap();
     let base = mem.region_ptr(r).unwrap();
@@ -355,6 +363,9 @@ fn run_ksm(n: usize, gap: Duration, round: u64) -> Option<(Vec<u64>, Vec<u64>)> 
 mod async_wp {
     use super::*;
 
+    /// `UFFD_USER_MODE_ONLY`: the writes here are the process's own, and any process may
+    /// create such a userfaultfd (Linux 5.11).
+    const USER_MODE_ONLY: i32 = 1;
     const WP_UNPOPULATED: u64 = 1 << 13;
     const WP_ASYNC: u64 = 1 << 15;
     const MOVE: u64 = 1 << 16;
@@ -422,8 +433,12 @@ mod async_wp {
     /// `None` (with the reason) where the kernel lacks a feature.
     pub fn run(n: usize, gap: Duration) -> Result<Report, String> {
         // SAFETY: userfaultfd(2) takes flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) }
-            as i32;
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_userfaultfd,
+                USER_MODE_ONLY | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            )
+        } as i32;
         if fd < 0 {
             return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
         }
@@ -447,8 +462,12 @@ mod async_wp {
     /// no page state, locks or events: `(cold, burst)`.
     pub fn sync_floor(n: usize, gap: Duration) -> Result<(Vec<u64>, Vec<u64>), String> {
         // SAFETY: userfaultfd(2) takes flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) }
-            as i32;
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_userfaultfd,
+                USER_MODE_ONLY | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            )
+        } as i32;
         if fd < 0 {
             return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
         }
@@ -689,7 +708,7 @@ fn claim_ksm(pages: usize) -> Result<Restore, String> {
 
 fn main() {
     let a = parse_args();
-    if let Err(e) = LinuxMemory::new() {
+    if let Err(e) = LinuxMemory::with_config(config()) {
         println!("SKIPPED: the Linux backend is unavailable here: {e}");
         return;
     }
