@@ -50,7 +50,7 @@
 //! no handler can do it much faster (*Costs*). Asynchronous write-protect
 //! (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7: the kernel resolves the fault itself, only
 //! clearing the page's write-protect bit, which `PAGEMAP_SCAN` reads back as "written")
-//! costs a first write about 1–2.5 µs, less than half of KSM's break. It cannot simply replace the
+//! costs a first write about 1–2.5 µs, 0.3–0.6× KSM's break. It cannot simply replace the
 //! synchronous mode: a write could then land between a merge's comparison and its remap,
 //! in the page the remap discards, and be lost. Nor can a mapping be asynchronous while
 //! watched and synchronous only while a merge is in flight by switching userfaultfds:
@@ -165,11 +165,11 @@
 //! same machine, under the load of other builds, so roughly; [`LinuxConfig::events`]
 //! and [`LinuxConfig::pin_check`] turn the dearer parts off, at the price they say). A
 //! guest's first write to a protected page waits 8–10 µs (median) for the fault thread
-//! when writes come back to back, 15–16 µs when they come one at a time (the thread was
-//! asleep), 13–26 µs on a merged page (the copy included; *Side channels*); Linux KSM's
-//! copy-on-write break takes 2.5–3.5 µs and 4–6 µs, so ours is 2.4–4× KSM's. That is the
+//! when writes come back to back, 11–16 µs when they come one at a time (the thread was
+//! asleep), 12–27 µs on a merged page (the copy included; *Side channels*); Linux KSM's
+//! copy-on-write break takes 2.5–3.5 µs and 3.4–6 µs, so ours is 2.4–4× KSM's. That is the
 //! synchronous round trip itself, not the fault thread's work: a raw userfaultfd whose
-//! handler only polls, reads and removes the protection takes 8–9 and 13 µs on the same
+//! handler only polls, reads and removes the protection takes 8–9 and 13–17 µs on the same
 //! machine, in the same runs (the `first_write` example, `docs/benchmarks.md`, "What the
 //! guest pays"). On this VM most of it is waking threads whose vCPU halted; a fault
 //! thread that keeps polling ([`LinuxConfig::fault_spin`]) did not help (the writer's
