@@ -13,6 +13,9 @@
 //!   (*Asynchronous write-protect*) on a raw userfaultfd: `WP_ASYNC` for watching, and a
 //!   merge window made with `UFFDIO_MOVE` (its cost, and a check that a page written
 //!   without pause loses no write while windows open and close on it);
+//! - **file page cow**: a page of a private mapping of a memfd, read but never written:
+//!   the kernel's own copy-on-write of a file page, what a merged page of the backend
+//!   (a private mapping of the canonical store) would cost if it were not write-protected;
 //! - **ksm**: a page Linux KSM merged (`MADV_MERGEABLE`, ksmd run until every page is
 //!   merged, then stopped with `run = 0` so that it does not scan while we write): the
 //!   kernel's copy-on-write break.
@@ -665,6 +668,63 @@ mod async_wp {
     }
 }
 
+/// Pages of a private mapping of a memfd whose pages are mapped (read) but not written:
+/// the first write is the kernel's own copy-on-write of a file page, what a merged page
+/// of the backend would cost if it were left unprotected. `(cold, burst)`.
+fn run_file_cow(n: usize, gap: Duration, round: u64) -> (Vec<u64>, Vec<u64>) {
+    let len = 2 * n * PAGE_SIZE;
+    // SAFETY: memfd_create takes a name and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"first-write".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: our new memfd.
+    assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
+    // SAFETY: a new shared mapping of our memfd where the kernel chooses.
+    let shared = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(shared, libc::MAP_FAILED);
+    for i in 0..2 * n {
+        fill(
+            shared.cast::<u8>().wrapping_add(i * PAGE_SIZE),
+            1 << 52 | round << 32 | i as u64,
+        );
+    }
+    // SAFETY: a new private (copy-on-write) mapping of our memfd where the kernel chooses.
+    let private = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(private, libc::MAP_FAILED);
+    let p = private.cast::<u8>();
+    for i in 0..2 * n {
+        // SAFETY: a page of our private mapping: reading maps the file's page.
+        unsafe { p.wrapping_add(i * PAGE_SIZE).read_volatile() };
+    }
+    std::thread::sleep(Duration::from_millis(2));
+    let cold = first_writes(&ptrs(p, 0, n), gap);
+    let burst = first_writes(&ptrs(p, n, n), Duration::ZERO);
+    // SAFETY: our mappings and descriptor, not used after this.
+    unsafe {
+        libc::munmap(private, len);
+        libc::munmap(shared, len);
+        libc::close(fd);
+    }
+    (cold, burst)
+}
+
 /// Takes KSM over for the run: its knobs as they were (written back when the result is
 /// dropped), or why not.
 fn claim_ksm(pages: usize) -> Result<Restore, String> {
@@ -754,6 +814,7 @@ fn main() {
     }
     names.push("sync floor (raw uffd)".to_string());
     names.push("async-wp prototype".to_string());
+    names.push("file page cow".to_string());
     names.push("ksm".to_string());
     let mut cases: Vec<[Case; 2]> = names.iter().map(|_| Default::default()).collect();
     let k = variants.len();
@@ -812,9 +873,12 @@ fn main() {
             }
             Err(e) => eprintln!("  async-wp prototype skipped: {e}"),
         }
+        let (cold, burst) = run_file_cow(n, a.gap, round);
+        cases[4 + 2 * k][0].add(cold);
+        cases[4 + 2 * k][1].add(burst);
         if let Some((cold, burst)) = a.ksm.then(|| run_ksm(n, a.gap, round)).flatten() {
-            cases[4 + 2 * k][0].add(cold);
-            cases[4 + 2 * k][1].add(burst);
+            cases[5 + 2 * k][0].add(cold);
+            cases[5 + 2 * k][1].add(burst);
         }
     }
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -837,7 +901,7 @@ fn main() {
             "case", "median", "p90", "p99", "max", "med/ksm", "p90/ksm", "cpu/fault"
         );
         let ksm: Option<Vec<u64>> = {
-            let c = &cases[4 + 2 * k][pat];
+            let c = &cases[5 + 2 * k][pat];
             (!c.ns.is_empty()).then(|| {
                 let mut s = c.ns.clone();
                 s.sort_unstable();
