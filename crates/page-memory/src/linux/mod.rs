@@ -81,6 +81,12 @@
 //! private copy inside a store mapping, or a pinned or shared page, cannot be moved out
 //! and must be re-homed first or left unmerged; and the floor becomes Linux 6.8.
 //!
+//! A smaller step works on this kernel for merged pages alone: registered but not
+//! write-protected, a merged page's first write would be the kernel's own copy-on-write
+//! of a file page, as fast as KSM's break (measured by the same example), at the price
+//! of learning of the break only by a `PAGEMAP_SCAN` (the page no longer maps the store):
+//! its tokens, the dirty hook and the freeing of its slot would wait for that scan.
+//!
 //! # Merging: the canonical store
 //! Canonical contents live once each in a memfd, the canonical store (layout and slot
 //! lifetime: *The canonical store* below).
