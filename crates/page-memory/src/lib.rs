@@ -226,7 +226,10 @@ pub trait PageMemory: Send + Sync {
         pages: &[PageId],
         out: &mut [[u8; PAGE_SIZE]],
     ) -> Vec<Result<(), PageError>> {
-        assert!(out.len() >= pages.len(), "read_pages: fewer buffers than pages");
+        assert!(
+            out.len() >= pages.len(),
+            "read_pages: fewer buffers than pages"
+        );
         pages
             .iter()
             .zip(out.iter_mut())

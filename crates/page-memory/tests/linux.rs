@@ -1396,3 +1396,56 @@ fn read_pages_reads_what_read_page_reads() {
         vec![Err(PageError::NoSuchPage(PageId::new(b, 3)))]
     );
 }
+
+/// Fault threads that keep polling after a fault (`fault_spin`, up to forever) resolve
+/// every write, lose none, still take the backend's own events, and stop when the memory
+/// is dropped.
+#[test]
+fn spinning_fault_threads_resolve_every_write_and_stop() {
+    for (spin, threads) in [
+        (Duration::from_micros(200), 1),
+        (Duration::MAX, 1),
+        (Duration::MAX, 2),
+    ] {
+        let config = LinuxConfig::default()
+            .with_fault_spin(spin)
+            .with_fault_threads(threads);
+        let Some(mem) = memory_with(config) else {
+            return;
+        };
+        let r = mem.add_region(64, DomainId(0)).unwrap();
+        let pages: Vec<PageId> = (0..64).map(|i| PageId::new(r, i)).collect();
+        for (n, &p) in pages.iter().enumerate() {
+            fill(&mem, p, 1000 + (n % 32) as u64);
+        }
+        let t: Vec<_> = mem
+            .protect(&pages)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        // Merge the second half into the first (events round trips while spinning).
+        let frames: Vec<LinuxFrame> = (0..32)
+            .map(|i| mem.canonicalize(pages[i], t[i]).unwrap())
+            .collect();
+        for i in 32..64 {
+            assert_eq!(
+                mem.merge(pages[i], t[i], &frames[i - 32]).unwrap(),
+                MergeOutcome::Merged
+            );
+        }
+        let before = mem.stats();
+        for &p in &pages {
+            word(&mem, p, 9).store(0xabc, Ordering::Relaxed);
+        }
+        for (n, &p) in pages.iter().enumerate() {
+            assert_eq!(word(&mem, p, 9).load(Ordering::Relaxed), 0xabc);
+            let seed = 1000 + (n % 32) as u64;
+            assert_eq!(word(&mem, p, 10).load(Ordering::Relaxed), pattern(seed, 10));
+        }
+        let after = mem.stats();
+        assert_eq!(after.write_faults - before.write_faults, 64);
+        assert_eq!(after.cow_breaks - before.cow_breaks, 64);
+        drop(frames);
+        drop(mem);
+    }
+}

@@ -1,5 +1,7 @@
 //! [`LinuxConfig`]: how a [`LinuxMemory`](super::LinuxMemory) is set up.
 
+use std::time::Duration;
+
 #[cfg(doc)]
 use super::{LinuxCaps, LinuxError, LinuxMemory};
 #[cfg(doc)]
@@ -45,6 +47,19 @@ pub struct LinuxConfig {
     pub require_kernel_faults: bool,
     /// Threads that resolve write faults (default 1).
     pub fault_threads: usize,
+    /// How long a fault thread keeps polling the userfaultfd without sleeping (yielding
+    /// its CPU between polls) after the last write fault it read (default
+    /// [`LinuxConfig::DEFAULT_FAULT_SPIN`], zero: it sleeps as soon as there is nothing
+    /// to read). A fault that arrives within that time is read without waking the
+    /// thread. `Duration::MAX`: never sleep (a CPU per fault thread).
+    ///
+    /// Measured on the project's 2-core VM, whose idle vCPUs halt at once, it bought
+    /// nothing reliable (the `first_write` example; `docs/benchmarks.md`, "What the
+    /// guest pays"): the writer's own CPU halts while it waits, and waking it costs the
+    /// same whoever wakes it; never sleeping tripled the fault thread's CPU per fault and,
+    /// on a loaded machine, took a CPU from the guest. It may help a host whose idle CPUs
+    /// poll before halting; measure there before turning it on.
+    pub fault_spin: Duration,
     /// Home slots of the canonical store: the most guest pages all regions together may
     /// have (default 2^26 pages, 256 GiB). The store reserves twice as much address space
     /// (home and overflow areas) for its read-only view; it uses memory only for
@@ -94,6 +109,7 @@ impl Default for LinuxConfig {
             kernel_faults: true,
             require_kernel_faults: true,
             fault_threads: 1,
+            fault_spin: Self::DEFAULT_FAULT_SPIN,
             home_slots: 1 << 26,
             map_count_reserve: None,
             checked_access: true,
@@ -105,6 +121,9 @@ impl Default for LinuxConfig {
 }
 
 impl LinuxConfig {
+    /// The default [`fault_spin`](Self::fault_spin).
+    pub const DEFAULT_FAULT_SPIN: Duration = Duration::ZERO;
+
     /// Sets [`require_userfaultfd`](Self::require_userfaultfd).
     pub fn with_require_userfaultfd(mut self, require_userfaultfd: bool) -> Self {
         self.require_userfaultfd = require_userfaultfd;
@@ -132,6 +151,12 @@ impl LinuxConfig {
     /// Sets [`fault_threads`](Self::fault_threads).
     pub fn with_fault_threads(mut self, fault_threads: usize) -> Self {
         self.fault_threads = fault_threads;
+        self
+    }
+
+    /// Sets [`fault_spin`](Self::fault_spin).
+    pub fn with_fault_spin(mut self, fault_spin: Duration) -> Self {
+        self.fault_spin = fault_spin;
         self
     }
 

@@ -34,7 +34,10 @@ impl PageMemory for LinuxMemory {
         pages: &[PageId],
         out: &mut [[u8; PAGE_SIZE]],
     ) -> Vec<Result<(), PageError>> {
-        assert!(out.len() >= pages.len(), "read_pages: fewer buffers than pages");
+        assert!(
+            out.len() >= pages.len(),
+            "read_pages: fewer buffers than pages"
+        );
         let max = self.inner.config.max_run_pages.max(1);
         let mut results = Vec::with_capacity(pages.len());
         let mut k = 0;
@@ -45,9 +48,10 @@ impl PageMemory for LinuxMemory {
                 results.push(self.read_page(run[0], &mut bufs[0]));
                 continue;
             }
-            self.inner.in_run(run, &mut results, |region, first, guards| {
-                self.inner.read_run(region, first, guards, bufs)
-            });
+            self.inner
+                .in_run(run, &mut results, |region, first, guards| {
+                    self.inner.read_run(region, first, guards, bufs)
+                });
         }
         results
     }

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, TryLockError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
@@ -119,11 +119,18 @@ fn fault_loop(inner: &Inner, stop: &OwnedFd) {
     IN_FAULT_THREAD.with(|f| f.set(true));
     let mut buf = Uffd::msg_buffer(64);
     let mut pending: VecDeque<Work> = VecDeque::new();
+    let spin = inner.config.fault_spin;
+    // When this thread last read a write fault.
+    let mut last_fault: Option<Instant> = None;
     loop {
         // While an own remap or drop is under way, poll without sleeping: its caller is
         // held by the kernel until its event is read, and waking a sleeping fault thread
-        // costs that caller about 10 µs more on this project's machine.
-        let timeout = if inner.own_in_flight.load(Ordering::Relaxed) > 0 {
+        // costs that caller about 10 µs more on this project's machine. For the same
+        // reason, keep polling for `fault_spin` after a write fault: the writer of the
+        // next one is then not held for our wake-up either.
+        let spinning = spin == Duration::MAX
+            || (!spin.is_zero() && last_fault.is_some_and(|t| t.elapsed() < spin));
+        let timeout = if spinning || inner.own_in_flight.load(Ordering::Relaxed) > 0 {
             Some(Duration::ZERO)
         } else {
             (!pending.is_empty()).then_some(RETRY)
@@ -139,6 +146,12 @@ fn fault_loop(inner: &Inner, stop: &OwnedFd) {
         if ready[1] {
             return;
         }
+        if spinning && !ready[0] && pending.is_empty() {
+            // Let a thread waiting for this CPU have it (a writer we just woke may be one:
+            // the scheduler often wakes it where we run).
+            std::thread::yield_now();
+            continue;
+        }
         if ready[0] {
             // EAGAIN: nothing more (or another fault thread took the messages).
             while let Ok(msgs) = uffd.read_msgs(&mut buf) {
@@ -146,6 +159,9 @@ fn fault_loop(inner: &Inner, stop: &OwnedFd) {
                     match m.decode() {
                         Event::WriteFault(addr) => {
                             bump(&inner.counters.write_faults);
+                            if !spin.is_zero() {
+                                last_fault = Some(Instant::now());
+                            }
                             pending.push_back(Work::Fault(addr));
                         }
                         Event::Unmap { start, end } => {

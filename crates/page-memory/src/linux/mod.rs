@@ -39,15 +39,53 @@
 //! # Dirty tracking: what "written since the token" means here
 //! Because every first write to a protected page goes through the fault thread,
 //! [`PageMemory::written_since`] is exact and costs no system call: it compares the
-//! token with the page's generation ([`DirtyTracking::UffdWriteProtect`]). Asynchronous
-//! write-protect (`UFFD_FEATURE_WP_ASYNC`, read back with `PAGEMAP_SCAN`) would spare a
-//! guest the round trip to the fault thread on the first write after each protection, but
-//! it cannot be used here: the kernel resolves asynchronous write faults itself, so a
-//! write could land between a merge's comparison and its remap and be lost, and a
-//! userfaultfd (hence a mapping) is either synchronous or asynchronous, never both.
+//! token with the page's generation ([`DirtyTracking::UffdWriteProtect`]).
 //! Checksums (KSM's way) only tell a merge candidate, not a safe merge, so they are no
-//! fallback either: without userfaultfd write-protect nothing is merged (see *Failures*).
+//! fallback: without userfaultfd write-protect nothing is merged (see *Failures*).
 //! `PAGEMAP_SCAN` does serve the backend, in the remap windows below and in accounting.
+//!
+//! # Asynchronous write-protect: why not (yet)
+//! The synchronous round trip is what a guest pays on its first write after each
+//! protection: 8–16 µs here against 2.5–6 µs for Linux KSM's copy-on-write break, and
+//! no handler can do it much faster (*Costs*). Asynchronous write-protect
+//! (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7: the kernel resolves the fault itself, only
+//! clearing the page's write-protect bit, which `PAGEMAP_SCAN` reads back as "written")
+//! costs a first write about 1–2.5 µs, 0.3–0.6× KSM's break. It cannot simply replace the
+//! synchronous mode: a write could then land between a merge's comparison and its remap,
+//! in the page the remap discards, and be lost. Nor can a mapping be asynchronous while
+//! watched and synchronous only while a merge is in flight by switching userfaultfds:
+//! asynchrony is a feature of the whole userfaultfd (fixed by `UFFDIO_API`), a mapping is
+//! registered with at most one userfaultfd (`UFFDIO_REGISTER` fails with `EBUSY` on a
+//! range another one holds), and unregistering a range clears the write protection of
+//! every page in it (`userfaultfd_unregister`, `fs/userfaultfd.c`), so a switch would
+//! lose what was watched and split mappings.
+//!
+//! It can be done on Linux 6.8 another way, with one asynchronous userfaultfd whose
+//! ranges are registered in `MISSING` and write-protect mode: a merge moves the guest
+//! page out to a scratch page with `UFFDIO_MOVE` (atomic, under the page-table lock),
+//! which leaves the guest address empty, so a write there now waits as a `MISSING`
+//! fault, which an asynchronous userfaultfd still delivers synchronously; the merge
+//! compares the moved page (which nothing can change any more), then maps the store
+//! page over the empty address (equal) or moves the page back (different), and wakes the
+//! waiters. The `first_write` example prototypes this on a raw userfaultfd: watched first
+//! writes took 1–2.5 µs, the window (move out, compare, move back) about 3 µs, and a
+//! thread writing one page without pause while 14,000–22,000 windows per run opened and
+//! closed on it lost no write (`docs/benchmarks.md`, "What the guest pays"). What the backend would have
+//! to change, all of it outside the fault thread: every empty entry's first access,
+//! reads too, becomes a round trip (`MISSING`), so dropped, recycled and never-touched
+//! pages must map the zero page (`MADV_POPULATE_READ`) or be resolved with
+//! `UFFDIO_ZEROPAGE`; `written_since` becomes a `PAGEMAP_SCAN` (a system call per batch
+//! instead of 18 ns), and so does the dirty hook (no event per write); a write to a
+//! merged page is broken by the kernel unseen, so slots are found free by scanning;
+//! `UFFDIO_MOVE` moves only exclusive anonymous pages between anonymous mappings, so a
+//! private copy inside a store mapping, or a pinned or shared page, cannot be moved out
+//! and must be re-homed first or left unmerged; and the floor becomes Linux 6.8.
+//!
+//! A smaller step works on this kernel for merged pages alone: registered but not
+//! write-protected, a merged page's first write would be the kernel's own copy-on-write
+//! of a file page, as fast as KSM's break (measured by the same example), at the price
+//! of learning of the break only by a `PAGEMAP_SCAN` (the page no longer maps the store):
+//! its tokens, the dirty hook and the freeing of its slot would wait for that scan.
 //!
 //! # Merging: the canonical store
 //! Canonical contents live once each in a memfd, the canonical store (layout and slot
@@ -132,10 +170,21 @@
 //! single-page recycle 2–4 µs and `read_page` 1.5–2.3 µs (measured side by side on the
 //! same machine, under the load of other builds, so roughly; [`LinuxConfig::events`]
 //! and [`LinuxConfig::pin_check`] turn the dearer parts off, at the price they say). A
-//! guest's first write to a protected page waits 8–10 µs (median) for the fault thread,
-//! 13–17 µs on a merged page (the copy included; *Side channels*). With one fault
-//! thread, a write may also wait for the faults queued before it
-//! ([`LinuxConfig::fault_threads`]).
+//! guest's first write to a protected page waits 8–10 µs (median) for the fault thread
+//! when writes come back to back, 11–16 µs when they come one at a time (the thread was
+//! asleep), 12–27 µs on a merged page (the copy included; *Side channels*); Linux KSM's
+//! copy-on-write break takes 2.5–3.5 µs and 3.4–6 µs, so ours is 2.4–4× KSM's. That is the
+//! synchronous round trip itself, not the fault thread's work: a raw userfaultfd whose
+//! handler only polls, reads and removes the protection takes 8–9 and 13–17 µs on the same
+//! machine, in the same runs (the `first_write` example, `docs/benchmarks.md`, "What the
+//! guest pays"). On this VM most of it is waking threads whose vCPU halted; a fault
+//! thread that keeps polling ([`LinuxConfig::fault_spin`]) did not help (the writer's
+//! vCPU halts too). Under load the tail is the scheduler's: the fault thread waits for a
+//! CPU (99th percentile in milliseconds when other processes kept both cores busy),
+//! where KSM's break runs in the writer's own context. The fault thread spends 5–18 µs
+//! of CPU per fault. With one fault thread, a write may also wait for the faults queued
+//! before it ([`LinuxConfig::fault_threads`]). Only asynchronous write-protect would
+//! bring a first write below KSM's (see *Asynchronous write-protect*).
 //!
 //! # Batches: runs of pages with one system call each
 //! Those per-page costs are mostly fixed costs of the calls, so
