@@ -17,7 +17,7 @@
 //! 0 without it. Run with
 //! `cargo run --release -p pageone --example map_budget -- [--mib 1024] [--threads 1]
 //! [--idle 10] [--reserve N] [--copies 4] [--copy-mib 64] [--no-in-place]`.
-//! `--no-in-place` turns [`Config::unique_in_place`](pageone::Config) off: every stable
+//! `--own-spin` turns `LinuxConfig::own_event_spin` on. `--no-in-place` turns [`Config::unique_in_place`](pageone::Config) off: every stable
 //! page is made canonical at once, as before in-place indexing.
 
 #[cfg(target_os = "linux")]
@@ -97,7 +97,10 @@ mod linux {
     }
 
     fn memory(reserve: Option<u64>) -> Option<Arc<LinuxMemory>> {
-        match LinuxMemory::with_config(LinuxConfig::default().with_map_count_reserve(reserve)) {
+        let config = LinuxConfig::default()
+            .with_map_count_reserve(reserve)
+            .with_own_event_spin(flag("--own-spin"));
+        match LinuxMemory::with_config(config) {
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
                 println!("SKIPPED: no userfaultfd write-protect here: {e}");

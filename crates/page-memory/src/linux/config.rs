@@ -89,16 +89,24 @@ pub struct LinuxConfig {
     /// on): the fault thread learns synchronously of every unmap, drop and move of guest
     /// memory (see *Unmaps, discards and moves* in the module docs). They cost the
     /// backend's own remaps and drops a round trip to the fault thread each (the kernel
-    /// holds the caller until the event is read; the fault threads poll without sleeping
-    /// while such a call is under way): measured here, a single-page merge 22–29 µs
-    /// instead of 10–16 µs, a single-page recycle 21–25 µs instead of 2–4 µs (batches pay
-    /// it once per run). Off: operations still check before they touch a
+    /// holds the caller until the event is read): measured here, a single-page merge
+    /// 22–29 µs instead of 10–16 µs, a single-page recycle 21–25 µs instead of 2–4 µs,
+    /// with [`own_event_spin`](Self::own_event_spin) on (batches pay it once per run). Off: operations still check before they touch a
     /// page that it is still the region's (a new occupant of a region's address is never
     /// read, dropped or remapped once the unmap returned), but an owner's `MADV_DONTNEED`
     /// does not make tokens stale (`written_since` misses it), a region its owner moved
     /// loses the store pages it still maps when the backend lets go of them (they read
     /// zeros), and unmaps are found out by the next operation instead of at once.
     pub events: bool,
+    /// Whether the fault threads poll without sleeping while one of the backend's own
+    /// remaps or drops is under way (default off). The kernel holds such a call until the
+    /// event it raised is read; polling spares the caller the fault thread's wake-up
+    /// (about 10 µs per call on the project's machine: a single-page merge 22–29 µs
+    /// instead of 31–43 µs) but costs about as much CPU as the call itself lasts, on a
+    /// CPU the guest or the engine's other threads could use: measured here, PageONE's
+    /// merge passes used 1.5–2× the CPU with it on (`docs/benchmarks.md`, "The fault
+    /// thread's polling"). Turn it on where CPU is plentiful and merge latency matters.
+    pub own_event_spin: bool,
 }
 
 impl Default for LinuxConfig {
@@ -116,6 +124,7 @@ impl Default for LinuxConfig {
             max_run_pages: 64,
             pin_check: true,
             events: true,
+            own_event_spin: false,
         }
     }
 }
@@ -151,6 +160,12 @@ impl LinuxConfig {
     /// Sets [`fault_threads`](Self::fault_threads).
     pub fn with_fault_threads(mut self, fault_threads: usize) -> Self {
         self.fault_threads = fault_threads;
+        self
+    }
+
+    /// Sets [`own_event_spin`](Self::own_event_spin).
+    pub fn with_own_event_spin(mut self, own_event_spin: bool) -> Self {
+        self.own_event_spin = own_event_spin;
         self
     }
 

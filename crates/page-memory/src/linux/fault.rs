@@ -120,17 +120,19 @@ fn fault_loop(inner: &Inner, stop: &OwnedFd) {
     let mut buf = Uffd::msg_buffer(64);
     let mut pending: VecDeque<Work> = VecDeque::new();
     let spin = inner.config.fault_spin;
+    let own_spin = inner.config.own_event_spin;
     // When this thread last read a write fault.
     let mut last_fault: Option<Instant> = None;
     loop {
-        // While an own remap or drop is under way, poll without sleeping: its caller is
-        // held by the kernel until its event is read, and waking a sleeping fault thread
-        // costs that caller about 10 µs more on this project's machine. For the same
-        // reason, keep polling for `fault_spin` after a write fault: the writer of the
-        // next one is then not held for our wake-up either.
+        // With `own_event_spin`, while an own remap or drop is under way, poll without
+        // sleeping: its caller is held by the kernel until its event is read, and waking
+        // a sleeping fault thread costs that caller about 10 µs more on this project's
+        // machine. For the same reason, keep polling for `fault_spin` after a write
+        // fault: the writer of the next one is then not held for our wake-up either.
         let spinning = spin == Duration::MAX
             || (!spin.is_zero() && last_fault.is_some_and(|t| t.elapsed() < spin));
-        let timeout = if spinning || inner.own_in_flight.load(Ordering::Relaxed) > 0 {
+        let own = own_spin && inner.own_in_flight.load(Ordering::Relaxed) > 0;
+        let timeout = if spinning || own {
             Some(Duration::ZERO)
         } else {
             (!pending.is_empty()).then_some(RETRY)

@@ -159,8 +159,10 @@
 //! # Costs (measured on the project's 2-core Linux 6.18 VM, release build)
 //! `written_since` 18 ns; `protect` 0.2–0.5 µs per page (one call per run); `read_page`
 //! 3.7–4.7 µs (`process_vm_readv`, and the two checks that the page is still the
-//! region's, about 1 µs each: *Unmaps, discards and moves*); `canonicalize` and `merge`
-//! 22–29 µs per page one call at a time, most of it the kernel's `mmap(MAP_FIXED)`
+//! region's, about 1 µs each: *Unmaps, discards and moves*; `read_pages` does a run with
+//! one read and two checks); `canonicalize` and `merge` 22–29 µs per page one call at a
+//! time with [`LinuxConfig::own_event_spin`] on (about 10 µs more by default, off), most
+//! of it the kernel's `mmap(MAP_FIXED)`
 //! (splitting and joining mappings, freeing the old page with a TLB flush), the round
 //! trip to the fault thread that its unmap event costs, and the userfaultfd
 //! register/protect calls that follow; `recycle` of one private page 22–25 µs (the drop's
@@ -274,10 +276,10 @@
 //!   `UNMAP` or `REMOVE` events, and their callers hold page locks while the kernel holds
 //!   them until the event is read. (That round trip is what the events cost: measured
 //!   here, a single-page merge takes 22–29 µs instead of 10–16 µs, a single-page recycle
-//!   21–25 µs instead of 2–4 µs, of which about 5 µs is the pin check; batches pay it
-//!   once per run. While such a call is under way the fault threads poll without
-//!   sleeping, which spares the caller the fault thread's wake-up, about 10 µs here:
-//!   31–43 µs and 31–35 µs without.) The fault thread therefore never waits for a page lock
+//!   21–25 µs instead of 2–4 µs, of which about 5 µs is the pin check, when the fault
+//!   threads poll without sleeping while such a call is under way; 31–43 µs and 31–35 µs
+//!   when they sleep, as they do by default, since polling costs about as much CPU as
+//!   the call lasts ([`LinuxConfig::own_event_spin`]); batches pay it once per run.) The fault thread therefore never waits for a page lock
 //!   (it keeps a fault or an event whose page is locked, in order, and tries again within
 //!   20 µs or after its next read), and each own remap is counted on its pages
 //!   beforehand, so that the fault thread takes its event off the count instead of taking
@@ -528,8 +530,8 @@ struct Inner {
     guard: MapGuard,
     pins: PinWatch,
     /// The backend's own remaps and drops under way that raise an event: while there
-    /// are any, the fault threads poll without sleeping, so that the kernel, which holds
-    /// the caller until its event is read, lets it go at once.
+    /// are any, the fault threads poll without sleeping if `own_event_spin` is on, so that
+    /// the kernel, which holds the caller until its event is read, lets it go at once.
     own_in_flight: std::sync::atomic::AtomicUsize,
     hook: RwLock<Option<DirtyHook>>,
     counters: Counters,
