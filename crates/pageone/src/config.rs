@@ -46,7 +46,8 @@ pub struct Config {
     /// Trust domains whose pages may be merged with each other. Pages of domains not
     /// joined here are only merged within their own domain.
     pub joined_domains: Vec<Vec<DomainId>>,
-    /// Skip a volatile page for more passes each time it changes (up to this many).
+    /// Skip a volatile page for more passes each time it changes: 1, 2, 4, ... passes,
+    /// doubling with each change in a row, up to this many (default 7).
     pub max_backoff: u8,
     /// Whether a stable page with no twin stays where it is, indexed in place (default),
     /// or is made canonical at once (copied into the backend's store and remapped), as

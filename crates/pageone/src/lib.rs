@@ -62,8 +62,10 @@
 //! A guest write to a watched, canonical, merged or zero page breaks the protection (copy
 //! on write in the backend): the next pass sees the token stale, drops the page's
 //! reference to its canonical page (the last reference takes the canonical page out of the
-//! tree), and makes it volatile again, to be skipped for one more pass each time it
-//! changed (up to [`Config::max_backoff`]), like KSM's smart scan.
+//! tree), and makes it volatile again, to be skipped for 1, 2, 4, ... passes, doubling
+//! each time it changed in a row (up to [`Config::max_backoff`]), like KSM's smart scan:
+//! a page written again soon after each protection costs its guest a fault per
+//! protection and cannot merge, so hot pages are protected rarely.
 //!
 //! # Convergence
 //! Every merge pass returns a [`PassReport`] of what it changed (pages merged, zero-merged,

@@ -44,7 +44,8 @@ pub(crate) enum Phase<F> {
 /// The engine's record of one guest page.
 pub(crate) struct PageEntry<F> {
     pub(crate) phase: Phase<F>,
-    /// Times the page changed while watched or merged (saturating at the configured max).
+    /// Changes in a row while watched, unique or merged (saturating at 8): the back-off
+    /// doubles with each.
     backoff: u8,
     /// Merge passes still to skip.
     skip: u8,
@@ -588,9 +589,15 @@ impl<M: PageMemory> Ctx<'_, M> {
         batch.claims.push(claim);
     }
 
+    /// The page changed (or was refused): skip it for 1, 2, 4, ... passes, doubling with
+    /// each change in a row, up to `max_backoff` (KSM's smart scan skips pages that do
+    /// not merge the same way). Every protection of a page that is written again costs
+    /// its guest a round trip to the fault thread and cannot merge anyway, so hot pages
+    /// reach the longest back-off after a few changes.
     fn back_off(&self, e: &mut PageEntry<M::Frame>) {
-        e.backoff = e.backoff.saturating_add(1).min(self.max_backoff);
-        e.skip = e.backoff;
+        e.backoff = e.backoff.saturating_add(1).min(8);
+        let skip = 1u32 << (e.backoff - 1);
+        e.skip = skip.min(self.max_backoff as u32) as u8;
     }
 
     /// Pages that stayed unwritten for `stable_periods` passes (`stable`, in page order):

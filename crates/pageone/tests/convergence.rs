@@ -287,7 +287,7 @@ fn pinned_refusals_are_counted_and_backed_off() {
     let tries = mem.pinned_protects.load(Ordering::Relaxed);
     assert_eq!(refused, tries);
     assert_eq!(engine.stats().refused_pinned, tries);
-    // Back-off 1, 2, 3, 4, 4...: 1 + 2 + 3 + 4 + 4 + ... passes between tries.
+    // Back-off 1, 2, 4, 4...: 1 + 2 + 4 + 4 + ... passes between tries.
     assert!((4..=6).contains(&tries), "{tries} tries in 20 passes");
     assert_eq!(mem.sim.accounting().frames, 3); // 2 canonical + the pinned page
 }
