@@ -511,10 +511,9 @@ fn walk(dir: &Path, files: &mut Vec<(PathBuf, Vec<u8>)>, read: &mut usize, budge
         let path = e.path();
         if t.is_dir() {
             walk(&path, files, read, budget);
-        } else if t.is_file() {
+        } else if t.is_file() && e.metadata().is_ok_and(|m| (1..=1 << 20).contains(&m.len())) {
             let Ok(text) = fs::read(&path) else { continue };
-            if text.is_empty() || text.len() > 1 << 20 || text[..text.len().min(1024)].contains(&0)
-            {
+            if text.is_empty() || text[..text.len().min(1024)].contains(&0) {
                 continue;
             }
             *read += text.len();
