@@ -99,6 +99,7 @@ impl Workload {
             pages: total,
             zero: 0,
             distinct,
+            singletons: 0,
             duplicates: total - distinct,
             merged_all: merged,
             merged_non_zero: merged,

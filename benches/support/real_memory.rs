@@ -131,6 +131,8 @@ pub struct Census {
     pub zero: u64,
     /// Distinct contents other than zeros.
     pub distinct: u64,
+    /// Of those, the contents present only once (pages with no duplicate).
+    pub singletons: u64,
     /// Non-zero pages that repeat an earlier one: non-zero pages minus `distinct`.
     pub duplicates: u64,
     /// Pages an engine merges, every duplicate of a content with the zero page counted
@@ -156,6 +158,7 @@ impl Census {
         // n copies fill ceil(n / max_sharing) canonical pages; the rest are merged.
         let merged = |n: u64| n - n.div_ceil(max_sharing);
         c.distinct = counts.len() as u64;
+        c.singletons = counts.values().filter(|&&n| n == 1).count() as u64;
         c.duplicates = c.pages - c.zero - c.distinct;
         c.merged_non_zero = counts.values().map(|&n| merged(n)).sum();
         c.merged_all = c.merged_non_zero + merged(c.zero);
@@ -191,7 +194,7 @@ impl Capture {
         let mib = |p: u64| p as f64 * PAGE as f64 / (1 << 20) as f64;
         format!(
             "real memory of {} processes ({} groups, {} MiB of text per worker): {}{}; {} pages ({:.1} MiB), {} zero pages, {} distinct \
-             non-zero contents, {} non-zero duplicates; left out: {} absent pages, {} unreadable \
+             non-zero contents ({} of them on one page only), {} non-zero duplicates; left out: {} absent pages, {} unreadable \
              pages, {} unreadable and {} special mappings, {} lost processes",
             self.processes.len(),
             self.config.groups,
@@ -206,6 +209,7 @@ impl Capture {
             mib(census.pages),
             census.zero,
             census.distinct,
+            census.singletons,
             census.duplicates,
             s.absent_pages,
             s.unreadable_pages,
