@@ -14,8 +14,10 @@
 //!
 //! Sizes: `DEDUP_BENCH=full` runs 12 × 64 MiB (196,608 pages); the default (quick) runs
 //! 12 × 16 MiB. The real set's size: `DEDUP_REAL_GROUPS` groups of processes (default 6),
-//! `DEDUP_REAL_MIB` MiB of text read by each worker process (default 8), about 165 MiB
-//! in all. `DEDUP_BENCH_SETS=real` (a list: `random,zero-prefix,real`, the default) picks
+//! `DEDUP_REAL_MIB` MiB of text read by each worker process (default 8), about 180 MiB
+//! in all; `DEDUP_REAL_CACHE=1` reuses the capture saved under `target/real-memory/` for
+//! the same two numbers, or saves this one there (shared with `ksm_vs_pageone
+//! --real-cache`). `DEDUP_BENCH_SETS=real` (a list: `random,zero-prefix,real`, the default) picks
 //! data sets. Run with `cargo bench --bench dedup`.
 
 // criterion's macros generate undocumented items.

@@ -10,7 +10,9 @@
 //! captured through `/proc/<pid>/mem` (`benches/support/real_memory.rs`), laid out one
 //! region per captured process (the `--vms` and `--mib` of the synthetic sets do not
 //! apply to it). `--capture-only` captures the real set, prints what it holds and exits
-//! (no root needed).
+//! (no root needed). `--real-cache` (or `DEDUP_REAL_CACHE=1`, which `cargo bench --bench
+//! dedup` reads too) reuses the capture saved under `target/real-memory/` for the same
+//! `--real-groups` and `--real-mib`, or saves this one there.
 //! Each data set is deduplicated from scratch three ways:
 //! - **KSM**: the regions get `MADV_MERGEABLE`; ksmd runs with `pages_to_scan` large,
 //!   `sleep_millisecs=0`, `smart_scan=0`, advisor off, `use_zero_pages=0`,
@@ -36,7 +38,8 @@
 //! KSM user: it says so and exits 0 without them. Run with
 //! `cargo run --release --features linux --example ksm_vs_pageone -- [--mib 128] [--vms 12]
 //! [--sets random,zero-prefix,real] [--engines ksm,pageone-1t,pageone-2t] [--pages-to-scan N]
-//! [--reps 3] [--run-pages 64] [--real-groups 6] [--real-mib 8] [--capture-only]`. `--run-pages 1` makes the Linux backend remap page by
+//! [--reps 3] [--run-pages 64] [--real-groups 6] [--real-mib 8] [--real-cache]
+//! [--capture-only]`. `--run-pages 1` makes the Linux backend remap page by
 //! page (`LinuxConfig::max_run_pages`), as it did before batches. Each figure in the table is the median of the repetitions (which
 //! interleave the engines).
 
@@ -98,6 +101,10 @@ fn parse_args() -> Args {
     while let Some(k) = it.next() {
         if k == "--capture-only" {
             a.capture_only = true;
+            continue;
+        }
+        if k == "--real-cache" {
+            a.real.cache = true;
             continue;
         }
         let v = it.next().unwrap_or_default();

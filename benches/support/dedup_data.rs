@@ -119,10 +119,11 @@ impl Workload {
         }
     }
 
-    /// The real set: captures process memory as `config` says; one region per captured
-    /// process, its pages in address order.
+    /// The real set: captures process memory as `config` says (or loads a saved
+    /// capture: [`real_memory::load_or_capture`]); one region per captured process, its
+    /// pages in address order.
     pub fn real(config: CaptureConfig) -> std::io::Result<Workload> {
-        let capture = real_memory::capture(config)?;
+        let capture = real_memory::load_or_capture(config)?;
         let census = Census::of(capture.pages(), MAX_PAGE_SHARING);
         Ok(Workload {
             set: DataSet::Real,

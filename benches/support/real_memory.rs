@@ -48,20 +48,25 @@ pub struct CaptureConfig {
     /// MiB of text files each worker reads (its resident memory ends at about 3 times
     /// this: the text, the index, its executable read whole).
     pub worker_mib: usize,
+    /// Reuse the capture saved for these `groups` and `worker_mib` (see [`load_or_capture`]),
+    /// or save this one for the next run.
+    pub cache: bool,
 }
 
 impl Default for CaptureConfig {
-    /// 6 groups, 8 MiB of text per worker: about 165 MiB of pages in all.
+    /// 6 groups, 8 MiB of text per worker: about 180 MiB of pages in all; no cache.
     fn default() -> Self {
         CaptureConfig {
             groups: 6,
             worker_mib: 8,
+            cache: false,
         }
     }
 }
 
 impl CaptureConfig {
-    /// The default, overridden by `DEDUP_REAL_GROUPS` and `DEDUP_REAL_MIB` if set.
+    /// The default, overridden by `DEDUP_REAL_GROUPS`, `DEDUP_REAL_MIB` and
+    /// `DEDUP_REAL_CACHE=1` if set.
     pub fn from_env() -> Self {
         let mut c = CaptureConfig::default();
         let get = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
@@ -71,7 +76,20 @@ impl CaptureConfig {
         if let Some(m) = get("DEDUP_REAL_MIB") {
             c.worker_mib = m;
         }
+        c.cache = get("DEDUP_REAL_CACHE").is_some_and(|v| v != 0);
         c
+    }
+
+    /// Where the capture for this configuration is saved:
+    /// `<target>/real-memory/g<groups>-m<worker_mib>.pages`, `<target>` being
+    /// `CARGO_TARGET_DIR` or the workspace's `target`.
+    pub fn cache_path(&self) -> PathBuf {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+        target
+            .join("real-memory")
+            .join(format!("g{}-m{}.pages", self.groups, self.worker_mib))
     }
 }
 
@@ -120,6 +138,8 @@ pub struct Capture {
     pub missing: Vec<String>,
     /// What was left out.
     pub skipped: Skipped,
+    /// The file it was loaded from, if it was not captured in this run.
+    pub loaded_from: Option<PathBuf>,
 }
 
 /// Counts of a set of pages.
@@ -192,8 +212,12 @@ impl Capture {
             .collect();
         let s = &self.skipped;
         let mib = |p: u64| p as f64 * PAGE as f64 / (1 << 20) as f64;
+        let loaded = match &self.loaded_from {
+            Some(p) => format!(" (loaded from {})", p.display()),
+            None => String::new(),
+        };
         format!(
-            "real memory of {} processes ({} groups, {} MiB of text per worker): {}{}; {} pages ({:.1} MiB), {} zero pages, {} distinct \
+            "real memory{loaded} of {} processes ({} groups, {} MiB of text per worker): {}{}; {} pages ({:.1} MiB), {} zero pages, {} distinct \
              non-zero contents ({} of them on one page only), {} non-zero duplicates; left out: {} absent pages, {} unreadable \
              pages, {} unreadable and {} special mappings, {} lost processes",
             self.processes.len(),
@@ -310,6 +334,128 @@ pub fn capture(config: CaptureConfig) -> io::Result<Capture> {
         processes,
         missing,
         skipped,
+        loaded_from: None,
+    })
+}
+
+const CACHE_MAGIC: &str = "dynamic-vm real-memory 1";
+
+/// [`capture`], or with `config.cache` the capture saved by an earlier run for the same
+/// `groups` and `worker_mib` ([`CaptureConfig::cache_path`]); a fresh capture is then
+/// saved there (a failure to save is reported on stderr, not fatal). Delete the file to
+/// capture anew.
+pub fn load_or_capture(config: CaptureConfig) -> io::Result<Capture> {
+    if !config.cache {
+        return capture(config);
+    }
+    let path = config.cache_path();
+    if let Ok(c) = load(&path, config) {
+        return Ok(c);
+    }
+    let c = capture(config)?;
+    if let Err(e) = save(&c, &path) {
+        eprintln!("real memory: not saved to {}: {e}", path.display());
+    }
+    Ok(c)
+}
+
+/// Writes `c` to `path` (a text header, then the pages), through a temporary file.
+fn save(c: &Capture, path: &Path) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = io::BufWriter::new(File::create(&tmp)?);
+    let s = &c.skipped;
+    writeln!(f, "{CACHE_MAGIC}")?;
+    writeln!(f, "missing {}", c.missing.join(","))?;
+    writeln!(
+        f,
+        "skipped {} {} {} {} {}",
+        s.unreadable_mappings,
+        s.special_mappings,
+        s.absent_pages,
+        s.unreadable_pages,
+        s.lost_processes
+    )?;
+    for p in &c.processes {
+        writeln!(f, "process {} {}", p.program, p.len())?;
+    }
+    writeln!(f, "end")?;
+    for p in &c.processes {
+        f.write_all(&p.pages)?;
+    }
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+/// Reads a capture written by [`save`].
+fn load(path: &Path, config: CaptureConfig) -> io::Result<Capture> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let mut r = BufReader::new(File::open(path)?);
+    let mut line = String::new();
+    let mut next = |r: &mut BufReader<File>| -> io::Result<String> {
+        line.clear();
+        r.read_line(&mut line)?;
+        Ok(line.trim_end_matches('\n').to_string())
+    };
+    if next(&mut r)? != CACHE_MAGIC {
+        return Err(bad("not a real-memory capture"));
+    }
+    let missing = next(&mut r)?;
+    let missing: Vec<String> = missing
+        .strip_prefix("missing ")
+        .ok_or_else(|| bad("missing"))?
+        .split(',')
+        .filter(|m| !m.is_empty())
+        .map(String::from)
+        .collect();
+    let skipped = next(&mut r)?;
+    let n: Vec<u64> = skipped
+        .strip_prefix("skipped ")
+        .ok_or_else(|| bad("skipped"))?
+        .split(' ')
+        .map(|v| v.parse().map_err(|_| bad("skipped")))
+        .collect::<io::Result<_>>()?;
+    let [unreadable_mappings, special_mappings, absent_pages, unreadable_pages, lost_processes] =
+        n[..]
+    else {
+        return Err(bad("skipped"));
+    };
+    let mut processes = Vec::new();
+    loop {
+        let l = next(&mut r)?;
+        if l == "end" {
+            break;
+        }
+        let (program, pages) = l
+            .strip_prefix("process ")
+            .and_then(|p| p.rsplit_once(' '))
+            .ok_or_else(|| bad("process"))?;
+        let pages: usize = pages.parse().map_err(|_| bad("process"))?;
+        processes.push(Process {
+            program: program.to_string(),
+            pages: vec![0; pages * PAGE],
+        });
+    }
+    for p in &mut processes {
+        r.read_exact(&mut p.pages)?;
+    }
+    if r.read(&mut [0])? != 0 || processes.is_empty() {
+        return Err(bad("size"));
+    }
+    Ok(Capture {
+        config,
+        processes,
+        missing,
+        skipped: Skipped {
+            unreadable_mappings,
+            special_mappings,
+            absent_pages,
+            unreadable_pages,
+            lost_processes,
+        },
+        loaded_from: Some(path.to_path_buf()),
     })
 }
 
