@@ -217,9 +217,10 @@ impl Capture {
             None => String::new(),
         };
         format!(
-            "real memory{loaded} of {} processes ({} groups, {} MiB of text per worker): {}{}; {} pages ({:.1} MiB), {} zero pages, {} distinct \
-             non-zero contents ({} of them on one page only), {} non-zero duplicates; left out: {} absent pages, {} unreadable \
-             pages, {} unreadable and {} special mappings, {} lost processes",
+            "real memory{loaded} of {} processes ({} groups, {} MiB of text per worker): {}{}; \
+             {} pages ({:.1} MiB), {} zero pages, {} distinct non-zero contents ({} of them \
+             on one page only), {} non-zero duplicates; left out: {} absent pages, {} \
+             unreadable pages, {} unreadable and {} special mappings, {} lost processes",
             self.processes.len(),
             self.config.groups,
             self.config.worker_mib,
@@ -297,26 +298,30 @@ pub fn capture(config: CaptureConfig) -> io::Result<Capture> {
         }
     }
     // Wait until each is idle: a worker says so when its work is done; the others are
-    // idle once they run their program (not ours: the exec happened) and sleep.
+    // idle once they run their program (not ours: the exec happened) and sleep. One that
+    // does not get there (it failed, or exited) is left out and counted.
     let own_comm = fs::read_to_string("/proc/self/comm")?;
-    for (name, child) in &mut children.0 {
-        if name == "worker" {
-            let out = child.stdout.take().expect("the worker's stdout is piped");
-            let mut line = String::new();
-            BufReader::new(out).read_line(&mut line)?;
-            if !line.starts_with("ready") {
-                return Err(io::Error::other(format!(
-                    "worker {} did not get ready (said {line:?})",
-                    child.id()
-                )));
-            }
-        } else {
-            wait_idle(child.id(), &own_comm)?;
-        }
-    }
     let mut processes = Vec::new();
     let mut skipped = Skipped::default();
-    for (name, child) in &children.0 {
+    for (name, child) in &mut children.0 {
+        let ready = if name == "worker" {
+            let mut line = String::new();
+            let said = match child.stdout.take() {
+                Some(out) => BufReader::new(out).read_line(&mut line).is_ok(),
+                None => false,
+            };
+            said && line.starts_with("ready")
+        } else {
+            wait_idle(child.id(), &own_comm)
+        };
+        if !ready {
+            eprintln!(
+                "real memory: {name} (pid {}) did not get ready; left out",
+                child.id()
+            );
+            skipped.lost_processes += 1;
+            continue;
+        }
         match read_process(child.id(), &mut skipped) {
             Ok(pages) => processes.push(Process {
                 program: name.clone(),
@@ -460,27 +465,27 @@ fn load(path: &Path, config: CaptureConfig) -> io::Result<Capture> {
 }
 
 /// Waits (up to 10 s) until process `pid` has exec'd (its `comm` is no longer ours) and
-/// sleeps (state `S`).
-fn wait_idle(pid: u32, own_comm: &str) -> io::Result<()> {
+/// sleeps (state `S`); false if it did not, or exited.
+fn wait_idle(pid: u32, own_comm: &str) -> bool {
     let t0 = Instant::now();
-    loop {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm"))?;
+    while t0.elapsed() < Duration::from_secs(10) {
+        let (Ok(stat), Ok(comm)) = (
+            fs::read_to_string(format!("/proc/{pid}/stat")),
+            fs::read_to_string(format!("/proc/{pid}/comm")),
+        ) else {
+            return false;
+        };
         let state = stat
             .rfind(')')
             .and_then(|i| stat[i + 1..].split_whitespace().next())
             .unwrap_or("");
-        if comm != own_comm && state == "S" {
-            return Ok(());
+        match state {
+            "S" if comm != own_comm => return true,
+            "Z" | "X" => return false,
+            _ => std::thread::sleep(Duration::from_millis(5)),
         }
-        if state == "Z" || t0.elapsed() > Duration::from_secs(10) {
-            return Err(io::Error::other(format!(
-                "process {pid} ({}) did not become idle (state {state})",
-                comm.trim()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
+    false
 }
 
 /// The present pages of process `pid`'s readable mappings, in address order.
