@@ -308,6 +308,13 @@ fn run_ksm(workload: &Workload, a: &Args, ksmd: u32) -> Run {
         .map(|(&b, &len)| (b as usize, b as usize + len))
         .collect();
     let before = smaps(&ranges).1;
+    // Another KSM user may have started since the check in `main` (a benchmark of its
+    // own): measuring now would count its pages, and our `run=2` and restore would
+    // unmerge and stop its work. Leave at once, knobs as they are now.
+    if ksm_read("run") != "0" || ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 {
+        println!("STOPPED: KSM came into use by another process (run != 0 or pages merged).");
+        std::process::exit(2);
+    }
     ksm_write("pages_to_scan", &a.pages_to_scan.to_string());
     ksm_write("sleep_millisecs", "0");
     let cpu0 = ksmd_cpu(ksmd);
