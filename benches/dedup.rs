@@ -17,8 +17,8 @@
 //! `DEDUP_REAL_MIB` MiB of text read by each worker process (default 8), about 180 MiB
 //! in all; `DEDUP_REAL_CACHE=1` reuses the capture saved under `target/real-memory/` for
 //! the same two numbers, or saves this one there (shared with `ksm_vs_pageone
-//! --real-cache`). `DEDUP_BENCH_SETS=real` (a list: `random,zero-prefix,real`, the default) picks
-//! data sets. Run with `cargo bench --bench dedup`.
+//! --real-cache`). `DEDUP_BENCH_SETS` picks data sets (a list; the default is
+//! `random,zero-prefix,real`). Run with `cargo bench --bench dedup`.
 
 // criterion's macros generate undocumented items.
 #![allow(missing_docs)]
