@@ -19,9 +19,8 @@
 //!   `max_page_sharing=256`; we wait until `pages_sharing` reaches the number of pages
 //!   full merging gives (every page beyond the first of its content, pages of zeros
 //!   included, less one more KSM page per 256 copies; polled every 5 ms), take ksmd's CPU
-//!   time from
-//!   `/proc/<ksmd>/schedstat` (plus our `madvise` calls),
-//!   then unmerge (`run=2`) and restore every knob as it was;
+//!   time from `/proc/<ksmd>/schedstat` (plus our `madvise` calls), then unmerge
+//!   (`run=2`) and restore every knob as it was;
 //! - **PageONE** with 1 and with 2 work threads, on `page_memory::linux::LinuxMemory`
 //!   (userfaultfd write-protect, memfd canonical store), merge passes back to back until
 //!   every duplicate is merged (`pages_sharing` of the non-zero contents, counted the
@@ -35,13 +34,15 @@
 //! `LinuxUsage::total_bytes` reads). Both start from the same filled memory.
 //!
 //! Needs root (KSM's sysfs knobs; PageONE's userfaultfd for kernel faults) and no other
-//! KSM user: it says so and exits 0 without them. Run with
+//! KSM user: it says so and exits 0 without them (and stops with exit status 2 if another
+//! KSM user appears between its runs). Run with
 //! `cargo run --release --features linux --example ksm_vs_pageone -- [--mib 128] [--vms 12]
 //! [--sets random,zero-prefix,real] [--engines ksm,pageone-1t,pageone-2t] [--pages-to-scan N]
 //! [--reps 3] [--run-pages 64] [--real-groups 6] [--real-mib 8] [--real-cache]
-//! [--capture-only]`. `--run-pages 1` makes the Linux backend remap page by
-//! page (`LinuxConfig::max_run_pages`), as it did before batches. Each figure in the table is the median of the repetitions (which
-//! interleave the engines).
+//! [--capture-only]` (the data sets are all three by default). `--run-pages 1` makes the
+//! Linux backend remap page by page (`LinuxConfig::max_run_pages`), as it did before
+//! batches. Each figure in the table is the median of the repetitions (which interleave
+//! the engines).
 
 use std::fs;
 use std::sync::Arc;
@@ -89,7 +90,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         mib: 128,
         vms: 12,
-        sets: vec![DataSet::Random, DataSet::ZeroPrefix],
+        sets: vec![DataSet::Random, DataSet::ZeroPrefix, DataSet::Real],
         engines: vec![Engine::Ksm, Engine::PageOne(1), Engine::PageOne(2)],
         pages_to_scan: 4096,
         reps: 3,
