@@ -3,17 +3,30 @@
 //! The seeds' experiment scaled to one machine: `--vms` regions ("VMs") of `--mib` MiB each
 //! (default 12 × 128 MiB), two thirds of all pages duplicates (every content three times,
 //! in three different VMs, page for page as VMs booted from one image), data sets
-//! `random` and `zero-prefix` (each page starts with a random run of 0–256 zero bytes).
+//! `random` and `zero-prefix` (each page starts with a random run of 0–256 zero bytes);
+//! and the data set `real` (`--sets real`): the memory of real processes, `--real-groups`
+//! groups (default 6) of a worker (this executable started again, which reads
+//! `--real-mib` MiB of text files and indexes them, default 8), `sh`, `cat` and `sleep`,
+//! captured through `/proc/<pid>/mem` (`benches/support/real_memory.rs`), laid out one
+//! region per captured process (the `--vms` and `--mib` of the synthetic sets do not
+//! apply to it). `--capture-only` captures the real set, prints what it holds and exits
+//! (no root needed). `--real-cache` (or `DEDUP_REAL_CACHE=1`, which `cargo bench --bench
+//! dedup` reads too) reuses the capture saved under `target/real-memory/` for the same
+//! `--real-groups` and `--real-mib`, or saves this one there.
 //! Each data set is deduplicated from scratch three ways:
 //! - **KSM**: the regions get `MADV_MERGEABLE`; ksmd runs with `pages_to_scan` large,
-//!   `sleep_millisecs=0`, `smart_scan=0`, advisor off; we wait until `pages_sharing`
-//!   reaches the number of duplicates (polled every 5 ms), take ksmd's CPU time from
-//!   `/proc/<ksmd>/schedstat` (plus our `madvise` calls),
-//!   then unmerge (`run=2`) and restore every knob as it was;
+//!   `sleep_millisecs=0`, `smart_scan=0`, advisor off, `use_zero_pages=0`,
+//!   `max_page_sharing=256`; we wait until `pages_sharing` reaches the number of pages
+//!   full merging gives (every page beyond the first of its content, pages of zeros
+//!   included, less one more KSM page per 256 copies; polled every 5 ms), take ksmd's CPU
+//!   time from `/proc/<ksmd>/schedstat` (plus our `madvise` calls), then unmerge
+//!   (`run=2`) and restore every knob as it was;
 //! - **PageONE** with 1 and with 2 work threads, on `page_memory::linux::LinuxMemory`
 //!   (userfaultfd write-protect, memfd canonical store), merge passes back to back until
-//!   every duplicate is merged; CPU time is the whole process's (work threads, fault
-//!   thread, kernel time in their system calls).
+//!   every duplicate is merged (`pages_sharing` of the non-zero contents, counted the
+//!   same way, and `zero_pages`: every page of zeros, as they map the zero frame) or a pass
+//!   is quiet; CPU time is the whole process's (work threads, fault thread, kernel time in
+//!   their system calls).
 //!
 //! Memory is measured, not counted: KSM's is the `Pss` of the regions' mappings in
 //! `/proc/self/smaps` (a KSM page mapped by three guest pages counts once); PageONE's is
@@ -21,12 +34,15 @@
 //! `LinuxUsage::total_bytes` reads). Both start from the same filled memory.
 //!
 //! Needs root (KSM's sysfs knobs; PageONE's userfaultfd for kernel faults) and no other
-//! KSM user: it says so and exits 0 without them. Run with
+//! KSM user: it says so and exits 0 without them (and stops with exit status 2 if another
+//! KSM user appears between its runs). Run with
 //! `cargo run --release --features linux --example ksm_vs_pageone -- [--mib 128] [--vms 12]
-//! [--sets random,zero-prefix] [--engines ksm,pageone-1t,pageone-2t] [--pages-to-scan N]
-//! [--reps 3] [--run-pages 64]`. `--run-pages 1` makes the Linux backend remap page by
-//! page (`LinuxConfig::max_run_pages`), as it did before batches. Each figure in the table is the median of the repetitions (which
-//! interleave the engines).
+//! [--sets random,zero-prefix,real] [--engines ksm,pageone-1t,pageone-2t] [--pages-to-scan N]
+//! [--reps 3] [--run-pages 64] [--real-groups 6] [--real-mib 8] [--real-cache]
+//! [--capture-only]` (the data sets are all three by default). `--run-pages 1` makes the
+//! Linux backend remap page by page (`LinuxConfig::max_run_pages`), as it did before
+//! batches. Each figure in the table is the median of the repetitions (which interleave
+//! the engines).
 
 use std::fs;
 use std::sync::Arc;
@@ -40,7 +56,8 @@ const KSM: &str = "/sys/kernel/mm/ksm";
 
 #[path = "../benches/support/dedup_data.rs"]
 mod dedup_data;
-use dedup_data::DataSet;
+use dedup_data::real_memory::{self, CaptureConfig};
+use dedup_data::{DataSet, Workload};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Engine {
@@ -65,20 +82,32 @@ struct Args {
     pages_to_scan: u64,
     reps: usize,
     run_pages: usize,
+    real: CaptureConfig,
+    capture_only: bool,
 }
 
 fn parse_args() -> Args {
     let mut a = Args {
         mib: 128,
         vms: 12,
-        sets: vec![DataSet::Random, DataSet::ZeroPrefix],
+        sets: vec![DataSet::Random, DataSet::ZeroPrefix, DataSet::Real],
         engines: vec![Engine::Ksm, Engine::PageOne(1), Engine::PageOne(2)],
         pages_to_scan: 4096,
         reps: 3,
         run_pages: LinuxConfig::default().max_run_pages,
+        real: CaptureConfig::from_env(),
+        capture_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--capture-only" {
+            a.capture_only = true;
+            continue;
+        }
+        if k == "--real-cache" {
+            a.real.cache = true;
+            continue;
+        }
         let v = it.next().unwrap_or_default();
         match k.as_str() {
             "--mib" => a.mib = v.parse().expect("--mib N"),
@@ -86,14 +115,12 @@ fn parse_args() -> Args {
             "--pages-to-scan" => a.pages_to_scan = v.parse().expect("--pages-to-scan N"),
             "--run-pages" => a.run_pages = v.parse().expect("--run-pages N"),
             "--reps" => a.reps = v.parse::<usize>().expect("--reps N").max(1),
+            "--real-groups" => a.real.groups = v.parse::<usize>().expect("--real-groups N").max(1),
+            "--real-mib" => a.real.worker_mib = v.parse().expect("--real-mib N"),
             "--sets" => {
                 a.sets = v
                     .split(',')
-                    .map(|s| match s {
-                        "random" => DataSet::Random,
-                        "zero-prefix" => DataSet::ZeroPrefix,
-                        _ => panic!("unknown data set {s}"),
-                    })
+                    .map(|s| DataSet::parse(s).unwrap_or_else(|| panic!("unknown data set {s}")))
                     .collect()
             }
             "--engines" => {
@@ -233,23 +260,20 @@ impl Run {
     }
 }
 
-/// Fills `vms` regions at `bases` with the experiment's data.
-fn fill(set: DataSet, bases: &[*mut u8], per_vm: usize) {
-    let total = bases.len() * per_vm;
-    let distinct = (total / 3) as u64;
+/// Fills the regions at `bases` with `workload`'s pages, one thread per region.
+fn fill(workload: &Workload, bases: &[*mut u8]) {
     std::thread::scope(|s| {
-        for (v, &base) in bases.iter().enumerate() {
+        for (r, (&base, &pages)) in bases.iter().zip(&workload.regions).enumerate() {
             let base = base as usize;
             s.spawn(move || {
-                for i in 0..per_vm {
-                    let slot = (v * per_vm + i) as u64;
-                    // SAFETY: page `i` of a region of `per_vm` pages this process mapped
+                for i in 0..pages {
+                    // SAFETY: page `i` of a region of `pages` pages this process mapped
                     // and owns; each thread fills its own region, and nothing else reads
                     // or writes it meanwhile.
                     let page = unsafe {
                         std::slice::from_raw_parts_mut((base + i * PAGE_SIZE) as *mut u8, PAGE_SIZE)
                     };
-                    set.fill(slot % distinct, page);
+                    workload.fill(r, i, page);
                 }
             });
         }
@@ -274,22 +298,30 @@ fn mmap_region(len: usize) -> *mut u8 {
     p.cast()
 }
 
-fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
-    let per_vm = a.mib * 256;
-    let len = per_vm * PAGE_SIZE;
-    let bases: Vec<*mut u8> = (0..a.vms).map(|_| mmap_region(len)).collect();
-    fill(set, &bases, per_vm);
+fn run_ksm(workload: &Workload, a: &Args, ksmd: u32) -> Run {
+    let expected = workload.ksm_expected();
+    let lens: Vec<usize> = workload.regions.iter().map(|&p| p * PAGE_SIZE).collect();
+    let bases: Vec<*mut u8> = lens.iter().map(|&len| mmap_region(len)).collect();
+    fill(workload, &bases);
     let ranges: Vec<(usize, usize)> = bases
         .iter()
-        .map(|&b| (b as usize, b as usize + len))
+        .zip(&lens)
+        .map(|(&b, &len)| (b as usize, b as usize + len))
         .collect();
     let before = smaps(&ranges).1;
+    // Another KSM user may have started since the check in `main` (a benchmark of its
+    // own): measuring now would count its pages, and our `run=2` and restore would
+    // unmerge and stop its work. Leave at once, knobs as they are now.
+    if ksm_read("run") != "0" || ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 {
+        println!("STOPPED: KSM came into use by another process (run != 0 or pages merged).");
+        std::process::exit(2);
+    }
     ksm_write("pages_to_scan", &a.pages_to_scan.to_string());
     ksm_write("sleep_millisecs", "0");
     let cpu0 = ksmd_cpu(ksmd);
     let own0 = process_cpu();
     let t0 = Instant::now();
-    for &b in &bases {
+    for (&b, &len) in bases.iter().zip(&lens) {
         // SAFETY: our own mapping; MADV_MERGEABLE only lets ksmd merge its pages.
         unsafe { rustix::mm::madvise(b.cast(), len, rustix::mm::Advice::LinuxMergeable) }
             .expect("MADV_MERGEABLE");
@@ -298,13 +330,26 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
     let own = process_cpu() - own0;
     let scans0 = ksm_num("full_scans");
     ksm_write("run", "1");
-    // Converged, or given up: 10 full scans (it needs 2 or 3), or 10 minutes.
+    // Converged, or given up: 10 full scans (it needs 2 or 3), two full scans in a row
+    // that merged nothing, or 10 minutes.
     let limit = Duration::from_secs(600);
+    let (mut last_scan, mut sharing_at_scan, mut idle_scans) = (scans0, 0, 0);
     while ksm_num("pages_sharing") < expected
         && t0.elapsed() < limit
-        && ksm_num("full_scans") < scans0 + 10
+        && last_scan < scans0 + 10
+        && idle_scans < 2
     {
         std::thread::sleep(Duration::from_millis(5));
+        let scans = ksm_num("full_scans");
+        if scans > last_scan {
+            let sharing = ksm_num("pages_sharing");
+            idle_scans = if sharing == sharing_at_scan && scans > scans0 + 1 {
+                idle_scans + scans - last_scan
+            } else {
+                0
+            };
+            (last_scan, sharing_at_scan) = (scans, sharing);
+        }
     }
     let wall = t0.elapsed();
     let cpu = (ksmd_cpu(ksmd) - cpu0) + own;
@@ -326,13 +371,13 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
         std::thread::sleep(Duration::from_millis(10));
     }
     ksm_write("run", "0");
-    for &b in &bases {
+    for (&b, &len) in bases.iter().zip(&lens) {
         // SAFETY: our own mapping, not used after this.
         unsafe { rustix::mm::munmap(b.cast(), len) }.expect("munmap");
     }
     assert_eq!(
         merged, expected,
-        "KSM did not converge (10 full scans or {limit:?})"
+        "KSM did not converge (10 full scans, two idle ones, or {limit:?})"
     );
     Run {
         wall,
@@ -343,15 +388,17 @@ fn run_ksm(set: DataSet, a: &Args, expected: u64, ksmd: u32) -> Run {
     }
 }
 
-fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
-    let per_vm = a.mib * 256;
+fn run_pageone(workload: &Workload, a: &Args, threads: usize) -> Run {
+    let expected = workload.pageone_expected();
     let mem = Arc::new(
         LinuxMemory::with_config(LinuxConfig::default().with_max_run_pages(a.run_pages))
             .expect("userfaultfd write-protect"),
     );
-    let regions: Vec<_> = (0..a.vms)
-        .map(|_| {
-            mem.add_region(per_vm as u32, DomainId(0))
+    let regions: Vec<_> = workload
+        .regions
+        .iter()
+        .map(|&pages| {
+            mem.add_region(pages as u32, DomainId(0))
                 .expect("add_region")
         })
         .collect();
@@ -359,7 +406,7 @@ fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
         .iter()
         .map(|&r| mem.region_ptr(r).unwrap())
         .collect();
-    fill(set, &bases, per_vm);
+    fill(workload, &bases);
     let before = mem.usage().expect("usage").total_bytes();
     let engine = PageOne::new(mem.clone(), Config::default().work_threads(threads))
         .expect("starting PageONE's work threads");
@@ -367,9 +414,17 @@ fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
     let t0 = Instant::now();
     let mut passes = 0;
     let mut pass_s = Vec::new();
-    while engine.stats().pages_sharing < expected && passes < 10 {
-        pass_s.push(format!("{:.3}", engine.merge_pass().elapsed.as_secs_f64()));
+    let reached = || {
+        let s = engine.stats();
+        (s.pages_sharing, s.zero_pages)
+    };
+    while reached() != expected && passes < 10 {
+        let pass = engine.merge_pass();
+        pass_s.push(format!("{:.3}", pass.elapsed.as_secs_f64()));
         passes += 1;
+        if pass.quiet() {
+            break;
+        }
     }
     let wall = t0.elapsed();
     let cpu = process_cpu() - cpu0;
@@ -377,7 +432,7 @@ fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
     let usage = mem.usage().expect("usage");
     eprintln!(
         "  {}: {passes} passes ({} s); workers busy {:?} s; pages_shared {} pages_sharing {} \
-         merge_races {}; backend {:?}; {} mappings",
+         zero_pages {} merge_races {}; backend {:?}; {} mappings",
         Engine::PageOne(threads).name(),
         pass_s.join(", "),
         s.workers
@@ -386,6 +441,7 @@ fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
             .collect::<Vec<_>>(),
         s.pages_shared,
         s.pages_sharing,
+        s.zero_pages,
         s.merge_races,
         mem.stats(),
         usage.region_mappings
@@ -393,11 +449,15 @@ fn run_pageone(set: DataSet, a: &Args, threads: usize, expected: u64) -> Run {
     engine.unmerge_all();
     drop(engine);
     drop(mem);
-    assert_eq!(s.pages_sharing, expected, "PageONE did not converge");
+    assert_eq!(
+        (s.pages_sharing, s.zero_pages),
+        expected,
+        "PageONE did not converge"
+    );
     Run {
         wall,
         cpu,
-        merged: s.pages_sharing,
+        merged: s.pages_sharing + s.zero_pages,
         before,
         after: usage.total_bytes(),
     }
@@ -426,8 +486,28 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
+fn workload(set: DataSet, a: &Args) -> Workload {
+    match set {
+        DataSet::Real => Workload::real(a.real).expect("capturing the real-memory data set"),
+        _ => Workload::synthetic(set, a.vms, a.mib * 256),
+    }
+}
+
 fn main() {
+    // The real set's capture starts this executable again as its worker processes.
+    real_memory::worker_main();
     let a = parse_args();
+    if a.capture_only {
+        let w = workload(DataSet::Real, &a);
+        println!("{}", w.description);
+        println!(
+            "{:?}; full merging: KSM pages_sharing {}, PageONE (pages_sharing, zero_pages) {:?}",
+            w.census,
+            w.ksm_expected(),
+            w.pageone_expected()
+        );
+        return;
+    }
     if !rustix::process::geteuid().is_root() {
         println!("SKIPPED: KSM's sysfs knobs ({KSM}) need root; run as root.");
         return;
@@ -482,24 +562,33 @@ fn main() {
         ksm_write("advisor_mode", "none");
     }
 
-    let per_vm = a.mib * 256;
-    let total = (a.vms * per_vm) as u64;
-    let expected = total - total / 3;
     println!(
-        "{} regions x {} MiB = {} pages, {} duplicates; ksm pages_to_scan {}, sleep_millisecs 0, \
-         smart_scan 0; pageone runs of up to {} pages",
-        a.vms, a.mib, total, expected, a.pages_to_scan, a.run_pages
+        "ksm pages_to_scan {}, sleep_millisecs 0, smart_scan 0, use_zero_pages 0, \
+         max_page_sharing 256; pageone runs of up to {} pages",
+        a.pages_to_scan, a.run_pages
     );
     let mut rows = Vec::new();
     for &set in &a.sets {
+        let w = workload(set, &a);
+        println!(
+            "{}: {}; {} pages ({:.0} MiB) in {} regions; full merging: KSM pages_sharing {}, \
+             PageONE (pages_sharing, zero_pages) {:?}",
+            set.name(),
+            w.description,
+            w.total_pages(),
+            mib((w.total_pages() * PAGE_SIZE) as u64),
+            w.regions.len(),
+            w.ksm_expected(),
+            w.pageone_expected()
+        );
         let mut all: Vec<Vec<Run>> = vec![Vec::new(); a.engines.len()];
         // Repetitions interleave the engines, so a burst of load elsewhere hits all.
         for rep in 0..a.reps {
             for (k, &e) in a.engines.iter().enumerate() {
                 eprintln!("{} / {} (run {})", set.name(), e.name(), rep + 1);
                 let r = match e {
-                    Engine::Ksm => run_ksm(set, &a, expected, ksmd),
-                    Engine::PageOne(t) => run_pageone(set, &a, t, expected),
+                    Engine::Ksm => run_ksm(&w, &a, ksmd),
+                    Engine::PageOne(t) => run_pageone(&w, &a, t),
                 };
                 eprintln!(
                 "  wall {:.3} s, cpu {:.3} s, merged {}, {:.0} merged/cpu-s, memory {:.1} -> {:.1} MiB",
