@@ -37,9 +37,12 @@
 //! KSM user: it says so and exits 0 without them (and stops with exit status 2 if another
 //! KSM user appears between its runs). Run with
 //! `cargo run --release --features linux --example ksm_vs_pageone -- [--mib 128] [--vms 12]
-//! [--sets random,zero-prefix,real] [--engines ksm,pageone-1t,pageone-2t] [--pages-to-scan N]
-//! [--reps 3] [--run-pages 64] [--real-groups 6] [--real-mib 8] [--real-cache]
-//! [--capture-only]` (the data sets are all three by default). `--run-pages 1` makes the
+//! [--sets random,zero-prefix,real] [--engines ksm,pageone-1t,pageone-2t]
+//! [--pages-to-scan N] [--reps 3] [--run-pages 64] [--real-groups 6] [--real-mib 8]
+//! [--real-cache] [--capture-only]` (the data sets are all three by default). Engines are
+//! `ksm` and `pageone-<N>t` (N work threads), or `pageone-<N>t-copy` for PageONE making
+//! every stable page canonical at once (`Config::unique_in_place` off, as before unique
+//! pages were indexed in place). `--run-pages 1` makes the
 //! Linux backend remap page by page (`LinuxConfig::max_run_pages`), as it did before
 //! batches. Each figure in the table is the median of the repetitions (which interleave
 //! the engines).
@@ -62,15 +65,35 @@ use dedup_data::{DataSet, Workload};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Engine {
     Ksm,
-    PageOne(usize),
+    /// PageONE with this many work threads; `copy`: unique pages made canonical at once
+    /// (`Config::unique_in_place` off), as before in-place indexing.
+    PageOne {
+        threads: usize,
+        copy: bool,
+    },
 }
 
 impl Engine {
     fn name(self) -> String {
         match self {
             Engine::Ksm => "ksm".into(),
-            Engine::PageOne(t) => format!("pageone-{t}t"),
+            Engine::PageOne { threads, copy } => {
+                format!("pageone-{threads}t{}", if copy { "-copy" } else { "" })
+            }
         }
+    }
+
+    fn parse(s: &str) -> Option<Engine> {
+        if s == "ksm" {
+            return Some(Engine::Ksm);
+        }
+        let rest = s.strip_prefix("pageone-")?;
+        let (rest, copy) = match rest.strip_suffix("-copy") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
+        let threads = rest.strip_suffix('t')?.parse().ok().filter(|&t| t > 0)?;
+        Some(Engine::PageOne { threads, copy })
     }
 }
 
@@ -91,7 +114,17 @@ fn parse_args() -> Args {
         mib: 128,
         vms: 12,
         sets: vec![DataSet::Random, DataSet::ZeroPrefix, DataSet::Real],
-        engines: vec![Engine::Ksm, Engine::PageOne(1), Engine::PageOne(2)],
+        engines: vec![
+            Engine::Ksm,
+            Engine::PageOne {
+                threads: 1,
+                copy: false,
+            },
+            Engine::PageOne {
+                threads: 2,
+                copy: false,
+            },
+        ],
         pages_to_scan: 4096,
         reps: 3,
         run_pages: LinuxConfig::default().max_run_pages,
@@ -126,12 +159,7 @@ fn parse_args() -> Args {
             "--engines" => {
                 a.engines = v
                     .split(',')
-                    .map(|s| match s {
-                        "ksm" => Engine::Ksm,
-                        "pageone-1t" => Engine::PageOne(1),
-                        "pageone-2t" => Engine::PageOne(2),
-                        _ => panic!("unknown engine {s}"),
-                    })
+                    .map(|s| Engine::parse(s).unwrap_or_else(|| panic!("unknown engine {s}")))
                     .collect()
             }
             _ => panic!("unknown argument {k}"),
@@ -388,7 +416,7 @@ fn run_ksm(workload: &Workload, a: &Args, ksmd: u32) -> Run {
     }
 }
 
-fn run_pageone(workload: &Workload, a: &Args, threads: usize) -> Run {
+fn run_pageone(workload: &Workload, a: &Args, threads: usize, copy: bool) -> Run {
     let expected = workload.pageone_expected();
     let mem = Arc::new(
         LinuxMemory::with_config(LinuxConfig::default().with_max_run_pages(a.run_pages))
@@ -408,8 +436,10 @@ fn run_pageone(workload: &Workload, a: &Args, threads: usize) -> Run {
         .collect();
     fill(workload, &bases);
     let before = mem.usage().expect("usage").total_bytes();
-    let engine = PageOne::new(mem.clone(), Config::default().work_threads(threads))
-        .expect("starting PageONE's work threads");
+    let config = Config::default()
+        .work_threads(threads)
+        .unique_in_place(!copy);
+    let engine = PageOne::new(mem.clone(), config).expect("starting PageONE's work threads");
     let cpu0 = process_cpu();
     let t0 = Instant::now();
     let mut passes = 0;
@@ -433,7 +463,7 @@ fn run_pageone(workload: &Workload, a: &Args, threads: usize) -> Run {
     eprintln!(
         "  {}: {passes} passes ({} s); workers busy {:?} s; pages_shared {} pages_sharing {} \
          zero_pages {} merge_races {}; backend {:?}; {} mappings",
-        Engine::PageOne(threads).name(),
+        Engine::PageOne { threads, copy }.name(),
         pass_s.join(", "),
         s.workers
             .iter()
@@ -524,7 +554,10 @@ fn main() {
         println!("SKIPPED: KSM is in use by another process (pages_shared > 0 or run = 1).");
         return;
     }
-    if a.engines.iter().any(|e| matches!(e, Engine::PageOne(_))) {
+    if a.engines
+        .iter()
+        .any(|e| matches!(e, Engine::PageOne { .. }))
+    {
         if let Err(e) = LinuxMemory::new() {
             println!("SKIPPED: PageONE's Linux backend is unavailable here: {e}");
             return;
@@ -588,7 +621,7 @@ fn main() {
                 eprintln!("{} / {} (run {})", set.name(), e.name(), rep + 1);
                 let r = match e {
                     Engine::Ksm => run_ksm(&w, &a, ksmd),
-                    Engine::PageOne(t) => run_pageone(&w, &a, t),
+                    Engine::PageOne { threads, copy } => run_pageone(&w, &a, threads, copy),
                 };
                 eprintln!(
                 "  wall {:.3} s, cpu {:.3} s, merged {}, {:.0} merged/cpu-s, memory {:.1} -> {:.1} MiB",
