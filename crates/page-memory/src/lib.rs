@@ -303,6 +303,17 @@ pub trait PageMemory: Send + Sync {
         None
     }
 
+    /// How many mappings count against [`mapping_limit`](Self::mapping_limit) now, as an
+    /// upper bound, or `None` if the backend has no limit (the default). Cheap unless
+    /// `recount` is set, which asks for an exact count (the Linux backend then reads
+    /// `/proc/self/maps`, milliseconds for tens of thousands of mappings): an engine calls
+    /// it cheaply per batch and recounts at most once per pass. An engine uses it to spend
+    /// mappings carefully before the limit refuses it anything.
+    fn mappings_in_use(&self, recount: bool) -> Option<u64> {
+        let _ = recount;
+        None
+    }
+
     /// Makes `pages` read as zeros, dropping their contents; one result per page.
     fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>>;
 

@@ -52,8 +52,10 @@ pub struct Config {
     /// Whether a stable page with no twin stays where it is, indexed in place (default),
     /// or is made canonical at once (copied into the backend's store and remapped), as
     /// before in-place indexing. In place, a page without a twin costs one read and an
-    /// index entry; a twin found later costs both pages a remap (see *Unique pages* and
-    /// *The mapping budget* in the crate docs for when that spends more mappings).
+    /// index entry; a twin found later costs both pages a remap. Even when on, pages are
+    /// made canonical at once while the backend's mappings are scarce (more than a quarter
+    /// of its limit in use; see *Unique pages* and *The mapping budget* in the crate
+    /// docs).
     pub unique_in_place: bool,
     /// Called with every [`Event`] as it happens (on a work thread: keep it short). The
     /// same facts are in [`Stats`](crate::Stats) for an embedder that polls.

@@ -133,8 +133,16 @@
 //! whose duplicates come in runs costs about the same. A process limited to
 //! `vm.max_map_count` mappings can hold at most about half that many merged pages that
 //! lie alone, whichever way they are laid out (`docs/benchmarks.md`, "PageONE:
-//! convergence, the mapping budget and insert races"); raise the limit, or turn
-//! [`Config::unique_in_place`] off, where scattered duplicates meet it. Not done yet:
+//! convergence, the mapping budget and insert races"). So the engine spends mappings
+//! carefully once they get scarce: when more than a quarter of the backend's limit is in
+//! use ([`PageMemory::mappings_in_use`]: a cheap upper bound before each chunk, an exact
+//! count at the start of a pass, at most every 16 passes while they stay scarce), stable
+//! pages without a canonical match are made canonical at once instead of being indexed in
+//! place, as in the first version: laid out at their home offsets in runs, they cost no
+//! mappings, and a scattered duplicate then costs two rather than four. Memory whose
+//! mappings stay plentiful (duplicates in runs) never gets there. Where scattered
+//! duplicates meet the limit, raise it (`sysctl -w vm.max_map_count=N`), or turn
+//! [`Config::unique_in_place`] off from the start. Not done yet:
 //! the engine does not know what a merge costs, so it cannot prefer merges that cost none
 //! when the budget runs low; every refused page waits for the same gate (and the Linux
 //! backend's guard charges every remap two mappings, so it would have to admit by cost
@@ -700,7 +708,9 @@ fn run_pass<M: PageMemory + 'static>(
         cursor.chunk = i % n.max(1);
     }
     if kind == PassKind::Merge {
-        shared.gate.start_pass(&*shared.memory);
+        shared
+            .gate
+            .start_pass(&*shared.memory, shared.config.unique_in_place);
     }
     *shared.pass_tally.lock().unwrap_or_else(|e| e.into_inner()) = Tally::default();
     pool.run(kind, &chosen);

@@ -255,7 +255,22 @@ pub(crate) struct MapGate {
     reported: AtomicBool,
     /// Whether the gate was open when the current pass started.
     pub(crate) open_at_start: AtomicBool,
+    /// The backend's mapping limit at the start of the pass (0: none).
+    limit_now: AtomicU64,
+    /// Mappings are scarce: past [`TIGHT_SHARE`] of the limit. Unique pages are then made
+    /// canonical at once rather than indexed in place (see *The mapping budget* in the
+    /// crate docs).
+    tight: AtomicBool,
+    /// The pass of the last exact count.
+    counted_at: AtomicU64,
 }
+
+/// While mappings are scarce, they are counted exactly only every this many passes (a
+/// count reads every mapping: tens of milliseconds near the limit).
+const RECOUNT_PASSES: u64 = 16;
+
+/// Mappings are scarce once more than `1 / TIGHT_SHARE` of the limit is in use.
+pub(crate) const TIGHT_SHARE: u64 = 4;
 
 impl MapGate {
     pub(crate) fn new() -> Self {
@@ -266,6 +281,48 @@ impl MapGate {
             limit: AtomicU64::new(0),
             reported: AtomicBool::new(false),
             open_at_start: AtomicBool::new(true),
+            limit_now: AtomicU64::new(0),
+            tight: AtomicBool::new(false),
+            counted_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether mappings are scarce (see [`TIGHT_SHARE`]).
+    pub(crate) fn is_tight(&self) -> bool {
+        self.tight.load(Ordering::Relaxed)
+    }
+
+    /// At the start of a merge pass: decides whether mappings are scarce, from the
+    /// backend's cheap upper bound when that says they are not, else from an exact count
+    /// (at most every [`RECOUNT_PASSES`] passes while they stay scarce).
+    fn measure<M: PageMemory>(&self, memory: &M) {
+        let limit = memory.mapping_limit().unwrap_or(0);
+        self.limit_now.store(limit, Ordering::Relaxed);
+        let scarce = |used: u64| used.saturating_mul(TIGHT_SHARE) > limit;
+        if limit == 0 || !memory.mappings_in_use(false).is_some_and(scarce) {
+            self.tight.store(false, Ordering::Relaxed);
+            return;
+        }
+        let pass = self.pass.load(Ordering::Relaxed);
+        if self.is_tight() && pass < self.counted_at.load(Ordering::Relaxed) + RECOUNT_PASSES {
+            return;
+        }
+        self.counted_at.store(pass, Ordering::Relaxed);
+        let tight = memory.mappings_in_use(true).is_some_and(scarce);
+        self.tight.store(tight, Ordering::Relaxed);
+    }
+
+    /// Before a chunk: mappings became scarce during the pass (the backend's cheap upper
+    /// bound says so; the next pass counts again).
+    pub(crate) fn check_tight<M: PageMemory>(&self, memory: &M) {
+        let limit = self.limit_now.load(Ordering::Relaxed);
+        if limit > 0
+            && !self.is_tight()
+            && memory
+                .mappings_in_use(false)
+                .is_some_and(|used| used.saturating_mul(TIGHT_SHARE) > limit)
+        {
+            self.tight.store(true, Ordering::Relaxed);
         }
     }
 
@@ -275,8 +332,11 @@ impl MapGate {
 
     /// At the start of a merge pass: counts it, and opens the gate if the backend's limit
     /// went up since the refusal.
-    pub(crate) fn start_pass<M: PageMemory>(&self, memory: &M) {
+    pub(crate) fn start_pass<M: PageMemory>(&self, memory: &M, in_place: bool) {
         self.pass.fetch_add(1, Ordering::Relaxed);
+        if in_place {
+            self.measure(memory);
+        }
         if self.is_closed() {
             let was = self.limit.load(Ordering::Relaxed);
             if matches!(memory.mapping_limit(), Some(now) if now > was) {
@@ -360,6 +420,9 @@ impl<M: PageMemory> Ctx<'_, M> {
             return t;
         }
         if kind == PassKind::Merge {
+            if self.in_place {
+                self.gate.check_tight(self.memory);
+            }
             self.merge_twins(chunk, &mut entries, &mut t);
         }
         let mut to_protect: Vec<u32> = Vec::new();
@@ -566,7 +629,7 @@ impl<M: PageMemory> Ctx<'_, M> {
         claim: Option<usize>,
         t: &mut Tally,
     ) {
-        if self.in_place {
+        if self.in_place && !self.gate.is_tight() {
             let me = UniqueRef { page, token };
             let live = |r: &UniqueRef| !self.memory.written_since(r.page, r.token).unwrap_or(true);
             match self.uniques.pair(print, me, live) {

@@ -126,6 +126,10 @@ impl PageMemory for Budgeted {
     fn mapping_limit(&self) -> Option<u64> {
         Some(self.limit.load(Ordering::Relaxed))
     }
+    fn mappings_in_use(&self, _recount: bool) -> Option<u64> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        Some(limit.saturating_sub(self.budget.load(Ordering::Relaxed)))
+    }
     fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
         self.sim.recycle(pages)
     }
@@ -349,4 +353,24 @@ fn is_quiet_works_with_a_budget() {
     let p = engine.merge_pass(); // chunks 2 and 3
     assert_eq!(p.written, 1);
     assert!(!engine.is_quiet());
+}
+
+/// While mappings are plentiful, stable pages without a twin are indexed in place (no
+/// mapping spent); once more than a quarter of the limit is in use, they are made
+/// canonical at once (laid out in runs, they cost a backend like Linux's no mappings).
+#[test]
+fn unique_pages_are_made_canonical_at_once_when_mappings_are_scarce() {
+    for (budget, canonical) in [(1000, 0), (100, 16)] {
+        let mem = Arc::new(Budgeted::new(budget));
+        let r = mem.sim.add_region(16, DomainId(0));
+        fill(&mem.sim, r, 16, |i| 100 + i as u64);
+        let engine = PageOne::new(mem.clone(), Config::default().work_threads(1)).unwrap();
+        for _ in 0..4 {
+            engine.merge_pass();
+        }
+        let s = engine.stats();
+        assert_eq!(s.canonicalized, canonical, "budget {budget}");
+        assert_eq!(s.pages_unique, 16 - canonical, "budget {budget}");
+        assert_eq!(s.pages_unshared, 16);
+    }
 }

@@ -285,6 +285,12 @@ impl PageMemory for LinuxMemory {
         sys::max_map_count()
     }
 
+    /// The map-count guard's upper bound (the last count plus two per remap since), or
+    /// with `recount` a fresh count of `/proc/self/maps`.
+    fn mappings_in_use(&self, recount: bool) -> Option<u64> {
+        Some(self.inner.guard.in_use(recount))
+    }
+
     fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
         if let Err(refused) = self.inner.pins_checked(pages) {
             return refused;

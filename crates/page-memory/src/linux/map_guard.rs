@@ -44,6 +44,19 @@ impl MapGuard {
         limit.saturating_sub(reserve)
     }
 
+    /// The upper bound of the process's mappings, or (`recount`) a fresh count.
+    pub(super) fn in_use(&self, recount: bool) -> u64 {
+        if recount {
+            let _last = self.last_count.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = sys::count_mappings() {
+                self.counted.store(count, Ordering::Relaxed);
+                self.estimate.store(count, Ordering::Relaxed);
+                self.recounts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.estimate.load(Ordering::Relaxed)
+    }
+
     /// Admits one remap (which may add two mappings), or refuses it.
     pub(super) fn admit(&self) -> Result<(), PageError> {
         if self.estimate.fetch_add(2, Ordering::Relaxed) + 2 <= self.ceiling() {
