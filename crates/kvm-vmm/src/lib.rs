@@ -66,6 +66,7 @@
 
 pub mod abi;
 pub mod barrier;
+pub mod density;
 mod error;
 pub mod harness;
 pub mod host;
