@@ -8,9 +8,9 @@
 //! The guests wait at a barrier after boot and after every step, all VMs together, and
 //! the last to arrive holds them until the engine has had its say, counted in its own
 //! passes ([`Params::waits`]; by default [`Setup::waits`]), and, if [`Params::pace`] is
-//! set, until the round's time on a wall clock (round `r` no earlier than `r * pace`
-//! after round 0): engines that run on their own periods then see the guests change at
-//! a fixed rate, as in the demo's compressed time.
+//! set, until the round's time on a wall clock ([`Pace`]): engines that run on their
+//! own periods then see the guests change at a fixed rate, as in the demo's compressed
+//! time.
 //!
 //! The engines run periodically, as deployed: PageONE's passes are driven like its
 //! daemon (`PageOne::start`) by a thread of this module, `pageone-driver`, that counts
@@ -104,8 +104,20 @@ impl Setup {
     }
 }
 
-/// A hook called with the guests held at every barrier round, after the sample.
-pub type OnRound = Arc<dyn Fn(u64) + Send + Sync>;
+/// A hook called with the guests held at every barrier round, with the round and its
+/// sample.
+pub type OnRound = Arc<dyn Fn(u64, &Sample) + Send + Sync>;
+
+/// Pacing of the rounds on the wall clock: round `r` (up to `rounds`) is released no
+/// earlier than `r * every` after round 0; later rounds as soon as the engine waits
+/// allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pace {
+    /// Wall time per round.
+    pub every: Duration,
+    /// The last paced round.
+    pub rounds: u64,
+}
 
 /// What to run.
 #[derive(Clone)]
@@ -137,8 +149,9 @@ pub struct Params {
     /// Engine progress to wait for after boot and after a step (`None`:
     /// [`Setup::waits`]).
     pub waits: Option<(u64, u64)>,
-    /// Release round `r` no earlier than `r * pace` after round 0.
-    pub pace: Option<Duration>,
+    /// Pacing of the rounds on the wall clock (`None`: released as soon as the engine
+    /// waits allow).
+    pub pace: Option<Pace>,
     /// Called at every round with the guests held, after the sample.
     pub on_round: Option<OnRound>,
 }
@@ -267,7 +280,7 @@ pub struct Row {
     pub report: DensityReport,
     /// Barrier waits for engine progress that gave up.
     pub timeouts: u64,
-    /// The most a round was released after its paced time (with [`Params::pace`]).
+    /// The most a paced round was released after its time ([`Params::pace`]).
     pub max_late: Duration,
 }
 
@@ -412,8 +425,10 @@ pub fn run(setup: Setup, p: &Params, image: &GuestImage) -> Result<Row, String> 
                 let more = if round == 0 { boot_wait } else { step_wait };
                 let p = || progress.load(Ordering::Acquire);
                 barrier.wait(round, more, &p, &mut || {
-                    if let (Some(pace), Some(&t0)) = (pace, released0.get()) {
-                        let due = t0 + pace * round as u32;
+                    if let (Some(pace), Some(&t0)) =
+                        (pace.filter(|p| round <= p.rounds), released0.get())
+                    {
+                        let due = t0 + pace.every * round as u32;
                         let now = Instant::now();
                         if due > now {
                             std::thread::sleep(due - now);
@@ -426,9 +441,9 @@ pub fn run(setup: Setup, p: &Params, image: &GuestImage) -> Result<Row, String> 
                         let mut s = probe();
                         s.at = t_start.elapsed();
                         samples.lock().unwrap().push((round, s));
-                    }
-                    if let Some(f) = &on_round {
-                        f(round);
+                        if let Some(f) = &on_round {
+                            f(round, &s);
+                        }
                     }
                     if round == 0 {
                         let _ = released0.set(Instant::now());
