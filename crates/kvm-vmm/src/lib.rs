@@ -13,8 +13,8 @@
 //! vCPU, each on its own host thread. The guest talks through port I/O: a console, calls
 //! with 64-bit arguments (reports of results, a round barrier, registrations) that a
 //! [`CallHook`] may answer, and a done port. [`run_all`] runs several VMs in one
-//! process; one process per VM is not provided (a caller can run one VM per process
-//! itself).
+//! process; [`process`] runs one process per VM (the binary re-executed once per VM,
+//! each child's outcome sent back through a pipe).
 //!
 //! The bare-metal guest of this crate (`guest/`: `#![no_std]`, target
 //! `x86_64-unknown-none`, linked at [`abi::IMAGE_BASE`]) is built by the build script with
@@ -72,6 +72,7 @@ pub mod harness;
 pub mod host;
 pub mod image;
 pub mod ksm;
+pub mod process;
 mod vm;
 pub mod workload;
 
