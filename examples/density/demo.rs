@@ -38,6 +38,10 @@ pub trait Backend {
     fn measure() -> &'static str;
     /// When memory is sampled, for the notes.
     fn sampled() -> String;
+    /// How `setup` is configured, in words.
+    fn describe(setup: &Setup, clock: &crate::plan::Clock, threads: usize) -> String {
+        setup.describe(clock, threads)
+    }
     /// Runs one set-up.
     fn run(setup: Setup, p: &RunParams<'_>, progress: &mut Progress) -> Result<RunResult, String>;
 }
@@ -142,7 +146,7 @@ fn one_run<B: Backend>(
     print!(
         "{}",
         wrap(
-            &setup.describe(&params.clock, opts.threads),
+            &B::describe(&setup, &params.clock, opts.threads),
             &format!("  {:<20} ", setup.name()),
             23
         )

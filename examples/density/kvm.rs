@@ -74,7 +74,7 @@ mod on_kvm {
     use crate::cpu;
     use crate::demo::Backend;
     use crate::engine::{Counters, Setup, KSM_PAGES_TO_SCAN};
-    use crate::plan::{APP_PERIOD_S, MEASURE_S, WARMUP_S};
+    use crate::plan::{Clock, APP_PERIOD_S, MEASURE_S, WARMUP_S};
     use crate::progress::Progress;
     use crate::run::{RunParams, RunResult, Sample as DemoSample, ThreadCpu};
     use crate::workload::GuestStats;
@@ -131,6 +131,20 @@ mod on_kvm {
 
         fn sampled() -> String {
             "at every step of the guests (a barrier of all VMs, guests held)".into()
+        }
+
+        fn describe(setup: &Setup, clock: &Clock, threads: usize) -> String {
+            match setup {
+                Setup::KsmLike => format!(
+                    "Linux KSM itself (ksmd; MADV_MERGEABLE on the guest RAM), pages_to_scan \
+                     = {KSM_PAGES_TO_SCAN}, sleep_millisecs = 0 (as in 2017), use_zero_pages = 1"
+                ),
+                Setup::PprPageOne { .. } => format!(
+                    "{}; the passes driven by one thread (pageone-driver, the \"daemon\")",
+                    setup.describe(clock, threads)
+                ),
+                Setup::Raw => setup.describe(clock, threads),
+            }
         }
 
         fn run(
