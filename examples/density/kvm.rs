@@ -7,7 +7,7 @@
 //!
 //! The mapping: every VM runs the guest's density workload with the demo's fractions
 //! (OS image 5 %, private 3.5 %, zeroed 2 %, application peak 75 %) and the demo's
-//! spike ([`SPIKE_STEPS`] steps up and as many down, then idle steps to the end of the
+//! spike (4 steps up and as many down, then idle steps to the end of the
 //! 30-minute application period: the same 3.7 % on average), each VM at its demo phase
 //! rounded to a step. The guests step together: each step is a barrier round of all
 //! VMs, released on the compressed clock (a step of simulated time per round, paced on
@@ -27,9 +27,6 @@
 
 use crate::demo::Report;
 use crate::options::Options;
-
-/// Steps up (and as many down) of each application spike.
-pub const SPIKE_STEPS: u64 = 4;
 
 /// Why this build cannot run `--kvm`.
 #[cfg(not(kvm_vmm))]
@@ -70,7 +67,9 @@ mod on_kvm {
     use kvm_vmm::host::process_run_time;
     use kvm_vmm::{guest_image, ksm, kvm_usable};
 
-    use super::SPIKE_STEPS;
+    /// Steps up (and as many down) of each application spike.
+    pub const SPIKE_STEPS: u64 = 4;
+
     use crate::cpu;
     use crate::demo::Backend;
     use crate::engine::{Counters, Setup, KSM_PAGES_TO_SCAN};
@@ -79,7 +78,8 @@ mod on_kvm {
     use crate::run::{RunParams, RunResult, Sample as DemoSample, ThreadCpu};
     use crate::workload::GuestStats;
 
-    /// Whether KVM and the guest are here; if not, what is missing.
+    /// Whether KVM, the guest, the Linux backend (kernel faults) and Linux KSM (free,
+    /// and its knobs writable) are here; if not, what is missing.
     pub fn check() -> Result<(), String> {
         kvm_usable().map_err(|e| {
             format!(
@@ -88,6 +88,24 @@ mod on_kvm {
             )
         })?;
         guest_image().map_err(|e| format!("{e}"))?;
+        kvm_vmm::harness::linux_adapter().map_err(|e| {
+            format!(
+                "{e}.\n--kvm runs PPR + PageONE over the guests' RAM adopted by the Linux \
+                 backend, whose vCPU writes need userfaultfd with kernel faults (root or \
+                 CAP_SYS_PTRACE, Linux 5.19 or later)"
+            )
+        })?;
+        ksm::ksmd()?;
+        if ksm::num("run") != 0 || ksm::num("pages_sharing") != 0 {
+            return Err(
+                "Linux KSM is in use by someone else (run != 0 or pages merged): \
+                 --kvm's KSM-like run needs it to itself"
+                    .into(),
+            );
+        }
+        ksm::write("run", "0").map_err(|e| {
+            format!("--kvm's KSM-like run sets Linux KSM's knobs, which needs root: {e}")
+        })?;
         Ok(())
     }
 
