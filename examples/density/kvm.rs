@@ -255,6 +255,16 @@ mod on_kvm {
             *progress = std::mem::replace(&mut *live.lock().unwrap(), Progress::new(false));
             progress.done();
             let row = row?;
+            if row.ksm_stopped != 0 {
+                return Err(format!(
+                    "{}: Linux KSM was stopped or reconfigured by another process during the \
+                     run ({} of {} samples found its run knob not 1): its figures would not \
+                     be KSM's; run again when nothing else uses KSM",
+                    setup.name(),
+                    row.ksm_stopped,
+                    row.rounds.len()
+                ));
+            }
             if row.report.corrupt != 0 {
                 return Err(format!(
                     "{}: the guests found {} corrupt pages",

@@ -124,7 +124,17 @@ fn main() {
         &Setup::ALL,
         reps,
         Setup::name,
-        |s| density::run(s, &a, &image),
+        |s| {
+            let r = density::run(s, &a, &image)?;
+            if r.ksm_stopped != 0 {
+                return Err(format!(
+                    "KSM was stopped or reconfigured by another process during the run ({} \
+                     samples)",
+                    r.ksm_stopped
+                ));
+            }
+            Ok(r)
+        },
         |rep, s, r| {
             eprintln!(
                 "rep {rep} {}: boot {:?} end {:?} cpu {:?} wall {:?} timeouts {} {:?}",

@@ -282,6 +282,9 @@ pub struct Row {
     pub timeouts: u64,
     /// The most a paced round was released after its time ([`Params::pace`]).
     pub max_late: Duration,
+    /// KSM: the samples at which KSM's `run` knob was not 1 (someone else stopped or
+    /// reconfigured it during the run: the figures are not KSM's).
+    pub ksm_stopped: u64,
 }
 
 /// Run time of this process's engine threads (by name: PageONE's work threads, the
@@ -477,6 +480,7 @@ pub fn run(setup: Setup, p: &Params, image: &GuestImage) -> Result<Row, String> 
         None => Arc::new(engine_threads_cpu),
     };
     let cpu0 = cpu_now();
+    let ksm_stopped = Arc::new(AtomicU64::new(0));
     if matches!(setup, Setup::PageOne | Setup::Ppr | Setup::PprPageOne) {
         let adapter = linux_adapter()?;
         let mut guests = Vec::new();
@@ -570,8 +574,11 @@ pub fn run(setup: Setup, p: &Params, image: &GuestImage) -> Result<Row, String> 
         ksm::set("sleep_millisecs", &p.ksm_sleep_ms.to_string())?;
         ksm::set("pages_to_scan", &p.ksm_pages.to_string())?;
         ksm::set("use_zero_pages", "1")?;
-        let (rr, cpu) = (ranges.clone(), cpu_now.clone());
+        let (rr, cpu, stopped) = (ranges.clone(), cpu_now.clone(), ksm_stopped.clone());
         *probe.lock().unwrap() = Some(Box::new(move || {
+            if ksm::num("run") != 1 {
+                stopped.fetch_add(1, Ordering::Relaxed);
+            }
             let (merged, zero) = (ksm::num("pages_sharing"), ksm::num("ksm_zero_pages"));
             Sample {
                 pss: pss(&rr),
@@ -606,6 +613,7 @@ pub fn run(setup: Setup, p: &Params, image: &GuestImage) -> Result<Row, String> 
         run_wall,
         timeouts: barrier.timeouts(),
         max_late: *max_late.lock().unwrap(),
+        ksm_stopped: ksm_stopped.load(Ordering::Relaxed),
         ..Row::default()
     };
     row.rounds = samples.lock().unwrap().clone();

@@ -35,7 +35,9 @@
 //! What they and the tests set up around the VMs is [`harness`] (skipping where the
 //! machine cannot run them, guest RAM adopted by the Linux backend, the PPR pools
 //! registered with a recycler, engine threads); the examples' measurements are [`host`]
-//! (`/proc` figures) and [`ksm`] (Linux KSM's knobs).
+//! (`/proc` figures) and [`ksm`] (Linux KSM's knobs). The density experiment's runs
+//! ([`density::run`]) are shared by `density_on_kvm` and the repository's density demo
+//! (`cargo run --release --example density -- --kvm`).
 //!
 //! ```no_run
 //! use std::time::Duration;
