@@ -31,7 +31,8 @@
 //! and under Linux KSM, and prints memory, merged pages, engine CPU, mismatches and the
 //! guests' write throughput side by side (`docs/benchmarks.md`, "The engines on real
 //! vCPUs"); `examples/density_on_kvm.rs` runs the density workload with no engine, KSM,
-//! PageONE, the PPR recycler and PPR + PageONE ("The density workload on real vCPUs").
+//! PageONE, the PPR recycler and PPR + PageONE ("The density workload on real vCPUs");
+//! `examples/vms_in_processes.rs` runs checker VMs one process each ([`process`]).
 //! What they and the tests set up around the VMs is [`harness`] (skipping where the
 //! machine cannot run them, guest RAM adopted by the Linux backend, the PPR pools
 //! registered with a recycler, engine threads); the examples' measurements are [`host`]
