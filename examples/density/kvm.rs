@@ -353,7 +353,12 @@ mod on_kvm {
                     busy: rep.busy,
                     max_step: row.max_late,
                 },
-                pass_every: None,
+                pass_every: {
+                    // Passes over every page in the window, as the demo counts them.
+                    let all = w.vms as f64 * w.pages as f64;
+                    let passes = end.3.scanned.saturating_sub(start.3.scanned) as f64 / all;
+                    (passes >= 1.0).then(|| (end.0 - start.0).div_f64(passes))
+                },
                 samples,
                 diagnostics: Some(diagnostics),
             })
@@ -365,7 +370,7 @@ mod on_kvm {
             merges: s.merges,
             recycled: s.recycled,
             metadata: s.metadata,
-            scanned: 0,
+            scanned: s.scanned,
         }
     }
 

@@ -246,6 +246,8 @@ pub struct Sample {
     pub merges: u64,
     /// Pages recycled so far.
     pub recycled: u64,
+    /// Pages PageONE's passes looked at so far (0 for the others).
+    pub scanned: u64,
     /// Engine CPU so far.
     pub cpu: Duration,
     /// Wall time since the run started (before the guests booted).
@@ -521,6 +523,7 @@ pub fn run(setup: Setup, p: &Params, image: &GuestImage) -> Result<Row, String> 
                 zero: s.zero_pages,
                 merges: s.merges,
                 recycled: r.0.read().unwrap().stats().recycled,
+                scanned: s.pages_scanned,
                 cpu: cpu().saturating_sub(cpu0),
                 at: Duration::ZERO,
             }
