@@ -5,6 +5,7 @@
 //! cargo run --release --example density                      # about a minute on 2 cores
 //! cargo run --release --example density -- --vms 16 --vm-mib 128 --seconds 20 --threads 4
 //! cargo run --release --features linux --example density -- --real   # real memory, RSS
+//! cargo run --release --example density -- --kvm     # real guests on KVM (a clone, root)
 //! ```
 //!
 //! VMs (regions of guest memory) boot the same OS image, then run an application that
@@ -19,8 +20,13 @@
 //! (`--docs-plot` regenerates the committed `docs/density.svg`).
 //!
 //! The modules are in `examples/density/`; `tests/density_demo.rs` runs them on a tiny
-//! configuration. Exit status: 0 done, 1 failed, 2 bad flags, 3 `--real` cannot run here
-//! (no `linux` feature, or no userfaultfd write-protect; the message says which).
+//! configuration. Exit status: 0 done, 1 failed, 2 bad flags, 3 `--real` or `--kvm` cannot
+//! run here (no `linux` feature, or no userfaultfd write-protect; no KVM VMM in this build
+//! (the packaged crate), no usable `/dev/kvm`, or no guest; the message says which).
+//!
+//! With `--kvm` the VMs are real guests: kvm-vmm's VMM and bare-metal guest (the
+//! workspace's `crates/kvm-vmm`, not published), their vCPUs writing guest RAM through
+//! KVM, under no engine, Linux KSM and PPR + PageONE (see `density/kvm.rs`).
 
 #[path = "density/cpu.rs"]
 mod cpu;
@@ -30,6 +36,8 @@ mod demo;
 mod engine;
 #[path = "density/host.rs"]
 mod host;
+#[path = "density/kvm.rs"]
+mod kvm;
 #[path = "density/options.rs"]
 mod options;
 #[path = "density/plan.rs"]
@@ -61,7 +69,14 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let result = if opts.real {
+    let result = if opts.kvm {
+        if let Err(why) = kvm::check() {
+            eprintln!("density: {why}");
+            // Not a failure of the demo: this machine or build cannot run it.
+            std::process::exit(3);
+        }
+        kvm::run_all(&opts)
+    } else if opts.real {
         if let Err(why) = real::check() {
             eprintln!("density: {why}");
             // Not a failure of the demo: this machine or build cannot run it.

@@ -14,6 +14,8 @@ mod demo;
 mod engine;
 #[path = "../examples/density/host.rs"]
 mod host;
+#[path = "../examples/density/kvm.rs"]
+mod kvm;
 #[path = "../examples/density/options.rs"]
 mod options;
 #[path = "../examples/density/plan.rs"]

@@ -1,6 +1,7 @@
 //! The whole demo over one kind of memory: the three set-ups, the sweep, the tables and
 //! the plot.
 
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -26,12 +27,61 @@ pub struct Report {
     pub svg: PathBuf,
 }
 
+/// Where the demo's runs happen: guests of this process over a memory ([`OnHost`]), or
+/// (`--kvm`) real guests on KVM.
+pub trait Backend {
+    /// What the VMs run on, for the output.
+    fn name() -> &'static str;
+    /// The same, in two words (for the plot).
+    fn short() -> &'static str;
+    /// What "memory in use" is measured from, for the output.
+    fn measure() -> &'static str;
+    /// When memory is sampled, for the notes.
+    fn sampled() -> String;
+    /// How `setup` is configured, in words.
+    fn describe(setup: &Setup, clock: &crate::plan::Clock, threads: usize) -> String {
+        setup.describe(clock, threads)
+    }
+    /// Runs one set-up.
+    fn run(setup: Setup, p: &RunParams<'_>, progress: &mut Progress) -> Result<RunResult, String>;
+}
+
+/// The guests as threads of this process writing memory `H`.
+pub struct OnHost<H>(PhantomData<H>);
+
+impl<H: Host> Backend for OnHost<H> {
+    fn name() -> &'static str {
+        H::NAME
+    }
+
+    fn short() -> &'static str {
+        H::SHORT
+    }
+
+    fn measure() -> &'static str {
+        H::MEASURE
+    }
+
+    fn sampled() -> String {
+        format!("every {} ms of wall time", H::SAMPLE_EVERY.as_millis())
+    }
+
+    fn run(setup: Setup, p: &RunParams<'_>, progress: &mut Progress) -> Result<RunResult, String> {
+        run::run::<H>(setup, p, progress)
+    }
+}
+
 /// Runs the demo on memory `H`, printing as it goes.
 pub fn run_all<H: Host>(opts: &Options) -> Result<Report, String> {
+    run_on::<OnHost<H>>(opts)
+}
+
+/// Runs the demo on backend `B`, printing as it goes.
+pub fn run_on<B: Backend>(opts: &Options) -> Result<Report, String> {
     let began = Instant::now();
     let w = Workload::new(opts.vms, opts.vm_pages(), opts.seed);
     let clock = Clock::for_run(opts.seconds);
-    intro::<H>(opts, &w, &clock);
+    intro::<B>(opts, &w, &clock);
     let params = RunParams {
         workload: &w,
         clock,
@@ -51,7 +101,7 @@ pub fn run_all<H: Host>(opts: &Options) -> Result<Report, String> {
     );
     let mut main = Vec::new();
     for setup in setups {
-        main.push(one_run::<H>(setup, &params, opts, &mut progress)?);
+        main.push(one_run::<B>(setup, &params, opts, &mut progress)?);
     }
     println!();
     print!("{}", report::density_table(&main, &w));
@@ -67,17 +117,17 @@ pub fn run_all<H: Host>(opts: &Options) -> Result<Report, String> {
                     println!("  {:<20} (the run above)", setup.name());
                     sweep.push(done.clone());
                 }
-                None => sweep.push(one_run::<H>(setup, &params, opts, &mut progress)?),
+                None => sweep.push(one_run::<B>(setup, &params, opts, &mut progress)?),
             }
         }
         println!();
         print!("{}", report::sweep_table(&sweep, &w, &clock));
         println!();
     }
-    crate::plot::write(&opts.svg, &main, &w, &clock, H::SHORT)?;
+    crate::plot::write(&opts.svg, &main, &w, &clock, B::short())?;
     println!("Plot of memory over time: {}", opts.svg.display());
     println!();
-    notes::<H>(&clock);
+    notes::<B>(&clock);
     println!("Total wall time: {:.1} s", began.elapsed().as_secs_f64());
     Ok(Report {
         main,
@@ -87,7 +137,7 @@ pub fn run_all<H: Host>(opts: &Options) -> Result<Report, String> {
 }
 
 /// Runs one set-up and prints what it did.
-fn one_run<H: Host>(
+fn one_run<B: Backend>(
     setup: Setup,
     params: &RunParams<'_>,
     opts: &Options,
@@ -96,23 +146,23 @@ fn one_run<H: Host>(
     print!(
         "{}",
         wrap(
-            &setup.describe(&params.clock, opts.threads),
+            &B::describe(&setup, &params.clock, opts.threads),
             &format!("  {:<20} ", setup.name()),
             23
         )
     );
-    let r = run::run::<H>(setup, params, progress)?;
+    let r = B::run(setup, params, progress)?;
     println!("{}", report::run_line(&r));
     lag_warning(&r, params.workload, &params.clock);
     Ok(r)
 }
 
-fn intro<H: Host>(opts: &Options, w: &Workload, clock: &Clock) {
+fn intro<B: Backend>(opts: &Options, w: &Workload, clock: &Clock) {
     let pct = |p: u32| 100.0 * p as f64 / w.pages as f64;
     println!("dynamic-vm density demo: the 2017 density experiment, scaled to this machine");
     let field = |name: &str, text: String| print!("{}", wrap(&text, &format!("  {name:<10} "), 13));
-    field("memory:", H::NAME.to_string());
-    field("measured:", H::MEASURE.to_string());
+    field("memory:", B::name().to_string());
+    field("measured:", B::measure().to_string());
     field(
         "VMs:",
         format!(
@@ -172,9 +222,9 @@ fn lag_warning(r: &RunResult, w: &Workload, clock: &Clock) {
     }
 }
 
-fn notes<H: Host>(clock: &Clock) {
+fn notes<B: Backend>(clock: &Clock) {
     let text = format!(
-        "Notes: memory in use is sampled every {} ms of wall time; mean, low and peak are over \
+        "Notes: memory in use is sampled {}; mean, low and peak are over \
          the measured window only. Engine CPU is each engine thread's CPU time \
          (/proc/self/task/*/schedstat) over the window's wall time, in % of one core. Time is \
          compressed {:.0}x but the engines run at their real speed, so per second they see \
@@ -182,7 +232,7 @@ fn notes<H: Host>(clock: &Clock) {
          with each other, not with the 2017 percentages. \"merged\" counts the engine's merges, \
          zero-page merges included (PageONE re-protects recycled pages and merges them with \
          the zero page).",
-        H::SAMPLE_EVERY.as_millis(),
+        B::sampled(),
         clock.compression,
         clock.compression
     );

@@ -17,6 +17,8 @@ pub struct Options {
     pub threads: usize,
     /// Run on the Linux backend (real memory, real RSS) instead of the simulated memory.
     pub real: bool,
+    /// Run real guests on KVM (kvm-vmm's VMM and bare-metal guest) instead.
+    pub kvm: bool,
     /// Run the reclaim period × merge period sweep.
     pub sweep: bool,
     /// Print the live progress line.
@@ -38,6 +40,7 @@ impl Default for Options {
             seconds_given: false,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             real: false,
+            kvm: false,
             sweep: true,
             progress: true,
             svg: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/density.svg")),
@@ -52,6 +55,15 @@ impl Default for Options {
 /// need a less compressed schedule to keep up.
 pub const REAL_SECONDS: f64 = 30.0;
 
+/// `--seconds` with `--kvm` unless given: the guests' steps go through barrier rounds of
+/// all VMs (and on this project's paravirtual KVM a vCPU's page faults are costly).
+pub const KVM_SECONDS: f64 = 30.0;
+
+/// `--vms` with `--kvm` unless given: every VM is a vCPU thread, and the guests' first
+/// writes to pages the engines protected or recycled are page faults resolved in this
+/// process (on this project's 2-core machines, 8 VMs fall far behind the schedule).
+pub const KVM_VMS: u32 = 4;
+
 /// The help text.
 pub const USAGE: &str = "\
 cargo run --release --example density -- [FLAGS]
@@ -60,19 +72,22 @@ The 2017 density experiment, scaled down: VMs whose applications allocate and fr
 memory on a cycle, plus the same OS image in every VM, under three set-ups (raw, a
 KSM-like single-threaded dedup, PPR + PageONE), then a reclaim x merge period sweep.
 
-  --vms N         VMs per run (default 8)
+  --vms N         VMs per run (default 8, or 4 with --kvm)
   --vm-mib M      memory of each VM in MiB (default 64)
   --seconds S     wall seconds of each run, warm-up included (default 8, or 30 with
-                  --real; 6 runs by default); simulated time is compressed to fit
+                  --real or --kvm; 6 runs by default); simulated time is compressed to fit
   --threads T     PageONE work threads (default: the available cores)
   --real          run on the Linux backend (needs `--features linux`; real memory, RSS
                   read from /proc/self/smaps)
+  --kvm           run real guests on KVM: kvm-vmm's VMM and bare-metal guest (from a
+                  clone of the repository; needs /dev/kvm, the x86_64-unknown-none
+                  target, root); KSM-like is Linux KSM itself there
   --no-sweep      skip the reclaim x merge period sweep (3 runs instead of 6)
   --no-progress   no live progress line
   --svg PATH      where to write the plot (default target/density.svg, with --real
-                  target/density-real.svg)
+                  target/density-real.svg, with --kvm target/density-kvm.svg)
   --docs-plot     write the plot over the committed docs/density.svg (or, with --real,
-                  docs/density-real.svg): regenerating the README's plot
+                  docs/density-real.svg, with --kvm docs/density-kvm.svg)
   --seed N        workload seed (default 2017)
   -h, --help      this text";
 
@@ -90,6 +105,7 @@ impl Options {
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, ParseError> {
         let mut o = Options::default();
         let mut docs_plot = false;
+        let mut vms_given = false;
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             let mut value = |name: &str| {
@@ -98,7 +114,10 @@ impl Options {
             };
             match flag.as_str() {
                 "-h" | "--help" => return Err(ParseError::Help),
-                "--vms" => o.vms = number(&flag, &value(&flag)?, 1.0, 4096.0)? as u32,
+                "--vms" => {
+                    o.vms = number(&flag, &value(&flag)?, 1.0, 4096.0)? as u32;
+                    vms_given = true;
+                }
                 "--vm-mib" => o.vm_mib = number(&flag, &value(&flag)?, 1.0, 65536.0)? as u32,
                 "--seconds" => {
                     o.seconds = number(&flag, &value(&flag)?, 0.5, 86400.0)?;
@@ -111,19 +130,34 @@ impl Options {
                     o.svg_given = true;
                 }
                 "--real" => o.real = true,
+                "--kvm" => o.kvm = true,
                 "--docs-plot" => docs_plot = true,
                 "--no-sweep" => o.sweep = false,
                 "--no-progress" => o.progress = false,
                 other => return Err(ParseError::Bad(format!("unknown flag {other:?}"))),
             }
         }
-        if o.real && !o.seconds_given {
-            o.seconds = REAL_SECONDS;
+        if o.real && o.kvm {
+            return Err(ParseError::Bad(
+                "--real and --kvm exclude each other".into(),
+            ));
+        }
+        if !o.seconds_given {
+            if o.real {
+                o.seconds = REAL_SECONDS;
+            } else if o.kvm {
+                o.seconds = KVM_SECONDS;
+            }
+        }
+        if o.kvm && !vms_given {
+            o.vms = KVM_VMS;
         }
         if !o.svg_given {
             let dir = if docs_plot { "docs" } else { "target" };
             let file = if o.real {
                 "density-real.svg"
+            } else if o.kvm {
+                "density-kvm.svg"
             } else {
                 "density.svg"
             };
@@ -168,6 +202,11 @@ mod tests {
         let o = parse("--real --svg x.svg --seconds 3").unwrap();
         assert_eq!((o.seconds, o.svg.to_str()), (3.0, Some("x.svg")));
         assert!(parse("").unwrap().svg.ends_with("target/density.svg"));
+        let o = parse("--kvm").unwrap();
+        assert!(o.kvm && !o.real && o.svg.ends_with("target/density-kvm.svg"));
+        assert_eq!((o.seconds, o.vms), (KVM_SECONDS, KVM_VMS));
+        assert_eq!(parse("--kvm --vms 2").unwrap().vms, 2);
+        assert!(matches!(parse("--kvm --real"), Err(ParseError::Bad(_))));
         assert!(parse("--docs-plot")
             .unwrap()
             .svg

@@ -146,15 +146,16 @@ pub const REPORT_PPR_HOSTILE: u64 = 0x0666;
 /// ([`DENSITY_ZEROED`]: written with zeros), the page allocator's metadata (three `u32`
 /// per page: free stack, held stack, generation), then the allocator's pages
 /// ([`DENSITY_FREE`]), all freed through `on_free` at boot. The application then runs
-/// [`DENSITY_CYCLES`] cycles of `2 * steps` steps ([`DENSITY_STEPS`]): at step `t` it
-/// holds `peak * tri((t + phase) % (2 * steps)) / steps` pages ([`DENSITY_APP_PEAK`],
-/// [`DENSITY_PHASE`]; `tri(x) = min(x, 2 * steps - x)`), allocating (through `on_alloc`;
-/// each page must read zeros or exactly its last contents, then gets fresh unique
-/// contents) or freeing (each page first checked unchanged since it was written, then
+/// [`DENSITY_CYCLES`] cycles of `period = 2 * steps + idle` steps ([`DENSITY_STEPS`],
+/// [`DENSITY_IDLE`]): at step `t` it holds `peak * tri((t + phase) % period) / steps`
+/// pages ([`DENSITY_APP_PEAK`], [`DENSITY_PHASE`]; `tri(x) = min(x, 2 * steps - x)` for
+/// `x < 2 * steps`, else 0: a spike, then `idle` steps holding nothing), allocating
+/// (through `on_alloc`; each page must read zeros or exactly its last contents, then
+/// gets fresh unique contents) or freeing (each page first checked unchanged since it was written, then
 /// `on_free`) to get there, last allocated first freed. Each vCPU runs its share of
 /// every count over its own pages. After boot and after every step it calls
 /// [`CALL_ROUND`] (round 0, then the step number `t`), and after the last step it frees
-/// every page still held (round `cycles * 2 * steps + 1`). Every `2 * steps` steps and
+/// every page still held (round `cycles * period + 1`). Every `period` steps and
 /// at the end it re-reads the image, private and zeroed pages (each must hold what was
 /// written). Then it reports [`REPORT_DENSITY`].
 pub const WORKLOAD_DENSITY: u64 = 4;
@@ -183,6 +184,9 @@ pub const DENSITY_IMAGE_SEED: usize = 9;
 /// Index in [`Params::args`]: the allocator's pages, all vCPUs together (0: the rest of
 /// the data area). At least the peak.
 pub const DENSITY_FREE: usize = 10;
+/// Index in [`Params::args`]: steps per cycle after the spike in which the application
+/// holds nothing (0: the cycle is the spike alone).
+pub const DENSITY_IDLE: usize = 11;
 /// Report tag of [`WORKLOAD_DENSITY`] (one per vCPU). Values, in order: pages
 /// allocated by the application, pages it freed (boot-time frees not counted), of the
 /// allocations those that read zeros, those that read their last contents intact, pages

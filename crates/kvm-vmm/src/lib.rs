@@ -13,8 +13,8 @@
 //! vCPU, each on its own host thread. The guest talks through port I/O: a console, calls
 //! with 64-bit arguments (reports of results, a round barrier, registrations) that a
 //! [`CallHook`] may answer, and a done port. [`run_all`] runs several VMs in one
-//! process; one process per VM is not provided (a caller can run one VM per process
-//! itself).
+//! process; [`process`] runs one process per VM (the binary re-executed once per VM,
+//! each child's outcome sent back through a pipe).
 //!
 //! The bare-metal guest of this crate (`guest/`: `#![no_std]`, target
 //! `x86_64-unknown-none`, linked at [`abi::IMAGE_BASE`]) is built by the build script with
@@ -31,11 +31,14 @@
 //! and under Linux KSM, and prints memory, merged pages, engine CPU, mismatches and the
 //! guests' write throughput side by side (`docs/benchmarks.md`, "The engines on real
 //! vCPUs"); `examples/density_on_kvm.rs` runs the density workload with no engine, KSM,
-//! PageONE, the PPR recycler and PPR + PageONE ("The density workload on real vCPUs").
+//! PageONE, the PPR recycler and PPR + PageONE ("The density workload on real vCPUs");
+//! `examples/vms_in_processes.rs` runs checker VMs one process each ([`process`]).
 //! What they and the tests set up around the VMs is [`harness`] (skipping where the
 //! machine cannot run them, guest RAM adopted by the Linux backend, the PPR pools
 //! registered with a recycler, engine threads); the examples' measurements are [`host`]
-//! (`/proc` figures) and [`ksm`] (Linux KSM's knobs).
+//! (`/proc` figures) and [`ksm`] (Linux KSM's knobs). The density experiment's runs
+//! ([`density::run`]) are shared by `density_on_kvm` and the repository's density demo
+//! (`cargo run --release --example density -- --kvm`).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -66,11 +69,13 @@
 
 pub mod abi;
 pub mod barrier;
+pub mod density;
 mod error;
 pub mod harness;
 pub mod host;
 pub mod image;
 pub mod ksm;
+pub mod process;
 mod vm;
 pub mod workload;
 

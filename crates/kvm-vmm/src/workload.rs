@@ -145,6 +145,9 @@ pub struct Density {
     pub free: u64,
     /// Steps up (and as many down) per cycle; a [`abi::CALL_ROUND`] after each.
     pub steps: u64,
+    /// Steps per cycle after the spike, in which the application holds nothing (0: the
+    /// cycle is the spike alone).
+    pub idle: u64,
     /// Application cycles.
     pub cycles: u64,
     /// The VM's phase, in steps into the cycle.
@@ -172,6 +175,7 @@ impl Density {
             app_peak: frac(0.75),
             free: 0,
             steps,
+            idle: 0,
             cycles,
             phase: 0,
             seed: 1,
@@ -204,6 +208,7 @@ impl Density {
         a[abi::DENSITY_SEED] = self.seed;
         a[abi::DENSITY_IMAGE_SEED] = self.image_seed;
         a[abi::DENSITY_FREE] = self.free;
+        a[abi::DENSITY_IDLE] = self.idle;
         a
     }
 
@@ -214,10 +219,15 @@ impl Density {
             .workload(abi::WORKLOAD_DENSITY, self.args(mem_size))
     }
 
+    /// Steps per cycle: the spike's `2 * steps` and the idle steps.
+    pub fn period(&self) -> u64 {
+        2 * self.steps.max(1) + self.idle
+    }
+
     /// The barrier rounds the guest calls: 0 after boot, `1..=last_round() - 1` after
     /// each step, `last_round()` after the final frees.
     pub fn last_round(&self) -> u64 {
-        self.cycles * 2 * self.steps.max(1) + 1
+        self.cycles * self.period() + 1
     }
 
     /// The workload's reports in `outcome`, summed (`None`: no vCPU reported).

@@ -1,4 +1,6 @@
 //! What the examples share: their numeric flags, and every set-up run a number of times.
+// Each example uses its own part.
+#![allow(dead_code)]
 
 /// Sets each flag of `flags` given on the command line as `--name N`. Panics on a flag
 /// without a number or an unknown flag.

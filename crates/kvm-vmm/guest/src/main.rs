@@ -563,9 +563,13 @@ impl Meta {
     }
 }
 
-/// Pages the application holds at step `t`.
-fn density_target(peak: u64, steps: u64, phase: u64, t: u64) -> u64 {
-    let x = (t + phase) % (2 * steps);
+/// Pages the application holds at step `t`: a triangle of `2 * steps` steps, then
+/// `idle` steps holding nothing, per cycle.
+fn density_target(peak: u64, steps: u64, idle: u64, phase: u64, t: u64) -> u64 {
+    let x = (t + phase) % (2 * steps + idle);
+    if x >= 2 * steps {
+        return 0;
+    }
     peak * x.min(2 * steps - x) / steps
 }
 
@@ -585,6 +589,8 @@ fn density(p: &Params, cpu: u64) -> u32 {
         a[abi::DENSITY_STEPS].max(1),
         a[abi::DENSITY_CYCLES],
     );
+    let idle = a[abi::DENSITY_IDLE];
+    let period = 2 * steps + idle;
     let (phase, seed, image_seed) = (
         a[abi::DENSITY_PHASE],
         a[abi::DENSITY_SEED],
@@ -732,13 +738,13 @@ fn density(p: &Params, cpu: u64) -> u32 {
 
     let (mut allocs, mut frees, mut zeros, mut intact, mut busy) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut work_cycles = 0u64;
-    let total = cycles * 2 * steps;
+    let total = cycles * period;
     for t in 1..=total + 1 {
         let w0 = rdtsc();
         let target = if t > total {
             0
         } else {
-            density_target(my_peak, steps, phase, t)
+            density_target(my_peak, steps, idle, phase, t)
         };
         while n_held < target && n_free > 0 {
             n_free -= 1;
@@ -787,7 +793,7 @@ fn density(p: &Params, cpu: u64) -> u32 {
             frees += 1;
             free_page(i, &mut n_free, &mut offered, &mut not_offered);
         }
-        if t % (2 * steps) == 0 || t > total {
+        if t % period == 0 || t > total {
             check_os(&mut corrupt);
         }
         work_cycles += rdtsc() - w0;
