@@ -395,6 +395,7 @@ impl<M: PageMemory + 'static> Shared<M> {
             claims: &self.claims,
             on_event: self.config.on_event.as_ref(),
             uniques: &self.uniques,
+            alone: self.config.work_threads.max(1) == 1,
             in_place: self.config.unique_in_place,
             chunks: &self.chunks,
             first_chunk: &self.first_chunk,

@@ -78,14 +78,17 @@ pub(crate) struct Chunk<F> {
     /// Whether the last merge pass over this chunk changed nothing and left nothing
     /// pending (see [`Tally::quiet`]).
     pub(crate) quiet: AtomicBool,
-    /// One bit per page: a unique page of this chunk whose twin was found (and made
-    /// canonical) by a pass over another page. Set by any thread, taken by the thread
-    /// that holds the chunk.
-    twins: [AtomicU64; TWIN_WORDS],
+    /// Unique pages of this chunk whose twin another page found and made canonical:
+    /// (index in the chunk, the canonical page to merge with; `None` if making the twin
+    /// canonical failed and the page is to be looked up again). Filled by any thread,
+    /// taken by the thread that holds the chunk.
+    twins: Mutex<Vec<Twin<F>>>,
+    /// Whether `twins` may hold anything.
+    has_twins: AtomicBool,
 }
 
-/// Words of twin flags per chunk.
-const TWIN_WORDS: usize = CHUNK_PAGES as usize / 64;
+/// A unique page whose twin was found: (index in the chunk, the twin's canonical page).
+type Twin<F> = (u32, Option<Arc<Canon<F>>>);
 
 impl<F> Chunk<F> {
     pub(crate) fn new(region: RegionId, domain: DomainId, first: u32, pages: u32) -> Self {
@@ -99,34 +102,35 @@ impl<F> Chunk<F> {
             watched: AtomicU32::new(0),
             parked: AtomicU32::new(0),
             quiet: AtomicBool::new(false),
-            twins: Default::default(),
+            twins: Mutex::new(Vec::new()),
+            has_twins: AtomicBool::new(false),
         }
     }
 
-    /// Flags page `i` of the chunk: its twin is canonical now.
-    fn flag_twin(&self, i: u32) {
-        self.twins[i as usize / 64].fetch_or(1 << (i % 64), Ordering::AcqRel);
+    /// Tells page `i` of the chunk that its twin is canonical now (as `canon`).
+    fn flag_twin(&self, i: u32, canon: Option<Arc<Canon<F>>>) {
+        self.twins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((i, canon));
+        self.has_twins.store(true, Ordering::Release);
     }
 
     /// Whether any page of the chunk is flagged.
     pub(crate) fn has_twins(&self) -> bool {
-        self.twins.iter().any(|w| w.load(Ordering::Acquire) != 0)
+        self.has_twins.load(Ordering::Acquire)
     }
 
-    /// Takes the flags: the pages flagged since the last call, in order.
-    fn take_twins(&self) -> Vec<u32> {
-        let mut out = Vec::new();
-        for (n, w) in self.twins.iter().enumerate() {
-            let mut bits = if w.load(Ordering::Relaxed) == 0 {
-                0
-            } else {
-                w.swap(0, Ordering::AcqRel)
-            };
-            while bits != 0 {
-                out.push(n as u32 * 64 + bits.trailing_zeros());
-                bits &= bits - 1;
-            }
+    /// Takes the flagged pages, in page order.
+    fn take_twins(&self) -> Vec<Twin<F>> {
+        if !self.has_twins() {
+            return Vec::new();
         }
+        let mut twins = self.twins.lock().unwrap_or_else(|e| e.into_inner());
+        self.has_twins.store(false, Ordering::Relaxed);
+        let mut out = std::mem::take(&mut *twins);
+        drop(twins);
+        out.sort_by_key(|t| t.0);
         out
     }
 
@@ -400,6 +404,9 @@ pub(crate) struct Ctx<'a, M: PageMemory> {
     pub(crate) claims: &'a Claims,
     pub(crate) on_event: Option<&'a EventHook>,
     pub(crate) uniques: &'a Uniques,
+    /// Whether this is the engine's only work thread (passes never overlap, so then no
+    /// other thread touches the trees: claims are not needed).
+    pub(crate) alone: bool,
     /// Whether unique pages are indexed where they are (else made canonical at once).
     pub(crate) in_place: bool,
     /// Every chunk, and the first chunk of each region: where twin flags go.
@@ -574,43 +581,65 @@ impl<M: PageMemory> Ctx<'_, M> {
 
     /// Merges the unique pages of `chunk` flagged since the last call: pages indexed in
     /// place whose twin another page found and made canonical (see [`Uniques`]). Each is
-    /// handled as a stable page again: looked up (it finds its twin's canonical page) and
-    /// merged, or, if its contents differ after all, indexed again.
+    /// merged with its twin's canonical page at once, without being read or looked up
+    /// (the backend compares it in full as it merges: a page that differs after all, an
+    /// unlikely collision of prints, is treated as written). A page whose twin could not
+    /// be made canonical, or whose canonical page is full or gone, is handled as a stable
+    /// page again: looked up, and merged or indexed again.
     fn merge_twins(
         &self,
         chunk: &Chunk<M::Frame>,
         entries: &mut [PageEntry<M::Frame>],
         t: &mut Tally,
     ) {
+        let twins = chunk.take_twins();
+        if twins.is_empty() {
+            return;
+        }
+        let mut batch = Batch::default();
         let mut stable = Vec::new();
-        for i in chunk.take_twins() {
+        for (i, canon) in twins {
             let page = PageId::new(chunk.region, chunk.first + i);
             let e = &mut entries[i as usize];
             self.notice_writes(e, page, chunk.domain, t);
-            if let Phase::Unique { token, print } = e.phase {
-                self.uniques.remove(print, page);
-                self.counters.pages_unique.fetch_sub(1, Ordering::Relaxed);
-                e.phase = Phase::Watch {
-                    token,
-                    periods: self.stable_periods,
-                };
-                stable.push((i, token));
+            let Phase::Unique { token, print } = e.phase else {
+                continue;
+            };
+            self.uniques.remove(print, page);
+            self.counters.pages_unique.fetch_sub(1, Ordering::Relaxed);
+            e.phase = Phase::Watch {
+                token,
+                periods: self.stable_periods,
+            };
+            match canon {
+                Some(c)
+                    if c.sharers.load(Ordering::Relaxed) > 0
+                        && self.canons.has_room(
+                            &c,
+                            1 + batch.pending.iter().filter(|p| Arc::ptr_eq(p, &c)).count() as u32,
+                        ) =>
+                {
+                    batch.pending.push(c.clone());
+                    batch.merges.push((i, token, Some(c)));
+                }
+                _ => stable.push((i, token)),
             }
         }
+        self.flush(chunk, entries, &mut batch, t);
         if !stable.is_empty() {
             self.merge_stable(chunk, entries, &stable, t, true);
         }
     }
 
-    /// Tells the unique page `page` that its twin is canonical now.
-    fn flag_twin(&self, page: PageId) {
+    /// Tells the unique page `page` that its twin is canonical now (as `canon`).
+    fn flag_twin(&self, page: PageId, canon: Option<Arc<Canon<M::Frame>>>) {
         let Some(&first) = self.first_chunk.get(&page.region) else {
             return;
         };
         let c = first + (page.index / CHUNK_PAGES) as usize;
         if let Some(ch) = self.chunks.get(c) {
             if ch.region == page.region && page.index >= ch.first {
-                ch.flag_twin(page.index - ch.first);
+                ch.flag_twin(page.index - ch.first, canon);
             }
         }
     }
@@ -644,12 +673,19 @@ impl<M: PageMemory> Ctx<'_, M> {
                     }
                     return;
                 }
-                Pair::Twin(twin) => batch.twins.push(twin.page),
+                Pair::Twin(twin) => {
+                    batch.prints.push(print);
+                    batch.vacant.push((page, token));
+                    batch.claims.push(claim);
+                    batch.twins.push(Some(twin.page));
+                    return;
+                }
             }
         }
         batch.prints.push(print);
         batch.vacant.push((page, token));
         batch.claims.push(claim);
+        batch.twins.push(None);
     }
 
     /// The page changed (or was refused): skip it for 1, 2, 4, ... passes, doubling with
@@ -738,6 +774,11 @@ impl<M: PageMemory> Ctx<'_, M> {
                             let e = &mut entries[i as usize];
                             self.vacant(e, &mut batch, id(i), token, print, claimed.take(), t);
                         }
+                        // One work thread: nobody else inserts, so no claim is needed.
+                        Found::Vacant if self.alone => {
+                            let e = &mut entries[i as usize];
+                            self.vacant(e, &mut batch, id(i), token, print, None, t);
+                        }
                         Found::Vacant => match self.claims.claim(Claims::key(print, group)) {
                             // Look again holding the claim: an equal page inserted by the
                             // thread that held it before is seen now.
@@ -801,9 +842,12 @@ impl<M: PageMemory> Ctx<'_, M> {
         if !vacant.is_empty() {
             let frames = self.memory.canonicalize_batch(&vacant);
             let mut late = false;
-            for ((&(page, token), r), claim) in vacant.iter().zip(frames).zip(claims) {
+            let items = vacant.iter().zip(frames).zip(claims).zip(twins);
+            for (((&(page, token), r), claim), twin) in items {
                 let i = page.index - chunk.first;
                 let e = &mut entries[i as usize];
+                // The canonical page the twin (if any) is to merge with.
+                let mut made = None;
                 match r {
                     Err(err) => self.refused(e, &err, t),
                     Ok(frame) => {
@@ -811,6 +855,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                         t.canonicalized += 1;
                         match self.canons.insert(domain, frame, self.counters) {
                             Ok(mine) => {
+                                made = Some(mine.clone());
                                 e.phase = Phase::Canonical { token, canon: mine };
                                 e.backoff = 0;
                                 e.parked = false;
@@ -820,6 +865,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                             Err(other) => {
                                 t.insert_races += 1;
                                 self.counters.insert_races.fetch_add(1, Ordering::Relaxed);
+                                made = Some(other.clone());
                                 to_merge.push((i, token, Some(other)));
                                 late = true;
                             }
@@ -830,16 +876,16 @@ impl<M: PageMemory> Ctx<'_, M> {
                 if let Some(slot) = claim {
                     self.claims.release(slot);
                 }
+                // The twin merges with the new canonical page (or, if there is none, is
+                // looked up again).
+                if let Some(twin) = twin {
+                    self.flag_twin(twin, made);
+                }
             }
             // Keep page order, so the backend sees runs.
             if late {
                 to_merge.sort_by_key(|m| m.0);
             }
-        }
-        // After the inserts: a flagged twin looks its page up and finds its canonical
-        // page (or, if that failed, is indexed again).
-        for page in twins {
-            self.flag_twin(page);
         }
         if to_merge.is_empty() {
             return;
@@ -970,8 +1016,9 @@ struct Batch<F> {
     pending: Vec<Arc<Canon<F>>>,
     /// Fingerprints of the pages in `vacant`.
     prints: Vec<u64>,
-    /// Unique pages whose twins are in `vacant`: flagged once those are canonical.
-    twins: Vec<PageId>,
+    /// For each page of `vacant`, the unique page it is the twin of (if any): told once
+    /// the page is canonical.
+    twins: Vec<Option<PageId>>,
 }
 
 impl<F> Default for Batch<F> {
