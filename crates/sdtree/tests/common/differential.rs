@@ -1,4 +1,4 @@
-//! Differential test of [`sdtree::SdMap`] and [`sdtree::SdTree`] against
+//! Differential test of [`sdtree::base::SdMap`] and [`sdtree::base::SdTree`] against
 //! `std::collections::BTreeMap`, driven by arbitrary bytes.
 //!
 //! Shared by the cargo-fuzz target `fuzz/fuzz_targets/differential.rs`, by the test
@@ -6,6 +6,14 @@
 //! crate, which replays the checked-in corpus under plain `cargo test --workspace`.
 //! [`run`] never panics because of its input: it only panics when the tree and the model
 //! disagree.
+//!
+//! The map and the tree each run on a crossbeam-epoch collector of their own, pinned per
+//! operation, through the wrappers in `private.rs` (the API of `sdtree::SdMap` and
+//! `sdtree::SdTree`, which pin the default collector): each input then frees all it
+//! allocated, so libFuzzer's leak check stays idle. The whole map or tree is compared with
+//! the model at the iteration operations and at the end, in place (no key is copied), and
+//! `len` after every operation; a program runs up to [`MAX_OPS`] operations, so the
+//! fuzzer's speed depends mostly on how long its inputs are (see the target's docs).
 //!
 //! # Input format
 //! The same input is read twice, from its first byte each time: once as a map program and
@@ -69,7 +77,17 @@
 
 use std::collections::BTreeMap;
 
-use sdtree::{Insert, SdMap, SdTree};
+use sdtree::Insert;
+
+// `tests/fuzz_inputs.rs` includes both checkers, so this file is loaded twice there.
+#[allow(clippy::duplicate_mod)]
+#[path = "private.rs"]
+mod private;
+
+// `sdtree::SdMap` and `sdtree::SdTree`'s API over the `base` types on a collector of their
+// own, pinned per operation (see `private.rs`: each input then frees all it allocated, and
+// libFuzzer's leak check stays idle).
+use private::{SdMap, SdTree};
 
 /// The most operations one program runs, so that one input stays fast.
 pub const MAX_OPS: usize = 2000;
@@ -147,24 +165,29 @@ fn show(key: &[u8]) -> String {
     }
 }
 
-/// Every entry of `map` in iteration order must be the model's, in the model's order.
+/// Every entry of `map` in iteration order must be the model's, in the model's order
+/// (compared in place: no key is copied unless the check fails).
 fn check_map_contents(map: &SdMap<Vec<u8>, u32>, model: &BTreeMap<Vec<u8>, u32>, i: usize) {
-    let mut got: Vec<(Vec<u8>, u32)> = Vec::with_capacity(model.len());
-    map.for_each(|k, v| got.push((k.clone(), *v)));
-    let want: Vec<(Vec<u8>, u32)> = model.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    if got != want {
-        let first = got
-            .iter()
-            .zip(&want)
-            .position(|(a, b)| a != b)
-            .unwrap_or(got.len().min(want.len()));
+    let mut want = model.iter();
+    let mut got_len = 0;
+    // The first entry that differs: its index, what the map and the model have there.
+    type Entry = Option<(String, u32)>;
+    let mut first: Option<(usize, Entry, Entry)> = None;
+    map.for_each(|k, v| {
+        let w = want.next();
+        if first.is_none() && w != Some((k, v)) {
+            first = Some((got_len, Some((show(k), *v)), w.map(|(k, v)| (show(k), *v))));
+        }
+        got_len += 1;
+    });
+    if first.is_none() && got_len != model.len() {
+        first = Some((got_len, None, want.next().map(|(k, v)| (show(k), *v))));
+    }
+    if let Some((first, got, want)) = first {
         panic!(
             "map op {i}: for_each differs from the model at entry {first}: \
-             got {} entries, model {}; got {:?}, model {:?}",
-            got.len(),
-            want.len(),
-            got.get(first).map(|(k, v)| (show(k), v)),
-            want.get(first).map(|(k, v)| (show(k), v)),
+             got {got_len} entries, model {}; got {got:?}, model {want:?}",
+            model.len(),
         );
     }
     assert_eq!(map.len(), model.len(), "map op {i}: len");
@@ -293,7 +316,8 @@ fn run_map(data: &[u8]) {
 
 /// Every handle of `tree` in iteration order must be the model's, in the model's order.
 fn check_tree_contents(tree: &SdTree<Vec<Vec<u8>>>, model: &BTreeMap<Vec<u8>, usize>, i: usize) {
-    let got: Vec<usize> = tree.iter().collect();
+    let mut got: Vec<usize> = Vec::with_capacity(model.len());
+    tree.for_each(|h| got.push(h));
     let want: Vec<usize> = model.values().copied().collect();
     if got != want {
         let first = got

@@ -4,11 +4,12 @@
 //! Shared by the cargo-fuzz target `fuzz/fuzz_targets/differential_short.rs`, by
 //! `tests/fuzz_inputs.rs` (hand-written inputs) and by the workspace's `fuzz-corpus` crate,
 //! which replays `fuzz/corpus/differential_short/`. Unlike `differential.rs` (keys up to
-//! 597 bytes, up to 2000 operations per program, whole-map checks after every operation),
-//! each operation here checks only the key it touched and `len`, the whole map is compared
-//! once at the end (and at the explicit iteration operation), and a program runs at most
-//! [`MAX_OPS`] operations, so that an input costs microseconds and the fuzzer reaches
-//! millions of executions. [`run`] only panics when the map and the model disagree.
+//! 597 bytes, up to 2000 operations per program, a map program and a tree program per
+//! input), keys here are short and one map program runs at most [`MAX_OPS`] operations;
+//! as there, each operation checks the key it touched and `len`, and the whole map is
+//! compared at the explicit iteration operation and at the end. An input costs a fraction
+//! of a millisecond and the fuzzer reaches millions of executions. [`run`] only panics when
+//! the map and the model disagree.
 //!
 //! # Input format
 //! A sequence of operations, each one byte `op` and then a key; the program ends where an
@@ -32,58 +33,16 @@
 
 use std::collections::BTreeMap;
 
-use sdtree::base::{self, MapInsert};
-use sdtree::epoch::{Collector, LocalHandle};
 use sdtree::Insert;
 
-/// `base::SdMap` on a collector of its own, pinned per operation. A private collector
-/// (rather than the default one `sdtree::SdMap` pins) frees every retired entry when the
-/// program's map is dropped, so each input frees all it allocated: libFuzzer's leak check
-/// (LeakSanitizer, which it runs after every input whose mallocs outnumber its frees) then
-/// stays idle, where with the default collector's deferred garbage it scanned the heap on
-/// nearly every input (70 executions per second instead of thousands).
-struct SdMap {
-    map: base::SdMap<Vec<u8>, u32>,
-    handle: LocalHandle,
-}
+// `tests/fuzz_inputs.rs` includes both checkers, so this file is loaded twice there.
+#[allow(clippy::duplicate_mod)]
+#[path = "private.rs"]
+mod private;
 
-impl SdMap {
-    fn new() -> Self {
-        let collector = Collector::new();
-        let handle = collector.register();
-        SdMap {
-            map: base::SdMap::new(collector),
-            handle,
-        }
-    }
-    fn insert_or_get(&self, key: Vec<u8>, value: u32) -> Insert<u32> {
-        match self.map.insert_or_get(key, value, &self.handle.pin()) {
-            MapInsert::Inserted(_) => Insert::Inserted,
-            MapInsert::Present { existing, .. } => Insert::Present(*existing),
-            MapInsert::Refused { .. } => Insert::Refused,
-        }
-    }
-    fn get(&self, key: &[u8]) -> Option<u32> {
-        self.map.get(key, &self.handle.pin()).copied()
-    }
-    fn contains_key(&self, key: &[u8]) -> bool {
-        self.get(key).is_some()
-    }
-    fn remove(&self, key: &[u8]) -> Option<u32> {
-        self.map.remove(key, &self.handle.pin()).copied()
-    }
-    fn remove_if(&self, key: &[u8], pred: impl FnMut(&u32) -> bool) -> Option<u32> {
-        self.map.remove_if(key, pred, &self.handle.pin()).copied()
-    }
-    fn for_each(&self, mut f: impl FnMut(&Vec<u8>, &u32)) {
-        for (k, v) in self.map.iter(&self.handle.pin()) {
-            f(k, v);
-        }
-    }
-    fn len(&self) -> usize {
-        self.map.len()
-    }
-}
+/// `base::SdMap` on a collector of its own, pinned per operation (see `private.rs`: each
+/// input then frees all it allocated, and libFuzzer's leak check stays idle).
+type SdMap = private::SdMap<Vec<u8>, u32>;
 
 /// The most operations one program runs.
 pub const MAX_OPS: usize = 256;
