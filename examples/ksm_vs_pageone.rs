@@ -360,14 +360,7 @@ fn run_ksm(workload: &Workload, a: &Args, ksmd: u32) -> Run {
         ksm::num("full_scans")
     );
     // Unmerge and stop, then give the memory back.
-    ksm::put("run", "2");
-    let t1 = Instant::now();
-    while ksm::num("pages_shared") + ksm::num("pages_sharing") > 0
-        && t1.elapsed() < Duration::from_secs(120)
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    ksm::put("run", "0");
+    ksm::unmerge_and_stop(Duration::from_secs(120), Duration::from_millis(10));
     for (&b, &len) in bases.iter().zip(&lens) {
         // SAFETY: our own mapping, not used after this.
         unsafe { rustix::mm::munmap(b.cast(), len) }.expect("munmap");

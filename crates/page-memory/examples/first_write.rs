@@ -311,14 +311,7 @@ fn run_ksm(n: usize, gap: Duration, round: u64) -> Option<(Vec<u64>, Vec<u64>)> 
     });
     munmap(base, 4 * n);
     // Unmerge whatever is left (nothing of ours: the mapping is gone) and stop.
-    ksm::put("run", "2");
-    let t1 = Instant::now();
-    while ksm::num("pages_shared") + ksm::num("pages_sharing") > 0
-        && t1.elapsed() < Duration::from_secs(30)
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    ksm::put("run", "0");
+    ksm::unmerge_and_stop(Duration::from_secs(30), Duration::from_millis(5));
     if !merged {
         eprintln!(
             "  ksm: only {} of {want} pages merged in 120 s",

@@ -1,11 +1,13 @@
 //! Linux KSM through its sysfs knobs (`/sys/kernel/mm/ksm`), for measurements that run
 //! KSM beside the Linux backend: reading and writing the knobs, finding ksmd, telling
 //! whether someone else uses KSM, saving the knobs and writing them back when done
-//! ([`Restore`]), and the knob set-up of a comparison run ([`set_up_comparison`]).
+//! ([`Restore`]), the knob set-up of a comparison run ([`set_up_comparison`]), and
+//! unmerging after one ([`unmerge_and_stop`]).
 //!
 //! Writing the knobs needs root.
 
 use std::fs;
+use std::time::{Duration, Instant};
 
 /// Where KSM's knobs are.
 pub const SYSFS: &str = "/sys/kernel/mm/ksm";
@@ -126,6 +128,18 @@ impl Drop for Restore {
             let _ = write(k, v);
         }
     }
+}
+
+/// Unmerges everything (`run` = 2), waits until no page is merged (at most `limit`,
+/// polling every `poll`), then stops ksmd (`run` = 0). Panics if a knob cannot be
+/// written ([`put`]).
+pub fn unmerge_and_stop(limit: Duration, poll: Duration) {
+    put("run", "2");
+    let t = Instant::now();
+    while num("pages_shared") + num("pages_sharing") > 0 && t.elapsed() < limit {
+        std::thread::sleep(poll);
+    }
+    put("run", "0");
 }
 
 /// Sets KSM up for a comparison run: saves [`COMPARISON_KNOBS`] (written back when the
