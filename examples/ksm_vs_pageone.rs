@@ -51,11 +51,10 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use page_memory::linux::test_util::ksm;
 use page_memory::linux::{LinuxConfig, LinuxMemory};
 use page_memory::{DomainId, PAGE_SIZE};
 use pageone::{Config, PageOne};
-
-const KSM: &str = "/sys/kernel/mm/ksm";
 
 #[path = "../benches/support/dedup_data.rs"]
 mod dedup_data;
@@ -172,36 +171,6 @@ fn parse_args() -> Args {
 fn process_cpu() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-}
-
-fn ksm_read(knob: &str) -> String {
-    fs::read_to_string(format!("{KSM}/{knob}"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-fn ksm_num(knob: &str) -> u64 {
-    ksm_read(knob).parse().unwrap_or(0)
-}
-
-fn ksm_write(knob: &str, v: &str) {
-    if let Err(e) = fs::write(format!("{KSM}/{knob}"), v) {
-        panic!("writing {v} to {KSM}/{knob}: {e}");
-    }
-}
-
-/// The pid of ksmd.
-fn ksmd_pid() -> Option<u32> {
-    for e in fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ksmd") {
-            return Some(pid);
-        }
-    }
-    None
 }
 
 /// CPU time ksmd has used: `/proc/<pid>/schedstat` (nanoseconds), else `stat` (ticks).
@@ -340,12 +309,12 @@ fn run_ksm(workload: &Workload, a: &Args, ksmd: u32) -> Run {
     // Another KSM user may have started since the check in `main` (a benchmark of its
     // own): measuring now would count its pages, and our `run=2` and restore would
     // unmerge and stop its work. Leave at once, knobs as they are now.
-    if ksm_read("run") != "0" || ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 {
+    if ksm::read("run") != "0" || ksm::num("pages_shared") + ksm::num("pages_sharing") > 0 {
         println!("STOPPED: KSM came into use by another process (run != 0 or pages merged).");
         std::process::exit(2);
     }
-    ksm_write("pages_to_scan", &a.pages_to_scan.to_string());
-    ksm_write("sleep_millisecs", "0");
+    ksm::put("pages_to_scan", &a.pages_to_scan.to_string());
+    ksm::put("sleep_millisecs", "0");
     let cpu0 = ksmd_cpu(ksmd);
     let own0 = process_cpu();
     let t0 = Instant::now();
@@ -356,21 +325,21 @@ fn run_ksm(workload: &Workload, a: &Args, ksmd: u32) -> Run {
     }
     // Our own share: the madvise calls (not the polling below).
     let own = process_cpu() - own0;
-    let scans0 = ksm_num("full_scans");
-    ksm_write("run", "1");
+    let scans0 = ksm::num("full_scans");
+    ksm::put("run", "1");
     // Converged, or given up: 10 full scans (it needs 2 or 3), two full scans in a row
     // that merged nothing, or 10 minutes.
     let limit = Duration::from_secs(600);
     let (mut last_scan, mut sharing_at_scan, mut idle_scans) = (scans0, 0, 0);
-    while ksm_num("pages_sharing") < expected
+    while ksm::num("pages_sharing") < expected
         && t0.elapsed() < limit
         && last_scan < scans0 + 10
         && idle_scans < 2
     {
         std::thread::sleep(Duration::from_millis(5));
-        let scans = ksm_num("full_scans");
+        let scans = ksm::num("full_scans");
         if scans > last_scan {
-            let sharing = ksm_num("pages_sharing");
+            let sharing = ksm::num("pages_sharing");
             idle_scans = if sharing == sharing_at_scan && scans > scans0 + 1 {
                 idle_scans + scans - last_scan
             } else {
@@ -381,24 +350,17 @@ fn run_ksm(workload: &Workload, a: &Args, ksmd: u32) -> Run {
     }
     let wall = t0.elapsed();
     let cpu = (ksmd_cpu(ksmd) - cpu0) + own;
-    ksm_write("run", "0");
-    let merged = ksm_num("pages_sharing");
+    ksm::put("run", "0");
+    let merged = ksm::num("pages_sharing");
     let after = smaps(&ranges).1;
     eprintln!(
         "  ksm: pages_shared {} pages_sharing {} full_scans {}",
-        ksm_num("pages_shared"),
+        ksm::num("pages_shared"),
         merged,
-        ksm_num("full_scans")
+        ksm::num("full_scans")
     );
     // Unmerge and stop, then give the memory back.
-    ksm_write("run", "2");
-    let t1 = Instant::now();
-    while ksm_num("pages_shared") + ksm_num("pages_sharing") > 0
-        && t1.elapsed() < Duration::from_secs(120)
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    ksm_write("run", "0");
+    ksm::unmerge_and_stop(Duration::from_secs(120), Duration::from_millis(10));
     for (&b, &len) in bases.iter().zip(&lens) {
         // SAFETY: our own mapping, not used after this.
         unsafe { rustix::mm::munmap(b.cast(), len) }.expect("munmap");
@@ -493,25 +455,6 @@ fn run_pageone(workload: &Workload, a: &Args, threads: usize, copy: bool) -> Run
     }
 }
 
-/// KSM's knobs as they were; written back on drop (`run` last).
-struct Restore(Vec<(&'static str, String)>);
-
-impl Drop for Restore {
-    fn drop(&mut self) {
-        for (k, v) in self.0.iter().rev() {
-            let v = if *k == "advisor_mode" {
-                v.split('[')
-                    .nth(1)
-                    .and_then(|x| x.split(']').next())
-                    .unwrap_or("none")
-            } else {
-                v.as_str()
-            };
-            let _ = fs::write(format!("{KSM}/{k}"), v);
-        }
-    }
-}
-
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
@@ -538,20 +481,16 @@ fn main() {
         );
         return;
     }
-    if !rustix::process::geteuid().is_root() {
-        println!("SKIPPED: KSM's sysfs knobs ({KSM}) need root; run as root.");
+    if let Err(why) = ksm::available() {
+        println!("SKIPPED: {why}.");
         return;
     }
-    if !std::path::Path::new(KSM).exists() {
-        println!("SKIPPED: this kernel has no KSM ({KSM} is missing).");
-        return;
-    }
-    let Some(ksmd) = ksmd_pid() else {
+    let Ok(ksmd) = ksm::ksmd() else {
         println!("SKIPPED: no ksmd thread found.");
         return;
     };
-    if ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 || ksm_read("run") == "1" {
-        println!("SKIPPED: KSM is in use by another process (pages_shared > 0 or run = 1).");
+    if ksm::in_use() {
+        println!("SKIPPED: {}.", ksm::IN_USE);
         return;
     }
     if a.engines
@@ -563,37 +502,8 @@ fn main() {
             return;
         }
     }
-    let knobs = [
-        "run",
-        "pages_to_scan",
-        "sleep_millisecs",
-        "smart_scan",
-        "advisor_mode",
-        "max_page_sharing",
-        "use_zero_pages",
-    ];
     // Put every knob back as it was when we are done, even after a panic.
-    let _restore = Restore(
-        knobs
-            .iter()
-            .map(|&k| (k, ksm_read(k)))
-            .filter(|(_, v)| !v.is_empty())
-            .collect(),
-    );
-    // Knobs that only take effect while KSM is stopped with nothing merged.
-    ksm_write("run", "0");
-    for (k, v) in [
-        ("smart_scan", "0"),
-        ("use_zero_pages", "0"),
-        ("max_page_sharing", "256"),
-    ] {
-        if !ksm_read(k).is_empty() {
-            ksm_write(k, v);
-        }
-    }
-    if ksm_read("advisor_mode").contains('[') {
-        ksm_write("advisor_mode", "none");
-    }
+    let _restore = ksm::set_up_comparison();
 
     println!(
         "ksm pages_to_scan {}, sleep_millisecs 0, smart_scan 0, use_zero_pages 0, \

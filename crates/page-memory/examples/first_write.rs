@@ -34,16 +34,15 @@
 //! took meanwhile has no KSM row.
 //!
 //! ```text
-//! cargo run --release -p page-memory --features linux --example first_write -- \
+//! cargo run --release -p page-memory --features linux,test-util --example first_write -- \
 //!     [--pages 1000] [--rounds 5] [--gap-us 300] [--spins 0,50,max] [--no-ksm]
 //! ```
 use std::fs;
 use std::time::{Duration, Instant};
 
+use page_memory::linux::test_util::ksm::{self, Restore};
 use page_memory::linux::{LinuxConfig, LinuxMemory};
 use page_memory::{DomainId, MergeOutcome, PageId, PageMemory, PAGE_SIZE};
-
-const KSM: &str = "/sys/kernel/mm/ksm";
 
 struct Args {
     pages: usize,
@@ -108,42 +107,6 @@ fn cpu(clock: libc::clockid_t) -> Duration {
 /// CPU time of every thread but this one.
 fn others_cpu() -> Duration {
     cpu(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(cpu(libc::CLOCK_THREAD_CPUTIME_ID))
-}
-
-fn ksm_read(knob: &str) -> String {
-    fs::read_to_string(format!("{KSM}/{knob}"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-fn ksm_num(knob: &str) -> u64 {
-    ksm_read(knob).parse().unwrap_or(0)
-}
-
-fn ksm_write(knob: &str, v: &str) {
-    if let Err(e) = fs::write(format!("{KSM}/{knob}"), v) {
-        panic!("writing {v} to {KSM}/{knob}: {e}");
-    }
-}
-
-/// KSM's knobs as they were; written back on drop (`run` last).
-struct Restore(Vec<(&'static str, String)>);
-
-impl Drop for Restore {
-    fn drop(&mut self) {
-        for (k, v) in self.0.iter().rev() {
-            let v = if *k == "advisor_mode" {
-                v.split('[')
-                    .nth(1)
-                    .and_then(|x| x.split(']').next())
-                    .unwrap_or("none")
-            } else {
-                v.as_str()
-            };
-            let _ = fs::write(format!("{KSM}/{k}"), v);
-        }
-    }
 }
 
 /// A private anonymous mapping of `pages` pages (4 KiB pages, as `LinuxMemory` gives).
@@ -314,12 +277,12 @@ fn run_ours(
 /// KSM-merged pages: `(cold, burst)`, or `None` if ksmd did not merge them in time.
 fn run_ksm(n: usize, gap: Duration, round: u64) -> Option<(Vec<u64>, Vec<u64>)> {
     // Someone else may have started KSM since the last round: leave it alone.
-    if ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 || ksm_read("run") == "1" {
+    if ksm::in_use() {
         eprintln!("  ksm: in use by another process, round skipped");
         return None;
     }
-    ksm_write("pages_to_scan", &(8 * n).to_string());
-    ksm_write("sleep_millisecs", "0");
+    ksm::put("pages_to_scan", &(8 * n).to_string());
+    ksm::put("sleep_millisecs", "0");
     // [0, 2n) originals, [2n, 4n) their copies.
     let base = mmap_anon(4 * n);
     for i in 0..4 * n {
@@ -331,15 +294,15 @@ fn run_ksm(n: usize, gap: Duration, round: u64) -> Option<(Vec<u64>, Vec<u64>)> 
     // SAFETY: our own mapping; MADV_MERGEABLE only lets ksmd merge its pages.
     let r = unsafe { libc::madvise(base.cast(), 4 * n * PAGE_SIZE, libc::MADV_MERGEABLE) };
     assert_eq!(r, 0, "MADV_MERGEABLE");
-    ksm_write("run", "1");
+    ksm::put("run", "1");
     let t0 = Instant::now();
     let want = 2 * n as u64;
-    while ksm_num("pages_sharing") < want && t0.elapsed() < Duration::from_secs(120) {
+    while ksm::num("pages_sharing") < want && t0.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(5));
     }
     // Stopped (merged pages stay merged): ksmd does not scan while we write.
-    ksm_write("run", "0");
-    let merged = ksm_num("pages_sharing") >= want;
+    ksm::put("run", "0");
+    let merged = ksm::num("pages_sharing") >= want;
     let out = merged.then(|| {
         std::thread::sleep(Duration::from_millis(5));
         let cold = first_writes(&ptrs(base, 2 * n, n), gap);
@@ -348,18 +311,11 @@ fn run_ksm(n: usize, gap: Duration, round: u64) -> Option<(Vec<u64>, Vec<u64>)> 
     });
     munmap(base, 4 * n);
     // Unmerge whatever is left (nothing of ours: the mapping is gone) and stop.
-    ksm_write("run", "2");
-    let t1 = Instant::now();
-    while ksm_num("pages_shared") + ksm_num("pages_sharing") > 0
-        && t1.elapsed() < Duration::from_secs(30)
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    ksm_write("run", "0");
+    ksm::unmerge_and_stop(Duration::from_secs(30), Duration::from_millis(5));
     if !merged {
         eprintln!(
             "  ksm: only {} of {want} pages merged in 120 s",
-            ksm_num("pages_sharing")
+            ksm::num("pages_sharing")
         );
     }
     out
@@ -728,47 +684,13 @@ fn run_file_cow(n: usize, gap: Duration, round: u64) -> (Vec<u64>, Vec<u64>) {
 /// Takes KSM over for the run: its knobs as they were (written back when the result is
 /// dropped), or why not.
 fn claim_ksm(pages: usize) -> Result<Restore, String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(format!("KSM's sysfs knobs ({KSM}) need root; run as root"));
+    ksm::available()?;
+    if ksm::in_use() {
+        return Err(ksm::IN_USE.into());
     }
-    if !std::path::Path::new(KSM).exists() {
-        return Err(format!("this kernel has no KSM ({KSM} is missing)"));
-    }
-    if ksm_num("pages_shared") + ksm_num("pages_sharing") > 0 || ksm_read("run") == "1" {
-        return Err("KSM is in use by another process (pages_shared > 0 or run = 1)".into());
-    }
-    let knobs = [
-        "run",
-        "pages_to_scan",
-        "sleep_millisecs",
-        "smart_scan",
-        "advisor_mode",
-        "max_page_sharing",
-        "use_zero_pages",
-    ];
-    let restore = Restore(
-        knobs
-            .iter()
-            .map(|&k| (k, ksm_read(k)))
-            .filter(|(_, v)| !v.is_empty())
-            .collect(),
-    );
-    ksm_write("run", "0");
-    for (k, v) in [
-        ("smart_scan", "0"),
-        ("use_zero_pages", "0"),
-        ("max_page_sharing", "256"),
-    ] {
-        if !ksm_read(k).is_empty() {
-            ksm_write(k, v);
-        }
-    }
-    if ksm_read("advisor_mode").contains('[') {
-        ksm_write("advisor_mode", "none");
-    }
-    ksm_write("pages_to_scan", &(8 * pages).to_string());
-    ksm_write("sleep_millisecs", "0");
+    let restore = ksm::set_up_comparison();
+    ksm::put("pages_to_scan", &(8 * pages).to_string());
+    ksm::put("sleep_millisecs", "0");
     Ok(restore)
 }
 

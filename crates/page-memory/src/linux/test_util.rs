@@ -3,9 +3,12 @@
 //! where userfaultfd write-protect is unavailable, page contents made from a seed, guest
 //! writes and reads of them, usage printing, and mappings made and unmapped as an
 //! embedder would. With feature `vm-memory` too: a two-region `GuestMemoryMmap` and its
-//! dirty bitmap, for the vm-memory adapter's tests.
+//! dirty bitmap, for the vm-memory adapter's tests. [`ksm`]: Linux KSM's sysfs knobs, for
+//! the measurements that run KSM beside the backend.
 //!
 //! Test code: these helpers panic on the failures a test wants to see as panics.
+
+pub mod ksm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
