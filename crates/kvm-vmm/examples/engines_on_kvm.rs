@@ -23,7 +23,9 @@
 //! kernel faults, KSM's sysfs knobs) and no other KSM user; says what is missing and
 //! skips that set-up otherwise. Run with
 //! `cargo run --release -p kvm-vmm --example engines_on_kvm -- [--vms 4] [--mib 64]
-//! [--rounds 8] [--stride 8] [--period 1024] [--reps 1]`.
+//! [--rounds 8] [--stride 8] [--period 1024] [--reps 1] [--unchanged-first 0]`.
+//! `--unchanged-first 1` turns PageONE's `Config::unchanged_before_protect` on (pages are
+//! protected only once a pass found them unchanged since the previous one).
 
 mod common;
 
@@ -66,6 +68,7 @@ struct Args {
     stride: u64,
     period: u64,
     reps: u64,
+    unchanged_first: u64,
 }
 
 fn parse_args() -> Args {
@@ -76,6 +79,7 @@ fn parse_args() -> Args {
         stride: 8,
         period: 1024,
         reps: 1,
+        unchanged_first: 0,
     };
     common::parse_flags(&mut [
         ("--vms", &mut a.vms),
@@ -84,6 +88,7 @@ fn parse_args() -> Args {
         ("--stride", &mut a.stride),
         ("--period", &mut a.period),
         ("--reps", &mut a.reps),
+        ("--unchanged-first", &mut a.unchanged_first),
     ]);
     a
 }
@@ -172,8 +177,13 @@ fn run(setup: Setup, a: &Args, image: &GuestImage) -> Result<Row, String> {
                 guests.push(unsafe { harness::adopt(&adapter, vm, DomainId(0)) }?);
             }
             let engine = Arc::new(
-                PageOne::new(adapter.memory().clone(), Config::default().work_threads(1))
-                    .map_err(|e| e.to_string())?,
+                PageOne::new(
+                    adapter.memory().clone(),
+                    Config::default()
+                        .work_threads(1)
+                        .unchanged_before_protect(a.unchanged_first != 0),
+                )
+                .map_err(|e| e.to_string())?,
             );
             let (e, ad) = (engine.clone(), adapter.clone());
             *measure.lock().unwrap() = Some(Box::new(move || {

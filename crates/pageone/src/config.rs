@@ -57,6 +57,19 @@ pub struct Config {
     /// of its limit in use; see *Unique pages* and *The mapping budget* in the crate
     /// docs).
     pub unique_in_place: bool,
+    /// Protect a volatile page only once a pass found it unchanged since the previous pass
+    /// (equal prints of two reads: Linux KSM's checksum test), rather than at the first
+    /// pass that sees it volatile (default on). A page the guest keeps writing is then
+    /// never write-protected, so it never costs the guest a fault (on Linux a round trip
+    /// to the backend's fault thread, several times KSM's copy-on-write break); the price
+    /// is a read and a print of every volatile page each merge pass. The unchanged period
+    /// counts as the first of `stable_periods`, so a page written once still merges in the
+    /// same pass as without it (with `stable_periods` 1, one pass later). Off: every
+    /// volatile page is protected at once, which costs memory nobody writes about a
+    /// quarter less CPU to merge (no reads before protection) and costs guests that write
+    /// a fault per page per protection (`docs/benchmarks.md`, "The engines on real vCPUs":
+    /// the guests' writes ran at 0.03× their speed without an engine, 0.19–0.29× with).
+    pub unchanged_before_protect: bool,
     /// Called with every [`Event`] as it happens (on a work thread: keep it short). The
     /// same facts are in [`Stats`](crate::Stats) for an embedder that polls.
     pub on_event: Option<EventHook>,
@@ -112,6 +125,7 @@ impl Default for Config {
             joined_domains: Vec::new(),
             max_backoff: 7,
             unique_in_place: true,
+            unchanged_before_protect: true,
             on_event: None,
         }
     }
@@ -171,6 +185,13 @@ impl Config {
     #[must_use]
     pub fn unique_in_place(mut self, in_place: bool) -> Self {
         self.unique_in_place = in_place;
+        self
+    }
+
+    /// Sets the `unchanged_before_protect` field.
+    #[must_use]
+    pub fn unchanged_before_protect(mut self, on: bool) -> Self {
+        self.unchanged_before_protect = on;
         self
     }
 

@@ -21,9 +21,14 @@
 //! ```
 //!
 //! # Page life cycle
-//! Every page starts **volatile**. A merge pass write-protects volatile pages (**watch**).
-//! A watched page that stays unwritten for [`Config::stable_periods`] merge passes (two,
-//! as in the original: "observe for two periods, merge in the third") is merged:
+//! Every page starts **volatile**. A merge pass reads volatile pages, and write-protects
+//! (**watches**) those whose contents are what the previous pass read (Linux KSM's
+//! checksum test: [`Config::unchanged_before_protect`], on by default; off, every
+//! volatile page is protected at once). A page the guest keeps writing is so never
+//! protected and costs the guest no fault. A page that stays unwritten for
+//! [`Config::stable_periods`] merge passes (two, as in the original: "observe for two
+//! periods, merge in the third"; the unchanged period before protection counts as the
+//! first) is merged:
 //! - all zeros: it is mapped to the shared zero frame (no tree);
 //! - otherwise it is read (runs of pages at once, [`PageMemory::read_pages`]) and looked
 //!   up in the SD tree of canonical pages of its trust-domain group, whose keys are the
@@ -77,12 +82,14 @@
 //! the last merge pass over each chunk was quiet (with a `pages_per_pass` budget too).
 //!
 //! **How many passes a quiet memory needs.** With no guest writes, a page goes through
-//! one pass that protects it, `stable_periods - 1` passes that watch it and one that
+//! one pass that reads it, one that protects it (together its first stable period; one
+//! pass that protects it without `unchanged_before_protect`), `stable_periods - 2` passes
+//! that watch it (`stable_periods - 1` without) and one that
 //! merges it (or makes it canonical, or indexes it as unique: its twin, found later in
 //! the same pass, merges it before the pass returns), so memory that no pass has seen yet
-//! is merged by
-//! pass `stable_periods + 1` and reported quiet by pass `stable_periods + 2` (4 with the
-//! default two stable periods; with a budget, that many full rounds of chunks). A page
+//! is merged by pass `stable_periods + 1` and reported quiet by pass `stable_periods + 2`
+//! (4 with the default two stable periods; one more with `stable_periods` 1 and
+//! `unchanged_before_protect`; with a budget, that many full rounds of chunks). A page
 //! written meanwhile starts again after its back-off (1 to [`Config::max_backoff`]
 //! passes); a page whose contents another thread was making canonical waits for it within
 //! the pass, or (if that takes longer than a second) merges a pass later; a page refused
@@ -217,9 +224,10 @@ pub use page_memory::ScanHook;
 ///     mem.write(PageId::new(vm, i), 0, &[(i % 2) as u8 + 1; 4096]).unwrap();
 /// }
 /// let engine = PageOne::new(mem, Config::default().work_threads(1))?;
-/// let protect = engine.merge_pass(); // protects the 8 pages
+/// let read = engine.merge_pass(); // reads the 8 pages (KSM's checksum test)
+/// assert_eq!((read.protected, read.watching), (0, 8));
+/// let protect = engine.merge_pass(); // unchanged since: protected (one stable period)
 /// assert_eq!((protect.protected, protect.watching), (8, 8));
-/// let _watch = engine.merge_pass(); // they stay unwritten
 /// let merge = engine.merge_pass(); // stable: 2 become canonical, 6 merge with them
 /// assert_eq!((merge.canonicalized, merge.merged), (2, 6));
 /// assert!(!merge.quiet());
@@ -395,6 +403,7 @@ impl<M: PageMemory + 'static> Shared<M> {
             claims: &self.claims,
             on_event: self.config.on_event.as_ref(),
             uniques: &self.uniques,
+            unchanged_first: self.config.unchanged_before_protect,
             alone: self.config.work_threads.max(1) == 1,
             in_place: self.config.unique_in_place,
             chunks: &self.chunks,

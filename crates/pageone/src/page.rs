@@ -20,8 +20,10 @@ pub(crate) const CHUNK_PAGES: u32 = 512;
 
 /// Where a page is in its life cycle.
 pub(crate) enum Phase<F> {
-    /// Changed recently (or never looked at): a candidate for protection.
-    Volatile,
+    /// Changed recently (or never looked at): a candidate for protection. `print`: the
+    /// print of its contents at the last pass that read it (0: not read since it changed;
+    /// see [`Config::unchanged_before_protect`](crate::Config::unchanged_before_protect)).
+    Volatile { print: u64 },
     /// Write-protected since `token`, unwritten for `periods` merge passes.
     Watch { token: ProtectToken, periods: u8 },
     /// Stable, protected since `token`, with no twin found: indexed where it is under
@@ -56,7 +58,7 @@ pub(crate) struct PageEntry<F> {
 impl<F> PageEntry<F> {
     fn new() -> Self {
         PageEntry {
-            phase: Phase::Volatile,
+            phase: Phase::Volatile { print: 0 },
             backoff: 0,
             skip: 0,
             parked: false,
@@ -404,6 +406,8 @@ pub(crate) struct Ctx<'a, M: PageMemory> {
     pub(crate) claims: &'a Claims,
     pub(crate) on_event: Option<&'a EventHook>,
     pub(crate) uniques: &'a Uniques,
+    /// [`Config::unchanged_before_protect`](crate::Config::unchanged_before_protect).
+    pub(crate) unchanged_first: bool,
     /// Whether this is the engine's only work thread (passes never overlap, so then no
     /// other thread touches the trees: claims are not needed).
     pub(crate) alone: bool,
@@ -433,6 +437,7 @@ impl<M: PageMemory> Ctx<'_, M> {
             self.merge_twins(chunk, &mut entries, &mut t);
         }
         let mut to_protect: Vec<u32> = Vec::new();
+        let mut to_check: Vec<u32> = Vec::new();
         let mut stable: Vec<(u32, ProtectToken)> = Vec::new();
         let closed = self.gate.is_closed();
         for (i, e) in entries.iter_mut().enumerate() {
@@ -446,7 +451,7 @@ impl<M: PageMemory> Ctx<'_, M> {
             }
             self.notice_writes(e, page, chunk.domain, &mut t);
             match e.phase {
-                Phase::Volatile => {
+                Phase::Volatile { .. } => {
                     if let Some(hook) = self.hook {
                         if hook.examine(self.memory, page) {
                             self.counters.recycled.fetch_add(1, Ordering::Relaxed);
@@ -459,6 +464,8 @@ impl<M: PageMemory> Ctx<'_, M> {
                         if e.skip > 0 {
                             e.skip -= 1;
                             t.backing_off += 1;
+                        } else if self.unchanged_first {
+                            to_check.push(i as u32);
                         } else {
                             to_protect.push(i as u32);
                         }
@@ -483,7 +490,12 @@ impl<M: PageMemory> Ctx<'_, M> {
         if !stable.is_empty() {
             self.merge_stable(chunk, &mut entries, &stable, &mut t, true);
         }
+        if !to_check.is_empty() {
+            to_protect = self.unchanged(chunk, &mut entries, &to_check, &mut t);
+        }
         if !to_protect.is_empty() {
+            // Pages found unchanged since the previous pass have had one stable period.
+            let periods = u8::from(self.unchanged_first);
             let pages: Vec<PageId> = to_protect
                 .iter()
                 .map(|&i| PageId::new(chunk.region, chunk.first + i))
@@ -492,7 +504,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                 let e = &mut entries[i as usize];
                 match r {
                     Ok(token) => {
-                        e.phase = Phase::Watch { token, periods: 0 };
+                        e.phase = Phase::Watch { token, periods };
                         t.protected += 1;
                     }
                     // Not protected: tried again after a back-off, counted by reason.
@@ -507,10 +519,16 @@ impl<M: PageMemory> Ctx<'_, M> {
             // Twins found in this pass by this chunk's own pages (or by other threads
             // while it ran): merge them now rather than next pass.
             self.merge_twins(chunk, &mut entries, &mut t);
-            let (mut v, mut w, mut p) = (0, 0, 0);
+            let (mut v, mut w, mut p, mut read) = (0, 0, 0, 0u64);
             for e in entries.iter() {
                 match e.phase {
-                    Phase::Volatile => v += 1,
+                    Phase::Volatile { print } => {
+                        v += 1;
+                        // Read, and to be protected if unchanged at the next pass.
+                        if print != 0 && e.skip == 0 {
+                            read += 1;
+                        }
+                    }
                     Phase::Watch { .. } => {
                         w += 1;
                         if e.parked {
@@ -523,7 +541,7 @@ impl<M: PageMemory> Ctx<'_, M> {
             t.parked = p as u64;
             // Pages watched and not parked are still on their way to a merge (deferred
             // ones included: they are counted in `deferred` too).
-            t.watching = (w - p) as u64;
+            t.watching = (w - p) as u64 + read;
             chunk.volatile.store(v, Ordering::Relaxed);
             chunk.watched.store(w, Ordering::Relaxed);
             chunk.parked.store(p, Ordering::Relaxed);
@@ -537,6 +555,42 @@ impl<M: PageMemory> Ctx<'_, M> {
         t
     }
 
+    /// Reads the volatile pages `check` (indices in `chunk`, in order) and returns those
+    /// whose contents are what the previous pass read (equal prints): they are to be
+    /// protected now. The others keep their new print and wait (KSM's checksum test:
+    /// a page the guest keeps writing is never protected, so it never faults).
+    fn unchanged(
+        &self,
+        chunk: &Chunk<M::Frame>,
+        entries: &mut [PageEntry<M::Frame>],
+        check: &[u32],
+        t: &mut Tally,
+    ) -> Vec<u32> {
+        let mut unchanged = Vec::new();
+        let mut bufs = vec![[0u8; PAGE_SIZE]; READ_GROUP.min(check.len())];
+        for reading in check.chunks(READ_GROUP) {
+            let ids: Vec<PageId> = reading
+                .iter()
+                .map(|&i| PageId::new(chunk.region, chunk.first + i))
+                .collect();
+            let reads = self.memory.read_pages(&ids, &mut bufs);
+            for ((&i, read), buf) in reading.iter().zip(reads).zip(bufs.iter()) {
+                let e = &mut entries[i as usize];
+                if let Err(err) = read {
+                    self.count_error(&err, t);
+                    self.back_off(e);
+                    continue;
+                }
+                let print = self.uniques.print(&buf[..], 0);
+                match e.phase {
+                    Phase::Volatile { print: last } if last == print => unchanged.push(i),
+                    _ => e.phase = Phase::Volatile { print },
+                }
+            }
+        }
+        unchanged
+    }
+
     /// If the page was written since its token, it is volatile again: drop what it held.
     fn notice_writes(
         &self,
@@ -546,7 +600,7 @@ impl<M: PageMemory> Ctx<'_, M> {
         t: &mut Tally,
     ) {
         let token = match &e.phase {
-            Phase::Volatile => return,
+            Phase::Volatile { .. } => return,
             Phase::Watch { token, .. }
             | Phase::Unique { token, .. }
             | Phase::Canonical { token, .. }
@@ -559,7 +613,7 @@ impl<M: PageMemory> Ctx<'_, M> {
         }
         t.written += 1;
         e.parked = false;
-        match std::mem::replace(&mut e.phase, Phase::Volatile) {
+        match std::mem::replace(&mut e.phase, Phase::Volatile { print: 0 }) {
             Phase::Canonical { canon, .. } | Phase::Merged { canon, .. } => {
                 self.canons.drop_sharer(domain, &canon, self.counters);
                 self.counters.cow_breaks.fetch_add(1, Ordering::Relaxed);
@@ -574,7 +628,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                 self.uniques.remove(print, page);
                 self.counters.pages_unique.fetch_sub(1, Ordering::Relaxed);
             }
-            Phase::Watch { .. } | Phase::Volatile => {}
+            Phase::Watch { .. } | Phase::Volatile { .. } => {}
         }
         self.back_off(e);
     }
@@ -734,7 +788,7 @@ impl<M: PageMemory> Ctx<'_, M> {
             for ((&(i, token), read), buf) in reading.iter().zip(reads).zip(bufs.iter()) {
                 if let Err(err) = read {
                     self.count_error(&err, t);
-                    entries[i as usize].phase = Phase::Volatile;
+                    entries[i as usize].phase = Phase::Volatile { print: 0 };
                     entries[i as usize].parked = false;
                     continue;
                 }
@@ -963,20 +1017,20 @@ impl<M: PageMemory> Ctx<'_, M> {
             e.parked = true;
         } else {
             e.parked = false;
-            e.phase = Phase::Volatile;
+            e.phase = Phase::Volatile { print: 0 };
             self.back_off(e);
         }
     }
 
     fn raced(&self, e: &mut PageEntry<M::Frame>) {
         self.counters.merge_races.fetch_add(1, Ordering::Relaxed);
-        e.phase = Phase::Volatile;
+        e.phase = Phase::Volatile { print: 0 };
         e.parked = false;
         self.back_off(e);
     }
 
     fn unmerge(&self, e: &mut PageEntry<M::Frame>, page: PageId, domain: DomainId) {
-        match std::mem::replace(&mut e.phase, Phase::Volatile) {
+        match std::mem::replace(&mut e.phase, Phase::Volatile { print: 0 }) {
             Phase::Canonical { canon, .. } | Phase::Merged { canon, .. } => {
                 let _ = self.memory.unmerge(page);
                 self.canons.drop_sharer(domain, &canon, self.counters);
@@ -993,7 +1047,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                 self.uniques.remove(print, page);
                 self.counters.pages_unique.fetch_sub(1, Ordering::Relaxed);
             }
-            Phase::Volatile => {}
+            Phase::Volatile { .. } => {}
         }
         e.backoff = 0;
         e.skip = 0;

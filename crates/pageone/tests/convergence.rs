@@ -143,38 +143,52 @@ impl PageMemory for Budgeted {
 
 /// A quiet memory needs `stable_periods + 2` merge passes: protect, watch
 /// (`stable_periods - 1` passes), merge, and one that finds nothing to do; each pass
-/// reports what it changed.
+/// reports what it changed. With `unchanged_before_protect` (the default) the first pass
+/// reads the pages instead and the second protects those it finds unchanged, which
+/// counts as their first stable period: the same number of passes for
+/// `stable_periods >= 2`, one more for 1.
 #[test]
 fn a_quiet_memory_needs_stable_periods_plus_two_passes() {
-    for stable in 1..=3u8 {
-        let mem = Arc::new(SimMemory::new());
-        let r = mem.add_region(100, DomainId(0));
-        // 10 contents, each in 9 pages; 10 zero pages.
-        fill(&mem, r, 100, |i| (i % 11) as u64);
-        let engine = PageOne::new(
-            mem.clone(),
-            Config::default().work_threads(1).stable_periods(stable),
-        )
-        .unwrap();
-        let first = engine.merge_pass();
-        assert_eq!((first.protected, first.watching), (100, 100));
-        for _ in 1..stable {
-            let watch = engine.merge_pass();
-            assert_eq!((watch.protected, watch.watching, watch.merged), (0, 100, 0));
-            assert!(!watch.quiet() && !engine.is_quiet());
+    for unchanged in [false, true] {
+        for stable in 1..=3u8 {
+            let mem = Arc::new(SimMemory::new());
+            let r = mem.add_region(100, DomainId(0));
+            // 10 contents, each in 9 pages; 10 zero pages.
+            fill(&mem, r, 100, |i| (i % 11) as u64);
+            let config = Config::default()
+                .work_threads(1)
+                .stable_periods(stable)
+                .unchanged_before_protect(unchanged);
+            let engine = PageOne::new(mem.clone(), config).unwrap();
+            let first = engine.merge_pass();
+            let watching = if unchanged {
+                assert_eq!((first.protected, first.watching), (0, 100));
+                assert!(!first.quiet());
+                let second = engine.merge_pass();
+                assert_eq!((second.protected, second.watching), (100, 100));
+                stable.saturating_sub(2)
+            } else {
+                assert_eq!((first.protected, first.watching), (100, 100));
+                stable - 1
+            };
+            for _ in 0..watching {
+                let watch = engine.merge_pass();
+                assert_eq!((watch.protected, watch.watching, watch.merged), (0, 100, 0));
+                assert!(!watch.quiet() && !engine.is_quiet());
+            }
+            let merge = engine.merge_pass();
+            assert_eq!(merge.canonicalized, 10);
+            assert_eq!(merge.merged, 80);
+            assert_eq!(merge.zero_merged, 10);
+            assert_eq!((merge.refused(), merge.deferred, merge.watching), (0, 0, 0));
+            assert!(!merge.quiet());
+            let last = engine.merge_pass();
+            assert!(last.quiet(), "stable_periods {stable}: {last:?}");
+            assert!(engine.is_quiet());
+            assert_eq!(mem.accounting().frames, 10);
+            let s = engine.stats();
+            assert_eq!((s.canonicalized, s.insert_races, s.merges), (10, 0, 90));
         }
-        let merge = engine.merge_pass();
-        assert_eq!(merge.canonicalized, 10);
-        assert_eq!(merge.merged, 80);
-        assert_eq!(merge.zero_merged, 10);
-        assert_eq!((merge.refused(), merge.deferred, merge.watching), (0, 0, 0));
-        assert!(!merge.quiet());
-        let last = engine.merge_pass();
-        assert!(last.quiet(), "stable_periods {stable}: {last:?}");
-        assert!(engine.is_quiet());
-        assert_eq!(mem.accounting().frames, 10);
-        let s = engine.stats();
-        assert_eq!((s.canonicalized, s.insert_races, s.merges), (10, 0, 90));
     }
 }
 
@@ -192,10 +206,10 @@ fn a_write_is_reported_and_the_memory_settles_again() {
     let seen = engine.merge_pass();
     assert_eq!((seen.written, seen.unmerged, seen.backing_off), (1, 1, 1));
     assert!(!seen.quiet() && !engine.is_quiet());
-    // The pass that saw the write skipped it (back-off 1); then protect, watch, merge,
-    // quiet.
+    // The pass that saw the write skipped it (back-off 1); then read it, protect it
+    // (found unchanged: its first stable period), merge, quiet.
     let rest: Vec<_> = (0..4).map(|_| engine.merge_pass()).collect();
-    assert_eq!(rest[0].protected, 1);
+    assert_eq!((rest[0].protected, rest[1].protected), (0, 1));
     assert_eq!(rest[2].merged, 1);
     assert!(rest[3].quiet());
     assert_eq!(mem.accounting().frames, 4);

@@ -200,3 +200,42 @@ fn unmerge_all_takes_unique_pages_out_of_the_index() {
     assert_eq!((s.pages_unique, s.pages_sharing), (30, 1));
     assert_eq!(read(&mem, r, 31), content(1));
 }
+
+/// With `unchanged_before_protect`, a pass reads volatile pages and protects only those
+/// unchanged since the previous pass: memory nobody writes merges in as many passes as
+/// without it, and a page written before every pass is never protected (so a guest
+/// writing it never faults) while the pages around it merge.
+#[test]
+fn unchanged_before_protect_spares_pages_the_guest_keeps_writing() {
+    let mem = Arc::new(SimMemory::new());
+    let r = mem.add_region(64, DomainId(0));
+    for i in 0..64 {
+        write(&mem, r, i, 1 + (i as u64 % 16));
+    }
+    let engine = PageOne::new(mem.clone(), config(1).unchanged_before_protect(true)).unwrap();
+    let hot = PageId::new(r, 5);
+    let mut merged = 0;
+    for pass in 0..8u64 {
+        mem.write(hot, 0, &content(1000 + pass)).unwrap();
+        let p = engine.merge_pass();
+        assert!(
+            !mem.is_protected(hot).unwrap(),
+            "pass {pass}: the hot page was protected"
+        );
+        match pass {
+            0 => assert_eq!((p.protected, p.watching), (0, 64)),
+            1 => assert_eq!(p.protected, 63),
+            _ => {}
+        }
+        merged += p.merged;
+    }
+    // 63 cold pages of 16 contents (the hot page's old contents among them): 47 merged.
+    assert_eq!(merged, 63 - 16);
+    assert_eq!(engine.stats().pages_sharing, 47);
+    assert_eq!(read(&mem, r, 5), content(1007));
+    // Nobody writes any more: the hot page is protected two passes later, and merges
+    // nothing (its contents are its own).
+    let passes = until_quiet(&engine);
+    assert!(passes <= 5, "{passes} passes");
+    assert!(mem.is_protected(hot).unwrap());
+}
