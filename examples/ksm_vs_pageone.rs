@@ -42,7 +42,8 @@
 //! [--real-cache] [--capture-only]` (the data sets are all three by default). Engines are
 //! `ksm` and `pageone-<N>t` (N work threads), or `pageone-<N>t-copy` for PageONE making
 //! every stable page canonical at once (`Config::unique_in_place` off, as before unique
-//! pages were indexed in place). `--run-pages 1` makes the
+//! pages were indexed in place), with `-eager` appended for PageONE protecting volatile
+//! pages at once (`Config::unchanged_before_protect` off). `--run-pages 1` makes the
 //! Linux backend remap page by page (`LinuxConfig::max_run_pages`), as it did before
 //! batches. Each figure in the table is the median of the repetitions (which interleave
 //! the engines).
@@ -65,10 +66,12 @@ use dedup_data::{DataSet, Workload};
 enum Engine {
     Ksm,
     /// PageONE with this many work threads; `copy`: unique pages made canonical at once
-    /// (`Config::unique_in_place` off), as before in-place indexing.
+    /// (`Config::unique_in_place` off), as before in-place indexing; `eager`: volatile
+    /// pages protected at once (`Config::unchanged_before_protect` off).
     PageOne {
         threads: usize,
         copy: bool,
+        eager: bool,
     },
 }
 
@@ -76,9 +79,15 @@ impl Engine {
     fn name(self) -> String {
         match self {
             Engine::Ksm => "ksm".into(),
-            Engine::PageOne { threads, copy } => {
-                format!("pageone-{threads}t{}", if copy { "-copy" } else { "" })
-            }
+            Engine::PageOne {
+                threads,
+                copy,
+                eager,
+            } => format!(
+                "pageone-{threads}t{}{}",
+                if copy { "-copy" } else { "" },
+                if eager { "-eager" } else { "" }
+            ),
         }
     }
 
@@ -87,12 +96,20 @@ impl Engine {
             return Some(Engine::Ksm);
         }
         let rest = s.strip_prefix("pageone-")?;
+        let (rest, eager) = match rest.strip_suffix("-eager") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
         let (rest, copy) = match rest.strip_suffix("-copy") {
             Some(r) => (r, true),
             None => (rest, false),
         };
         let threads = rest.strip_suffix('t')?.parse().ok().filter(|&t| t > 0)?;
-        Some(Engine::PageOne { threads, copy })
+        Some(Engine::PageOne {
+            threads,
+            copy,
+            eager,
+        })
     }
 }
 
@@ -118,10 +135,12 @@ fn parse_args() -> Args {
             Engine::PageOne {
                 threads: 1,
                 copy: false,
+                eager: false,
             },
             Engine::PageOne {
                 threads: 2,
                 copy: false,
+                eager: false,
             },
         ],
         pages_to_scan: 4096,
@@ -378,7 +397,7 @@ fn run_ksm(workload: &Workload, a: &Args, ksmd: u32) -> Run {
     }
 }
 
-fn run_pageone(workload: &Workload, a: &Args, threads: usize, copy: bool) -> Run {
+fn run_pageone(workload: &Workload, a: &Args, threads: usize, copy: bool, eager: bool) -> Run {
     let expected = workload.pageone_expected();
     let mem = Arc::new(
         LinuxMemory::with_config(LinuxConfig::default().with_max_run_pages(a.run_pages))
@@ -400,7 +419,8 @@ fn run_pageone(workload: &Workload, a: &Args, threads: usize, copy: bool) -> Run
     let before = mem.usage().expect("usage").total_bytes();
     let config = Config::default()
         .work_threads(threads)
-        .unique_in_place(!copy);
+        .unique_in_place(!copy)
+        .unchanged_before_protect(!eager);
     let engine = PageOne::new(mem.clone(), config).expect("starting PageONE's work threads");
     let cpu0 = process_cpu();
     let t0 = Instant::now();
@@ -425,7 +445,12 @@ fn run_pageone(workload: &Workload, a: &Args, threads: usize, copy: bool) -> Run
     eprintln!(
         "  {}: {passes} passes ({} s); workers busy {:?} s; pages_shared {} pages_sharing {} \
          zero_pages {} merge_races {}; backend {:?}; {} mappings",
-        Engine::PageOne { threads, copy }.name(),
+        Engine::PageOne {
+            threads,
+            copy,
+            eager,
+        }
+        .name(),
         pass_s.join(", "),
         s.workers
             .iter()
@@ -531,7 +556,11 @@ fn main() {
                 eprintln!("{} / {} (run {})", set.name(), e.name(), rep + 1);
                 let r = match e {
                     Engine::Ksm => run_ksm(&w, &a, ksmd),
-                    Engine::PageOne { threads, copy } => run_pageone(&w, &a, threads, copy),
+                    Engine::PageOne {
+                        threads,
+                        copy,
+                        eager,
+                    } => run_pageone(&w, &a, threads, copy, eager),
                 };
                 eprintln!(
                 "  wall {:.3} s, cpu {:.3} s, merged {}, {:.0} merged/cpu-s, memory {:.1} -> {:.1} MiB",
