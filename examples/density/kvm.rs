@@ -281,18 +281,7 @@ mod on_kvm {
                 })
                 .filter(|s| s.t <= end_s)
                 .collect();
-            let in_window: Vec<u64> = samples
-                .iter()
-                .filter(|s| s.t >= WARMUP_S)
-                .map(|s| s.bytes)
-                .collect();
-            let n = in_window.len().max(1) as f64;
-            let mean = in_window.iter().map(|&b| b as f64).sum::<f64>() / n;
-            let var = in_window
-                .iter()
-                .map(|&b| (b as f64 - mean).powi(2))
-                .sum::<f64>()
-                / n;
+            let summary = crate::run::window(&samples);
             let win = std::mem::take(&mut *window.lock().unwrap());
             let (Some(start), Some(end)) = (win.start, win.end) else {
                 return Err("the guests never reached the measured window".into());
@@ -336,10 +325,10 @@ mod on_kvm {
             );
             Ok(RunResult {
                 setup,
-                mean,
-                sd: var.sqrt(),
-                peak: in_window.iter().copied().max().unwrap_or(0),
-                low: in_window.iter().copied().min().unwrap_or(0),
+                mean: summary.mean,
+                sd: summary.sd,
+                peak: summary.peak,
+                low: summary.low,
                 cpu,
                 merges: end.3.merges.saturating_sub(start.3.merges),
                 recycled: end.3.recycled.saturating_sub(start.3.recycled),

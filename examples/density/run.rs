@@ -133,8 +133,41 @@ pub fn run<H: Host>(
     );
     engine.stop();
     progress.done();
-    let in_window: Vec<u64> = m
-        .samples
+    let win = window(&m.samples);
+    let pass_every = pass_every(&m, w);
+    Ok(RunResult {
+        setup,
+        mean: win.mean,
+        sd: win.sd,
+        peak: win.peak,
+        low: win.low,
+        cpu: m.cpu,
+        merges: m.end.merges - m.start.merges,
+        recycled: m.end.recycled - m.start.recycled,
+        metadata: m.end.metadata,
+        pools: pool_bytes,
+        guests,
+        pass_every,
+        samples: m.samples,
+        diagnostics: mem.diagnostics(),
+    })
+}
+
+/// The memory samples of the measured window (after the warm-up), summed up.
+pub struct Window {
+    /// Mean bytes.
+    pub mean: f64,
+    /// Standard deviation.
+    pub sd: f64,
+    /// Highest sample.
+    pub peak: u64,
+    /// Lowest sample.
+    pub low: u64,
+}
+
+/// The measured window of `samples` (after the warm-up).
+pub fn window(samples: &[Sample]) -> Window {
+    let in_window: Vec<u64> = samples
         .iter()
         .filter(|s| s.t >= WARMUP_S)
         .map(|s| s.bytes)
@@ -146,23 +179,12 @@ pub fn run<H: Host>(
         .map(|&b| (b as f64 - mean).powi(2))
         .sum::<f64>()
         / n;
-    let pass_every = pass_every(&m, w);
-    Ok(RunResult {
-        setup,
+    Window {
         mean,
         sd: var.sqrt(),
         peak: in_window.iter().copied().max().unwrap_or(0),
         low: in_window.iter().copied().min().unwrap_or(0),
-        cpu: m.cpu,
-        merges: m.end.merges - m.start.merges,
-        recycled: m.end.recycled - m.start.recycled,
-        metadata: m.end.metadata,
-        pools: pool_bytes,
-        guests,
-        pass_every,
-        samples: m.samples,
-        diagnostics: mem.diagnostics(),
-    })
+    }
 }
 
 /// The wall time between two passes over all pages, on average over the window.

@@ -395,8 +395,8 @@ mod async_wp {
         pub check: (u64, u64, u64, bool),
     }
 
-    /// `None` (with the reason) where the kernel lacks a feature.
-    pub fn run(n: usize, gap: Duration) -> Result<Report, String> {
+    /// A new user-mode-only, non-blocking userfaultfd (no feature negotiated yet).
+    fn open_uffd() -> Result<i32, String> {
         // SAFETY: userfaultfd(2) takes flags and returns a new descriptor or -1.
         let fd = unsafe {
             libc::syscall(
@@ -407,6 +407,12 @@ mod async_wp {
         if fd < 0 {
             return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
         }
+        Ok(fd)
+    }
+
+    /// `None` (with the reason) where the kernel lacks a feature.
+    pub fn run(n: usize, gap: Duration) -> Result<Report, String> {
+        let fd = open_uffd()?;
         let mut api = Api {
             api: 0xAA,
             features: FLAG_WP | WP_UNPOPULATED | WP_ASYNC | MOVE,
@@ -426,16 +432,7 @@ mod async_wp {
     /// one `UFFDIO_WRITEPROTECT` that removes the protection and wakes the writer), with
     /// no page state, locks or events: `(cold, burst)`.
     pub fn sync_floor(n: usize, gap: Duration) -> Result<(Vec<u64>, Vec<u64>), String> {
-        // SAFETY: userfaultfd(2) takes flags and returns a new descriptor or -1.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                USER_MODE_ONLY | libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        } as i32;
-        if fd < 0 {
-            return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
-        }
+        let fd = open_uffd()?;
         let mut api = Api {
             api: 0xAA,
             features: FLAG_WP,
