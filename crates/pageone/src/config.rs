@@ -65,8 +65,8 @@ pub struct Config {
     /// is a read and a print of every volatile page each merge pass. The unchanged period
     /// counts as the first of `stable_periods`, so a page written once still merges in the
     /// same pass as without it (with `stable_periods` 1, one pass later). Off: every
-    /// volatile page is protected at once, which costs memory nobody writes about a
-    /// quarter less CPU to merge (no reads before protection) and costs guests that write
+    /// volatile page is protected at once, which costs memory nobody writes a fifth to a
+    /// third less CPU to merge (no reads before protection) and costs guests that write
     /// a fault per page per protection (`docs/benchmarks.md`, "The engines on real vCPUs":
     /// the guests' writes ran at 0.03× their speed without an engine, 0.19–0.29× with).
     pub unchanged_before_protect: bool,

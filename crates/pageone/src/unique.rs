@@ -5,7 +5,8 @@
 //! its contents (a seeded 64-bit fingerprint, tagged with the page's tree group). Only
 //! when a second stable page with the same print comes along do both pages pay for
 //! sharing: the newcomer is made canonical (a copy into the backend's store and a remap)
-//! and the indexed page is told, through its chunk's twin flags, to merge with it. A page
+//! and the indexed page is handed that canonical page, through its chunk's list of twins,
+//! to merge with. A page
 //! without a twin so costs one read and one index entry, never a copy or a mapping
 //! (Linux KSM's unstable tree, in spirit).
 //!
@@ -158,7 +159,7 @@ impl Uniques {
 }
 
 /// A seeded 64-bit fingerprint of a page (every word counts): equal pages have equal
-/// ones. About 0.3 µs for 4 KiB.
+/// ones.
 pub(crate) fn fingerprint(bytes: &[u8], seed: u64) -> u64 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     debug_assert!(bytes.len() <= PAGE_SIZE);

@@ -104,7 +104,7 @@ pub struct LinuxConfig {
     /// (about 10 µs per call on the project's machine: a single-page merge 22–29 µs
     /// instead of 31–43 µs) but costs about as much CPU as the call itself lasts, on a
     /// CPU the guest or the engine's other threads could use: measured here, PageONE's
-    /// merge passes used 1.5–2× the CPU with it on (`docs/benchmarks.md`, "The fault
+    /// merge passes used 1.2–3.7× the CPU with it on (`docs/benchmarks.md`, "The fault
     /// thread's polling"). Turn it on where CPU is plentiful and merge latency matters.
     pub own_event_spin: bool,
 }

@@ -47,14 +47,21 @@ impl MapGuard {
     /// The upper bound of the process's mappings, or (`recount`) a fresh count.
     pub(super) fn in_use(&self, recount: bool) -> u64 {
         if recount {
-            let _last = self.last_count.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(count) = sys::count_mappings() {
-                self.counted.store(count, Ordering::Relaxed);
-                self.estimate.store(count, Ordering::Relaxed);
-                self.recounts.fetch_add(1, Ordering::Relaxed);
-            }
+            let mut last = self.last_count.lock().unwrap_or_else(|e| e.into_inner());
+            self.recount(&mut last);
         }
         self.estimate.load(Ordering::Relaxed)
+    }
+
+    /// Counts the process's mappings (the estimate becomes the count), holding
+    /// `last_count` (`last`), which it sets to now.
+    fn recount(&self, last: &mut Instant) {
+        if let Some(count) = sys::count_mappings() {
+            self.counted.store(count, Ordering::Relaxed);
+            self.estimate.store(count, Ordering::Relaxed);
+        }
+        self.recounts.fetch_add(1, Ordering::Relaxed);
+        *last = Instant::now();
     }
 
     /// Admits one remap (which may add two mappings), or refuses it.
@@ -76,12 +83,7 @@ impl MapGuard {
             if let Some(limit) = sys::max_map_count() {
                 self.limit.store(limit, Ordering::Relaxed);
             }
-            if let Some(count) = sys::count_mappings() {
-                self.counted.store(count, Ordering::Relaxed);
-                self.estimate.store(count, Ordering::Relaxed);
-            }
-            self.recounts.fetch_add(1, Ordering::Relaxed);
-            *last = Instant::now();
+            self.recount(&mut last);
         }
         drop(last);
         if self.estimate.fetch_add(2, Ordering::Relaxed) + 2 <= self.ceiling() {
