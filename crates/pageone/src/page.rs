@@ -712,10 +712,13 @@ impl<M: PageMemory> Ctx<'_, M> {
         claim: Option<usize>,
         t: &mut Tally,
     ) {
-        if self.in_place && !self.gate.is_tight() {
+        // While mappings are scarce no page is indexed, but a twin indexed before still
+        // pairs with this page (else it would stay unique for good).
+        if self.in_place {
             let me = UniqueRef { page, token };
             let live = |r: &UniqueRef| !self.memory.written_since(r.page, r.token).unwrap_or(true);
-            match self.uniques.pair(print, me, live) {
+            let index = !self.gate.is_tight();
+            match self.uniques.pair(print, me, index, live) {
                 Pair::Indexed => {
                     e.phase = Phase::Unique { token, print };
                     e.backoff = 0;
@@ -734,6 +737,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                     batch.twins.push(Some(twin.page));
                     return;
                 }
+                Pair::Alone => {}
             }
         }
         batch.prints.push(print);

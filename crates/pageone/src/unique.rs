@@ -50,6 +50,8 @@ pub(crate) struct UniqueRef {
 pub(crate) enum Pair {
     /// No twin: the page is indexed now.
     Indexed,
+    /// No twin, and the page was not to be indexed.
+    Alone,
     /// An indexed page with the same print, taken out of the index: the caller's page
     /// becomes canonical, and the twin is told to merge with it.
     Twin(UniqueRef),
@@ -121,13 +123,14 @@ impl Uniques {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Indexes `me` under `print`, unless a live page is indexed there already: that one
-    /// is taken out and returned. `live` tells whether an indexed page's token still
-    /// holds (an entry whose page was written is replaced).
+    /// Indexes `me` under `print` (if `index`), unless a live page is indexed there
+    /// already: that one is taken out and returned. `live` tells whether an indexed page's
+    /// token still holds (an entry whose page was written is replaced).
     pub(crate) fn pair(
         &self,
         print: u64,
         me: UniqueRef,
+        index: bool,
         live: impl FnOnce(&UniqueRef) -> bool,
     ) -> Pair {
         let mut shard = self.shard(print);
@@ -137,10 +140,11 @@ impl Uniques {
                 shard.remove(&print);
                 Pair::Twin(other)
             }
-            _ => {
+            _ if index => {
                 shard.insert(print, me);
                 Pair::Indexed
             }
+            _ => Pair::Alone,
         }
     }
 
@@ -196,16 +200,21 @@ mod tests {
     fn a_twin_is_taken_once_and_a_dead_entry_is_replaced() {
         let u = Uniques::new();
         let p = u.print(&[7u8; PAGE_SIZE], 0);
-        assert!(matches!(u.pair(p, page(1), |_| true), Pair::Indexed));
+        assert!(matches!(u.pair(p, page(1), true, |_| true), Pair::Indexed));
         // Indexing the same page again only refreshes its entry.
-        assert!(matches!(u.pair(p, page(1), |_| true), Pair::Indexed));
-        assert!(matches!(u.pair(p, page(2), |_| true), Pair::Twin(r) if r == page(1)));
+        assert!(matches!(u.pair(p, page(1), true, |_| true), Pair::Indexed));
+        assert!(matches!(u.pair(p, page(2), true, |_| true), Pair::Twin(r) if r == page(1)));
         // Taken: the next page with that print is indexed.
-        assert!(matches!(u.pair(p, page(3), |_| true), Pair::Indexed));
+        assert!(matches!(u.pair(p, page(3), true, |_| true), Pair::Indexed));
         // A written (dead) entry is replaced, not paired.
-        assert!(matches!(u.pair(p, page(4), |_| false), Pair::Indexed));
+        assert!(matches!(u.pair(p, page(4), true, |_| false), Pair::Indexed));
         u.remove(p, page(3).page); // not there any more: nothing happens
-        assert!(matches!(u.pair(p, page(5), |_| true), Pair::Twin(r) if r == page(4)));
+        assert!(matches!(u.pair(p, page(5), true, |_| true), Pair::Twin(r) if r == page(4)));
+        // Not to be indexed (mappings scarce): a page finds a twin indexed before, or none
+        // and leaves nothing behind.
+        assert!(matches!(u.pair(p, page(6), false, |_| true), Pair::Alone));
+        assert!(matches!(u.pair(p, page(7), true, |_| true), Pair::Indexed));
+        assert!(matches!(u.pair(p, page(8), false, |_| true), Pair::Twin(r) if r == page(7)));
     }
 
     #[test]

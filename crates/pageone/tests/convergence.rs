@@ -388,3 +388,27 @@ fn unique_pages_are_made_canonical_at_once_when_mappings_are_scarce() {
         assert_eq!(s.pages_unshared, 16);
     }
 }
+
+/// A page indexed in place while mappings were plentiful still merges with a twin that
+/// comes along after they became scarce (the twin is made canonical, not indexed).
+#[test]
+fn a_twin_found_when_mappings_are_scarce_still_merges_with_an_indexed_page() {
+    let mem = Arc::new(Budgeted::new(1000));
+    let r = mem.sim.add_region(17, DomainId(0));
+    fill(&mem.sim, r, 17, |i| 100 + i as u64);
+    let engine = PageOne::new(mem.clone(), Config::default().work_threads(1)).unwrap();
+    for _ in 0..5 {
+        engine.merge_pass();
+    }
+    assert_eq!(engine.stats().pages_unique, 17);
+    // Mappings become scarce; page 16 takes page 0's contents.
+    mem.budget.store(100, Ordering::Relaxed);
+    mem.sim.write(PageId::new(r, 16), 0, &content(100)).unwrap();
+    for _ in 0..8 {
+        engine.merge_pass();
+    }
+    let s = engine.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 1));
+    assert_eq!(s.pages_unique, 15);
+    assert_eq!(mem.sim.accounting().frames, 16);
+}
