@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use super::region::{gone_or, Kind};
+use super::region::{gone_or, Kind, Region};
 use super::runs::runs;
 use super::stats::bump;
-use super::store::LinuxFrame;
+use super::store::{LinuxFrame, Slot};
 use super::sys::{self, Advice};
 use super::LinuxMemory;
 use crate::{
@@ -98,42 +98,8 @@ impl PageMemory for LinuxMemory {
     }
 
     fn canonicalize(&self, page: PageId, token: ProtectToken) -> Result<LinuxFrame, PageError> {
-        let inner = &self.inner;
-        inner.uffd()?;
-        inner.pin_last_checked(page)?;
-        let frame = inner.with_page(page, |region, addr, st| {
-            if st.pinned > 0 {
-                return Err(inner.pinned(page));
-            }
-            if !st.protected || st.gen != token.0 {
-                return Err(PageError::Stale(page));
-            }
-            match (st.kind, &st.slot) {
-                // Already maps a store page (merged, or canonical before): that is its frame.
-                (Kind::Store, Some(slot)) => return Ok((LinuxFrame(Some(slot.clone())), false)),
-                (Kind::Zero, _) => return Ok((LinuxFrame(None), false)),
-                _ => {}
-            }
-            inner.check_page(region, addr, st)?;
-            let slot = inner.store.allocate(region.home + page.index as u64)?;
-            sys::pwrite_from_guest(inner.store.fd(), addr, PAGE_SIZE, slot.offset()).map_err(
-                |e| {
-                    gone_or(
-                        region,
-                        "pwrite (copy a page into the store)",
-                        e,
-                        &[Errno::FAULT],
-                    )
-                },
-            )?;
-            inner.map_slot(region, addr, st, &slot)?;
-            bump(&inner.counters.canonicalized);
-            Ok((LinuxFrame(Some(slot)), true))
-        })?;
-        if frame.1 {
-            inner.dirty(page);
-        }
-        Ok(frame.0)
+        let store = self.inner.store();
+        self.canonicalize_placed(page, token, &|r, p| store.allocate(r.home + p.index as u64))
     }
 
     fn merge(
@@ -145,7 +111,7 @@ impl PageMemory for LinuxMemory {
         let inner = &self.inner;
         inner.uffd()?;
         if let Some(slot) = &canonical.0 {
-            if !Arc::ptr_eq(&slot.store, &inner.store) {
+            if !Arc::ptr_eq(&slot.store, &inner.store()) {
                 return Err(PageError::Unsupported("a frame of another LinuxMemory"));
             }
         }
@@ -159,7 +125,7 @@ impl PageMemory for LinuxMemory {
             }
             match (&canonical.0, st.kind, &st.slot) {
                 (None, Kind::Zero, _) => return Ok((MergeOutcome::Merged, false)),
-                (Some(c), Kind::Store, Some(s)) if Arc::ptr_eq(c, s) => {
+                (Some(c), Kind::Store, Some(s)) if c.same(s) => {
                     return Ok((MergeOutcome::Merged, false))
                 }
                 _ => {}
@@ -193,38 +159,8 @@ impl PageMemory for LinuxMemory {
         &self,
         pages: &[(PageId, ProtectToken)],
     ) -> Vec<Result<LinuxFrame, PageError>> {
-        let ids: Vec<PageId> = pages.iter().map(|p| p.0).collect();
-        if let Err(refused) = self.inner.pins_last_checked(&ids) {
-            return refused;
-        }
-        let mut out = Vec::with_capacity(pages.len());
-        let max = self.inner.config.max_run_pages.max(1);
-        let mut k = 0;
-        while k < pages.len() {
-            let first = pages[k].0;
-            let mut j = k + 1;
-            while j < pages.len()
-                && j - k < max
-                && pages[j].0.region == first.region
-                && pages[j].0.index as u64 == first.index as u64 + (j - k) as u64
-            {
-                j += 1;
-            }
-            if j - k == 1 || self.inner.uffd.is_none() {
-                out.extend(pages[k..j].iter().map(|&(p, t)| self.canonicalize(p, t)));
-            } else {
-                let done = out.len();
-                let changed = self.inner.canonicalize_run(&pages[k..j], &mut out);
-                for (&(p, _), c) in pages[k..j].iter().zip(&changed) {
-                    if *c {
-                        self.inner.dirty(p);
-                    }
-                }
-                debug_assert_eq!(out.len(), done + (j - k));
-            }
-            k = j;
-        }
-        out
+        let store = self.inner.store();
+        self.canonicalize_batch_placed(pages, &|r, p| store.allocate(r.home + p.index as u64))
     }
 
     fn merge_batch(
@@ -239,9 +175,10 @@ impl PageMemory for LinuxMemory {
         let mut out = Vec::with_capacity(items.len());
         let max = inner.config.max_run_pages.max(1);
         // The store slot of a frame of this memory (`None`: the zero frame, or foreign).
+        let store = inner.store();
         let slot = |f: &LinuxFrame| -> Option<u64> {
             f.0.as_ref()
-                .filter(|s| Arc::ptr_eq(&s.store, &inner.store))
+                .filter(|s| Arc::ptr_eq(&s.store, &store))
                 .map(|s| s.index)
         };
         let mut k = 0;
@@ -340,8 +277,7 @@ impl PageMemory for LinuxMemory {
                 let _ = uffd.wake(addr, PAGE_SIZE);
             }
             if st.protected || changed {
-                st.protected = false;
-                st.gen += 1;
+                region.unprotect_at(addr, st);
             }
             if changed {
                 bump(&inner.counters.unmerged);
@@ -356,5 +292,99 @@ impl PageMemory for LinuxMemory {
 
     fn set_dirty_hook(&self, hook: Option<DirtyHook>) {
         *self.inner.hook.write().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+}
+
+/// Chooses the store slot a page being made canonical goes to.
+pub(super) type Place<'a> = &'a dyn Fn(&Region, PageId) -> Result<Arc<Slot>, PageError>;
+
+impl LinuxMemory {
+    /// `canonicalize`, with the page's new slot chosen by `place`.
+    pub(super) fn canonicalize_placed(
+        &self,
+        page: PageId,
+        token: ProtectToken,
+        place: Place<'_>,
+    ) -> Result<LinuxFrame, PageError> {
+        let inner = &self.inner;
+        inner.uffd()?;
+        inner.pin_last_checked(page)?;
+        let frame = inner.with_page(page, |region, addr, st| {
+            if st.pinned > 0 {
+                return Err(inner.pinned(page));
+            }
+            if !st.protected || st.gen != token.0 {
+                return Err(PageError::Stale(page));
+            }
+            match (st.kind, &st.slot) {
+                // Already maps a store page (merged, or canonical before): that is its frame.
+                (Kind::Store, Some(slot)) => return Ok((LinuxFrame(Some(slot.clone())), false)),
+                (Kind::Zero, _) => return Ok((LinuxFrame(None), false)),
+                _ => {}
+            }
+            inner.check_page(region, addr, st)?;
+            let slot = place(region, page)?;
+            sys::pwrite_from_guest(slot.store.fd(), addr, PAGE_SIZE, slot.offset()).map_err(
+                |e| {
+                    gone_or(
+                        region,
+                        "pwrite (copy a page into the store)",
+                        e,
+                        &[Errno::FAULT],
+                    )
+                },
+            )?;
+            inner.map_slot(region, addr, st, &slot)?;
+            bump(&inner.counters.canonicalized);
+            Ok((LinuxFrame(Some(slot)), true))
+        })?;
+        if frame.1 {
+            inner.dirty(page);
+        }
+        Ok(frame.0)
+    }
+
+    /// `canonicalize_batch`, with each page's new slot chosen by `place`.
+    pub(super) fn canonicalize_batch_placed(
+        &self,
+        pages: &[(PageId, ProtectToken)],
+        place: Place<'_>,
+    ) -> Vec<Result<LinuxFrame, PageError>> {
+        let ids: Vec<PageId> = pages.iter().map(|p| p.0).collect();
+        if let Err(refused) = self.inner.pins_last_checked(&ids) {
+            return refused;
+        }
+        let mut out = Vec::with_capacity(pages.len());
+        let max = self.inner.config.max_run_pages.max(1);
+        let mut k = 0;
+        while k < pages.len() {
+            let first = pages[k].0;
+            let mut j = k + 1;
+            while j < pages.len()
+                && j - k < max
+                && pages[j].0.region == first.region
+                && pages[j].0.index as u64 == first.index as u64 + (j - k) as u64
+            {
+                j += 1;
+            }
+            if j - k == 1 || self.inner.uffd.is_none() {
+                out.extend(
+                    pages[k..j]
+                        .iter()
+                        .map(|&(p, t)| self.canonicalize_placed(p, t, place)),
+                );
+            } else {
+                let done = out.len();
+                let changed = self.inner.canonicalize_run(&pages[k..j], &mut out, place);
+                for (&(p, _), c) in pages[k..j].iter().zip(&changed) {
+                    if *c {
+                        self.inner.dirty(p);
+                    }
+                }
+                debug_assert_eq!(out.len(), done + (j - k));
+            }
+            k = j;
+        }
+        out
     }
 }

@@ -298,7 +298,7 @@ impl Inner {
                     let Some(mut st) = region.try_lock(i) else {
                         return false;
                     };
-                    self.apply(&region, what, &mut st);
+                    self.apply(&region, *next, what, &mut st);
                 }
                 *next += PAGE_SIZE;
             }
@@ -309,7 +309,7 @@ impl Inner {
     /// One page's share of a range event. The backend's own remaps and drops raise
     /// events too; they were counted on the page beforehand (`own_unmaps`,
     /// `own_removes`) and are only taken off here.
-    fn apply(&self, region: &Region, what: RangeEvent, st: &mut PageState) {
+    fn apply(&self, region: &Region, addr: usize, what: RangeEvent, st: &mut PageState) {
         match what {
             RangeEvent::Unmap if st.own_unmaps > 0 => st.own_unmaps -= 1,
             RangeEvent::Remove if st.own_removes > 0 => st.own_removes -= 1,
@@ -332,8 +332,7 @@ impl Inner {
             RangeEvent::Remove => {
                 // Its owner drops it (MADV_DONTNEED): its contents change without a
                 // write fault, and anonymous memory loses its write protection.
-                st.protected = false;
-                st.gen += 1;
+                region.unprotect_at(addr, st);
                 if st.kind == Kind::Anon {
                     st.kind = Kind::Zero;
                 }
@@ -370,8 +369,7 @@ impl Inner {
             }
         }
         if st.protected {
-            st.protected = false;
-            st.gen += 1;
+            region.unprotect_at(addr, st);
         }
         true
     }

@@ -480,12 +480,14 @@ mod config;
 mod contract;
 mod error;
 mod fault;
+mod linked;
 mod map_guard;
 mod pins;
 mod probe;
 mod region;
 mod remap;
 mod runs;
+pub mod shared;
 mod stats;
 mod store;
 mod sys;
@@ -524,7 +526,8 @@ struct Inner {
     config: LinuxConfig,
     pid: i32,
     regions: RwLock<Vec<Arc<Region>>>,
-    store: Arc<Store>,
+    /// The canonical store (replaced only by [`LinuxMemory::relink_store`]).
+    store: RwLock<Arc<Store>>,
     /// `/proc/self/pagemap`, for `PAGEMAP_SCAN`.
     pagemap: Option<OwnedFd>,
     guard: MapGuard,
@@ -590,6 +593,11 @@ impl LinuxMemory {
     /// [`LinuxConfig::require_userfaultfd`] is off).
     pub fn with_config(config: LinuxConfig) -> Result<LinuxMemory, LinuxError> {
         let store = Store::new(config.home_slots)?;
+        Self::with_store(config, store)
+    }
+
+    /// The memory over `store`, probed and with its fault threads started.
+    fn with_store(config: LinuxConfig, store: Arc<Store>) -> Result<LinuxMemory, LinuxError> {
         let guard = MapGuard::new(config.map_count_reserve);
         let probe::Kernel {
             uffd,
@@ -601,7 +609,7 @@ impl LinuxMemory {
             caps,
             pid: std::process::id() as i32,
             regions: RwLock::new(Vec::new()),
-            store,
+            store: RwLock::new(store),
             pagemap,
             guard,
             pins: PinWatch::new(),
@@ -722,6 +730,7 @@ impl LinuxMemory {
         let i = &self.inner;
         let c = &i.counters;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let store = i.store();
         LinuxStats {
             write_faults: g(&c.write_faults),
             cow_breaks: g(&c.cow_breaks),
@@ -744,9 +753,9 @@ impl LinuxMemory {
             map_recounts: g(&i.guard.recounts),
             mappings_counted: g(&i.guard.counted),
             max_map_count: g(&i.guard.limit),
-            store_slots: g(&i.store.live),
-            store_punched: g(&i.store.punched),
-            store_punch_errors: g(&i.store.punch_errors),
+            store_slots: g(&store.live),
+            store_punched: g(&store.punched),
+            store_punch_errors: g(&store.punch_errors),
         }
     }
 
@@ -774,7 +783,7 @@ impl LinuxMemory {
             region_anonymous: t.anonymous,
             region_swap: t.swap,
             region_mappings: t.mappings,
-            store_bytes: self.inner.store.bytes()?,
+            store_bytes: self.inner.store().bytes()?,
             census,
             process_pinned: pins.0,
             process_locked: pins.1,
@@ -814,6 +823,11 @@ impl Drop for LinuxMemory {
 }
 
 impl Inner {
+    /// The canonical store now.
+    fn store(&self) -> Arc<Store> {
+        self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn uffd(&self) -> Result<&Uffd, PageError> {
         self.uffd.as_ref().ok_or(PageError::Unsupported(NO_UFFD))
     }

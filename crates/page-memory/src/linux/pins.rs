@@ -163,8 +163,7 @@ impl LinuxMemory {
                 if st.kind != super::region::Kind::Store && !st.gone {
                     let _ = self.inner.unwp(&r, r.addr(i), PAGE_SIZE, true);
                 }
-                st.protected = false;
-                st.gen += 1;
+                r.unprotect_at(r.addr(i), &mut st);
             }
         }
         drop(live);

@@ -3,7 +3,7 @@
 //! (allocated ones). Also how an operation finds its region and page, and how a region
 //! its owner unmapped is found out.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustix::io::Errno;
@@ -100,6 +100,9 @@ pub(super) struct Region {
     /// Pages of it found gone (see [`PageState::gone`]); all of them: `unmapped`.
     pub(super) gone_pages: AtomicU32,
     pub(super) pages: Box<[Mutex<PageState>]>,
+    /// One bit per page whose tokens went stale since
+    /// [`LinuxMemory::take_unprotected`] last looked.
+    pub(super) changed: Box<[AtomicU64]>,
 }
 
 impl Region {
@@ -121,6 +124,17 @@ impl Region {
             Ok(g) => Some(g),
             Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// The page at `addr` (locked in `st`) stops being protected for the engine: its
+    /// tokens go stale, and the change is noted for [`LinuxMemory::take_unprotected`].
+    pub(super) fn unprotect_at(&self, addr: usize, st: &mut PageState) {
+        st.protected = false;
+        st.gen += 1;
+        let i = (addr - self.base) / PAGE_SIZE;
+        if let Some(w) = self.changed.get(i / 64) {
+            w.fetch_or(1 << (i % 64), Ordering::Relaxed);
         }
     }
 
@@ -231,7 +245,7 @@ impl LinuxMemory {
                 errno: e.raw_os_error(),
             })?;
         }
-        let home = match self.inner.store.reserve_home(pages) {
+        let home = match self.inner.store().reserve_home(pages) {
             Ok(h) => h,
             Err(e) => {
                 if let Some(uffd) = &self.inner.uffd {
@@ -270,6 +284,9 @@ impl LinuxMemory {
                         moved: false,
                     })
                 })
+                .collect(),
+            changed: (0..(pages as usize).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
                 .collect(),
         }));
         Ok(id)

@@ -315,7 +315,7 @@ impl Inner {
         st.registered = self.register(addr).is_ok();
         let protected = st.registered && self.wp(region, addr, PAGE_SIZE).is_ok();
         if !protected {
-            self.untrack(st);
+            self.untrack(region, addr, st);
             return;
         }
         self.check_window(region, addr, st);
@@ -323,9 +323,8 @@ impl Inner {
 
     /// A page whose kernel write-protection is not (or no longer) certain: no token of
     /// it stays valid, and a store page is only "may still map its slot".
-    pub(super) fn untrack(&self, st: &mut PageState) {
-        st.protected = false;
-        st.gen += 1;
+    pub(super) fn untrack(&self, region: &Region, addr: usize, st: &mut PageState) {
+        region.unprotect_at(addr, st);
         if st.kind == Kind::Store {
             st.kind = Kind::StoreCow;
         }
@@ -371,8 +370,7 @@ impl Inner {
     pub(super) fn check_window(&self, region: &Region, addr: usize, st: &mut PageState) {
         if self.reconcile(region, addr, st) {
             let _ = self.unwp(region, addr, PAGE_SIZE, true);
-            st.protected = false;
-            st.gen += 1;
+            region.unprotect_at(addr, st);
         }
     }
 
@@ -394,7 +392,7 @@ impl Inner {
         // write-protected), so no reader sees a change; writers are held by the protection
         // or land in a copy. `slot` stays allocated while the page maps it (`st.slot`
         // holds it).
-        let r = unsafe { sys::map_file_fixed(addr, PAGE_SIZE, self.store.fd(), slot.offset()) };
+        let r = unsafe { sys::map_file_fixed(addr, PAGE_SIZE, slot.store.fd(), slot.offset()) };
         self.own_done(counted);
         if let Err(e) = r {
             self.unexpect_unmap(std::slice::from_mut(&mut &mut *st), counted);
@@ -431,7 +429,7 @@ impl Inner {
             sys::map_file_fixed(
                 addr,
                 slots.len() * PAGE_SIZE,
-                self.store.fd(),
+                slots[0].store.fd(),
                 slots[0].offset(),
             )
         };
@@ -578,7 +576,7 @@ impl Inner {
                 st.kind = Kind::Zero;
                 // The empty entry is protected again (a marker) for the page's token.
                 if self.wp(region, addr, PAGE_SIZE).is_err() {
-                    self.untrack(st);
+                    self.untrack(region, addr, st);
                     return Ok(());
                 }
                 self.check_window(region, addr, st);
@@ -586,7 +584,7 @@ impl Inner {
             Kind::Store | Kind::StoreCow => {
                 self.map_anon(region, addr, st)?;
                 if !st.registered || self.wp(region, addr, PAGE_SIZE).is_err() {
-                    self.untrack(st);
+                    self.untrack(region, addr, st);
                     return Ok(());
                 }
                 self.check_window(region, addr, st);

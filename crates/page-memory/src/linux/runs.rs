@@ -175,8 +175,7 @@ impl Inner {
                     }
                     Err(e) => {
                         if g.protected {
-                            g.protected = false;
-                            g.gen += 1;
+                            region.unprotect_at(region.addr((first + k) as u32), g);
                         }
                         Err(e)
                     }
@@ -202,8 +201,7 @@ impl Inner {
                         } else {
                             Ok(())
                         };
-                        st.protected = false;
-                        st.gen += 1;
+                        region.unprotect_at(region.addr((first + k) as u32), st);
                         r
                     } else {
                         Ok(())
@@ -270,12 +268,12 @@ impl Inner {
             }
             guards
                 .iter_mut()
+                .enumerate()
                 .zip(res)
-                .map(|(g, r)| {
+                .map(|((k, g), r)| {
                     if r.is_ok() {
                         g.kind = Kind::Zero;
-                        g.protected = false;
-                        g.gen += 1;
+                        region.unprotect_at(region.addr((first + k) as u32), g);
                         bump(if discard {
                             &self.counters.discarded
                         } else {
@@ -306,7 +304,7 @@ impl Inner {
                 } else if !g.protected || g.gen != token.0 {
                     res[k] = Some(Ok(MergeOutcome::Changed));
                 } else if let (Kind::Store, Some(s), Some(c)) = (g.kind, &g.slot, &frame.0) {
-                    if Arc::ptr_eq(s, c) {
+                    if s.same(c) {
                         res[k] = Some(Ok(MergeOutcome::Merged));
                     }
                 }
@@ -413,6 +411,7 @@ impl Inner {
         &self,
         run: &[(PageId, ProtectToken)],
         out: &mut Vec<Result<LinuxFrame, PageError>>,
+        place: super::contract::Place<'_>,
     ) -> Vec<bool> {
         let n = run.len();
         let pages: Vec<PageId> = run.iter().map(|i| i.0).collect();
@@ -429,7 +428,7 @@ impl Inner {
                     match (g.kind, &g.slot) {
                         (Kind::Store, Some(slot)) => Some(Ok(LinuxFrame(Some(slot.clone())))),
                         (Kind::Zero, _) => Some(Ok(LinuxFrame(None))),
-                        _ => match self.store.allocate(region.home + page.index as u64) {
+                        _ => match place(region, page) {
                             Ok(s) => {
                                 slots[k] = Some(s);
                                 None
@@ -456,7 +455,7 @@ impl Inner {
                     .check_ours(region, addr, &guards[k..j])
                     .and_then(|()| {
                         sys::pwrite_from_guest(
-                            self.store.fd(),
+                            run_slots[0].store.fd(),
                             addr,
                             (j - k) * PAGE_SIZE,
                             run_slots[0].offset(),

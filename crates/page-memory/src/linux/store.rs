@@ -31,6 +31,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::shared::{HoldEvent, HoldKind, HoldSink};
 use crate::{PageError, PAGE_SIZE};
 
 /// The all-zero page the zero frame reads.
@@ -41,11 +42,10 @@ pub(crate) struct Store {
     fd: OwnedFd,
     /// Address of the `MAP_SHARED`, `PROT_READ` view of the whole memfd.
     view: usize,
-    /// Slots in the home area (slot numbers `0..home_slots`).
-    home_slots: u64,
     /// Slots in all (home area, then the overflow area).
     slots: u64,
-    alloc: Mutex<Alloc>,
+    /// Who allocates and frees slots.
+    owner: Owner,
     /// Slots allocated now.
     pub(crate) live: AtomicU64,
     /// Slots punched out since the start.
@@ -54,7 +54,22 @@ pub(crate) struct Store {
     pub(crate) punch_errors: AtomicU64,
 }
 
-struct Alloc {
+/// Who allocates a store's slots and punches them out.
+enum Owner {
+    /// This store: slots are allocated here and punched out when the last holder goes.
+    Local(Mutex<Alloc>),
+    /// A store shared by several processes ([`super::shared`]): another process (the
+    /// service) allocates its slots and punches them; this one only reports, through the
+    /// sink, each hold it takes on a slot or its offset and each it lets go.
+    Linked(HoldSink),
+}
+
+/// The slot allocator: home runs per region, then the overflow area.
+pub(crate) struct Alloc {
+    /// Slots in the home area.
+    home_slots: u64,
+    /// Slots in all.
+    slots: u64,
     /// Next home slot not yet given to a region.
     home_next: u64,
     /// One bit per home slot: allocated.
@@ -87,22 +102,69 @@ impl Store {
         Ok(Arc::new(Store {
             fd,
             view,
-            home_slots,
             slots,
-            alloc: Mutex::new(Alloc {
-                home_next: 0,
-                home_used: Vec::new(),
-                overflow_next: home_slots,
-                overflow_free: Vec::new(),
-            }),
+            owner: Owner::Local(Mutex::new(Alloc::new(home_slots, slots))),
             live: AtomicU64::new(0),
             punched: AtomicU64::new(0),
             punch_errors: AtomicU64::new(0),
         }))
     }
 
-    fn alloc(&self) -> std::sync::MutexGuard<'_, Alloc> {
-        self.alloc.lock().unwrap_or_else(|e| e.into_inner())
+    /// A store over `fd`, a memfd of `slots` pages that another process allocates
+    /// (see [`Owner::Linked`]).
+    pub(crate) fn linked(fd: OwnedFd, slots: u64, sink: HoldSink) -> Result<Arc<Store>, PageError> {
+        let len = slots
+            .checked_mul(PAGE_SIZE as u64)
+            .and_then(|b| usize::try_from(b).ok())
+            .filter(|&b| b > 0)
+            .ok_or(PageError::Unsupported(
+                "a linked store of no slots or too many",
+            ))?;
+        let size = super::sys::file_size(fd.as_fd()).map_err(|e| PageError::Os {
+            op: "fstat (linked canonical store)",
+            errno: e.raw_os_error(),
+        })?;
+        if size < len as u64 {
+            return Err(PageError::Unsupported(
+                "the linked store's memfd is smaller than its slots",
+            ));
+        }
+        let view =
+            super::sys::map_fresh_shared_view(fd.as_fd(), len).map_err(|e| PageError::Os {
+                op: "mmap (view of the linked canonical store)",
+                errno: e.raw_os_error(),
+            })?;
+        Ok(Arc::new(Store {
+            fd,
+            view,
+            slots,
+            owner: Owner::Linked(sink),
+            live: AtomicU64::new(0),
+            punched: AtomicU64::new(0),
+            punch_errors: AtomicU64::new(0),
+        }))
+    }
+
+    /// Whether another process allocates this store's slots.
+    pub(crate) fn is_linked(&self) -> bool {
+        matches!(self.owner, Owner::Linked(_))
+    }
+
+    fn alloc(&self) -> Option<std::sync::MutexGuard<'_, Alloc>> {
+        match &self.owner {
+            Owner::Local(a) => Some(a.lock().unwrap_or_else(|e| e.into_inner())),
+            Owner::Linked(_) => None,
+        }
+    }
+
+    fn tell(&self, slot: u64, kind: HoldKind, acquire: bool) {
+        if let Owner::Linked(sink) = &self.owner {
+            sink(HoldEvent {
+                slot,
+                kind,
+                acquire,
+            });
+        }
     }
 
     /// The memfd.
@@ -111,49 +173,54 @@ impl Store {
     }
 
     /// Gives a region of `pages` pages its home: the first of `pages` consecutive slots.
+    /// (A linked store's regions have no home here: its owner places their pages.)
     pub(crate) fn reserve_home(&self, pages: u32) -> Result<u64, PageError> {
-        let mut a = self.alloc();
-        let base = a.home_next;
-        let next = base + pages as u64;
-        if next > self.home_slots {
-            return Err(PageError::Unsupported(
+        match self.alloc() {
+            Some(mut a) => a.reserve_home(pages).ok_or(PageError::Unsupported(
                 "the canonical store's home area is full: raise LinuxConfig::home_slots",
-            ));
+            )),
+            None => Ok(0),
         }
-        a.home_next = next;
-        let words = next.div_ceil(64) as usize;
-        if a.home_used.len() < words {
-            a.home_used.resize(words, 0);
-        }
-        Ok(base)
     }
 
-    /// A free slot: `home` if it is free, else an overflow slot.
+    /// A free slot: `home` if it is free, else an overflow slot. A linked store's slots
+    /// are chosen by its owner ([`adopt`](Self::adopt)).
     pub(crate) fn allocate(self: &Arc<Self>, home: u64) -> Result<Arc<Slot>, PageError> {
-        let index = {
-            let mut a = self.alloc();
-            let (w, b) = ((home / 64) as usize, home % 64);
-            match a.home_used.get_mut(w) {
-                Some(word) if home < self.home_slots && *word & (1 << b) == 0 => {
-                    *word |= 1 << b;
-                    home
-                }
-                _ => match a.overflow_free.pop() {
-                    Some(s) => s,
-                    None if a.overflow_next < self.slots => {
-                        a.overflow_next += 1;
-                        a.overflow_next - 1
-                    }
-                    None => {
-                        return Err(PageError::Unsupported(
-                            "the canonical store's overflow area is full",
-                        ))
-                    }
-                },
+        let index = match self.alloc() {
+            Some(mut a) => a.allocate(home).ok_or(PageError::Unsupported(
+                "the canonical store's overflow area is full",
+            ))?,
+            None => {
+                return Err(PageError::Unsupported(
+                    "a linked store's slots are chosen by the process that owns it \
+                     (LinuxMemory::canonicalize_at)",
+                ))
             }
         };
+        Ok(self.new_slot(index))
+    }
+
+    /// A hold on slot `index` of a linked store, which its owner chose (and holds while
+    /// it asks this process to use it); the holds are reported through the sink.
+    pub(crate) fn adopt(self: &Arc<Self>, index: u64) -> Result<Arc<Slot>, PageError> {
+        if !self.is_linked() {
+            return Err(PageError::Unsupported(
+                "only a linked store's slots are named by their owner",
+            ));
+        }
+        if index >= self.slots {
+            return Err(PageError::Unsupported(
+                "a slot beyond the linked store's end",
+            ));
+        }
+        Ok(self.new_slot(index))
+    }
+
+    fn new_slot(self: &Arc<Self>, index: u64) -> Arc<Slot> {
         self.live.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::new(Slot {
+        self.tell(index, HoldKind::Slot, true);
+        self.tell(index, HoldKind::Tomb, true);
+        Arc::new(Slot {
             store: self.clone(),
             index,
             tomb: Arc::new(Tomb {
@@ -161,7 +228,7 @@ impl Store {
                 index,
                 outlived: AtomicBool::new(false),
             }),
-        }))
+        })
     }
 
     /// Punches `index` out: its memory goes back to the system and it reads as zeros.
@@ -178,13 +245,8 @@ impl Store {
 
     /// Makes `index` (punched) free again.
     fn release(&self, index: u64) {
-        let mut a = self.alloc();
-        if index < self.home_slots {
-            if let Some(word) = a.home_used.get_mut((index / 64) as usize) {
-                *word &= !(1 << (index % 64));
-            }
-        } else {
-            a.overflow_free.push(index);
+        if let Some(mut a) = self.alloc() {
+            a.release(index);
         }
     }
 
@@ -194,6 +256,66 @@ impl Store {
             op: "fstat (canonical store)",
             errno: e.raw_os_error(),
         })
+    }
+}
+
+impl Alloc {
+    /// An allocator of `slots` slots, the first `home_slots` of them the home area.
+    pub(crate) fn new(home_slots: u64, slots: u64) -> Alloc {
+        Alloc {
+            home_slots,
+            slots,
+            home_next: 0,
+            home_used: Vec::new(),
+            overflow_next: home_slots,
+            overflow_free: Vec::new(),
+        }
+    }
+
+    /// The first of `pages` consecutive home slots, or `None` if the home area is full.
+    pub(crate) fn reserve_home(&mut self, pages: u32) -> Option<u64> {
+        let base = self.home_next;
+        let next = base + pages as u64;
+        if next > self.home_slots {
+            return None;
+        }
+        self.home_next = next;
+        let words = next.div_ceil(64) as usize;
+        if self.home_used.len() < words {
+            self.home_used.resize(words, 0);
+        }
+        Some(base)
+    }
+
+    /// `home` if it is a free home slot, else a free overflow slot (`None`: full).
+    pub(crate) fn allocate(&mut self, home: u64) -> Option<u64> {
+        let (w, b) = ((home / 64) as usize, home % 64);
+        let home_slots = self.home_slots;
+        match self.home_used.get_mut(w) {
+            Some(word) if home < home_slots && *word & (1 << b) == 0 => {
+                *word |= 1 << b;
+                Some(home)
+            }
+            _ => match self.overflow_free.pop() {
+                Some(s) => Some(s),
+                None if self.overflow_next < self.slots => {
+                    self.overflow_next += 1;
+                    Some(self.overflow_next - 1)
+                }
+                None => None,
+            },
+        }
+    }
+
+    /// Makes `index` free again.
+    pub(crate) fn release(&mut self, index: u64) {
+        if index < self.home_slots {
+            if let Some(word) = self.home_used.get_mut((index / 64) as usize) {
+                *word &= !(1 << (index % 64));
+            }
+        } else if index < self.slots {
+            self.overflow_free.push(index);
+        }
     }
 }
 
@@ -233,6 +355,10 @@ pub(crate) struct Tomb {
 
 impl Drop for Tomb {
     fn drop(&mut self) {
+        if self.store.is_linked() {
+            self.store.tell(self.index, HoldKind::Tomb, false);
+            return;
+        }
         if self.outlived.load(Ordering::Relaxed) {
             self.store.punch(self.index);
         }
@@ -241,6 +367,12 @@ impl Drop for Tomb {
 }
 
 impl Slot {
+    /// Whether `self` and `other` are the same page of the same store (a linked store
+    /// may hand out several `Arc`s of one slot).
+    pub(crate) fn same(&self, other: &Slot) -> bool {
+        self.index == other.index && Arc::ptr_eq(&self.store, &other.store)
+    }
+
     /// The slot's offset in the memfd.
     pub(crate) fn offset(&self) -> u64 {
         self.index * PAGE_SIZE as u64
@@ -263,6 +395,12 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if self.store.is_linked() {
+            // The owner punches it out once no process holds it.
+            self.store.live.fetch_sub(1, Ordering::Relaxed);
+            self.store.tell(self.index, HoldKind::Slot, false);
+            return;
+        }
         if self.store.punch(self.index) {
             self.store.punched.fetch_add(1, Ordering::Relaxed);
         }

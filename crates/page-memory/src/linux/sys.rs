@@ -46,6 +46,11 @@ pub(crate) fn punch_hole(file: BorrowedFd<'_>, offset: u64, len: u64) -> Result<
     )
 }
 
+/// The size of `file` in bytes (`fstat`).
+pub(crate) fn file_size(file: BorrowedFd<'_>) -> Result<u64, Errno> {
+    Ok(rustix::fs::fstat(file)?.st_size as u64)
+}
+
 /// Bytes of memory `file` holds (its allocated blocks, `fstat`).
 pub(crate) fn allocated_bytes(file: BorrowedFd<'_>) -> Result<u64, Errno> {
     Ok(rustix::fs::fstat(file)?.st_blocks as u64 * 512)
