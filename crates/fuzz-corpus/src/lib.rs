@@ -3,12 +3,13 @@
 //! `cargo test --workspace` keeps every corpus input passing.
 //!
 //! The checkers live with the crates they test, in their `tests/common/` directories
-//! (`crates/sdtree/tests/common/differential.rs`, `crates/pip/tests/common/hostile.rs`),
+//! (`crates/sdtree/tests/common/differential.rs`, `crates/pip/tests/common/hostile.rs`,
+//! `crates/pageoned/tests/common/wire_decode.rs`),
 //! where those crates' own tests run hand-written inputs through them and the fuzz
 //! targets include them. The corpora are not part of those crates (a packaged `sdtree` or
 //! `pip` does not contain `fuzz/`), so their replay lives here, in a workspace member that
-//! is never published: `tests/differential.rs` and `tests/pip_validate.rs`, both through
-//! [`replay_corpus`].
+//! is never published: `tests/differential.rs`, `tests/pip_validate.rs`,
+//! `tests/wire_decode.rs` and the others there, all through [`replay_corpus`].
 //!
 //! ```no_run
 //! fn check(data: &[u8]) {
