@@ -126,6 +126,9 @@ struct PageState {
 struct Region {
     info: RegionInfo,
     pages: Box<[Mutex<PageState>]>,
+    /// Set by [`SimMemory::remove_region`] before it releases the frames; checked under
+    /// each page's lock, so no operation touches a page once its frame is released.
+    removed: AtomicBool,
 }
 
 /// Totals of a [`SimMemory`], exact when no operation is in flight.
@@ -250,21 +253,77 @@ impl SimMemory {
             pages: pages.len() as u32,
             domain,
         };
-        let _ = self.regions[n].set(Region { info, pages });
+        let _ = self.regions[n].set(Region {
+            info,
+            pages,
+            removed: AtomicBool::new(false),
+        });
         self.count.store(n + 1, Ordering::Release);
         id
     }
 
-    /// The regions added so far.
+    /// Removes region `id` (a VM stopped, memory unplugged): its pages' frames are
+    /// released (a canonical frame an engine still holds stays alive as long as the
+    /// engine holds it, and pages of other regions that map it keep mapping it), it is no
+    /// longer listed by [`regions`](PageMemory::regions) or counted by
+    /// [`accounting`](Self::accounting), and every later operation on its pages returns
+    /// [`PageError::NoSuchRegion`]. Region ids are never reused: a region added later
+    /// gets a new one. The region's slot and its small per-page records stay allocated
+    /// until the memory is dropped (regions are looked up without a lock), so at most
+    /// [`MAX_REGIONS`] regions can be added over the memory's life.
+    ///
+    /// # Errors
+    /// [`PageError::NoSuchRegion`] if there is no such region, or it was removed already.
+    ///
+    /// ```
+    /// use page_memory::sim::SimMemory;
+    /// use page_memory::{DomainId, PageError, PageId, PageMemory};
+    ///
+    /// let mem = SimMemory::new();
+    /// let a = mem.add_region(2, DomainId(0));
+    /// let b = mem.add_region(3, DomainId(0));
+    /// mem.write(PageId::new(b, 0), 0, b"data").unwrap();
+    /// assert_eq!(mem.accounting().frames, 1);
+    /// mem.remove_region(b).unwrap();
+    /// assert_eq!(mem.accounting().frames, 0); // its frame is released
+    /// assert_eq!(mem.accounting().pages, 2);
+    /// assert_eq!(mem.regions().iter().map(|r| r.id).collect::<Vec<_>>(), [a]);
+    /// let mut buf = [0u8; 4];
+    /// assert_eq!(mem.read(PageId::new(b, 0), 0, &mut buf), Err(PageError::NoSuchRegion(b)));
+    /// assert_eq!(mem.remove_region(b), Err(PageError::NoSuchRegion(b)));
+    /// assert_ne!(mem.add_region(1, DomainId(0)), b); // ids are not reused
+    /// ```
+    pub fn remove_region(&self, id: RegionId) -> Result<(), PageError> {
+        let region = self.region(id)?;
+        if region.removed.swap(true, Ordering::AcqRel) {
+            return Err(PageError::NoSuchRegion(id));
+        }
+        for slot in region.pages.iter() {
+            let mut state = slot.lock().unwrap_or_else(|e| e.into_inner());
+            // The zero frame is not counted as a frame: pointing a gone page at it (without
+            // counting a mapping) releases the page's frame.
+            self.unmap(&state.frame);
+            state.frame = self.zero.clone();
+            state.protected = false;
+            state.generation += 1;
+        }
+        Ok(())
+    }
+
+    /// The regions added so far and not removed.
     fn all_regions(&self) -> impl Iterator<Item = &Region> {
         let n = self.count.load(Ordering::Acquire);
-        self.regions[..n].iter().filter_map(OnceLock::get)
+        self.regions[..n]
+            .iter()
+            .filter_map(OnceLock::get)
+            .filter(|r| !r.removed.load(Ordering::Acquire))
     }
 
     fn region(&self, id: RegionId) -> Result<&Region, PageError> {
         self.regions
             .get(id.0 as usize)
             .and_then(OnceLock::get)
+            .filter(|r| !r.removed.load(Ordering::Acquire))
             .ok_or(PageError::NoSuchRegion(id))
     }
 
@@ -280,6 +339,11 @@ impl SimMemory {
             .get(page.index as usize)
             .ok_or(PageError::NoSuchPage(page))?;
         let mut state: MutexGuard<'_, PageState> = slot.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked again under the page's lock: `remove_region` sets the flag before it
+        // takes each page's lock to release its frame.
+        if region.removed.load(Ordering::Acquire) {
+            return Err(PageError::NoSuchRegion(page.region));
+        }
         Ok(f(&mut state))
     }
 
@@ -608,5 +672,54 @@ impl PageMemory for SimMemory {
 
     fn set_dirty_hook(&self, hook: Option<DirtyHook>) {
         *self.hook.write().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_region_lets_go_of_shared_frames_and_refuses_every_operation() {
+        let mem = SimMemory::new();
+        let a = mem.add_region(2, DomainId(0));
+        let b = mem.add_region(2, DomainId(0));
+        let (pa, pb) = (PageId::new(a, 0), PageId::new(b, 0));
+        mem.write(pa, 0, b"same").unwrap();
+        mem.write(pb, 0, b"same").unwrap();
+        let tokens = mem.protect(&[pa, pb]);
+        let canon = mem.canonicalize(pa, tokens[0].clone().unwrap()).unwrap();
+        let merged = mem.merge(pb, tokens[1].clone().unwrap(), &canon).unwrap();
+        assert_eq!(merged, MergeOutcome::Merged);
+        assert_eq!(mem.accounting().pages_sharing, 1);
+        // The canonical page's region goes: the frame lives on for `b` (and `canon`).
+        mem.remove_region(a).unwrap();
+        let acc = mem.accounting();
+        assert_eq!((acc.pages, acc.frames, acc.zero_pages), (2, 1, 1));
+        assert_eq!((acc.pages_shared, acc.pages_sharing), (0, 0));
+        let mut buf = [0u8; 4];
+        mem.read(pb, 0, &mut buf).unwrap();
+        assert_eq!(&buf, b"same");
+        let gone = Err(PageError::NoSuchRegion(a));
+        assert_eq!(mem.read(pa, 0, &mut buf), gone);
+        assert_eq!(mem.write(pa, 0, b"x"), gone);
+        assert_eq!(mem.protect(&[pa])[0], Err(PageError::NoSuchRegion(a)));
+        assert_eq!(
+            mem.written_since(pa, ProtectToken(0)),
+            Err(PageError::NoSuchRegion(a))
+        );
+        assert_eq!(
+            mem.merge(pa, ProtectToken(0), &canon),
+            Err(PageError::NoSuchRegion(a))
+        );
+        assert_eq!(mem.unmerge(pa), gone);
+        assert_eq!(mem.shares_frame(pa, pb), Err(PageError::NoSuchRegion(a)));
+        // `b` goes too; only the frame `canon` holds is left.
+        mem.remove_region(b).unwrap();
+        assert!(mem.regions().is_empty());
+        let acc = mem.accounting();
+        assert_eq!((acc.pages, acc.frames, acc.zero_pages), (0, 1, 0));
+        drop(canon);
+        assert_eq!(mem.accounting().frames, 0);
     }
 }

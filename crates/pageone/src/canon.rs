@@ -27,9 +27,11 @@ impl<F: AsRef<[u8]>> AsRef<[u8]> for FrameKey<F> {
 
 type Tree<F> = SdMap<FrameKey<F>, Arc<Canon<F>>>;
 
-/// The trees of canonical pages, one per group of joined trust domains.
+/// The trees of canonical pages, one per group of joined trust domains. A domain that
+/// appears later (a region added by `refresh_regions`) gets a tree of its own through
+/// [`Canons::with_domains`], which shares the existing trees.
 pub(crate) struct Canons<F: AsRef<[u8]> + Send + Sync + 'static> {
-    trees: Vec<Tree<F>>,
+    trees: Vec<Arc<Tree<F>>>,
     group_of: HashMap<DomainId, usize>,
     max_sharing: u32,
 }
@@ -60,10 +62,32 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
             });
         }
         Canons {
-            trees: (0..groups).map(|_| SdMap::new()).collect(),
+            trees: (0..groups).map(|_| Arc::new(SdMap::new())).collect(),
             group_of,
             max_sharing: max_sharing.max(1),
         }
+    }
+
+    /// If some of `domains` have no group yet: these trees (shared, not copied) and one
+    /// new tree for each new domain, which joins no other (domains joined by the
+    /// configuration have their groups from the start). `None` if every domain has one.
+    pub(crate) fn with_domains(&self, domains: &[DomainId]) -> Option<Self> {
+        if domains.iter().all(|d| self.group_of.contains_key(d)) {
+            return None;
+        }
+        let mut trees = self.trees.clone();
+        let mut group_of = self.group_of.clone();
+        for d in domains {
+            group_of.entry(*d).or_insert_with(|| {
+                trees.push(Arc::new(SdMap::new()));
+                trees.len() - 1
+            });
+        }
+        Some(Canons {
+            trees,
+            group_of,
+            max_sharing: self.max_sharing,
+        })
     }
 
     /// The tree for `domain`'s group.

@@ -155,6 +155,21 @@
 //! backend's guard charges every remap two mappings, so it would have to admit by cost
 //! too).
 //!
+//! # Regions
+//! The engine takes on the memory's regions ([`PageMemory::regions`]) when it is made,
+//! and again at every [`PageOne::refresh_regions`]: call it when the embedder adds or
+//! removes guest memory (a VM started or stopped, memory hot-plugged), and the engine
+//! takes on the new regions (their pages start volatile, and merge with the pages of the
+//! other regions of their trust-domain group) and lets go of the regions that are gone,
+//! dropping every state their pages held as if each page had been written (a merged page
+//! releases its canonical page; a canonical page whose own page is gone stays valid for
+//! the pages merged with it), without asking the memory about them. It waits for a running
+//! pass, and no pass runs meanwhile; each pass works on the regions it found at its start
+//! ([`RegionChange`] says what a refresh changed). An engine that is never refreshed works
+//! on the regions it was made with; pages of a region that vanishes without a refresh fail
+//! their operations, go volatile and are retried after their back-off, each failure
+//! counted in [`Stats::refused_errors`], until a refresh lets them go.
+//!
 //! # Threads
 //! A daemon thread ([`PageOne::start`]) wakes every base period and, every merge period,
 //! runs a merge pass; on the other ticks it runs a base pass that only notices writes and
@@ -188,13 +203,13 @@ mod pool;
 mod stats;
 mod unique;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use page_memory::{DomainId, PageMemory, RegionId};
+use page_memory::{DomainId, PageMemory, RegionId, RegionInfo};
 
 use crate::canon::{Canon, Canons, Claims};
 use crate::config::Knobs;
@@ -355,17 +370,188 @@ impl PassReport {
     }
 }
 
+/// What [`PageOne::refresh_regions`] changed: the regions whose pages the engine took
+/// on, and those whose pages it let go (merged pages released their canonical pages,
+/// unique and zero pages are no longer counted). A region whose id came back with another
+/// size or trust domain is in both lists (let go, then taken on afresh).
+///
+/// More fields may be added in later versions (hence `#[non_exhaustive]`).
+///
+/// ```
+/// use std::sync::Arc;
+/// use page_memory::sim::SimMemory;
+/// use page_memory::DomainId;
+/// use pageone::{Config, PageOne, RegionChange};
+///
+/// let mem = Arc::new(SimMemory::new());
+/// let old = mem.add_region(4, DomainId(0));
+/// let engine = PageOne::new(mem.clone(), Config::default().work_threads(1))?;
+/// let new = mem.add_region(4, DomainId(0));
+/// mem.remove_region(old).unwrap();
+/// let change = engine.refresh_regions();
+/// assert_eq!((change.added, change.removed), (vec![new], vec![old]));
+/// assert_eq!(engine.refresh_regions(), RegionChange::default()); // nothing new
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RegionChange {
+    /// Regions the engine took on (in the memory's order): their pages start volatile.
+    pub added: Vec<RegionId>,
+    /// Regions the engine let go (in the order it had them).
+    pub removed: Vec<RegionId>,
+}
+
+impl RegionChange {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// The regions the engine works on and their chunks, with the trees for their trust
+/// domains: built by `new` and replaced as a whole by [`PageOne::refresh_regions`]
+/// (under the pass lock, so never while a pass runs). Each pass takes the current layout
+/// at its start and uses only that one: its work threads get it with the pass (for the
+/// chunks they run and for `Ctx::chunks`/`first_chunk`, where twin flags go), so chunk
+/// indices are consistent within a pass.
+///
+/// Chunks of removed regions are dropped from the list, not kept as tombstones: the
+/// indices of later chunks then change from one layout to the next, which is safe
+/// because no chunk index outlives a pass. The work queues hold indices only while a pass
+/// runs; a twin flag is kept in the chunk itself, relative to the chunk (a chunk that
+/// survives a refresh is the same `Arc`, flags and all); `first_chunk` is looked up in
+/// the pass's own layout; and the one index kept between passes, the budgeted pass's
+/// `Cursor`, is moved by the refresh to the same surviving chunk (or the next one that
+/// survives). Tombstones would instead make every pass and `stats` walk dead chunks for
+/// as long as the engine runs, which in a service with VMs coming and going grows
+/// without bound.
+pub(crate) struct Layout<M: PageMemory> {
+    /// The regions taken on, in order (ids distinct).
+    regions: Vec<RegionInfo>,
+    chunks: Vec<Arc<Chunk<M::Frame>>>,
+    /// The index in `chunks` of each region's first chunk.
+    first_chunk: HashMap<RegionId, usize>,
+    /// Home work thread of each chunk.
+    home: Vec<usize>,
+    canons: Arc<Canons<M::Frame>>,
+}
+
+impl<M: PageMemory> Layout<M> {
+    /// The layout of `regions` (duplicate ids after the first are ignored), each region's
+    /// chunks homed on work thread `ordinal % threads` (as the engine always did).
+    fn initial(regions: &[RegionInfo], canons: Canons<M::Frame>, threads: usize) -> Self {
+        let mut layout = Layout {
+            regions: Vec::new(),
+            chunks: Vec::new(),
+            first_chunk: HashMap::new(),
+            home: Vec::new(),
+            canons: Arc::new(canons),
+        };
+        for r in regions {
+            if !layout.first_chunk.contains_key(&r.id) {
+                let home = layout.regions.len() % threads;
+                layout.push(r, home);
+            }
+        }
+        layout
+    }
+
+    /// Appends region `r`'s chunks, homed on work thread `home`.
+    fn push(&mut self, r: &RegionInfo, home: usize) {
+        self.regions.push(*r);
+        self.first_chunk.insert(r.id, self.chunks.len());
+        let mut first = 0;
+        while first < r.pages {
+            let len = CHUNK_PAGES.min(r.pages - first);
+            self.chunks
+                .push(Arc::new(Chunk::new(r.id, r.domain, first, len)));
+            self.home.push(home);
+            first += len;
+        }
+    }
+
+    /// The layout for the memory's regions now (`regions`): the regions still there (same
+    /// id, size and domain) keep their chunks (the same `Arc`s, in the same order) and
+    /// homes; new ones are appended, each homed on the work thread with the fewest pages
+    /// homed so far.
+    fn refreshed(&self, regions: &[RegionInfo], threads: usize) -> Refreshed<M> {
+        let now: HashMap<RegionId, &RegionInfo> = regions.iter().rev().map(|r| (r.id, r)).collect();
+        let keep = |r: &RegionInfo| now.get(&r.id).is_some_and(|n| *n == r);
+        let mut change = RegionChange::default();
+        let canons = self
+            .canons
+            .with_domains(&regions.iter().map(|r| r.domain).collect::<Vec<_>>())
+            .map_or_else(|| self.canons.clone(), Arc::new);
+        let mut next = Layout {
+            regions: Vec::new(),
+            chunks: Vec::new(),
+            first_chunk: HashMap::new(),
+            home: Vec::new(),
+            canons,
+        };
+        let mut retired = Vec::new();
+        let mut moved = vec![None; self.chunks.len()];
+        for r in &self.regions {
+            let first = self.first_chunk.get(&r.id).copied().unwrap_or(0);
+            let count = r.pages.div_ceil(CHUNK_PAGES) as usize;
+            let old = first..(first + count).min(self.chunks.len());
+            if keep(r) {
+                next.regions.push(*r);
+                next.first_chunk.insert(r.id, next.chunks.len());
+                for c in old {
+                    moved[c] = Some(next.chunks.len());
+                    next.chunks.push(self.chunks[c].clone());
+                    next.home.push(self.home[c]);
+                }
+            } else {
+                change.removed.push(r.id);
+                retired.extend(self.chunks[old].iter().cloned());
+            }
+        }
+        let mut load = vec![0u64; threads];
+        for (c, &h) in next.chunks.iter().zip(&next.home) {
+            load[h % threads] += c.len() as u64;
+        }
+        let mut seen = HashSet::new();
+        for r in regions {
+            if !seen.insert(r.id) || next.first_chunk.contains_key(&r.id) {
+                continue;
+            }
+            let home = (0..threads).min_by_key(|&t| load[t]).unwrap_or(0);
+            load[home] += r.pages as u64;
+            next.push(r, home);
+            change.added.push(r.id);
+        }
+        Refreshed {
+            next,
+            change,
+            retired,
+            moved,
+        }
+    }
+}
+
+/// What [`Layout::refreshed`] makes of a layout.
+struct Refreshed<M: PageMemory> {
+    /// The new layout.
+    next: Layout<M>,
+    /// What changed.
+    change: RegionChange,
+    /// The chunks of the regions let go, to retire.
+    retired: Vec<Arc<Chunk<M::Frame>>>,
+    /// For each chunk of the old layout, its index in the new one (`None`: retired).
+    moved: Vec<Option<usize>>,
+}
+
 /// State shared by the engine handle, the daemon and the work threads.
 pub(crate) struct Shared<M: PageMemory> {
     memory: Arc<M>,
-    chunks: Vec<Chunk<M::Frame>>,
-    /// The index in `chunks` of each region's first chunk.
-    first_chunk: HashMap<RegionId, usize>,
+    /// The current regions, chunks and trees; each pass works on the one it took at its
+    /// start (see [`Layout`]).
+    layout: RwLock<Arc<Layout<M>>>,
     /// Unique pages indexed in place.
     uniques: Uniques,
-    /// Home work thread of each chunk.
-    home: Vec<usize>,
-    canons: Canons<M::Frame>,
     counters: Counters,
     knobs: Knobs,
     hook: Option<Arc<dyn ScanHook<M>>>,
@@ -377,7 +563,7 @@ pub(crate) struct Shared<M: PageMemory> {
     claims: Claims,
     /// What the current pass did so far (chunks add to it as they finish).
     pass_tally: Mutex<Tally>,
-    /// Serializes passes (daemon and callers).
+    /// Serializes passes (daemon and callers) and region refreshes.
     pass_lock: Mutex<Cursor>,
     /// Wakes the daemon early (stop, knob changes).
     daemon_wake: (Mutex<bool>, Condvar),
@@ -385,14 +571,29 @@ pub(crate) struct Shared<M: PageMemory> {
 
 /// Where the next budgeted merge pass starts.
 struct Cursor {
+    /// An index in the current layout's chunks (moved by `refresh_regions` to the same
+    /// chunk in the new layout).
     chunk: usize,
 }
 
 impl<M: PageMemory + 'static> Shared<M> {
-    fn ctx<'a>(&'a self, worker: &'a stats::WorkerCounters) -> Ctx<'a, M> {
+    /// The current layout.
+    pub(crate) fn layout(&self) -> Arc<Layout<M>> {
+        self.layout
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What a work thread needs to run a chunk of a pass over `layout`.
+    pub(crate) fn ctx<'a>(
+        &'a self,
+        worker: &'a stats::WorkerCounters,
+        layout: &'a Layout<M>,
+    ) -> Ctx<'a, M> {
         Ctx {
             memory: &self.memory,
-            canons: &self.canons,
+            canons: &layout.canons,
             counters: &self.counters,
             worker,
             hook: self.hook.as_deref(),
@@ -406,8 +607,8 @@ impl<M: PageMemory + 'static> Shared<M> {
             unchanged_first: self.config.unchanged_before_protect,
             alone: self.config.work_threads.max(1) == 1,
             in_place: self.config.unique_in_place,
-            chunks: &self.chunks,
-            first_chunk: &self.first_chunk,
+            chunks: &layout.chunks,
+            first_chunk: &layout.first_chunk,
         }
     }
 }
@@ -425,7 +626,7 @@ impl<M: PageMemory + 'static> std::fmt::Debug for PageOne<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PageOne")
             .field("config", &self.shared.config)
-            .field("chunks", &self.shared.chunks.len())
+            .field("chunks", &self.shared.layout().chunks.len())
             .field("hook", &self.shared.hook.is_some())
             .field("running", &self.is_running())
             .finish_non_exhaustive()
@@ -462,27 +663,13 @@ impl<M: PageMemory + 'static> PageOne<M> {
         let threads = config.work_threads.max(1);
         let regions = memory.regions();
         let domains: Vec<DomainId> = regions.iter().map(|r| r.domain).collect();
-        let mut chunks = Vec::new();
-        let mut home = Vec::new();
-        let mut first_chunk = HashMap::new();
-        for (n, r) in regions.iter().enumerate() {
-            first_chunk.entry(r.id).or_insert(chunks.len());
-            let mut first = 0;
-            while first < r.pages {
-                let len = CHUNK_PAGES.min(r.pages - first);
-                chunks.push(Chunk::new(r.id, r.domain, first, len));
-                home.push(n % threads);
-                first += len;
-            }
-        }
+        let canons = Canons::new(&domains, &config.joined_domains, config.max_page_sharing);
+        let layout = Layout::initial(&regions, canons, threads);
         let zero = memory.zero_frame();
         let shared = Arc::new(Shared {
-            canons: Canons::new(&domains, &config.joined_domains, config.max_page_sharing),
             memory,
-            chunks,
-            first_chunk,
+            layout: RwLock::new(Arc::new(layout)),
             uniques: Uniques::new(),
-            home,
             counters: Counters::default(),
             knobs: Knobs::new(&config),
             hook,
@@ -505,6 +692,89 @@ impl<M: PageMemory + 'static> PageOne<M> {
     /// The memory the engine works on.
     pub fn memory(&self) -> &Arc<M> {
         &self.shared.memory
+    }
+
+    /// Reads the memory's regions again ([`PageMemory::regions`]) and takes on the
+    /// regions added since (their pages start volatile, like every page of a new engine,
+    /// and merge with the pages of every other region of their trust-domain group over
+    /// the next passes) and lets go of the regions that are gone. A region whose id is
+    /// listed again with another size or trust domain is let go and taken on afresh.
+    /// Waits for a running pass to end, and no pass runs while it works; the daemon
+    /// ([`start`](Self::start)) goes on afterwards with the new regions. Call it whenever
+    /// the embedder adds or removes guest memory (a VM started or stopped, memory
+    /// hot-plugged). An engine never refreshed works on the regions it was made with.
+    /// Not to be called from a [`ScanHook`] or [`Config::on_event`] (they run inside a
+    /// pass, which it would wait for).
+    ///
+    /// Letting go of a region drops every state the engine holds for its pages as if each
+    /// had been written, without asking the memory about them (they are gone): a merged or
+    /// canonical page releases its reference on its canonical page, which leaves the tree
+    /// with its last sharer (a canonical page whose own page is gone stays valid: the
+    /// engine holds its frame, and the other pages merged with it stay merged); a unique
+    /// page leaves the index; a zero page is no longer counted. [`Stats`] are exact
+    /// afterwards. A new trust domain gets a tree of its own (unless
+    /// [`Config::joined_domains`] joined it), so it never merges with other domains' pages.
+    ///
+    /// A region that vanishes from the memory without a refresh is no danger either: its
+    /// pages' operations fail, so each goes volatile once and is then retried only after
+    /// its back-off (each failure counted in [`Stats::refused_errors`]) until a refresh
+    /// lets it go.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use page_memory::sim::SimMemory;
+    /// use page_memory::{DomainId, PageId};
+    /// use pageone::{Config, PageOne};
+    ///
+    /// let mem = Arc::new(SimMemory::new());
+    /// let fill = |vm, pages| {
+    ///     for i in 0..pages {
+    ///         mem.write(PageId::new(vm, i), 0, &[7; 4096]).unwrap();
+    ///     }
+    /// };
+    /// let first = mem.add_region(8, DomainId(0));
+    /// fill(first, 8);
+    /// let engine = PageOne::new(mem.clone(), Config::default().work_threads(1))?;
+    /// // A VM starts: its memory is taken on at the next refresh.
+    /// let second = mem.add_region(8, DomainId(0));
+    /// fill(second, 8);
+    /// assert_eq!(engine.refresh_regions().added, [second]);
+    /// while !engine.merge_pass().quiet() {}
+    /// assert_eq!(engine.stats().pages_sharing, 15); // 16 pages, one frame
+    /// // The first VM stops: its pages let go of the frame they shared.
+    /// mem.remove_region(first).unwrap();
+    /// assert_eq!(engine.refresh_regions().removed, [first]);
+    /// assert_eq!(engine.stats().pages_sharing, 7);
+    /// assert!(engine.merge_pass().quiet());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn refresh_regions(&self) -> RegionChange {
+        let s = &self.shared;
+        let mut cursor = s.pass_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let regions = s.memory.regions();
+        let old = s.layout();
+        let threads = s.config.work_threads.max(1);
+        let Refreshed {
+            next,
+            change,
+            retired,
+            moved,
+        } = old.refreshed(&regions, threads);
+        if change.is_empty() && Arc::ptr_eq(&next.canons, &old.canons) {
+            return change;
+        }
+        for chunk in &retired {
+            chunk.retire(&old.canons, &s.uniques, &s.counters);
+        }
+        // The budgeted pass's cursor: the same chunk, or the next one that survives.
+        let at = cursor.chunk.min(moved.len());
+        cursor.chunk = moved[at..].iter().find_map(|&m| m).unwrap_or(0);
+        *s.layout.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        drop(cursor);
+        // Canonical pages the retired pages took out of the trees: freed once no thread
+        // can still read them.
+        sdtree::epoch::pin().flush();
+        change
     }
 
     /// Starts the periodic daemon (no-op if running).
@@ -613,6 +883,7 @@ impl<M: PageMemory + 'static> PageOne<M> {
     /// pass. False before every chunk had a merge pass, and after a base pass saw a write.
     pub fn is_quiet(&self) -> bool {
         self.shared
+            .layout()
             .chunks
             .iter()
             .all(|c| c.quiet.load(Ordering::Relaxed))
@@ -622,15 +893,16 @@ impl<M: PageMemory + 'static> PageOne<M> {
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
         let c = &s.counters;
+        let layout = s.layout();
         let (mut volatile, mut watched, mut parked, mut pages) = (0u64, 0u64, 0u64, 0u64);
-        for ch in &s.chunks {
+        for ch in &layout.chunks {
             let (v, w, p) = ch.gauges();
             volatile += v as u64;
             watched += w as u64;
             parked += p as u64;
             pages += ch.len() as u64;
         }
-        let canonical_indexed = s.canons.indexed() as u64;
+        let canonical_indexed = layout.canons.indexed() as u64;
         let per_page = page::entry_bytes::<M::Frame>();
         // Per canonical page: its record (behind an Arc: two counters), the tree's map
         // entry (key + value) and one tree node.
@@ -693,14 +965,16 @@ fn run_pass<M: PageMemory + 'static>(
 ) -> PassReport {
     let start = Instant::now();
     let mut cursor = shared.pass_lock.lock().unwrap_or_else(|e| e.into_inner());
-    let n = shared.chunks.len();
+    // The pass's layout: `refresh_regions` replaces it only under the pass lock.
+    let layout = shared.layout();
+    let n = layout.chunks.len();
     let budget = Knobs::get(&shared.knobs.pages_per_pass);
     let mut chosen = Vec::new();
     let mut pages = 0u64;
     let mut full_scan = false;
     if kind != PassKind::Merge || budget == u64::MAX {
         chosen.extend(0..n);
-        pages = shared.chunks.iter().map(|c| c.len() as u64).sum();
+        pages = layout.chunks.iter().map(|c| c.len() as u64).sum();
         full_scan = kind == PassKind::Merge;
     } else {
         let mut i = cursor.chunk.min(n);
@@ -709,7 +983,7 @@ fn run_pass<M: PageMemory + 'static>(
                 i = 0;
             }
             chosen.push(i);
-            pages += shared.chunks[i].len() as u64;
+            pages += layout.chunks[i].len() as u64;
             i += 1;
             if i == n {
                 full_scan = true;
@@ -723,16 +997,16 @@ fn run_pass<M: PageMemory + 'static>(
             .start_pass(&*shared.memory, shared.config.unique_in_place);
     }
     *shared.pass_tally.lock().unwrap_or_else(|e| e.into_inner()) = Tally::default();
-    pool.run(kind, &chosen);
+    pool.run(kind, &layout, &chosen);
     if kind == PassKind::Merge {
         // Unique pages (of chunks already done) whose twins this pass made canonical merge
         // in this pass too. Merging one can flag another only in rare races: a few rounds.
         for _ in 0..4 {
-            let flagged: Vec<usize> = (0..n).filter(|&i| shared.chunks[i].has_twins()).collect();
+            let flagged: Vec<usize> = (0..n).filter(|&i| layout.chunks[i].has_twins()).collect();
             if flagged.is_empty() {
                 break;
             }
-            pool.run(PassKind::Twins, &flagged);
+            pool.run(PassKind::Twins, &layout, &flagged);
         }
     }
     let tally = *shared.pass_tally.lock().unwrap_or_else(|e| e.into_inner());
@@ -774,6 +1048,73 @@ fn daemon_loop<M: PageMemory + 'static>(shared: &Arc<Shared<M>>, pool: &pool::Po
         } else if shared.hook.is_some() {
             run_pass(shared, pool, PassKind::Base);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use page_memory::sim::SimMemory;
+
+    fn region(id: u32, pages: u32, domain: u32) -> RegionInfo {
+        RegionInfo {
+            id: RegionId(id),
+            pages,
+            domain: DomainId(domain),
+        }
+    }
+
+    fn layout(regions: &[RegionInfo], threads: usize) -> Layout<SimMemory> {
+        let domains: Vec<DomainId> = regions.iter().map(|r| r.domain).collect();
+        Layout::initial(regions, Canons::new(&domains, &[], 256), threads)
+    }
+
+    #[test]
+    fn a_region_listed_again_with_another_size_or_domain_is_removed_and_added() {
+        let old = layout(
+            &[region(0, 1024, 0), region(1, 600, 0), region(2, 10, 0)],
+            2,
+        );
+        assert_eq!(old.chunks.len(), 2 + 2 + 1);
+        assert_eq!(old.home, [0, 0, 1, 1, 0]);
+        // Region 0 unchanged, 1 grew, 2 moved to another domain, 3 is new.
+        let now = [
+            region(3, 100, 0),
+            region(2, 10, 1),
+            region(0, 1024, 0),
+            region(1, 700, 0),
+        ];
+        let Refreshed {
+            next,
+            change,
+            retired,
+            moved,
+        } = old.refreshed(&now, 2);
+        assert_eq!(change.removed, [RegionId(1), RegionId(2)]);
+        assert_eq!(change.added, [RegionId(3), RegionId(2), RegionId(1)]);
+        assert_eq!(retired.len(), 3);
+        // Region 0's chunks are kept, the same ones, first; the others follow.
+        assert_eq!(moved, [Some(0), Some(1), None, None, None]);
+        assert!(Arc::ptr_eq(&next.chunks[0], &old.chunks[0]));
+        assert_eq!(next.chunks.len(), 2 + 1 + 1 + 2);
+        assert_eq!(next.first_chunk[&RegionId(3)], 2);
+        assert_eq!(next.first_chunk[&RegionId(2)], 3);
+        assert_eq!(next.first_chunk[&RegionId(1)], 4);
+        assert_eq!(next.chunks[3].domain, DomainId(1));
+        // Homes: thread 1 had none of the kept pages, so it gets the first new region;
+        // then the thread with the fewest pages each time.
+        assert_eq!(next.home, [0, 0, 1, 1, 1, 1]);
+        // Domain 1 is new: a tree of its own.
+        assert!(!Arc::ptr_eq(&next.canons, &old.canons));
+        assert_ne!(
+            next.canons.group(DomainId(1)),
+            next.canons.group(DomainId(0))
+        );
+        // Listing the same regions again changes nothing.
+        let again = next.refreshed(&now, 2);
+        assert!(again.change.is_empty() && again.retired.is_empty());
+        assert!(Arc::ptr_eq(&again.next.canons, &next.canons));
+        assert_eq!(again.next.home, next.home);
     }
 }
 

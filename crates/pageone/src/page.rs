@@ -153,6 +153,39 @@ impl<F> Chunk<F> {
     }
 }
 
+impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Chunk<F> {
+    /// The chunk's region is gone: drops every page state it holds as if each page had
+    /// been found written, without calling the memory (the pages are gone; the memory
+    /// would only answer `NoSuchRegion`). A canonical or merged page releases its sharer
+    /// reference (the last one takes its canonical page out of the tree; a canonical frame
+    /// other pages still map stays theirs), a unique page leaves the index, a zero page is
+    /// no longer counted. Flagged twins are dropped and the gauges zeroed; the chunk is
+    /// empty afterwards. Nothing is counted as written or unmerged: no guest wrote.
+    pub(crate) fn retire(&self, canons: &Canons<F>, uniques: &Uniques, counters: &Counters) {
+        let entries = std::mem::take(&mut *self.lock());
+        for (i, e) in entries.into_iter().enumerate() {
+            match e.phase {
+                Phase::Canonical { canon, .. } | Phase::Merged { canon, .. } => {
+                    canons.drop_sharer(self.domain, &canon, counters);
+                }
+                Phase::Zero { .. } => {
+                    counters.zero_pages.fetch_sub(1, Ordering::Relaxed);
+                }
+                Phase::Unique { print, .. } => {
+                    uniques.remove(print, PageId::new(self.region, self.first + i as u32));
+                    counters.pages_unique.fetch_sub(1, Ordering::Relaxed);
+                }
+                Phase::Watch { .. } | Phase::Volatile { .. } => {}
+            }
+        }
+        drop(self.take_twins());
+        self.volatile.store(0, Ordering::Relaxed);
+        self.watched.store(0, Ordering::Relaxed);
+        self.parked.store(0, Ordering::Relaxed);
+        self.quiet.store(true, Ordering::Relaxed);
+    }
+}
+
 /// What a pass does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PassKind {
@@ -413,8 +446,9 @@ pub(crate) struct Ctx<'a, M: PageMemory> {
     pub(crate) alone: bool,
     /// Whether unique pages are indexed where they are (else made canonical at once).
     pub(crate) in_place: bool,
-    /// Every chunk, and the first chunk of each region: where twin flags go.
-    pub(crate) chunks: &'a [Chunk<M::Frame>],
+    /// Every chunk of the pass's layout, and the first chunk of each region: where twin
+    /// flags go.
+    pub(crate) chunks: &'a [Arc<Chunk<M::Frame>>],
     pub(crate) first_chunk: &'a HashMap<RegionId, usize>,
 }
 

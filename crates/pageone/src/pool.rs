@@ -3,7 +3,9 @@
 //! A pass puts each chunk on its home thread's queue (a region's chunks share a home, so
 //! one VM's merges stay on one thread). A thread takes work from the front of its own
 //! queue and, when that is empty, steals from the back of the others'. Passes are
-//! serialized by the caller; `run` returns once every chunk of the pass is done.
+//! serialized by the caller; `run` returns once every chunk of the pass is done. A pass
+//! hands the threads its [`Layout`] with its chunks: the indices in the queues are
+//! indices in that layout, which `refresh_regions` cannot replace while a pass runs.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -15,10 +17,12 @@ use page_memory::PageMemory;
 
 use crate::page::PassKind;
 use crate::stats::{WorkerCounters, WorkerStats};
-use crate::Shared;
+use crate::{Layout, Shared};
 
-struct PassState {
+struct PassState<M: PageMemory> {
     kind: PassKind,
+    /// The layout of the current (or last) pass: the queued indices are its chunks.
+    layout: Arc<Layout<M>>,
     /// Chunks of the current pass not yet done.
     pending: usize,
     /// Bumped whenever work is queued, so a thread cannot miss a wake-up.
@@ -29,7 +33,7 @@ struct PassState {
 struct Inner<M: PageMemory> {
     shared: Arc<Shared<M>>,
     queues: Vec<Mutex<VecDeque<usize>>>,
-    state: Mutex<PassState>,
+    state: Mutex<PassState<M>>,
     work: Condvar,
     done: Condvar,
     workers: Vec<WorkerCounters>,
@@ -55,10 +59,10 @@ impl<M: PageMemory + 'static> Pool<M> {
     /// returns the error.
     pub(crate) fn start(shared: Arc<Shared<M>>, threads: usize) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
-            shared,
             queues: (0..threads).map(|_| Mutex::new(VecDeque::new())).collect(),
             state: Mutex::new(PassState {
                 kind: PassKind::Merge,
+                layout: shared.layout(),
                 pending: 0,
                 generation: 0,
                 shutdown: false,
@@ -66,6 +70,7 @@ impl<M: PageMemory + 'static> Pool<M> {
             work: Condvar::new(),
             done: Condvar::new(),
             workers: (0..threads).map(|_| WorkerCounters::default()).collect(),
+            shared,
         });
         let mut pool = Pool {
             inner,
@@ -117,8 +122,9 @@ impl<M: PageMemory + 'static> Pool<M> {
 }
 
 impl<M: PageMemory + 'static> PoolHandle<M> {
-    /// Runs `kind` over `chunks` on the work threads; returns when all are done.
-    pub(crate) fn run(&self, kind: PassKind, chunks: &[usize]) {
+    /// Runs `kind` over `chunks` (indices in `layout`) on the work threads; returns when
+    /// all are done.
+    pub(crate) fn run(&self, kind: PassKind, layout: &Arc<Layout<M>>, chunks: &[usize]) {
         if chunks.is_empty() {
             return;
         }
@@ -128,9 +134,10 @@ impl<M: PageMemory + 'static> PoolHandle<M> {
             return;
         }
         state.kind = kind;
+        state.layout = layout.clone();
         state.pending = chunks.len();
         for &c in chunks {
-            let home = inner.shared.home[c] % inner.queues.len();
+            let home = layout.home[c] % inner.queues.len();
             lock(&inner.queues[home]).push_back(c);
         }
         state.generation += 1;
@@ -156,7 +163,6 @@ fn take<M: PageMemory>(inner: &Inner<M>, w: usize) -> Option<(usize, bool)> {
 
 fn worker_loop<M: PageMemory + 'static>(inner: &Inner<M>, w: usize) {
     let counters = &inner.workers[w];
-    let ctx = inner.shared.ctx(counters);
     loop {
         let seen = {
             let s = lock(&inner.state);
@@ -166,11 +172,15 @@ fn worker_loop<M: PageMemory + 'static>(inner: &Inner<M>, w: usize) {
             s.generation
         };
         while let Some((c, stolen)) = take(inner, w) {
-            // Holding a chunk of the current pass, whose kind cannot change until the
-            // pass ends.
-            let kind = lock(&inner.state).kind;
+            // Holding a chunk of the current pass, whose kind and layout cannot change
+            // until the pass ends.
+            let (kind, layout) = {
+                let s = lock(&inner.state);
+                (s.kind, s.layout.clone())
+            };
             let start = Instant::now();
-            let tally = ctx.run(&inner.shared.chunks[c], kind);
+            let ctx = inner.shared.ctx(counters, &layout);
+            let tally = ctx.run(&layout.chunks[c], kind);
             lock(&inner.shared.pass_tally).add(&tally);
             // Hand what this chunk retired (canonical pages taken out of a tree) to the
             // global collector, so it is freed once no thread can read it, not whenever
