@@ -6,12 +6,19 @@
 //! service asks. Each side treats the other's messages as hostile: every frame is
 //! validated, and a malformed one gets an error message and a disconnect, never a panic.
 //!
+//! - [`service`]: the service (one PageONE engine and one canonical store per trust
+//!   domain, over the guest RAM of the domain's VMMs);
+//! - [`agent`]: what a VMM embeds;
 //! - [`wire`]: the messages and their byte encoding (framing, versioning, validation);
 //! - [`socket`]: the transport's OS calls (listen, connect, `SO_PEERCRED`, frames with
 //!   `SCM_RIGHTS` descriptors).
 //!
 //! Linux only: elsewhere the crate is empty.
 
+#[cfg(target_os = "linux")]
+pub mod agent;
+#[cfg(target_os = "linux")]
+pub mod service;
 #[cfg(target_os = "linux")]
 pub mod socket;
 #[cfg(target_os = "linux")]

@@ -154,6 +154,72 @@ pub fn accept(listener: impl AsFd) -> io::Result<OwnedFd> {
     }
 }
 
+/// Accepts a connection on `listener`, waiting at most `timeout`: `Ok(None)` if none
+/// came.
+///
+/// # Errors
+/// The OS's.
+pub fn accept_within(listener: impl AsFd, timeout: Duration) -> io::Result<Option<OwnedFd>> {
+    let listener = listener.as_fd();
+    let deadline = Instant::now() + timeout;
+    loop {
+        match wait_readable(listener, deadline) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        match rustix::net::accept_with(listener, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK) {
+            Ok(fd) => {
+                // Blocking again: `recv` polls for its timeouts.
+                rustix::io::ioctl_fionbio(&fd, false)?;
+                size_send_buffer(&fd)?;
+                return Ok(Some(fd));
+            }
+            Err(Errno::INTR) | Err(Errno::AGAIN) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A pidfd of process `pid` (`pidfd_open`): it says when that very process exits, even
+/// once its pid is reused.
+///
+/// # Errors
+/// The OS's (`ESRCH`: no such process any more).
+pub fn pidfd(pid: i32) -> io::Result<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// Whether the process of `pidfd` has exited (its pidfd polls readable then).
+pub fn process_exited(pidfd: impl AsFd) -> bool {
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+}
+
+/// Lets process `pid` read this process's memory under the Yama ptrace policy
+/// (`prctl(PR_SET_PTRACER)`; where Yama's `ptrace_scope` is 1, only an ancestor may
+/// otherwise): how an agent lets its service read guest pages with `process_vm_readv`.
+///
+/// # Errors
+/// The OS's (`EINVAL` where Yama is not built in: nothing to allow then).
+pub fn allow_ptracer(pid: i32) -> io::Result<()> {
+    let pid = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(rustix::process::set_ptracer(
+        rustix::process::PTracer::ProcessID(pid),
+    )?)
+}
+
 /// Connects to the service listening at `path`.
 ///
 /// # Errors
@@ -260,8 +326,14 @@ pub fn recv(
     let fd = fd.as_fd();
     // A timeout too long to represent is no timeout.
     let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    // Wait first, then size the buffer to the datagram (peeked): neither an idle
+    // timeout nor a small frame pays for clearing a whole MAX_FRAME buffer.
+    if let Some(deadline) = deadline {
+        while !wait_readable(fd, deadline)? {}
+    }
+    let size = peek_len(fd).map_or(MAX_FRAME, |n| n.clamp(1, MAX_FRAME) + 1);
     buf.clear();
-    buf.resize(MAX_FRAME, 0);
+    buf.resize(size.min(MAX_FRAME), 0);
     let result = recv_into(fd, buf, deadline);
     let len = match &result {
         Ok(Some(received)) => received.len,
@@ -269,6 +341,18 @@ pub fn recv(
     };
     buf.truncate(len);
     result
+}
+
+/// The length of the next datagram, without taking it (`MSG_PEEK | MSG_TRUNC`), or
+/// `None` if there is none yet or the kernel would not say.
+fn peek_len(fd: BorrowedFd<'_>) -> Option<usize> {
+    let mut space: [MaybeUninit<u8>; 0] = [];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let flags = RecvFlags::PEEK | RecvFlags::TRUNC | RecvFlags::DONTWAIT;
+    match rustix::net::recvmsg(fd, &mut [], &mut control, flags) {
+        Ok(msg) if msg.bytes > 0 => Some(msg.bytes),
+        _ => None,
+    }
 }
 
 fn recv_into(

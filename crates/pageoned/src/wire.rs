@@ -204,6 +204,34 @@ pub struct HoldEvent {
     pub acquire: bool,
 }
 
+impl From<page_memory::linux::shared::HoldEvent> for HoldEvent {
+    fn from(e: page_memory::linux::shared::HoldEvent) -> Self {
+        use page_memory::linux::shared::HoldKind as K;
+        HoldEvent {
+            slot: e.slot,
+            kind: match e.kind {
+                K::Slot => HoldKind::Slot,
+                K::Tomb => HoldKind::Tomb,
+            },
+            acquire: e.acquire,
+        }
+    }
+}
+
+impl From<HoldEvent> for page_memory::linux::shared::HoldEvent {
+    fn from(e: HoldEvent) -> Self {
+        use page_memory::linux::shared::HoldKind as K;
+        page_memory::linux::shared::HoldEvent {
+            slot: e.slot,
+            kind: match e.kind {
+                HoldKind::Slot => K::Slot,
+                HoldKind::Tomb => K::Tomb,
+            },
+            acquire: e.acquire,
+        }
+    }
+}
+
 /// A protected page the guest wrote (the agent saw the write-protect fault).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WrittenPage {

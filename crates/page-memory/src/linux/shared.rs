@@ -451,6 +451,13 @@ impl Drop for FrameSlot {
 pub struct SharedFrame(Option<Arc<FrameSlot>>);
 
 impl SharedFrame {
+    /// Whether this is a frame of `store` (the zero frame is every store's).
+    pub fn is_of(&self, store: &SharedStore) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|s| Arc::ptr_eq(&s.store, &store.inner))
+    }
+
     /// The slot (`None` for the zero frame).
     pub fn slot(&self) -> Option<u64> {
         self.0.as_ref().map(|s| s.slot)

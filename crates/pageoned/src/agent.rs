@@ -1,0 +1,796 @@
+//! The agent: what a VMM embeds to have its guest RAM deduplicated by a `pageoned`
+//! service, across VMM processes.
+//!
+//! The agent owns everything that must happen inside the VMM's address space: the
+//! userfaultfd (only the owning process can register its ranges), the fault thread that
+//! resolves guest writes to protected pages, and the remaps of guest pages over pages of
+//! the service's canonical store. It is an ordinary [`LinuxMemory`] over the VMM's guest
+//! RAM (adopted regions) whose store is the service's
+//! ([`LinuxMemory::with_linked_store`]): the service decides *what* to protect, make
+//! canonical and merge; the agent does it, in batches (one round trip per batch of
+//! pages), with every check of the Linux backend (a merge happens only if the page is
+//! still protected under its token and equal to the canonical page, checked under the
+//! page's lock, the same lock the fault thread takes).
+//!
+//! # What a service crash or hang costs a guest
+//! Nothing waits for the service while it holds a page: guest writes are resolved by the
+//! agent's own fault thread, and a request is carried out and answered by the agent's
+//! connection thread alone. If the service dies, the agent notices (end of file), keeps
+//! its memory (merged pages keep mapping the old store, which stays alive while they do;
+//! their copy-on-write breaks are still handled here) and reconnects every
+//! [`AgentConfig::retry`]; a new service hands it a new store and merging resumes.
+//!
+//! # The embedder's contract
+//! As for [`LinuxMemory::adopt_region`]: regions are private anonymous memory the VMM
+//! keeps mapped until [`Agent::remove_region`] returned (which gives merged pages back as
+//! private copies), and pins (DMA, vhost) are declared through [`Agent::memory`].
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use page_memory::linux::shared::{HoldEvent, StoreLink};
+use page_memory::linux::{LinuxConfig, LinuxMemory};
+use page_memory::{DirtyHook, DomainId, PageError, PageId, PageMemory, ProtectToken, RegionId};
+
+use crate::socket;
+use crate::wire::{self, ErrorCode, Msg, Op, PageRef, RegionDecl, ReplyBody, WrittenPage};
+
+/// How an [`Agent`] connects and runs.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct AgentConfig {
+    /// The service's socket.
+    pub socket: PathBuf,
+    /// A name for the service's logs (at most 64 bytes of UTF-8).
+    pub name: String,
+    /// The backend's configuration (userfaultfd, fault threads, runs).
+    pub linux: LinuxConfig,
+    /// How long to wait between attempts to (re)connect (default 200 ms).
+    pub retry: Duration,
+    /// How often pending reports (holds, written pages) are sent when no request comes
+    /// (default 2 ms).
+    pub flush: Duration,
+    /// The user ids a service may run as (checked with `SO_PEERCRED` before anything is
+    /// sent; default: root and this process's own user). The service may recycle and
+    /// remap guest pages, so the agent talks only to one it trusts.
+    pub service_uids: Vec<u32>,
+}
+
+impl AgentConfig {
+    /// The defaults, connecting to `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            socket: socket.into(),
+            name: String::from("vmm"),
+            linux: LinuxConfig::default(),
+            retry: Duration::from_millis(200),
+            flush: Duration::from_millis(2),
+            service_uids: vec![0, rustix::process::geteuid().as_raw()],
+        }
+    }
+
+    /// Sets [`service_uids`](Self::service_uids).
+    pub fn with_service_uids(mut self, uids: Vec<u32>) -> Self {
+        self.service_uids = uids;
+        self
+    }
+
+    /// Sets [`name`](Self::name) (cut to 64 bytes).
+    pub fn with_name(mut self, name: &str) -> Self {
+        let mut end = name.len().min(64);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.name = name[..end].to_string();
+        self
+    }
+
+    /// Sets [`linux`](Self::linux).
+    pub fn with_linux(mut self, linux: LinuxConfig) -> Self {
+        self.linux = linux;
+        self
+    }
+
+    /// Sets [`retry`](Self::retry).
+    pub fn with_retry(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets [`flush`](Self::flush).
+    pub fn with_flush(mut self, flush: Duration) -> Self {
+        self.flush = flush;
+        self
+    }
+}
+
+/// What an agent did since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AgentStats {
+    /// Connected to a service now.
+    pub connected: bool,
+    /// Connections made (the first, then reconnections).
+    pub connections: u64,
+    /// Requests carried out.
+    pub requests: u64,
+    /// Pages those requests named.
+    pub pages: u64,
+    /// Messages sent (replies and reports).
+    pub messages_sent: u64,
+    /// Connections ended by a malformed or unexpected message, or a refusal.
+    pub protocol_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connected: AtomicBool,
+    connections: AtomicU64,
+    requests: AtomicU64,
+    pages: AtomicU64,
+    sent: AtomicU64,
+    protocol_errors: AtomicU64,
+}
+
+/// A VMM region handed to the agent.
+struct Guest {
+    base: usize,
+    len: usize,
+    /// Its region in the memory, once adopted.
+    id: Option<RegionId>,
+    /// Declared to the current service.
+    registered: bool,
+}
+
+/// One connection's reports, filled by the store's sink and the VMM's calls.
+#[derive(Default)]
+struct Link {
+    alive: AtomicBool,
+    outbox: Mutex<Outbox>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    holds: Vec<HoldEvent>,
+    unregister: Vec<u32>,
+}
+
+struct Shared {
+    config: AgentConfig,
+    guests: Mutex<Vec<Guest>>,
+    memory: RwLock<Option<Arc<LinuxMemory>>>,
+    link: RwLock<Option<Arc<Link>>>,
+    hook: RwLock<Option<DirtyHook>>,
+    stop: AtomicBool,
+    counters: Counters,
+    /// The last error that ended a connection attempt, for [`Agent::last_error`].
+    last_error: Mutex<Option<String>>,
+}
+
+/// The agent of one VMM process: see the module docs.
+///
+/// ```no_run
+/// use pageoned::agent::{Agent, AgentConfig};
+///
+/// let agent = Agent::start(AgentConfig::new("/run/pageoned.sock").with_name("vm-7")).unwrap();
+/// let len = 64 << 20;
+/// // SAFETY: the VMM's guest RAM: private anonymous memory it keeps mapped until removed.
+/// let ram = unsafe {
+///     libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE,
+///                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+/// } as *mut u8;
+/// // SAFETY: as above.
+/// let region = unsafe { agent.add_region(ram, len) }.unwrap();
+/// // ... the VM runs; the service merges its pages with other VMMs' ...
+/// agent.remove_region(region).unwrap();
+/// ```
+#[must_use = "dropping the agent disconnects it and gives merged pages back as private copies"]
+pub struct Agent {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("config", &self.shared.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A region handed to an agent ([`Agent::add_region`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuestRegion(usize);
+
+impl Agent {
+    /// Starts the agent's connection thread; it connects (and reconnects) on its own.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn start(config: AgentConfig) -> io::Result<Agent> {
+        let shared = Arc::new(Shared {
+            config,
+            guests: Mutex::new(Vec::new()),
+            memory: RwLock::new(None),
+            link: RwLock::new(None),
+            hook: RwLock::new(None),
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("pageoned-agent".into())
+            .spawn(move || s.run())?;
+        Ok(Agent {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands guest RAM at `base`, `len` bytes, to the agent: it is declared to the service
+    /// (now, or once connected) and deduplicated from then on.
+    ///
+    /// # Safety
+    /// As [`LinuxMemory::adopt_region`]: private anonymous memory of this process,
+    /// page-aligned, that stays mapped until [`remove_region`](Self::remove_region)
+    /// returned (or the agent is dropped); nothing else in the process holds Rust
+    /// references to it.
+    pub unsafe fn add_region(&self, base: *mut u8, len: usize) -> Result<GuestRegion, PageError> {
+        let start = base as usize;
+        if start % page_memory::PAGE_SIZE != 0 || len % page_memory::PAGE_SIZE != 0 || len == 0 {
+            return Err(PageError::Unsupported(
+                "guest regions must be page-aligned and not empty",
+            ));
+        }
+        let mut guests = self.shared.guests();
+        if guests
+            .iter()
+            .any(|g| g.len > 0 && g.base < start + len && start < g.base + g.len)
+        {
+            return Err(PageError::Unsupported("the range overlaps a region"));
+        }
+        let handle = guests.len();
+        guests.push(Guest {
+            base: start,
+            len,
+            id: None,
+            registered: false,
+        });
+        // Adopted now if connected (so that the caller knows it is protected from here
+        // on); else when the connection comes.
+        if let Some(mem) = self.shared.memory() {
+            self.shared.adopt(&mem, &mut guests[handle])?;
+        }
+        Ok(GuestRegion(handle))
+    }
+
+    /// Takes a region back: the service is told, and its pages that map the store are
+    /// given private copies (same contents). The VMM may unmap it once this returned.
+    pub fn remove_region(&self, region: GuestRegion) -> Result<(), PageError> {
+        let mut guests = self.shared.guests();
+        let g = guests
+            .get_mut(region.0)
+            .filter(|g| g.len > 0)
+            .ok_or(PageError::Unsupported("no such guest region"))?;
+        g.len = 0;
+        if let (Some(id), Some(mem)) = (g.id.take(), self.shared.memory()) {
+            mem.remove_region(id)?;
+            if g.registered {
+                if let Some(link) = self.shared.link() {
+                    link.outbox().unregister.push(id.0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The memory the agent runs (once connected the first time): for
+    /// [`LinuxMemory::declare_pinned`], statistics and inspection.
+    pub fn memory(&self) -> Option<Arc<LinuxMemory>> {
+        self.shared.memory()
+    }
+
+    /// The [`PageId`] of byte `offset` of `region` (once adopted).
+    pub fn page_id(&self, region: GuestRegion, offset: usize) -> Option<PageId> {
+        let guests = self.shared.guests();
+        let g = guests.get(region.0)?;
+        let id = g.id?;
+        (offset < g.len).then(|| PageId::new(id, (offset / page_memory::PAGE_SIZE) as u32))
+    }
+
+    /// Installs the hook told of every guest page the agent changed on the service's
+    /// behalf (merged, made canonical, recycled): a VMM's live-migration dirty bitmap.
+    pub fn set_dirty_hook(&self, hook: Option<DirtyHook>) {
+        *self.shared.hook.write().unwrap_or_else(|e| e.into_inner()) = hook.clone();
+        if let Some(mem) = self.shared.memory() {
+            mem.set_dirty_hook(hook);
+        }
+    }
+
+    /// What the agent did so far.
+    pub fn stats(&self) -> AgentStats {
+        let c = &self.shared.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        AgentStats {
+            connected: c.connected.load(Ordering::Relaxed),
+            connections: g(&c.connections),
+            requests: g(&c.requests),
+            pages: g(&c.pages),
+            messages_sent: g(&c.sent),
+            protocol_errors: g(&c.protocol_errors),
+        }
+    }
+
+    /// Why the last connection attempt or connection ended, if it did.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until the agent is connected and every region it was given is declared,
+    /// for at most `timeout`; whether it is.
+    pub fn wait_registered(&self, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        loop {
+            let done = self.shared.counters.connected.load(Ordering::Relaxed)
+                && self
+                    .shared
+                    .guests()
+                    .iter()
+                    .all(|g| g.len == 0 || g.registered);
+            if done || t0.elapsed() >= timeout {
+                return done;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // The memory (if no one else holds it) gives every region back as it drops.
+        *self
+            .shared
+            .memory
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+impl Link {
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How a connection ended.
+enum End {
+    /// The agent is stopping.
+    Stop,
+    /// The service went away or the connection failed; try again.
+    Lost(String),
+}
+
+impl Shared {
+    fn guests(&self) -> std::sync::MutexGuard<'_, Vec<Guest>> {
+        self.guests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn memory(&self) -> Option<Arc<LinuxMemory>> {
+        self.memory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn link(&self) -> Option<Arc<Link>> {
+        self.link.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn note(&self, why: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    fn adopt(&self, mem: &LinuxMemory, g: &mut Guest) -> Result<(), PageError> {
+        if g.id.is_none() && g.len > 0 {
+            // SAFETY: the embedder promised, in `add_region`, that the range is private
+            // anonymous memory that stays mapped until removed.
+            let id = unsafe { mem.adopt_region(g.base as *mut u8, g.len, DomainId(0)) }?;
+            g.id = Some(id);
+        }
+        Ok(())
+    }
+
+    /// The connection thread: connect, serve, reconnect, until stopped.
+    fn run(&self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            match self.connection() {
+                End::Stop => break,
+                End::Lost(why) => self.note(why),
+            }
+            self.counters.connected.store(false, Ordering::Relaxed);
+            if let Some(link) = self.link.write().unwrap_or_else(|e| e.into_inner()).take() {
+                link.alive.store(false, Ordering::Relaxed);
+            }
+            for g in self.guests().iter_mut() {
+                g.registered = false;
+            }
+            let t0 = Instant::now();
+            while !self.stop.load(Ordering::Relaxed) && t0.elapsed() < self.config.retry {
+                std::thread::sleep(Duration::from_millis(5).min(self.config.retry));
+            }
+        }
+        if let Some(link) = self.link() {
+            link.alive.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn send(&self, fd: &OwnedFd, msg: &Msg) -> Result<(), End> {
+        let mut buf = Vec::new();
+        wire::encode(msg, &mut buf).map_err(|e| End::Lost(format!("encode: {e}")))?;
+        socket::send(fd.as_fd(), &buf, &[]).map_err(|e| End::Lost(format!("send: {e}")))?;
+        self.counters.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One connection, from connect to its end.
+    fn connection(&self) -> End {
+        let fd = match socket::connect(&self.config.socket) {
+            Ok(fd) => fd,
+            Err(e) => return End::Lost(format!("connect: {e}")),
+        };
+        match socket::peer_cred(fd.as_fd()) {
+            Ok(peer) if self.config.service_uids.contains(&peer.uid) => {
+                // The service reads guest pages with process_vm_readv; under Yama's
+                // ptrace_scope 1 it may only if this process allows it (EINVAL: no Yama).
+                let _ = socket::allow_ptracer(peer.pid);
+            }
+            Ok(peer) => {
+                self.counters
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                return End::Lost(format!(
+                    "the service runs as uid {}, which this agent does not trust",
+                    peer.uid
+                ));
+            }
+            Err(e) => return End::Lost(format!("the service's credentials: {e}")),
+        }
+        if let Err(end) = self.send(
+            &fd,
+            &Msg::Hello {
+                name: self.config.name.clone(),
+            },
+        ) {
+            return end;
+        }
+        let mut buf = Vec::new();
+        let welcome = match socket::recv(fd.as_fd(), &mut buf, Some(Duration::from_secs(5))) {
+            Ok(Some(r)) => r,
+            Ok(None) => return End::Lost("the service closed the connection".into()),
+            Err(e) => return End::Lost(format!("waiting for the welcome: {e}")),
+        };
+        let (slots, store_fd) = match (wire::decode(&buf), welcome.fds) {
+            (Ok(Msg::Welcome { store_slots, .. }), mut fds)
+                if fds.len() == 1 && !welcome.truncated =>
+            {
+                (store_slots, fds.pop().expect("one fd"))
+            }
+            (Ok(Msg::Error { code, text }), _) => {
+                self.counters
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                return End::Lost(format!("refused by the service: {code:?}: {text}"));
+            }
+            _ => {
+                self.counters
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                return End::Lost("a malformed welcome".into());
+            }
+        };
+        let link = Arc::new(Link::default());
+        link.alive.store(true, Ordering::Relaxed);
+        let l = link.clone();
+        let store = StoreLink {
+            fd: store_fd,
+            slots,
+            sink: Arc::new(move |e| {
+                if l.alive.load(Ordering::Relaxed) {
+                    l.outbox().holds.push(e);
+                }
+            }),
+        };
+        let mem = match self.memory() {
+            Some(mem) => match mem.relink_store(store) {
+                Ok(()) => mem,
+                Err(e) => return End::Lost(format!("relinking the store: {e}")),
+            },
+            None => match LinuxMemory::with_linked_store(self.config.linux.clone(), store) {
+                Ok(mem) => {
+                    let mem = Arc::new(mem);
+                    let hook = self.hook.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    mem.set_dirty_hook(hook);
+                    *self.memory.write().unwrap_or_else(|e| e.into_inner()) = Some(mem.clone());
+                    mem
+                }
+                Err(e) => return End::Lost(format!("the Linux backend: {e}")),
+            },
+        };
+        *self.link.write().unwrap_or_else(|e| e.into_inner()) = Some(link.clone());
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        self.counters.connected.store(true, Ordering::Relaxed);
+        let mut next_id = 1u64;
+        let mut last_mappings = Instant::now() - Duration::from_secs(1);
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return End::Stop;
+            }
+            if let Err(end) = self.declare(&fd, &mem, &mut next_id) {
+                return end;
+            }
+            let got = socket::recv(fd.as_fd(), &mut buf, Some(self.config.flush));
+            let reply = match got {
+                Ok(Some(r)) if r.truncated || !r.fds.is_empty() => {
+                    return self.protocol_error(&fd, "an oversized frame or unexpected fds")
+                }
+                Ok(Some(_)) => match wire::decode(&buf) {
+                    Ok(Msg::Request { id, op }) => Some((id, self.serve(&mem, op))),
+                    Ok(Msg::Registered { result, .. }) => {
+                        if let Err(code) = result {
+                            self.note(format!("the service refused a region: {code:?}"));
+                        }
+                        None
+                    }
+                    Ok(Msg::Error { code, text }) => {
+                        return End::Lost(format!("the service ended it: {code:?}: {text}"))
+                    }
+                    Ok(_) => return self.protocol_error(&fd, "a message only an agent sends"),
+                    Err(e) => return self.protocol_error(&fd, &format!("malformed: {e}")),
+                },
+                Ok(None) => return End::Lost("the service closed the connection".into()),
+                Err(e) if is_timeout(&e) => None,
+                Err(e) => return End::Lost(format!("recv: {e}")),
+            };
+            // Reports first: the service must count every hold a reply's pages took
+            // before it reads the reply.
+            if let Err(end) = self.flush(&fd, &link, &mem, &mut last_mappings, next_id) {
+                return end;
+            }
+            if let Some((id, body)) = reply {
+                if let Err(end) = self.send(&fd, &Msg::Reply { id, body }) {
+                    return end;
+                }
+            }
+        }
+    }
+
+    fn protocol_error(&self, fd: &OwnedFd, why: &str) -> End {
+        self.counters
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = self.send(
+            fd,
+            &Msg::Error {
+                code: ErrorCode::Protocol,
+                text: why.chars().take(64).collect(),
+            },
+        );
+        End::Lost(format!("protocol error: {why}"))
+    }
+
+    /// Adopts regions handed over since, and declares to the service every region it was
+    /// not told of yet.
+    fn declare(&self, fd: &OwnedFd, mem: &LinuxMemory, next_id: &mut u64) -> Result<(), End> {
+        let mut decls = Vec::new();
+        {
+            let mut guests = self.guests();
+            for g in guests.iter_mut().filter(|g| g.len > 0 && !g.registered) {
+                if let Err(e) = self.adopt(mem, g) {
+                    self.note(format!("adopting a region: {e}"));
+                    g.len = 0;
+                    continue;
+                }
+                if let Some(id) = g.id {
+                    decls.push(RegionDecl {
+                        region: id.0,
+                        addr: g.base as u64,
+                        pages: (g.len / page_memory::PAGE_SIZE) as u32,
+                    });
+                    g.registered = true;
+                }
+            }
+        }
+        for chunk in decls.chunks(256) {
+            let id = *next_id;
+            *next_id += 1;
+            self.send(
+                fd,
+                &Msg::Register {
+                    id,
+                    regions: chunk.to_vec(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is pending: hold events, regions taken back, pages whose tokens went
+    /// stale, and (every 100 ms) the mapping budget.
+    fn flush(
+        &self,
+        fd: &OwnedFd,
+        link: &Link,
+        mem: &LinuxMemory,
+        last_mappings: &mut Instant,
+        next_id: u64,
+    ) -> Result<(), End> {
+        let (holds, gone) = {
+            let mut o = link.outbox();
+            (
+                std::mem::take(&mut o.holds),
+                std::mem::take(&mut o.unregister),
+            )
+        };
+        for chunk in holds.chunks(wire::MAX_PAGES_PER_REQUEST) {
+            self.send(
+                fd,
+                &Msg::Holds {
+                    events: chunk.iter().map(|&e| e.into()).collect(),
+                },
+            )?;
+        }
+        for region in gone {
+            self.send(
+                fd,
+                &Msg::Unregister {
+                    id: next_id,
+                    region,
+                },
+            )?;
+        }
+        let ids: Vec<RegionId> = self
+            .guests()
+            .iter()
+            .filter(|g| g.registered)
+            .filter_map(|g| g.id)
+            .collect();
+        let mut written = Vec::new();
+        for id in ids {
+            if let Ok(pages) = mem.take_unprotected(id) {
+                written.extend(pages.into_iter().map(|(index, gen)| WrittenPage {
+                    page: PageRef {
+                        region: id.0,
+                        index,
+                    },
+                    gen,
+                }));
+            }
+        }
+        for chunk in written.chunks(wire::MAX_PAGES_PER_REQUEST) {
+            self.send(
+                fd,
+                &Msg::Written {
+                    pages: chunk.to_vec(),
+                },
+            )?;
+        }
+        if last_mappings.elapsed() >= Duration::from_millis(100) {
+            *last_mappings = Instant::now();
+            if let (Some(in_use), Some(limit)) = (mem.mappings_in_use(false), mem.mapping_limit()) {
+                self.send(fd, &Msg::Mappings { in_use, limit })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out one request.
+    fn serve(&self, mem: &LinuxMemory, op: Op) -> ReplyBody {
+        let c = &self.counters;
+        c.requests.fetch_add(1, Ordering::Relaxed);
+        let id = |p: &PageRef| PageId::new(RegionId(p.region), p.index);
+        let code = |e: &PageError| ErrorCode::from_page_error(e);
+        match op {
+            Op::Protect(pages) => {
+                c.pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+                let ids: Vec<PageId> = pages.iter().map(id).collect();
+                ReplyBody::Tokens(
+                    mem.protect(&ids)
+                        .into_iter()
+                        .map(|r| r.map(|t| t.0).map_err(|e| code(&e)))
+                        .collect(),
+                )
+            }
+            Op::Unprotect(pages) => {
+                c.pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+                let ids: Vec<PageId> = pages.iter().map(id).collect();
+                ReplyBody::Done(
+                    mem.unprotect(&ids)
+                        .into_iter()
+                        .map(|r| r.map_err(|e| code(&e)))
+                        .collect(),
+                )
+            }
+            Op::CanonicalizeAt(items) => {
+                c.pages.fetch_add(items.len() as u64, Ordering::Relaxed);
+                let items: Vec<(PageId, ProtectToken, u64)> = items
+                    .iter()
+                    .map(|(p, t, s)| (id(p), ProtectToken(*t), *s))
+                    .collect();
+                ReplyBody::Frames(
+                    mem.canonicalize_at(&items)
+                        .into_iter()
+                        .map(|r| {
+                            r.map(|f| f.store_offset().map(|o| o / page_memory::PAGE_SIZE as u64))
+                                .map_err(|e| code(&e))
+                        })
+                        .collect(),
+                )
+            }
+            Op::MergeAt(items) => {
+                c.pages.fetch_add(items.len() as u64, Ordering::Relaxed);
+                let frames: Vec<Result<_, PageError>> = items
+                    .iter()
+                    .map(|(_, _, slot)| match slot {
+                        Some(s) => mem.frame_at(*s),
+                        None => Ok(mem.zero_frame()),
+                    })
+                    .collect();
+                let mut out: Vec<Option<Result<wire::Outcome, ErrorCode>>> = frames
+                    .iter()
+                    .map(|f| f.as_ref().err().map(|e| Err(code(e))))
+                    .collect();
+                let batch: Vec<(PageId, ProtectToken, &page_memory::linux::LinuxFrame)> = items
+                    .iter()
+                    .zip(&frames)
+                    .filter_map(|((p, t, _), f)| {
+                        f.as_ref().ok().map(|f| (id(p), ProtectToken(*t), f))
+                    })
+                    .collect();
+                let mut results = mem.merge_batch(&batch).into_iter();
+                for o in out.iter_mut().filter(|o| o.is_none()) {
+                    *o = Some(match results.next() {
+                        Some(r) => r.map(Into::into).map_err(|e| code(&e)),
+                        None => Err(ErrorCode::Protocol),
+                    });
+                }
+                ReplyBody::Outcomes(out.into_iter().flatten().collect())
+            }
+            Op::Recycle(pages) => {
+                c.pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+                let ids: Vec<PageId> = pages.iter().map(id).collect();
+                ReplyBody::Done(
+                    mem.recycle(&ids)
+                        .into_iter()
+                        .map(|r| r.map_err(|e| code(&e)))
+                        .collect(),
+                )
+            }
+            Op::Unmerge(page) => {
+                c.pages.fetch_add(1, Ordering::Relaxed);
+                ReplyBody::Done(vec![mem.unmerge(id(&page)).map_err(|e| code(&e))])
+            }
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
