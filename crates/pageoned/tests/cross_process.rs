@@ -137,6 +137,12 @@ fn a_vmm_killed_mid_merge_leaves_the_others_whole_and_nothing_held() {
         std::thread::sleep(Duration::from_millis(5));
         victim.kill();
     });
+    // The service notices (end of stream) and drops the VMM's regions.
+    let t0 = std::time::Instant::now();
+    while svc.vmms().len() != 2 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(svc.vmms().len(), 2);
     svc.merge_until_quiet(d, 40);
     for v in &mut vmms {
         assert_eq!(v.mismatches(), 0);
