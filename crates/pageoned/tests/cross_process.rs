@@ -211,3 +211,218 @@ fn the_service_decides_the_trust_domain() {
     assert!(svc.domains().is_empty());
     assert_eq!(svc.stats().refused, 1);
 }
+
+/// The `pageoned` binary, listening on `path` (passes every 20 ms).
+fn service_process(path: &std::path::Path) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pageoned"))
+        .args([
+            "--period-ms",
+            "20",
+            "--stable-periods",
+            "1",
+            "--stats-s",
+            "3600",
+        ])
+        .arg("--socket")
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !path.exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+/// Waits (at most 20 s) until `f` holds.
+fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Merges the agent's memory made so far.
+fn merges(v: &mut Vmm) -> u64 {
+    v.ask("stats").split(' ').nth(2).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_service_killed_mid_merge_loses_no_write_and_comes_back() {
+    if !backend_here() {
+        return;
+    }
+    let (_dir, path) = socket("kill-service");
+    let mut svc = service_process(&path);
+    let mut a = Vmm::spawn("vmm_child", &path, 64, 32, 1);
+    let mut b = Vmm::spawn("vmm_child", &path, 64, 32, 2);
+    assert!(wait_until(|| {
+        let (x, y) = (a.store_offset(0), b.store_offset(0));
+        x.is_some() && x == y
+    }));
+    assert_eq!(a.ask("writers 2"), "started");
+    assert_eq!(b.ask("writers 2"), "started");
+    std::thread::sleep(Duration::from_millis(100));
+    // kill -9 while it merges (passes every 20 ms), with the guests writing.
+    svc.kill().unwrap();
+    svc.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The guests ran on: merged pages are still there, readable and right.
+    assert_eq!(a.mismatches() + b.mismatches(), 0);
+    let before = merges(&mut a) + merges(&mut b);
+    // A new service: the agents reconnect and merging resumes (one of the two makes
+    // the pages canonical in the new store, the other's merge with them).
+    let mut svc = service_process(&path);
+    assert!(
+        wait_until(|| merges(&mut a) + merges(&mut b) > before),
+        "{} / {}",
+        a.ask("stats"),
+        b.ask("stats")
+    );
+    for v in [&mut a, &mut b] {
+        let s = v.ask("stop-writers");
+        let n: Vec<u64> = s.split(' ').map(|x| x.parse().unwrap()).collect();
+        eprintln!("writes {}, lost {}, longest write {} us", n[0], n[1], n[2]);
+        assert!(n[0] > 0);
+        assert_eq!(n[1], 0, "lost writes");
+        // Nothing waited for the dead service: the longest write is a fault, not a hang.
+        assert!(n[2] < 2_000_000, "a write waited {} us", n[2]);
+        let stats: Vec<u64> = v
+            .ask("stats")
+            .split(' ')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert!(stats[0] >= 2, "reconnected: {stats:?}");
+    }
+    assert_eq!(a.mismatches() + b.mismatches(), 0);
+    let _ = svc.kill();
+    let _ = svc.wait();
+}
+
+#[test]
+fn malformed_messages_get_an_error_and_a_disconnect() {
+    if !backend_here() {
+        return;
+    }
+    use pageoned::socket as s;
+    use pageoned::wire::{self, ErrorCode, Msg};
+    let (_dir, path) = socket("hostile");
+    let svc = service(&path);
+    let expect_error_then_eof = |fd: &std::os::fd::OwnedFd| {
+        let mut buf = Vec::new();
+        let got = s::recv(fd, &mut buf, Some(Duration::from_secs(5))).unwrap();
+        assert!(got.is_some());
+        assert!(
+            matches!(
+                wire::decode(&buf),
+                Ok(Msg::Error {
+                    code: ErrorCode::Protocol,
+                    ..
+                })
+            ),
+            "{:?}",
+            wire::decode(&buf)
+        );
+        assert!(s::recv(fd, &mut buf, Some(Duration::from_secs(5)))
+            .unwrap()
+            .is_none());
+    };
+    // Garbage instead of a hello.
+    let fd = s::connect(&path).unwrap();
+    s::send(&fd, b"not a frame at all", &[]).unwrap();
+    expect_error_then_eof(&fd);
+    // A hello, then garbage.
+    let hello = |fd: &std::os::fd::OwnedFd| {
+        let mut buf = Vec::new();
+        wire::encode(&Msg::Hello { name: "x".into() }, &mut buf).unwrap();
+        s::send(fd, &buf, &[]).unwrap();
+        let got = s::recv(fd, &mut buf, Some(Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.fds.len(), 1, "the welcome carries the store");
+    };
+    let fd = s::connect(&path).unwrap();
+    hello(&fd);
+    let mut frame = Vec::new();
+    wire::encode(
+        &Msg::Mappings {
+            in_use: 1,
+            limit: 2,
+        },
+        &mut frame,
+    )
+    .unwrap();
+    frame.push(0); // trailing byte
+    s::send(&fd, &frame, &[]).unwrap();
+    expect_error_then_eof(&fd);
+    // A reply to a request never made; a message only a service sends.
+    for msg in [
+        Msg::Reply {
+            id: 99,
+            body: wire::ReplyBody::Done(vec![]),
+        },
+        Msg::Welcome {
+            domain: 0,
+            store_slots: 1,
+        },
+    ] {
+        let fd = s::connect(&path).unwrap();
+        hello(&fd);
+        let mut frame = Vec::new();
+        wire::encode(&msg, &mut frame).unwrap();
+        s::send(&fd, &frame, &[]).unwrap();
+        expect_error_then_eof(&fd);
+    }
+    // Regions that are not (overlapping ids, empty) are refused, not taken; holds on
+    // slots never handed out are counted and skipped.
+    let fd = s::connect(&path).unwrap();
+    hello(&fd);
+    let mut frame = Vec::new();
+    let decl = |region, pages| wire::RegionDecl {
+        region,
+        addr: 0x1000_0000,
+        pages,
+    };
+    wire::encode(
+        &Msg::Register {
+            id: 1,
+            regions: vec![decl(1, 4), decl(1, 4)],
+        },
+        &mut frame,
+    )
+    .unwrap();
+    s::send(&fd, &frame, &[]).unwrap();
+    let mut buf = Vec::new();
+    s::recv(&fd, &mut buf, Some(Duration::from_secs(5))).unwrap();
+    assert!(matches!(
+        wire::decode(&buf),
+        Ok(Msg::Registered { result: Err(_), .. })
+    ));
+    frame.clear();
+    wire::encode(
+        &Msg::Holds {
+            events: vec![wire::HoldEvent {
+                slot: 12345,
+                kind: wire::HoldKind::Slot,
+                acquire: true,
+            }],
+        },
+        &mut frame,
+    )
+    .unwrap();
+    s::send(&fd, &frame, &[]).unwrap();
+    assert!(wait_until(|| svc.stats().refused_holds == 1));
+    drop(fd);
+    let st = svc.stats();
+    assert_eq!(st.protocol_errors, 4, "{st:?}");
+    // The service still serves a VMM.
+    let mut v = Vmm::spawn("vmm_child", &path, 8, 8, 3);
+    assert_eq!(v.mismatches(), 0);
+    // (The hostile connection dropped above goes away on its own time.)
+    assert!(wait_until(|| svc.vmms().len() == 1));
+}

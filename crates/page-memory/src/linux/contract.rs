@@ -318,7 +318,10 @@ impl LinuxMemory {
             }
             match (st.kind, &st.slot) {
                 // Already maps a store page (merged, or canonical before): that is its frame.
-                (Kind::Store, Some(slot)) => return Ok((LinuxFrame(Some(slot.clone())), false)),
+                // (A page of a store since replaced, `relink_store`, is copied anew.)
+                (Kind::Store, Some(slot)) if Arc::ptr_eq(&slot.store, &inner.store()) => {
+                    return Ok((LinuxFrame(Some(slot.clone())), false))
+                }
                 (Kind::Zero, _) => return Ok((LinuxFrame(None), false)),
                 _ => {}
             }

@@ -416,6 +416,7 @@ impl Inner {
         let n = run.len();
         let pages: Vec<PageId> = run.iter().map(|i| i.0).collect();
         let mut changed = vec![false; n];
+        let store = self.store();
         self.in_run(&pages, out, |region, _, guards| {
             let mut res: Vec<Option<Result<LinuxFrame, PageError>>> = vec![None; n];
             let mut slots: Vec<Option<Arc<Slot>>> = vec![None; n];
@@ -426,7 +427,10 @@ impl Inner {
                     Some(Err(PageError::Stale(page)))
                 } else {
                     match (g.kind, &g.slot) {
-                        (Kind::Store, Some(slot)) => Some(Ok(LinuxFrame(Some(slot.clone())))),
+                        // (A page of a store since replaced is copied anew.)
+                        (Kind::Store, Some(slot)) if Arc::ptr_eq(&slot.store, &store) => {
+                            Some(Ok(LinuxFrame(Some(slot.clone()))))
+                        }
                         (Kind::Zero, _) => Some(Ok(LinuxFrame(None))),
                         _ => match place(region, page) {
                             Ok(s) => {
