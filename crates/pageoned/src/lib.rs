@@ -17,6 +17,8 @@
 
 #[cfg(target_os = "linux")]
 pub mod agent;
+#[cfg(all(target_os = "linux", feature = "demo"))]
+pub mod demo;
 #[cfg(target_os = "linux")]
 pub mod service;
 #[cfg(target_os = "linux")]

@@ -3,18 +3,30 @@
 //! the others running and nothing held, trust domains are the service's choice.
 #![cfg(target_os = "linux")]
 
-mod common;
-
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::Vmm;
 use page_memory::DomainId;
+use pageoned::demo::{Dedup, Vmm};
 use pageoned::service::{Service, ServiceConfig};
 
 #[test]
 fn vmm_child() {
-    common::child_main();
+    pageoned::demo::child_main();
+}
+
+/// A VMM process (this test binary again, running `vmm_child`) deduplicated by the
+/// service at `socket`.
+fn vmm(socket: &Path, pages: usize, shared: usize, seed: u64) -> Vmm {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["vmm_child", "--exact", "--nocapture", "--test-threads=1"]);
+    Vmm::spawn(
+        cmd,
+        &Dedup::Service(socket.to_path_buf()),
+        pages,
+        shared,
+        seed,
+    )
 }
 
 /// A socket path in a fresh directory of this test's own.
@@ -78,8 +90,8 @@ fn identical_pages_of_two_processes_share_one_frame() {
     }
     let (_dir, path) = socket("share");
     let svc = service(&path);
-    let mut a = Vmm::spawn("vmm_child", &path, 64, 32, 1);
-    let mut b = Vmm::spawn("vmm_child", &path, 64, 32, 2);
+    let mut a = vmm(&path, 64, 32, 1);
+    let mut b = vmm(&path, 64, 32, 2);
     let d = my_domain();
     let passes = svc.merge_until_quiet(d, 40);
     let st = svc.engine_stats(d).unwrap();
@@ -118,9 +130,7 @@ fn a_vmm_killed_mid_merge_leaves_the_others_whole_and_nothing_held() {
     }
     let (_dir, path) = socket("kill-vmm");
     let svc = service(&path);
-    let mut vmms: Vec<Vmm> = (0..3)
-        .map(|k| Vmm::spawn("vmm_child", &path, 256, 192, 10 + k))
-        .collect();
+    let mut vmms: Vec<Vmm> = (0..3).map(|k| vmm(&path, 256, 192, 10 + k)).collect();
     let d = my_domain();
     // A few passes, then the kill while passes keep running on another thread.
     for _ in 0..3 {
@@ -179,8 +189,8 @@ fn the_service_decides_the_trust_domain() {
             .with_domain(me, DomainId(7)),
     )
     .unwrap();
-    let mut a = Vmm::spawn("vmm_child", &path, 16, 16, 1);
-    let mut b = Vmm::spawn("vmm_child", &path, 16, 16, 2);
+    let mut a = vmm(&path, 16, 16, 1);
+    let mut b = vmm(&path, 16, 16, 2);
     assert_eq!(svc.domains(), vec![DomainId(7)]);
     svc.merge_until_quiet(DomainId(7), 40);
     assert_eq!(svc.engine_stats(DomainId(7)).unwrap().pages_sharing, 16);
@@ -259,8 +269,8 @@ fn the_service_killed_mid_merge_loses_no_write_and_comes_back() {
     }
     let (_dir, path) = socket("kill-service");
     let mut svc = service_process(&path);
-    let mut a = Vmm::spawn("vmm_child", &path, 64, 32, 1);
-    let mut b = Vmm::spawn("vmm_child", &path, 64, 32, 2);
+    let mut a = vmm(&path, 64, 32, 1);
+    let mut b = vmm(&path, 64, 32, 2);
     assert!(wait_until(|| {
         let (x, y) = (a.store_offset(0), b.store_offset(0));
         x.is_some() && x == y
@@ -421,7 +431,7 @@ fn malformed_messages_get_an_error_and_a_disconnect() {
     let st = svc.stats();
     assert_eq!(st.protocol_errors, 4, "{st:?}");
     // The service still serves a VMM.
-    let mut v = Vmm::spawn("vmm_child", &path, 8, 8, 3);
+    let mut v = vmm(&path, 8, 8, 3);
     assert_eq!(v.mismatches(), 0);
     // (The hostile connection dropped above goes away on its own time.)
     assert!(wait_until(|| svc.vmms().len() == 1));

@@ -1,8 +1,14 @@
-//! A VMM process for the tests: the test binary runs itself again as one (the test
-//! `vmm_child` of each test file, which does nothing unless `PAGEONED_VMM` is set). It
-//! maps guest RAM, fills it, hands it to an agent and obeys line commands on stdin,
-//! answering on stdout with lines that start with `@@ `.
-#![allow(dead_code)]
+//! A VMM process for tests, examples and benchmarks (feature `demo`): a program runs
+//! itself again as one ([`Vmm::spawn`]; the child calls [`child_main`] early, which
+//! does nothing unless `PAGEONED_VMM` is set). It maps guest RAM, fills it (pages below
+//! `shared` the same in every VMM, the others its own), hands it to an agent (or, in KSM
+//! mode, marks it `MADV_MERGEABLE` for Linux KSM instead) and obeys line commands on
+//! stdin, answering on stdout with lines that contain `@@ `.
+//!
+//! Commands: `check` (pages whose contents are wrong), `write I V`, `backing I`,
+//! `stats` (connections, requests, merges, connected), `writers N` (threads writing
+//! the last N pages, each write read back), `stop-writers` (writes, lost, longest write
+//! in µs), `exit`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -11,11 +17,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use page_memory::linux::{Backing, LinuxConfig};
-use pageoned::agent::{Agent, AgentConfig};
+use crate::agent::{Agent, AgentConfig};
 
+/// Bytes in a page.
 pub const PAGE: usize = 4096;
 
-/// The word `w` of page `i`: pages below `shared` are the same in every VMM, the others
+/// Where a VMM's memory is deduplicated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dedup {
+    /// By the service listening on this socket (through an agent).
+    Service(std::path::PathBuf),
+    /// By Linux KSM (`MADV_MERGEABLE`).
+    Ksm,
+}
+
+/// The word `w` of page `i` of a VMM made with `seed`: pages below `shared` are the same in every VMM, the others
 /// are the VMM's own (`seed`).
 pub fn content(seed: u64, shared: usize, i: usize, w: usize) -> u64 {
     let s = if i < shared { 0x5eed } else { seed };
@@ -28,27 +44,32 @@ pub fn content(seed: u64, shared: usize, i: usize, w: usize) -> u64 {
 
 /// A VMM child process.
 pub struct Vmm {
+    /// The child process.
     pub child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Vmm {
-    /// Starts a VMM of `pages` pages (the first `shared` the same in every VMM) whose
-    /// agent connects to `socket`; waits until its regions are registered.
+    /// Starts a VMM of `pages` pages (the first `shared` the same in every VMM) by
+    /// running `command` (this program again, with arguments that make it call
+    /// [`child_main`] first); with a service, waits until its regions are registered.
+    ///
+    /// # Panics
+    /// If the child cannot be started or does not get ready.
     pub fn spawn(
-        test: &str,
-        socket: &std::path::Path,
+        mut command: Command,
+        dedup: &Dedup,
         pages: usize,
         shared: usize,
         seed: u64,
     ) -> Vmm {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([test, "--exact", "--nocapture", "--test-threads=1"])
-            .env(
-                "PAGEONED_VMM",
-                format!("{}|{pages}|{shared}|{seed}", socket.display()),
-            )
+        let how = match dedup {
+            Dedup::Service(socket) => socket.display().to_string(),
+            Dedup::Ksm => String::from("ksm"),
+        };
+        let mut child = command
+            .env("PAGEONED_VMM", format!("{how}|{pages}|{shared}|{seed}"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -97,8 +118,21 @@ impl Vmm {
         a.strip_prefix("store ").map(|o| o.parse().unwrap())
     }
 
+    /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// CPU time of the child's threads whose name starts with one of `names` (from
+    /// `/proc/PID/task/*/schedstat`).
+    pub fn thread_cpu(&self, names: &[&str]) -> Duration {
+        thread_cpu(self.child.id(), names)
+    }
+
+    /// The child's proportional set size (`Pss` of `/proc/PID/smaps_rollup`, bytes):
+    /// summed over processes, shared pages count once.
+    pub fn pss(&self) -> u64 {
+        pss(self.child.id())
     }
 
     /// kill -9.
@@ -121,6 +155,38 @@ impl Drop for Vmm {
         }
         self.kill();
     }
+}
+
+/// CPU time of the threads of process `pid` whose name starts with one of `names` (all
+/// threads if `names` is empty).
+pub fn thread_cpu(pid: u32, names: &[&str]) -> Duration {
+    let mut ns = 0u64;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !names.is_empty() && !names.iter().any(|n| comm.starts_with(n)) {
+            continue;
+        }
+        let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += sched
+            .split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(ns)
+}
+
+/// The proportional set size of process `pid` in bytes (0 if it cannot be read).
+pub fn pss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// The child's side: runs the VMM if this process is one (never returns then).
@@ -159,18 +225,26 @@ pub fn child_main() {
             word(i, w).store(*v, Ordering::Relaxed);
         }
     }
-    let config = AgentConfig::new(socket)
-        .with_name(&format!("test-vmm-{seed}"))
-        .with_retry(Duration::from_millis(20))
-        .with_linux(LinuxConfig::default().with_require_kernel_faults(false));
-    let agent = Agent::start(config).unwrap();
-    // SAFETY: our own mapping, kept until the process exits.
-    let region = unsafe { agent.add_region(base as *mut u8, len) }.unwrap();
-    assert!(
-        agent.wait_registered(Duration::from_secs(10)),
-        "not registered: {:?}",
-        agent.last_error()
-    );
+    let agent = if socket == "ksm" {
+        // SAFETY: our own mapping; MADV_MERGEABLE changes no contents.
+        let r = unsafe { libc::madvise(base, len, libc::MADV_MERGEABLE) };
+        assert_eq!(r, 0, "MADV_MERGEABLE: {}", std::io::Error::last_os_error());
+        None
+    } else {
+        let config = AgentConfig::new(socket)
+            .with_name(&format!("vmm-{seed}"))
+            .with_retry(Duration::from_millis(20))
+            .with_linux(LinuxConfig::default().with_require_kernel_faults(false));
+        let agent = Agent::start(config).unwrap();
+        // SAFETY: our own mapping, kept until the process exits.
+        let region = unsafe { agent.add_region(base as *mut u8, len) }.unwrap();
+        assert!(
+            agent.wait_registered(Duration::from_secs(10)),
+            "not registered: {:?}",
+            agent.last_error()
+        );
+        Some((agent, region))
+    };
     let say = |s: String| {
         println!("@@ {s}");
         std::io::stdout().flush().unwrap();
@@ -209,24 +283,27 @@ pub fn child_main() {
                 say("done".into());
             }
             ["backing", i] => {
-                let p = agent
-                    .page_id(region, i.parse::<usize>().unwrap() * PAGE)
-                    .unwrap();
-                let b = agent.memory().unwrap().backing(p).unwrap();
+                let b = agent.as_ref().and_then(|(agent, region)| {
+                    let p = agent.page_id(*region, i.parse::<usize>().ok()? * PAGE)?;
+                    agent.memory()?.backing(p).ok()
+                });
                 say(match b {
-                    Backing::Store { offset } => format!("store {offset}"),
+                    Some(Backing::Store { offset }) => format!("store {offset}"),
                     other => format!("{other:?}"),
                 });
             }
-            ["stats"] => {
-                let s = agent.stats();
-                let m = agent.memory().unwrap().stats();
-                say(format!(
-                    "{} {} {} {}",
-                    s.connections, s.requests, m.merges, s.connected as u8
-                ));
-            }
-            // Writer threads on the last `n` pages (each its own), for `ms`: each write
+            ["stats"] => match &agent {
+                Some((agent, _)) => {
+                    let s = agent.stats();
+                    let merges = agent.memory().map_or(0, |m| m.stats().merges);
+                    say(format!(
+                        "{} {} {} {}",
+                        s.connections, s.requests, merges, s.connected as u8
+                    ));
+                }
+                None => say("0 0 0 0".into()),
+            },
+            // Writer threads on the last `n` pages (each its own): each write
             // is read back at once (a lost write reads otherwise); the longest write is
             // what a guest waited.
             ["writers", n] => {
