@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use page_memory::linux::{Backing, LinuxConfig};
 use crate::agent::{Agent, AgentConfig};
+use page_memory::linux::{Backing, LinuxConfig};
 
 /// Bytes in a page.
 pub const PAGE: usize = 4096;
@@ -217,12 +217,18 @@ pub fn child_main() {
         // SAFETY: within the mapping, which lives until the process exits; aligned.
         unsafe { &*words.add(i * (PAGE / 8) + w) }
     };
-    let mut expect: Vec<Vec<u64>> = (0..pages)
-        .map(|i| (0..PAGE / 8).map(|w| content(seed, shared, i, w)).collect())
-        .collect();
-    for (i, page) in expect.iter().enumerate() {
-        for (w, v) in page.iter().enumerate() {
-            word(i, w).store(*v, Ordering::Relaxed);
+    // What each word should hold: its content, unless written since (kept apart, so
+    // the process holds no second copy of its guest memory).
+    let mut written: std::collections::HashMap<(usize, usize), u64> = Default::default();
+    let want = |written: &std::collections::HashMap<(usize, usize), u64>, i, w| {
+        written
+            .get(&(i, w))
+            .copied()
+            .unwrap_or_else(|| content(seed, shared, i, w))
+    };
+    for i in 0..pages {
+        for w in 0..PAGE / 8 {
+            word(i, w).store(content(seed, shared, i, w), Ordering::Relaxed);
         }
     }
     let agent = if socket == "ksm" {
@@ -260,16 +266,19 @@ pub fn child_main() {
                 // (Word 1 of a page a writer thread writes is that thread's to check.)
                 let busy = |i: usize, w: usize| w == 1 && i >= pages - writers.len();
                 let mut bad = 0;
-                for (i, want) in expect.iter().enumerate() {
+                for i in 0..pages {
                     let wrong: Vec<usize> = (0..PAGE / 8)
-                        .filter(|&w| !busy(i, w) && word(i, w).load(Ordering::Relaxed) != want[w])
+                        .filter(|&w| {
+                            !busy(i, w)
+                                && word(i, w).load(Ordering::Relaxed) != want(&written, i, w)
+                        })
                         .collect();
                     if let Some(&w) = wrong.first() {
                         bad += 1;
                         eprintln!(
                             "page {i} word {w}: {:#x}, want {:#x} ({} words differ)",
                             word(i, w).load(Ordering::Relaxed),
-                            want[w],
+                            want(&written, i, w),
                             wrong.len()
                         );
                     }
@@ -279,7 +288,7 @@ pub fn child_main() {
             ["write", i, v] => {
                 let (i, v): (usize, u64) = (i.parse().unwrap(), v.parse().unwrap());
                 word(i, 0).store(v, Ordering::Relaxed);
-                expect[i][0] = v;
+                written.insert((i, 0), v);
                 say("done".into());
             }
             ["backing", i] => {
@@ -343,7 +352,7 @@ pub fn child_main() {
                     lost += l;
                     worst = worst.max(s);
                     let i = pages - 1 - k;
-                    expect[i][1] = word(i, 1).load(Ordering::Relaxed);
+                    written.insert((i, 1), word(i, 1).load(Ordering::Relaxed));
                 }
                 say(format!("{writes} {lost} {worst}"));
             }
