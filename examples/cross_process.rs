@@ -206,7 +206,7 @@ mod run {
                     name = line.to_string();
                 }
             }
-            maps.sort_by(|a, b| b.0.cmp(&a.0));
+            maps.sort_by_key(|m| std::cmp::Reverse(m.0));
             for (kb, name) in maps.iter().take(8) {
                 eprintln!("{kb:>8} kB  {name}");
             }
