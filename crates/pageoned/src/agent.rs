@@ -55,6 +55,12 @@ pub struct AgentConfig {
     /// How often pending reports (holds, written pages) are sent when no request comes
     /// (default 2 ms).
     pub flush: Duration,
+    /// Carry out the service's requests to recycle pages (make them read as zeros)
+    /// (default off). Only a service that runs the Per Page Recycler, which recycles
+    /// only pages the guest marked free, needs it; today's service runs PageONE alone, so
+    /// an agent refuses recycling unless told otherwise: a bug or a compromise of the
+    /// service then cannot zero guest memory.
+    pub allow_recycle: bool,
     /// The user ids a service may run as (checked with `SO_PEERCRED` before anything is
     /// sent; default: root and this process's own user). The service may recycle and
     /// remap guest pages, so the agent talks only to one it trusts.
@@ -71,7 +77,14 @@ impl AgentConfig {
             retry: Duration::from_millis(200),
             flush: Duration::from_millis(2),
             service_uids: vec![0, rustix::process::geteuid().as_raw()],
+            allow_recycle: false,
         }
+    }
+
+    /// Sets [`allow_recycle`](Self::allow_recycle).
+    pub fn with_allow_recycle(mut self, allow: bool) -> Self {
+        self.allow_recycle = allow;
+        self
     }
 
     /// Sets [`service_uids`](Self::service_uids).
@@ -453,6 +466,8 @@ impl Shared {
             Ok(fd) => fd,
             Err(e) => return End::Lost(format!("connect: {e}")),
         };
+        // A service that stops reading must not hold this thread for ever.
+        let _ = socket::set_send_timeout(fd.as_fd(), Some(Duration::from_secs(10)));
         match socket::peer_cred(fd.as_fd()) {
             Ok(peer) if self.config.service_uids.contains(&peer.uid) => {
                 // The service reads guest pages with process_vm_readv; under Yama's
@@ -769,6 +784,9 @@ impl Shared {
                     });
                 }
                 ReplyBody::Outcomes(out.into_iter().flatten().collect())
+            }
+            Op::Recycle(pages) if !self.config.allow_recycle => {
+                ReplyBody::Done(pages.iter().map(|_| Err(ErrorCode::Denied)).collect())
             }
             Op::Recycle(pages) => {
                 c.pages.fetch_add(pages.len() as u64, Ordering::Relaxed);

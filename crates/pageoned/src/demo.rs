@@ -8,7 +8,8 @@
 //! Commands: `check` (pages whose contents are wrong), `write I V`, `backing I`,
 //! `stats` (connections, requests, merges, connected), `writers N` (threads writing
 //! the last N pages, each write read back), `stop-writers` (writes, lost, longest write
-//! in µs), `exit`.
+//! in µs), `hotplug N K SEED` (a new region handed to the agent while it runs), `hot R I`
+//! (pages of hot-plugged region R with wrong contents, and page I's backing), `exit`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -251,6 +252,7 @@ pub fn child_main() {
         );
         Some((agent, region))
     };
+    let mut hot: Vec<(crate::agent::GuestRegion, usize, usize, usize, u64)> = Vec::new();
     let say = |s: String| {
         println!("@@ {s}");
         std::io::stdout().flush().unwrap();
@@ -355,6 +357,65 @@ pub fn child_main() {
                     written.insert((i, 1), word(i, 1).load(Ordering::Relaxed));
                 }
                 say(format!("{writes} {lost} {worst}"));
+            }
+            // Memory hot-plug: a new region of `n` pages, the first `k` the same in every
+            // VMM (seed `s`), handed to the agent while it runs.
+            ["hotplug", n, k, s] => {
+                let (n, k, s): (usize, usize, u64) =
+                    (n.parse().unwrap(), k.parse().unwrap(), s.parse().unwrap());
+                let Some((agent, _)) = &agent else {
+                    say("no agent".into());
+                    continue;
+                };
+                // SAFETY: a fresh private anonymous mapping of our own.
+                let base = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        n * PAGE,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                assert_ne!(base, libc::MAP_FAILED);
+                let w = base as *mut AtomicU64;
+                for i in 0..n {
+                    for j in 0..PAGE / 8 {
+                        // SAFETY: within the new mapping; aligned.
+                        unsafe { &*w.add(i * (PAGE / 8) + j) }
+                            .store(content(s, k, i, j), Ordering::Relaxed);
+                    }
+                }
+                // SAFETY: our own mapping, kept until the process exits.
+                let r = unsafe { agent.add_region(base as *mut u8, n * PAGE) }.unwrap();
+                let ok = agent.wait_registered(Duration::from_secs(10));
+                hot.push((r, base as usize, n, k, s));
+                say(format!("added {}", ok as u8));
+            }
+            // Page `i` of hot-plugged region `r`: its backing, and whether all of that
+            // region's pages hold what they should.
+            ["hot", r, i] => {
+                let (r, i): (usize, usize) = (r.parse().unwrap(), i.parse().unwrap());
+                let (region, base, n, k, s) = hot[r];
+                let w = base as *const AtomicU64;
+                let bad = (0..n)
+                    .filter(|&p| {
+                        (0..PAGE / 8).any(|j| {
+                            // SAFETY: within the hot-plugged mapping; aligned.
+                            unsafe { &*w.add(p * (PAGE / 8) + j) }.load(Ordering::Relaxed)
+                                != content(s, k, p, j)
+                        })
+                    })
+                    .count();
+                let b = agent.as_ref().and_then(|(agent, _)| {
+                    let p = agent.page_id(region, i * PAGE)?;
+                    agent.memory()?.backing(p).ok()
+                });
+                say(match b {
+                    Some(Backing::Store { offset }) => format!("{bad} store {offset}"),
+                    other => format!("{bad} {other:?}"),
+                });
             }
             ["exit"] => break,
             _ => say(format!("unknown {line}")),

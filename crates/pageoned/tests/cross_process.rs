@@ -124,6 +124,32 @@ fn identical_pages_of_two_processes_share_one_frame() {
 }
 
 #[test]
+fn memory_hot_plugged_into_running_vmms_is_merged_without_a_restart() {
+    if !backend_here() {
+        return;
+    }
+    let (_dir, path) = socket("hotplug");
+    let svc = service(&path);
+    let mut a = vmm(&path, 16, 0, 1);
+    let mut b = vmm(&path, 16, 0, 2);
+    let d = my_domain();
+    svc.merge_until_quiet(d, 40);
+    assert_eq!(svc.engine_stats(d).unwrap().pages_sharing, 0);
+    // Both VMMs get 32 more pages, 24 of them the same in both.
+    assert_eq!(a.ask("hotplug 32 24 7"), "added 1");
+    assert_eq!(b.ask("hotplug 32 24 8"), "added 1");
+    svc.merge_until_quiet(d, 40);
+    let st = svc.engine_stats(d).unwrap();
+    assert_eq!(st.pages_sharing, 24, "{st:?}");
+    for i in 0..24 {
+        let (x, y) = (a.ask(&format!("hot 0 {i}")), b.ask(&format!("hot 0 {i}")));
+        assert!(x.starts_with("0 store ") && x == y, "page {i}: {x} / {y}");
+    }
+    assert!(a.ask("hot 0 30").starts_with("0 "));
+    assert_eq!(a.mismatches() + b.mismatches(), 0);
+}
+
+#[test]
 fn a_vmm_killed_mid_merge_leaves_the_others_whole_and_nothing_held() {
     if !backend_here() {
         return;

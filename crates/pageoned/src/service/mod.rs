@@ -473,6 +473,9 @@ impl Shared {
             Ok(d) => d,
             Err(_) => return refuse(&fd, ErrorCode::Busy, "the domain's store"),
         };
+        // An agent that stops reading must not hold a work thread for ever: a send that
+        // cannot finish within the request timeout fails, and the session ends.
+        let _ = socket::set_send_timeout(fd.as_fd(), Some(self.config.request_timeout));
         let client = ClientId(self.next_client.fetch_add(1, Ordering::Relaxed));
         let session = Arc::new(Session::new(
             client,
