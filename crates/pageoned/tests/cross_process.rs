@@ -439,6 +439,27 @@ fn malformed_messages_get_an_error_and_a_disconnect() {
         wire::decode(&buf),
         Ok(Msg::Registered { result: Err(_), .. })
     ));
+    // A range this process does not map (memory it does not have costs it nothing, so
+    // the service checks /proc/PID/maps before it spends anything on it).
+    frame.clear();
+    wire::encode(
+        &Msg::Register {
+            id: 2,
+            regions: vec![wire::RegionDecl {
+                region: 5,
+                addr: 0x7ff0_0000_0000,
+                pages: 1 << 20,
+            }],
+        },
+        &mut frame,
+    )
+    .unwrap();
+    s::send(&fd, &frame, &[]).unwrap();
+    s::recv(&fd, &mut buf, Some(Duration::from_secs(5))).unwrap();
+    assert!(matches!(
+        wire::decode(&buf),
+        Ok(Msg::Registered { result: Err(_), .. })
+    ));
     frame.clear();
     wire::encode(
         &Msg::Holds {

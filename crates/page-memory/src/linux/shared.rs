@@ -491,6 +491,17 @@ impl std::fmt::Debug for SharedFrame {
     }
 }
 
+/// Whether `[start, end)` of process `pid` is guest memory as the Linux backend manages
+/// it: mapped without a hole, private, readable and writable, anonymous or pages of a
+/// canonical store (from `/proc/PID/maps`). How a service checks a region a VMM declares
+/// before it spends anything on it.
+pub fn is_guest_range(pid: i32, start: u64, end: u64) -> bool {
+    match (usize::try_from(start), usize::try_from(end)) {
+        (Ok(s), Ok(e)) if s < e => super::sys::range_is_ours_in(&pid.to_string(), s, e),
+        _ => false,
+    }
+}
+
 /// Reads `buf.len()` bytes at `addr` of process `pid` (`process_vm_readv`): how a
 /// service reads a VMM's guest pages without the VMM copying them. Needs ptrace access
 /// to `pid` (root, or the VMM allowed it with `prctl(PR_SET_PTRACER)`).

@@ -521,7 +521,12 @@ pub(crate) fn check_anonymous_private(start: usize, end: usize) -> Option<&'stat
 /// anonymous memory or pages of the canonical store only: what a region this backend
 /// manages looks like.
 pub(crate) fn range_is_ours(start: usize, end: usize) -> bool {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+    range_is_ours_in("self", start, end)
+}
+
+/// [`range_is_ours`] in process `pid` (`"self"`, or a number).
+pub(crate) fn range_is_ours_in(pid: &str, start: usize, end: usize) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return false;
     };
     let mut covered = start;

@@ -48,7 +48,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use page_memory::linux::shared::{ClientId, HoldEvent, SharedStore, SharedStoreStats};
+use page_memory::linux::shared::{
+    is_guest_range, ClientId, HoldEvent, SharedStore, SharedStoreStats,
+};
 use page_memory::{DomainId, PageMemory, PAGE_SIZE};
 use pageone::{PageOne, PassReport};
 
@@ -81,6 +83,8 @@ pub struct ServiceConfig {
     pub request_timeout: Duration,
     /// The most pages one VMM may register (default 2^26, 256 GiB).
     pub max_pages_per_vmm: u64,
+    /// The most VMMs connected at once (default 4096); more are refused.
+    pub max_vmms: usize,
 }
 
 impl ServiceConfig {
@@ -95,7 +99,14 @@ impl ServiceConfig {
             run_passes: true,
             request_timeout: Duration::from_secs(10),
             max_pages_per_vmm: 1 << 26,
+            max_vmms: 4096,
         }
+    }
+
+    /// Sets [`max_vmms`](Self::max_vmms).
+    pub fn with_max_vmms(mut self, vmms: usize) -> Self {
+        self.max_vmms = vmms;
+        self
     }
 
     /// Sets [`engine`](Self::engine).
@@ -461,6 +472,9 @@ impl Shared {
                 let _ = socket::send(fd.as_fd(), &buf, &[]);
             }
         };
+        if self.sessions().len() >= self.config.max_vmms {
+            return refuse(&fd, ErrorCode::Busy, "too many VMMs connected");
+        }
         let Ok(peer) = socket::peer_cred(fd.as_fd()) else {
             return refuse(&fd, ErrorCode::Denied, "no peer credentials");
         };
@@ -640,11 +654,14 @@ impl Shared {
         let mut seen = std::collections::HashSet::new();
         for d in decls {
             let len = d.pages as u64 * PAGE_SIZE as u64;
+            // Declared memory costs the service (8 bytes a page here, more in the
+            // engine): it must be the VMM's guest memory, mapped, not a made-up range.
             let fits = d.pages > 0
                 && d.addr % PAGE_SIZE as u64 == 0
                 && d.addr.checked_add(len).is_some()
                 && !regions.contains_key(&d.region)
-                && seen.insert(d.region);
+                && seen.insert(d.region)
+                && is_guest_range(session.pid(), d.addr, d.addr + len);
             total += d.pages as u64;
             if !fits || total > self.config.max_pages_per_vmm {
                 return Err(ErrorCode::Unsupported);
