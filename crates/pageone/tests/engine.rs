@@ -1,6 +1,8 @@
 //! PageONE over the simulated memory: merges only identical pages, never loses a write,
 //! keeps trust domains apart, unmerges cleanly, and keeps its counters exact.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,12 +24,7 @@ fn config(threads: usize) -> Config {
 /// A page whose contents are determined by `seed` (0 = all zeros), with a long shared
 /// prefix so the tree's work is not trivial.
 fn content(seed: u64) -> Vec<u8> {
-    let mut p = vec![0u8; PAGE_SIZE];
-    if seed != 0 {
-        p[2000..2008].copy_from_slice(&seed.to_le_bytes());
-        p[PAGE_SIZE - 8..].copy_from_slice(&(seed * 31).to_le_bytes());
-    }
-    p
+    common::content_at(2000, seed)
 }
 
 /// Runs merge passes until one finds the memory quiet; returns how many it ran. With two
@@ -72,14 +69,7 @@ fn fill(
     pages: u32,
     seed_of: impl Fn(u32) -> u64,
 ) -> HashMap<PageId, Vec<u8>> {
-    (0..pages)
-        .map(|i| {
-            let p = PageId::new(r, i);
-            let c = content(seed_of(i));
-            mem.write(p, 0, &c).unwrap();
-            (p, c)
-        })
-        .collect()
+    common::fill_with(mem, r, pages, |i| content(seed_of(i)))
 }
 
 #[test]

@@ -4,6 +4,8 @@
 //! region that vanishes without a refresh does not upset a pass. Counts and contents
 //! only, never timing.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -18,12 +20,7 @@ fn config(threads: usize) -> Config {
 
 /// A page whose contents are determined by `seed` (0 = all zeros).
 fn content(seed: u64) -> Vec<u8> {
-    let mut p = vec![0u8; PAGE_SIZE];
-    if seed != 0 {
-        p[1000..1008].copy_from_slice(&seed.to_le_bytes());
-        p[PAGE_SIZE - 8..].copy_from_slice(&(seed * 31).to_le_bytes());
-    }
-    p
+    common::content_at(1000, seed)
 }
 
 /// Writes page `i` of `r` with `content(seed_of(i))`; returns what each page holds.
@@ -33,14 +30,7 @@ fn fill(
     pages: u32,
     seed_of: impl Fn(u32) -> u64,
 ) -> HashMap<PageId, Vec<u8>> {
-    (0..pages)
-        .map(|i| {
-            let p = PageId::new(r, i);
-            let c = content(seed_of(i));
-            mem.write(p, 0, &c).unwrap();
-            (p, c)
-        })
-        .collect()
+    common::fill_with(mem, r, pages, |i| content(seed_of(i)))
 }
 
 fn read(mem: &SimMemory, p: PageId) -> Vec<u8> {
