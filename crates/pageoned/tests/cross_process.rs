@@ -79,17 +79,25 @@ fn service(path: &std::path::Path) -> Service {
     .unwrap()
 }
 
+/// A service (passes by hand) on a fresh socket, where the backend can run.
+fn start(name: &str) -> Option<(tempdir::Dir, PathBuf, Service)> {
+    if !backend_here() {
+        return None;
+    }
+    let (dir, path) = socket(name);
+    let svc = service(&path);
+    Some((dir, path, svc))
+}
+
 fn my_domain() -> DomainId {
     DomainId(0x8000_0000 | rustix::process::geteuid().as_raw())
 }
 
 #[test]
 fn identical_pages_of_two_processes_share_one_frame() {
-    if !backend_here() {
+    let Some((_dir, path, svc)) = start("share") else {
         return;
-    }
-    let (_dir, path) = socket("share");
-    let svc = service(&path);
+    };
     let mut a = vmm(&path, 64, 32, 1);
     let mut b = vmm(&path, 64, 32, 2);
     let d = my_domain();
@@ -125,11 +133,9 @@ fn identical_pages_of_two_processes_share_one_frame() {
 
 #[test]
 fn memory_hot_plugged_into_running_vmms_is_merged_without_a_restart() {
-    if !backend_here() {
+    let Some((_dir, path, svc)) = start("hotplug") else {
         return;
-    }
-    let (_dir, path) = socket("hotplug");
-    let svc = service(&path);
+    };
     let mut a = vmm(&path, 16, 0, 1);
     let mut b = vmm(&path, 16, 0, 2);
     let d = my_domain();
@@ -151,11 +157,9 @@ fn memory_hot_plugged_into_running_vmms_is_merged_without_a_restart() {
 
 #[test]
 fn a_vmm_killed_mid_merge_leaves_the_others_whole_and_nothing_held() {
-    if !backend_here() {
+    let Some((_dir, path, svc)) = start("kill-vmm") else {
         return;
-    }
-    let (_dir, path) = socket("kill-vmm");
-    let svc = service(&path);
+    };
     let mut vmms: Vec<Vmm> = (0..3).map(|k| vmm(&path, 256, 192, 10 + k)).collect();
     let d = my_domain();
     // A few passes, then the kill while passes keep running on another thread.
