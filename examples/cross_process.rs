@@ -131,6 +131,13 @@ mod run {
             .collect()
     }
 
+    /// Starts `n` writer threads in each VM.
+    fn start_writers(vms: &mut [Vmm], n: usize) {
+        for v in vms {
+            assert_eq!(v.ask(&format!("writers {n}")), "started");
+        }
+    }
+
     /// Stops the writers, checks every page; (writes, lost, longest µs, mismatches).
     fn finish(vms: &mut [Vmm]) -> (u64, u64, u64, u64) {
         let (mut w, mut l, mut s, mut m) = (0, 0, 0, 0);
@@ -168,9 +175,7 @@ mod run {
         .expect("the service");
         let mut vms = spawn_vms(a, &Dedup::Service(socket.clone()));
         let before: u64 = vms.iter().map(|v| v.pss()).sum();
-        for v in &mut vms {
-            assert_eq!(v.ask(&format!("writers {}", a.writers)), "started");
-        }
+        start_writers(&mut vms, a.writers);
         let cpu = |vms: &[Vmm]| {
             thread_cpu(me, &["pageoned", "pageone"])
                 + vms
@@ -243,9 +248,7 @@ mod run {
         ksm::put("sleep_millisecs", "0");
         let mut vms = spawn_vms(a, &Dedup::Ksm);
         let before: u64 = vms.iter().map(|v| v.pss()).sum();
-        for v in &mut vms {
-            assert_eq!(v.ask(&format!("writers {}", a.writers)), "started");
-        }
+        start_writers(&mut vms, a.writers);
         let cpu0 = thread_cpu(pid, &[]);
         let t0 = Instant::now();
         ksm::put("run", "1");

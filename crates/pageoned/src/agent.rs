@@ -665,7 +665,7 @@ impl Shared {
             self.send(
                 fd,
                 &Msg::Holds {
-                    events: chunk.iter().map(|&e| e.into()).collect(),
+                    events: chunk.to_vec(),
                 },
             )?;
         }

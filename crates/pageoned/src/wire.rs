@@ -184,53 +184,9 @@ pub struct RegionDecl {
     pub pages: u32,
 }
 
-/// What a [`HoldEvent`] holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum HoldKind {
-    /// A slot of the canonical store (tag 0).
-    Slot,
-    /// A tombstone of the canonical store (tag 1).
-    Tomb,
-}
-
-/// The agent took or dropped a hold on a slot of the canonical store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct HoldEvent {
-    /// The slot.
-    pub slot: u64,
-    /// What is held.
-    pub kind: HoldKind,
-    /// `true`: the hold was taken; `false`: dropped.
-    pub acquire: bool,
-}
-
-impl From<page_memory::linux::shared::HoldEvent> for HoldEvent {
-    fn from(e: page_memory::linux::shared::HoldEvent) -> Self {
-        use page_memory::linux::shared::HoldKind as K;
-        HoldEvent {
-            slot: e.slot,
-            kind: match e.kind {
-                K::Slot => HoldKind::Slot,
-                K::Tomb => HoldKind::Tomb,
-            },
-            acquire: e.acquire,
-        }
-    }
-}
-
-impl From<HoldEvent> for page_memory::linux::shared::HoldEvent {
-    fn from(e: HoldEvent) -> Self {
-        use page_memory::linux::shared::HoldKind as K;
-        page_memory::linux::shared::HoldEvent {
-            slot: e.slot,
-            kind: match e.kind {
-                HoldKind::Slot => K::Slot,
-                HoldKind::Tomb => K::Tomb,
-            },
-            acquire: e.acquire,
-        }
-    }
-}
+/// A hold an agent took or let go of on a slot of the canonical store (the Linux
+/// backend's own type: kind tag 0 = slot, 1 = tomb).
+pub use page_memory::linux::shared::{HoldEvent, HoldKind};
 
 /// A protected page the guest wrote (the agent saw the write-protect fault).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

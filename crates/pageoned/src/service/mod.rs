@@ -48,9 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use page_memory::linux::shared::{
-    is_guest_range, ClientId, HoldEvent, SharedStore, SharedStoreStats,
-};
+use page_memory::linux::shared::{is_guest_range, ClientId, SharedStore, SharedStoreStats};
 use page_memory::{DomainId, PageMemory, PAGE_SIZE};
 use pageone::{PageOne, PassReport};
 
@@ -604,7 +602,6 @@ impl Shared {
                     }
                 }
                 Msg::Holds { events } => {
-                    let events: Vec<HoldEvent> = events.into_iter().map(Into::into).collect();
                     if let Err(refused) = dom.memory.store().apply(session.client, &events) {
                         self.counters
                             .refused_holds
