@@ -53,7 +53,9 @@ pub struct AgentConfig {
     /// How long to wait between attempts to (re)connect (default 200 ms).
     pub retry: Duration,
     /// How often pending reports (holds, written pages) are sent when no request comes
-    /// (default 2 ms).
+    /// (default 20 ms; before every reply they are sent anyway). The service's view of
+    /// which pages were written lags by at most this much, which only delays a merge
+    /// decision (the agent checks every merge against the page's real token).
     pub flush: Duration,
     /// Carry out the service's requests to recycle pages (make them read as zeros)
     /// (default off). Only a service that runs the Per Page Recycler, which recycles
@@ -75,7 +77,7 @@ impl AgentConfig {
             name: String::from("vmm"),
             linux: LinuxConfig::default(),
             retry: Duration::from_millis(200),
-            flush: Duration::from_millis(2),
+            flush: Duration::from_millis(20),
             service_uids: vec![0, rustix::process::geteuid().as_raw()],
             allow_recycle: false,
         }
