@@ -25,6 +25,7 @@
 //! keeps mapped until [`Agent::remove_region`] returned (which gives merged pages back as
 //! private copies), and pins (DMA, vhost) are declared through [`Agent::memory`].
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -160,6 +161,8 @@ struct Guest {
     id: Option<RegionId>,
     /// Declared to the current service.
     registered: bool,
+    /// The service took it (answered its registration).
+    acked: bool,
 }
 
 /// One connection's reports, filled by the store's sink and the VMM's calls.
@@ -277,6 +280,7 @@ impl Agent {
             len,
             id: None,
             registered: false,
+            acked: false,
         });
         // Adopted now if connected (so that the caller knows it is protected from here
         // on); else when the connection comes.
@@ -352,17 +356,13 @@ impl Agent {
             .clone()
     }
 
-    /// Waits until the agent is connected and every region it was given is declared,
-    /// for at most `timeout`; whether it is.
+    /// Waits until the agent is connected and the service took every region it was
+    /// given (answered their registration), for at most `timeout`; whether it did.
     pub fn wait_registered(&self, timeout: Duration) -> bool {
         let t0 = Instant::now();
         loop {
             let done = self.shared.counters.connected.load(Ordering::Relaxed)
-                && self
-                    .shared
-                    .guests()
-                    .iter()
-                    .all(|g| g.len == 0 || g.registered);
+                && self.shared.guests().iter().all(|g| g.len == 0 || g.acked);
             if done || t0.elapsed() >= timeout {
                 return done;
             }
@@ -443,6 +443,7 @@ impl Shared {
             }
             for g in self.guests().iter_mut() {
                 g.registered = false;
+                g.acked = false;
             }
             let t0 = Instant::now();
             while !self.stop.load(Ordering::Relaxed) && t0.elapsed() < self.config.retry {
@@ -552,12 +553,14 @@ impl Shared {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         self.counters.connected.store(true, Ordering::Relaxed);
         let mut next_id = 1u64;
+        // Registrations sent and not answered yet: their regions (the agent's numbers).
+        let mut pending: HashMap<u64, Vec<u32>> = HashMap::new();
         let mut last_mappings = Instant::now() - Duration::from_secs(1);
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return End::Stop;
             }
-            if let Err(end) = self.declare(&fd, &mem, &mut next_id) {
+            if let Err(end) = self.declare(&fd, &mem, &mut next_id, &mut pending) {
                 return end;
             }
             let got = socket::recv(fd.as_fd(), &mut buf, Some(self.config.flush));
@@ -567,9 +570,19 @@ impl Shared {
                 }
                 Ok(Some(_)) => match wire::decode(&buf) {
                     Ok(Msg::Request { id, op }) => Some((id, self.serve(&mem, op))),
-                    Ok(Msg::Registered { result, .. }) => {
-                        if let Err(code) = result {
-                            self.note(format!("the service refused a region: {code:?}"));
+                    Ok(Msg::Registered { id, result }) => {
+                        let regions = pending.remove(&id).unwrap_or_default();
+                        match result {
+                            Ok(()) => {
+                                for g in self.guests().iter_mut() {
+                                    if g.id.is_some_and(|r| regions.contains(&r.0)) {
+                                        g.acked = true;
+                                    }
+                                }
+                            }
+                            Err(code) => {
+                                self.note(format!("the service refused a region: {code:?}"))
+                            }
                         }
                         None
                     }
@@ -612,7 +625,13 @@ impl Shared {
 
     /// Adopts regions handed over since, and declares to the service every region it was
     /// not told of yet.
-    fn declare(&self, fd: &OwnedFd, mem: &LinuxMemory, next_id: &mut u64) -> Result<(), End> {
+    fn declare(
+        &self,
+        fd: &OwnedFd,
+        mem: &LinuxMemory,
+        next_id: &mut u64,
+        pending: &mut HashMap<u64, Vec<u32>>,
+    ) -> Result<(), End> {
         let mut decls = Vec::new();
         {
             let mut guests = self.guests();
@@ -635,6 +654,7 @@ impl Shared {
         for chunk in decls.chunks(256) {
             let id = *next_id;
             *next_id += 1;
+            pending.insert(id, chunk.iter().map(|d| d.region).collect());
             self.send(
                 fd,
                 &Msg::Register {
