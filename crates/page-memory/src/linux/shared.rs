@@ -146,6 +146,9 @@ pub struct SharedStoreStats {
     pub punched: u64,
     /// Bytes of memory the memfd holds.
     pub bytes: u64,
+    /// Slots whose contents pages of two or more client processes hold (pages of
+    /// different processes that share one frame).
+    pub across_clients: u64,
 }
 
 /// A canonical store one process owns and others map; see the module docs.
@@ -309,10 +312,20 @@ impl SharedStore {
         let st = self.inner.state();
         let slots = st.holds.len() as u64;
         let live = st.holds.values().filter(|h| h.slot > 0).count() as u64;
+        let mut holders: HashMap<u64, u32> = HashMap::new();
+        for held in st.clients.values() {
+            for (&slot, &(s, _)) in held {
+                if s > 0 {
+                    *holders.entry(slot).or_default() += 1;
+                }
+            }
+        }
+        let across_clients = holders.values().filter(|&&n| n >= 2).count() as u64;
         drop(st);
         Ok(SharedStoreStats {
             slots,
             live,
+            across_clients,
             punched: self
                 .inner
                 .punched

@@ -705,7 +705,12 @@ impl Shared {
     fn pass_loop(self: Arc<Self>) {
         let mut last = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(
+                self.config
+                    .engine
+                    .merge_period
+                    .min(Duration::from_millis(20)),
+            );
             if !self.config.run_passes || last.elapsed() < self.config.engine.merge_period {
                 continue;
             }
