@@ -185,3 +185,136 @@ fn hostile_hold_events_are_refused_and_change_nothing() {
     // A memfd handed out is the same file.
     assert!(store.fd().as_fd().try_clone_to_owned().is_ok());
 }
+
+/// One step of the model test below.
+#[derive(Clone, Debug)]
+enum Step {
+    /// The owner allocates a slot (home slot `home`), fills it with a pattern and holds it.
+    Allocate(u64),
+    /// The owner takes another frame of the `k`th slot it knows.
+    Frame(usize),
+    /// The owner drops its `k`th frame.
+    Drop(usize),
+    /// Client `c` reports taking (`true`) or letting go of a hold of `kind` on the `k`th
+    /// slot known (or on a slot never handed out, for `k` beyond them).
+    Hold(u64, usize, bool, bool),
+    /// Client `c`'s process is gone.
+    Gone(u64),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0u64..8).prop_map(Step::Allocate),
+        (0usize..8).prop_map(Step::Frame),
+        (0usize..8).prop_map(Step::Drop),
+        (0u64..3, 0usize..10, any::<bool>(), any::<bool>())
+            .prop_map(|(c, k, tomb, acquire)| Step::Hold(c, k, tomb, acquire)),
+        (0u64..3).prop_map(Step::Gone),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// The shared store against a model of its holds: a slot's contents stay while any
+    /// frame or client holds them and read as zeros once none does; a slot is handed out
+    /// again only when no hold of either kind is left; a release of a hold never taken
+    /// and an acquire of contents nobody holds are refused and change nothing.
+    #[test]
+    fn shared_store_holds_match_a_model(steps in proptest::collection::vec(step(), 1..80)) {
+        use std::collections::HashMap;
+        use std::os::unix::fs::FileExt;
+
+        let store = SharedStore::new(4).unwrap(); // 8 slots
+        let file = std::fs::File::from(store.fd().try_clone_to_owned().unwrap());
+        let pattern = |slot: u64, gen: u64| -> Vec<u8> {
+            let v = (slot << 32 | gen) | 1;
+            (0..PAGE_SIZE / 8).flat_map(|_| v.to_le_bytes()).collect()
+        };
+        let mut frames: Vec<page_memory::linux::shared::SharedFrame> = Vec::new();
+        // The model: per slot, (owner frames, client slot holds, client tomb holds), and
+        // the pattern written when it was allocated.
+        let mut known: Vec<u64> = Vec::new();
+        let mut contents: HashMap<u64, Vec<u8>> = HashMap::new();
+        let mut holds: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
+        let mut gen = 0;
+        let slot_holds = |frames: &[page_memory::linux::shared::SharedFrame],
+                          holds: &HashMap<(u64, u64), (u64, u64)>,
+                          s: u64| {
+            frames.iter().filter(|f| f.slot() == Some(s)).count() as u64
+                + holds.iter().filter(|((_, x), _)| *x == s).map(|(_, h)| h.0).sum::<u64>()
+        };
+        let tomb_holds = |holds: &HashMap<(u64, u64), (u64, u64)>, s: u64| {
+            holds.iter().filter(|((_, x), _)| *x == s).map(|(_, h)| h.1).sum::<u64>()
+        };
+        for st in steps {
+            match st {
+                Step::Allocate(home) => {
+                    let Ok(f) = store.allocate(home) else { continue };
+                    let s = f.slot().unwrap();
+                    // Never a slot anything still holds.
+                    proptest::prop_assert_eq!(slot_holds(&frames, &holds, s), 0);
+                    proptest::prop_assert_eq!(tomb_holds(&holds, s), 0);
+                    gen += 1;
+                    let p = pattern(s, gen);
+                    file.write_all_at(&p, s * PAGE_SIZE as u64).unwrap();
+                    contents.insert(s, p);
+                    if !known.contains(&s) {
+                        known.push(s);
+                    }
+                    frames.push(f);
+                }
+                Step::Frame(k) => {
+                    let Some(&s) = known.get(k) else { continue };
+                    let held = slot_holds(&frames, &holds, s) > 0;
+                    let f = store.frame(s);
+                    proptest::prop_assert_eq!(f.is_some(), held);
+                    frames.extend(f);
+                }
+                Step::Drop(k) => {
+                    if k < frames.len() {
+                        frames.remove(k);
+                    }
+                }
+                Step::Hold(c, k, tomb, acquire) => {
+                    let s = known.get(k).copied().unwrap_or(7 - (k as u64 % 2));
+                    let kind = if tomb { HoldKind::Tomb } else { HoldKind::Slot };
+                    let mine = holds.get(&(c, s)).copied().unwrap_or((0, 0));
+                    let ok = if acquire {
+                        slot_holds(&frames, &holds, s) > 0
+                    } else if tomb {
+                        mine.1 > 0
+                    } else {
+                        mine.0 > 0
+                    };
+                    let r = store.apply(ClientId(c), &[HoldEvent { slot: s, kind, acquire }]);
+                    proptest::prop_assert_eq!(r.is_ok(), ok, "{:?}", r);
+                    if ok {
+                        let h = holds.entry((c, s)).or_default();
+                        let n = if tomb { &mut h.1 } else { &mut h.0 };
+                        if acquire { *n += 1 } else { *n -= 1 }
+                    }
+                }
+                Step::Gone(c) => {
+                    store.drop_client(ClientId(c));
+                    holds.retain(|(x, _), _| *x != c);
+                }
+            }
+            // Contents held read as written; contents nobody holds read as zeros.
+            for &s in &known {
+                let mut buf = vec![0u8; PAGE_SIZE];
+                file.read_exact_at(&mut buf, s * PAGE_SIZE as u64).unwrap();
+                if slot_holds(&frames, &holds, s) > 0 {
+                    proptest::prop_assert_eq!(&buf, &contents[&s], "slot {} lost its contents", s);
+                } else {
+                    proptest::prop_assert!(buf.iter().all(|&b| b == 0), "slot {} not punched", s);
+                }
+            }
+            for f in &frames {
+                let s = f.slot().unwrap();
+                proptest::prop_assert_eq!(f.as_ref(), &contents[&s][..]);
+            }
+        }
+    }
+}
