@@ -306,14 +306,14 @@ proptest::proptest! {
                 let mut buf = vec![0u8; PAGE_SIZE];
                 file.read_exact_at(&mut buf, s * PAGE_SIZE as u64).unwrap();
                 if slot_holds(&frames, &holds, s) > 0 {
-                    proptest::prop_assert_eq!(&buf, &contents[&s], "slot {} lost its contents", s);
+                    proptest::prop_assert!(buf == contents[&s], "slot {} lost its contents", s);
                 } else {
                     proptest::prop_assert!(buf.iter().all(|&b| b == 0), "slot {} not punched", s);
                 }
             }
             for f in &frames {
                 let s = f.slot().unwrap();
-                proptest::prop_assert_eq!(f.as_ref(), &contents[&s][..]);
+                proptest::prop_assert!(f.as_ref() == &contents[&s][..], "frame of slot {}", s);
             }
         }
     }
