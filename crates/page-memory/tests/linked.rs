@@ -86,7 +86,12 @@ fn pages_of_two_memories_share_one_page_of_the_store() {
         word(&b, pb, 0).load(std::sync::atomic::Ordering::Relaxed),
         99
     );
-    let stale = b.take_unprotected(rb).unwrap();
+    // (The fault thread notes the change just after it woke the writer.)
+    let mut stale = Vec::new();
+    let t0 = std::time::Instant::now();
+    while !stale.iter().any(|&(i, _)| i == 2) && t0.elapsed().as_secs() < 5 {
+        stale.extend(b.take_unprotected(rb).unwrap());
+    }
     assert!(
         stale.iter().any(|&(i, gen)| i == 2 && gen > tb.0),
         "{stale:?}"
