@@ -487,3 +487,74 @@ fn malformed_messages_get_an_error_and_a_disconnect() {
     // (The hostile connection dropped above goes away on its own time.)
     assert!(wait_until(|| svc.vmms().len() == 1));
 }
+
+#[test]
+fn an_agent_that_stops_answering_is_cut_off_and_the_passes_go_on() {
+    if !backend_here() {
+        return;
+    }
+    use pageoned::socket as s;
+    use pageoned::wire::{self, Msg};
+    let (_dir, path) = socket("mute");
+    let engine = pageone::Config::default().stable_periods(1);
+    let svc = Service::start(
+        ServiceConfig::new(&path)
+            .with_engine(engine)
+            .with_run_passes(false)
+            .with_request_timeout(Duration::from_millis(300)),
+    )
+    .unwrap();
+    // An "agent" that registers real memory of this process, then never answers.
+    let fd = s::connect(&path).unwrap();
+    let mut frame = Vec::new();
+    wire::encode(
+        &Msg::Hello {
+            name: "mute".into(),
+        },
+        &mut frame,
+    )
+    .unwrap();
+    s::send(&fd, &frame, &[]).unwrap();
+    let mut buf = Vec::new();
+    s::recv(&fd, &mut buf, Some(Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    let ram = vec![7u8; 32 * 4096];
+    let base = (ram.as_ptr() as u64).next_multiple_of(4096);
+    frame.clear();
+    wire::encode(
+        &Msg::Register {
+            id: 1,
+            regions: vec![wire::RegionDecl {
+                region: 1,
+                addr: base,
+                pages: 16,
+            }],
+        },
+        &mut frame,
+    )
+    .unwrap();
+    s::send(&fd, &frame, &[]).unwrap();
+    s::recv(&fd, &mut buf, Some(Duration::from_secs(5))).unwrap();
+    assert!(matches!(
+        wire::decode(&buf),
+        Ok(Msg::Registered { result: Ok(()), .. })
+    ));
+    let d = my_domain();
+    let t0 = std::time::Instant::now();
+    for _ in 0..4 {
+        svc.merge_pass(d);
+    }
+    // The first request waited the timeout, then the session was cut off: the passes
+    // went on without it.
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(wait_until(|| svc.vmms().is_empty()));
+    let mut requests = 0;
+    while let Ok(Some(_)) = s::recv(&fd, &mut buf, Some(Duration::from_secs(5))) {
+        if matches!(wire::decode(&buf), Ok(Msg::Request { .. })) {
+            requests += 1;
+        }
+    }
+    assert!(requests >= 1, "the service asked something");
+    drop(ram);
+}
