@@ -129,6 +129,13 @@
 //! itself for that reason): punching a page still mapped would change what it reads.
 //! Frames are read through one read-only shared view of the whole memfd.
 //!
+//! A store can also be shared by several processes ([`shared`]): a service owns it
+//! ([`shared::SharedStore`]) and the VMMs' memories are linked to it
+//! ([`LinuxMemory::with_linked_store`]); the service then chooses the slots
+//! ([`LinuxMemory::canonicalize_at`], [`LinuxMemory::frame_at`]), each VMM reports the
+//! holds its pages take and let go, and only the service punches. Everything else above
+//! holds unchanged in each VMM.
+//!
 //! # Recycling and unmerging
 //! [`PageMemory::recycle`] is `MADV_DONTNEED` (runs of pages in one call), or a fresh
 //! anonymous mapping over a page that maps the store. [`PageMemory::unmerge`] breaks the
