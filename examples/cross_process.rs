@@ -176,12 +176,14 @@ mod run {
         let mut vms = spawn_vms(a, &Dedup::Service(socket.clone()));
         let before: u64 = vms.iter().map(|v| v.pss()).sum();
         start_writers(&mut vms, a.writers);
+        // (The service's threads, and the agents' in the VMs.)
         let cpu = |vms: &[Vmm]| {
-            thread_cpu(me, &["pageoned", "pageone"])
-                + vms
-                    .iter()
+            (
+                thread_cpu(me, &["pageoned", "pageone"]),
+                vms.iter()
                     .map(|v| v.thread_cpu(&["pageoned-agent", "page-memory-uff"]))
-                    .sum::<Duration>()
+                    .sum::<Duration>(),
+            )
         };
         let cpu0 = cpu(&vms);
         let t0 = Instant::now();
@@ -195,7 +197,14 @@ mod run {
             }
         }
         let wall = t0.elapsed();
-        let spent = cpu(&vms) - cpu0;
+        let cpu1 = cpu(&vms);
+        let (service_cpu, agents_cpu) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+        let spent = service_cpu + agents_cpu;
+        println!(
+            "pageoned {threads}t: CPU {:.3} s in the service, {:.3} s in the agents",
+            service_cpu.as_secs_f64(),
+            agents_cpu.as_secs_f64()
+        );
         let st = svc.engine_stats(domain).unwrap();
         let own = pss(me).saturating_sub(own0);
         if std::env::var_os("CROSS_PROCESS_SMAPS").is_some() {
