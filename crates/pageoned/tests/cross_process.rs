@@ -252,6 +252,43 @@ fn the_service_decides_the_trust_domain() {
     assert_eq!(svc.stats().refused, 1);
 }
 
+/// A connection that speaks the wire protocol by hand (a broken or hostile agent).
+mod raw {
+    use std::os::fd::OwnedFd;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use pageoned::socket;
+    use pageoned::wire::{self, Msg, WireError};
+
+    /// Sends `msg`.
+    pub fn send(fd: &OwnedFd, msg: &Msg) {
+        let mut frame = Vec::new();
+        wire::encode(msg, &mut frame).unwrap();
+        socket::send(fd, &frame, &[]).unwrap();
+    }
+
+    /// The next message (`None`: end of stream), waiting at most 5 s.
+    pub fn recv(fd: &OwnedFd) -> Option<Result<Msg, WireError>> {
+        let mut buf = Vec::new();
+        socket::recv(fd, &mut buf, Some(Duration::from_secs(5)))
+            .unwrap()
+            .map(|_| wire::decode(&buf))
+    }
+
+    /// Connects, says hello and takes the welcome (which carries the store).
+    pub fn hello(path: &Path, name: &str) -> OwnedFd {
+        let fd = socket::connect(path).unwrap();
+        send(&fd, &Msg::Hello { name: name.into() });
+        let mut buf = Vec::new();
+        let got = socket::recv(&fd, &mut buf, Some(Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.fds.len(), 1, "the welcome carries the store");
+        fd
+    }
+}
+
 /// The `pageoned` binary, listening on `path` (passes every 20 ms).
 fn service_process(path: &std::path::Path) -> std::process::Child {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_pageoned"))
@@ -354,50 +391,32 @@ fn malformed_messages_get_an_error_and_a_disconnect() {
     let (_dir, path) = socket("hostile");
     let svc = service(&path);
     let expect_error_then_eof = |fd: &std::os::fd::OwnedFd| {
-        let mut buf = Vec::new();
-        let got = s::recv(fd, &mut buf, Some(Duration::from_secs(5))).unwrap();
-        assert!(got.is_some());
+        let got = raw::recv(fd);
         assert!(
             matches!(
-                wire::decode(&buf),
-                Ok(Msg::Error {
+                got,
+                Some(Ok(Msg::Error {
                     code: ErrorCode::Protocol,
                     ..
-                })
+                }))
             ),
-            "{:?}",
-            wire::decode(&buf)
+            "{got:?}"
         );
-        assert!(s::recv(fd, &mut buf, Some(Duration::from_secs(5)))
-            .unwrap()
-            .is_none());
+        assert!(raw::recv(fd).is_none());
     };
     // Garbage instead of a hello.
     let fd = s::connect(&path).unwrap();
     s::send(&fd, b"not a frame at all", &[]).unwrap();
     expect_error_then_eof(&fd);
-    // A hello, then garbage.
-    let hello = |fd: &std::os::fd::OwnedFd| {
-        let mut buf = Vec::new();
-        wire::encode(&Msg::Hello { name: "x".into() }, &mut buf).unwrap();
-        s::send(fd, &buf, &[]).unwrap();
-        let got = s::recv(fd, &mut buf, Some(Duration::from_secs(5)))
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.fds.len(), 1, "the welcome carries the store");
-    };
-    let fd = s::connect(&path).unwrap();
-    hello(&fd);
+    // A hello, then a frame with a trailing byte.
+    let fd = raw::hello(&path, "x");
     let mut frame = Vec::new();
-    wire::encode(
-        &Msg::Mappings {
-            in_use: 1,
-            limit: 2,
-        },
-        &mut frame,
-    )
-    .unwrap();
-    frame.push(0); // trailing byte
+    let mappings = Msg::Mappings {
+        in_use: 1,
+        limit: 2,
+    };
+    wire::encode(&mappings, &mut frame).unwrap();
+    frame.push(0);
     s::send(&fd, &frame, &[]).unwrap();
     expect_error_then_eof(&fd);
     // A reply to a request never made; a message only a service sends.
@@ -411,61 +430,32 @@ fn malformed_messages_get_an_error_and_a_disconnect() {
             store_slots: 1,
         },
     ] {
-        let fd = s::connect(&path).unwrap();
-        hello(&fd);
-        let mut frame = Vec::new();
-        wire::encode(&msg, &mut frame).unwrap();
-        s::send(&fd, &frame, &[]).unwrap();
+        let fd = raw::hello(&path, "x");
+        raw::send(&fd, &msg);
         expect_error_then_eof(&fd);
     }
-    // Regions that are not (overlapping ids, empty) are refused, not taken; holds on
-    // slots never handed out are counted and skipped.
-    let fd = s::connect(&path).unwrap();
-    hello(&fd);
-    let mut frame = Vec::new();
-    let decl = |region, pages| wire::RegionDecl {
+    // Regions that are not are refused, not taken: a region named twice; a range this
+    // process does not map (memory it does not have costs it nothing, so the service
+    // checks /proc/PID/maps before it spends anything on it).
+    let fd = raw::hello(&path, "x");
+    let decl = |region, addr, pages| wire::RegionDecl {
         region,
-        addr: 0x1000_0000,
+        addr,
         pages,
     };
-    wire::encode(
-        &Msg::Register {
-            id: 1,
-            regions: vec![decl(1, 4), decl(1, 4)],
-        },
-        &mut frame,
-    )
-    .unwrap();
-    s::send(&fd, &frame, &[]).unwrap();
-    let mut buf = Vec::new();
-    s::recv(&fd, &mut buf, Some(Duration::from_secs(5))).unwrap();
-    assert!(matches!(
-        wire::decode(&buf),
-        Ok(Msg::Registered { result: Err(_), .. })
-    ));
-    // A range this process does not map (memory it does not have costs it nothing, so
-    // the service checks /proc/PID/maps before it spends anything on it).
-    frame.clear();
-    wire::encode(
-        &Msg::Register {
-            id: 2,
-            regions: vec![wire::RegionDecl {
-                region: 5,
-                addr: 0x7ff0_0000_0000,
-                pages: 1 << 20,
-            }],
-        },
-        &mut frame,
-    )
-    .unwrap();
-    s::send(&fd, &frame, &[]).unwrap();
-    s::recv(&fd, &mut buf, Some(Duration::from_secs(5))).unwrap();
-    assert!(matches!(
-        wire::decode(&buf),
-        Ok(Msg::Registered { result: Err(_), .. })
-    ));
-    frame.clear();
-    wire::encode(
+    for (id, regions) in [
+        (1, vec![decl(1, 0x1000_0000, 4), decl(1, 0x1000_0000, 4)]),
+        (2, vec![decl(5, 0x7ff0_0000_0000, 1 << 20)]),
+    ] {
+        raw::send(&fd, &Msg::Register { id, regions });
+        assert!(matches!(
+            raw::recv(&fd),
+            Some(Ok(Msg::Registered { result: Err(_), .. }))
+        ));
+    }
+    // Holds on slots never handed out are counted and skipped.
+    raw::send(
+        &fd,
         &Msg::Holds {
             events: vec![wire::HoldEvent {
                 slot: 12345,
@@ -473,10 +463,7 @@ fn malformed_messages_get_an_error_and_a_disconnect() {
                 acquire: true,
             }],
         },
-        &mut frame,
-    )
-    .unwrap();
-    s::send(&fd, &frame, &[]).unwrap();
+    );
     assert!(wait_until(|| svc.stats().refused_holds == 1));
     drop(fd);
     let st = svc.stats();
@@ -493,7 +480,6 @@ fn an_agent_that_stops_answering_is_cut_off_and_the_passes_go_on() {
     if !backend_here() {
         return;
     }
-    use pageoned::socket as s;
     use pageoned::wire::{self, Msg};
     let (_dir, path) = socket("mute");
     let engine = pageone::Config::default().stable_periods(1);
@@ -505,24 +491,11 @@ fn an_agent_that_stops_answering_is_cut_off_and_the_passes_go_on() {
     )
     .unwrap();
     // An "agent" that registers real memory of this process, then never answers.
-    let fd = s::connect(&path).unwrap();
-    let mut frame = Vec::new();
-    wire::encode(
-        &Msg::Hello {
-            name: "mute".into(),
-        },
-        &mut frame,
-    )
-    .unwrap();
-    s::send(&fd, &frame, &[]).unwrap();
-    let mut buf = Vec::new();
-    s::recv(&fd, &mut buf, Some(Duration::from_secs(5)))
-        .unwrap()
-        .unwrap();
+    let fd = raw::hello(&path, "mute");
     let ram = vec![7u8; 32 * 4096];
     let base = (ram.as_ptr() as u64).next_multiple_of(4096);
-    frame.clear();
-    wire::encode(
+    raw::send(
+        &fd,
         &Msg::Register {
             id: 1,
             regions: vec![wire::RegionDecl {
@@ -531,14 +504,10 @@ fn an_agent_that_stops_answering_is_cut_off_and_the_passes_go_on() {
                 pages: 16,
             }],
         },
-        &mut frame,
-    )
-    .unwrap();
-    s::send(&fd, &frame, &[]).unwrap();
-    s::recv(&fd, &mut buf, Some(Duration::from_secs(5))).unwrap();
+    );
     assert!(matches!(
-        wire::decode(&buf),
-        Ok(Msg::Registered { result: Ok(()), .. })
+        raw::recv(&fd),
+        Some(Ok(Msg::Registered { result: Ok(()), .. }))
     ));
     let d = my_domain();
     let t0 = std::time::Instant::now();
@@ -550,8 +519,8 @@ fn an_agent_that_stops_answering_is_cut_off_and_the_passes_go_on() {
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     assert!(wait_until(|| svc.vmms().is_empty()));
     let mut requests = 0;
-    while let Ok(Some(_)) = s::recv(&fd, &mut buf, Some(Duration::from_secs(5))) {
-        if matches!(wire::decode(&buf), Ok(Msg::Request { .. })) {
+    while let Some(m) = raw::recv(&fd) {
+        if matches!(m, Ok(Msg::Request { .. })) {
             requests += 1;
         }
     }
