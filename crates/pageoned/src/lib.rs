@@ -13,6 +13,21 @@
 //! - [`socket`]: the transport's OS calls (listen, connect, `SO_PEERCRED`, frames with
 //!   `SCM_RIGHTS` descriptors).
 //!
+//! - `demo` (feature `demo`): a VMM process (guest RAM, an agent or KSM, writer
+//!   threads) driven over stdin, for tests, examples and benchmarks.
+//!
+//! # Privileges
+//! - The **service** reads guest pages with `process_vm_readv`: it needs ptrace access to
+//!   each VMM (root or `CAP_SYS_PTRACE`, or the VMM's own user where Yama's
+//!   `ptrace_scope` is 0 or 1: an agent allows its service with `PR_SET_PTRACER`).
+//! - Each **agent** runs the Linux backend in its VMM, so the VMM needs a userfaultfd
+//!   that handles kernel faults (its vCPUs write guest RAM through KVM): see
+//!   `page_memory::linux`, *Write protection*.
+//! - An agent talks only to a service whose user it trusts
+//!   ([`agent::AgentConfig::service_uids`]: root and its own user by default); the
+//!   service puts each VMM in the trust domain its configuration gives the VMM's user
+//!   ([`service::ServiceConfig::with_domain`]; by default each user is a domain).
+//!
 //! Linux only: elsewhere the crate is empty.
 
 #[cfg(target_os = "linux")]
