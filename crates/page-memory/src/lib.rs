@@ -372,6 +372,21 @@ pub trait ScanHook<M: PageMemory + ?Sized>: Send + Sync {
     fn examine(&self, memory: &M, page: PageId) -> bool;
 }
 
+/// Splits `pages` into runs of consecutive pages of one region (in order): what a
+/// backend does at once where it batches ([`PageMemory::read_pages`] and the like).
+///
+/// ```
+/// use page_memory::{consecutive_runs, PageId, RegionId};
+///
+/// let (a, b) = (RegionId(0), RegionId(1));
+/// let pages = [PageId::new(a, 3), PageId::new(a, 4), PageId::new(b, 5), PageId::new(b, 7)];
+/// let runs: Vec<usize> = consecutive_runs(&pages).map(|r| r.len()).collect();
+/// assert_eq!(runs, [2, 1, 1]);
+/// ```
+pub fn consecutive_runs(pages: &[PageId]) -> impl Iterator<Item = &[PageId]> {
+    pages.chunk_by(|a, b| a.region == b.region && b.index == a.index.wrapping_add(1))
+}
+
 /// Whether a page of bytes is all zeros (word at a time).
 pub fn is_zero_page(bytes: &[u8]) -> bool {
     let (head, words, tail) = {

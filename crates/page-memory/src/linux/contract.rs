@@ -6,14 +6,13 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::region::{gone_or, Kind, Region};
-use super::runs::runs;
 use super::stats::bump;
 use super::store::{LinuxFrame, Slot};
 use super::sys::{self, Advice};
 use super::LinuxMemory;
 use crate::{
-    DirtyHook, MergeOutcome, PageError, PageId, PageMemory, ProtectToken, RegionInfo, PAGE_SIZE,
-    PAGE_WORDS,
+    consecutive_runs, DirtyHook, MergeOutcome, PageError, PageId, PageMemory, ProtectToken,
+    RegionInfo, PAGE_SIZE, PAGE_WORDS,
 };
 
 impl PageMemory for LinuxMemory {
@@ -41,7 +40,7 @@ impl PageMemory for LinuxMemory {
         let max = self.inner.config.max_run_pages.max(1);
         let mut results = Vec::with_capacity(pages.len());
         let mut k = 0;
-        for run in runs(pages).flat_map(|r| r.chunks(max)) {
+        for run in consecutive_runs(pages).flat_map(|r| r.chunks(max)) {
             let bufs = &mut out[k..k + run.len()];
             k += run.len();
             if run.len() == 1 {
@@ -76,7 +75,7 @@ impl PageMemory for LinuxMemory {
             return refused;
         }
         let mut out = Vec::with_capacity(pages.len());
-        for run in runs(pages) {
+        for run in consecutive_runs(pages) {
             self.inner.protect_run(run, &mut out);
         }
         out
@@ -84,7 +83,7 @@ impl PageMemory for LinuxMemory {
 
     fn unprotect(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
         let mut out = Vec::with_capacity(pages.len());
-        for run in runs(pages) {
+        for run in consecutive_runs(pages) {
             self.inner.unprotect_run(run, &mut out);
         }
         out
@@ -233,7 +232,7 @@ impl PageMemory for LinuxMemory {
             return refused;
         }
         let mut out = Vec::with_capacity(pages.len());
-        for run in runs(pages) {
+        for run in consecutive_runs(pages) {
             let start = out.len();
             self.inner.recycle_run(run, &mut out, false);
             for (p, r) in run.iter().zip(&out[start..]) {

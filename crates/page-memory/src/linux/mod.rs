@@ -719,7 +719,7 @@ impl LinuxMemory {
             return refused;
         }
         let mut out = Vec::with_capacity(pages.len());
-        for run in runs::runs(pages) {
+        for run in crate::consecutive_runs(pages) {
             let start = out.len();
             self.inner.recycle_run(run, &mut out, true);
             // Their contents changed: a live migration must send them again.

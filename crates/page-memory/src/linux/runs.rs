@@ -19,11 +19,6 @@ thread_local! {
     static RUN_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Splits `pages` into runs of consecutive pages of one region.
-pub(super) fn runs(pages: &[PageId]) -> impl Iterator<Item = &[PageId]> {
-    pages.chunk_by(|a, b| a.region == b.region && b.index == a.index.wrapping_add(1))
-}
-
 impl Inner {
     /// Resolves `run` (consecutive pages of one region) to its region, or pushes `err`
     /// for each of its pages.

@@ -17,8 +17,8 @@ use std::sync::{Arc, RwLock};
 
 use page_memory::linux::shared::{read_process, SharedFrame, SharedStore};
 use page_memory::{
-    DirtyHook, DomainId, MergeOutcome, PageError, PageId, PageMemory, ProtectToken, RegionId,
-    RegionInfo, PAGE_SIZE,
+    consecutive_runs, DirtyHook, DomainId, MergeOutcome, PageError, PageId, PageMemory,
+    ProtectToken, RegionId, RegionInfo, PAGE_SIZE,
 };
 
 use super::session::Session;
@@ -294,32 +294,22 @@ impl PageMemory for RemoteMemory {
         );
         let mut res = Vec::with_capacity(pages.len());
         let mut k = 0;
-        while k < pages.len() {
-            let first = pages[k];
-            let mut j = k + 1;
-            while j < pages.len()
-                && pages[j].region == first.region
-                && pages[j].index as u64 == first.index as u64 + (j - k) as u64
-            {
-                j += 1;
-            }
-            // One process_vm_readv per run of consecutive pages; per page if it fails.
-            let whole = self
-                .page(first)
-                .ok()
-                .filter(|(r, _)| (first.index as u64 + (j - k) as u64) <= r.pages as u64);
-            let done = whole.is_some_and(|(r, _)| {
+        // One process_vm_readv per run of consecutive pages; per page if it fails.
+        for run in consecutive_runs(pages) {
+            let (first, bufs) = (run[0], &mut out[k..k + run.len()]);
+            k += run.len();
+            let done = self.page(first).is_ok_and(|(r, _)| {
                 let addr = r.addr + first.index as u64 * PAGE_SIZE as u64;
-                read_process(r.session.pid(), addr as usize, out[k..j].as_flattened_mut()).is_ok()
+                first.index as u64 + run.len() as u64 <= r.pages as u64
+                    && read_process(r.session.pid(), addr as usize, bufs.as_flattened_mut()).is_ok()
             });
             if done {
-                res.extend((k..j).map(|_| Ok(())));
+                res.extend(run.iter().map(|_| Ok(())));
             } else {
-                for i in k..j {
-                    res.push(self.read_page(pages[i], &mut out[i]));
+                for (&p, buf) in run.iter().zip(bufs) {
+                    res.push(self.read_page(p, buf));
                 }
             }
-            k = j;
         }
         res
     }
