@@ -93,7 +93,22 @@ impl LinuxMemory {
     pub fn take_unprotected(&self, region: RegionId) -> Result<Vec<(u32, u64)>, PageError> {
         let r = self.inner.region(region)?;
         let mut out = Vec::new();
-        for (w, word) in r.changed.iter().enumerate() {
+        // Only the words of `changed` flagged in `changed_words` (cleared first, so a
+        // page noted meanwhile is found now or at the next call).
+        let flagged = r.changed_words.iter().enumerate().flat_map(|(s, summary)| {
+            let mut words = summary.swap(0, Ordering::Acquire);
+            std::iter::from_fn(move || {
+                (words != 0).then(|| {
+                    let w = s * 64 + words.trailing_zeros() as usize;
+                    words &= words - 1;
+                    w
+                })
+            })
+        });
+        for w in flagged {
+            let Some(word) = r.changed.get(w) else {
+                continue;
+            };
             let mut bits = word.swap(0, Ordering::Relaxed);
             while bits != 0 {
                 let i = w * 64 + bits.trailing_zeros() as usize;

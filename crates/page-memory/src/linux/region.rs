@@ -103,6 +103,9 @@ pub(super) struct Region {
     /// One bit per page whose tokens went stale since
     /// [`LinuxMemory::take_unprotected`] last looked.
     pub(super) changed: Box<[AtomicU64]>,
+    /// One bit per word of `changed` that may have a bit set (set after it): a look
+    /// skips the untouched parts of a large region.
+    pub(super) changed_words: Box<[AtomicU64]>,
 }
 
 impl Region {
@@ -135,6 +138,10 @@ impl Region {
         let i = (addr - self.base) / PAGE_SIZE;
         if let Some(w) = self.changed.get(i / 64) {
             w.fetch_or(1 << (i % 64), Ordering::Relaxed);
+        }
+        // After the page's bit: a look that clears this one reads the page's next.
+        if let Some(w) = self.changed_words.get(i / 4096) {
+            w.fetch_or(1 << ((i / 64) % 64), Ordering::Release);
         }
     }
 
@@ -286,6 +293,9 @@ impl LinuxMemory {
                 })
                 .collect(),
             changed: (0..(pages as usize).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            changed_words: (0..(pages as usize).div_ceil(4096))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
         }));
