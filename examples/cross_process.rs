@@ -52,7 +52,7 @@ mod run {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use page_memory::linux::test_util::ksm;
+    use page_memory::linux::test_util::{ksm, mib};
     use pageoned::demo::{pss, thread_cpu, Dedup, Vmm};
     use pageoned::service::{Service, ServiceConfig};
 
@@ -107,26 +107,32 @@ mod run {
         own: u64,
         cpu: Duration,
         wall: Duration,
+        checked: Checked,
+        round_trips: Option<u64>,
+    }
+
+    /// What the VMs' writers and page checks saw.
+    struct Checked {
         writes: u64,
         lost: u64,
         longest_write_us: u64,
         mismatches: u64,
-        round_trips: Option<u64>,
+    }
+
+    /// Pages per VM, and of those the ones the same in every VM (the writers' own pages
+    /// are not).
+    fn layout(a: &Args) -> (usize, usize) {
+        let pages = a.mib * 256;
+        let shared = ((pages as f64 * a.shared) as usize).min(pages - a.writers);
+        (pages, shared)
     }
 
     fn spawn_vms(a: &Args, dedup: &Dedup) -> Vec<Vmm> {
-        let pages = a.mib * 256;
-        let shared = (pages as f64 * a.shared) as usize;
+        let (pages, shared) = layout(a);
         (0..a.vms)
             .map(|k| {
                 let cmd = std::process::Command::new(std::env::current_exe().unwrap());
-                Vmm::spawn(
-                    cmd,
-                    dedup,
-                    pages,
-                    shared.min(pages - a.writers),
-                    100 + k as u64,
-                )
+                Vmm::spawn(cmd, dedup, pages, shared, 100 + k as u64)
             })
             .collect()
     }
@@ -138,27 +144,30 @@ mod run {
         }
     }
 
-    /// Stops the writers, checks every page; (writes, lost, longest µs, mismatches).
-    fn finish(vms: &mut [Vmm]) -> (u64, u64, u64, u64) {
-        let (mut w, mut l, mut s, mut m) = (0, 0, 0, 0);
+    /// Stops the writers and checks every page.
+    fn finish(vms: &mut [Vmm]) -> Checked {
+        let mut c = Checked {
+            writes: 0,
+            lost: 0,
+            longest_write_us: 0,
+            mismatches: 0,
+        };
         for v in vms.iter_mut() {
             let r: Vec<u64> = v
                 .ask("stop-writers")
                 .split(' ')
                 .map(|x| x.parse().unwrap())
                 .collect();
-            w += r[0];
-            l += r[1];
-            s = s.max(r[2]);
-            m += v.mismatches();
+            c.writes += r[0];
+            c.lost += r[1];
+            c.longest_write_us = c.longest_write_us.max(r[2]);
+            c.mismatches += v.mismatches();
         }
-        (w, l, s, m)
+        c
     }
 
     fn expected(a: &Args) -> u64 {
-        let pages = a.mib * 256;
-        let shared = ((pages as f64 * a.shared) as usize).min(pages - a.writers) as u64;
-        shared * (a.vms as u64 - 1)
+        layout(a).1 as u64 * (a.vms as u64 - 1)
     }
 
     fn pageoned_run(a: &Args, threads: usize, dir: &Path) -> Outcome {
@@ -226,7 +235,7 @@ mod run {
             }
         }
         let after = vms.iter().map(|v| v.pss()).sum::<u64>() + own;
-        let (writes, lost, longest, mismatches) = finish(&mut vms);
+        let checked = finish(&mut vms);
         let requests = svc.stats().requests;
         drop(vms);
         drop(svc);
@@ -238,10 +247,7 @@ mod run {
             own,
             cpu: spent,
             wall,
-            writes,
-            lost,
-            longest_write_us: longest,
-            mismatches,
+            checked,
             round_trips: Some(requests),
         }
     }
@@ -275,7 +281,7 @@ mod run {
             Err(_) => 0,
         };
         let after = vms.iter().map(|v| v.pss()).sum::<u64>() + metadata;
-        let (writes, lost, longest, mismatches) = finish(&mut vms);
+        let checked = finish(&mut vms);
         drop(vms);
         ksm::unmerge_and_stop(Duration::from_secs(30), Duration::from_millis(10));
         Ok(Outcome {
@@ -286,16 +292,9 @@ mod run {
             own: metadata,
             cpu: spent,
             wall,
-            writes,
-            lost,
-            longest_write_us: longest,
-            mismatches,
+            checked,
             round_trips: None,
         })
-    }
-
-    fn mib(b: u64) -> f64 {
-        b as f64 / (1 << 20) as f64
     }
 
     pub fn main() {
@@ -362,10 +361,10 @@ mod run {
                 mib(r.own),
                 r.cpu.as_secs_f64(),
                 r.wall.as_secs_f64(),
-                r.writes,
-                r.lost,
-                r.longest_write_us,
-                r.mismatches,
+                r.checked.writes,
+                r.checked.lost,
+                r.checked.longest_write_us,
+                r.checked.mismatches,
                 r.round_trips
                     .map(|n| format!("{:.3}", n as f64 / r.merged.max(1) as f64))
                     .unwrap_or_else(|| "-".into())
@@ -390,7 +389,10 @@ mod run {
                 runs[0].wall.as_secs_f64() / runs[1].wall.as_secs_f64().max(1e-9)
             );
         }
-        let bad: u64 = runs.iter().map(|r| r.lost + r.mismatches).sum();
+        let bad: u64 = runs
+            .iter()
+            .map(|r| r.checked.lost + r.checked.mismatches)
+            .sum();
         if bad > 0 {
             eprintln!("cross_process: {bad} lost writes or wrong pages");
             std::process::exit(1);
