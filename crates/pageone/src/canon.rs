@@ -1,19 +1,86 @@
 //! Canonical pages and the SD trees that index them, one tree per trust-domain group.
+//!
+//! # Two indexes, one authority
+//! Each canonical page is indexed twice: in its group's SD tree under its contents (the
+//! frame, read in place), and in a table under its *print* (the engine's seeded
+//! fingerprint of the frame, tagged with the group: see [`Uniques`](crate::unique)).
+//! The tree is the authority: `insert_or_get` on it decides which of two equal pages
+//! becomes canonical, and a page whose contents were read is looked up there. The table
+//! lets a stable page whose print is already known (computed when it was protected: see
+//! *Page life cycle* in the crate docs) find its canonical page without being read again.
+//! A print is a hint: a merge found through it is verified in full by the backend at the
+//! switch, like every merge, and a page that turns out to differ is treated as written.
+//!
+//! # Consistency
+//! A canonical page enters the table just after the tree and leaves it when it leaves the
+//! tree (its last sharer gone, or full), each under the table shard's lock, removing only
+//! the entry that is still the same canonical page (`Arc::ptr_eq`). Between the two steps
+//! a lookup by print may miss a page the tree holds (the page is then made canonical, and
+//! its insert into the tree finds the other: an insert race, counted) or find one the tree
+//! has just let go (merging with it is still correct: its frame lives while any sharer
+//! holds it; it is only not found by later pages).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use page_memory::DomainId;
 use sdtree::{Insert, SdMap};
 
 use crate::stats::Counters;
+use crate::unique::BuildPrintHasher;
 
 /// A canonical page: an immutable frame and the pages that map it.
 pub(crate) struct Canon<F> {
     pub(crate) frame: F,
     /// Pages mapping this frame (the page it came from included).
     pub(crate) sharers: AtomicU32,
+    /// The frame's print in its group (its key in [`Prints`]).
+    print: u64,
+}
+
+/// Canonical pages by print, in shards locked separately.
+struct Prints<F> {
+    shards: Box<[Mutex<PrintShard<F>>]>,
+}
+
+type PrintShard<F> = HashMap<u64, Arc<Canon<F>>, BuildPrintHasher>;
+
+impl<F> Prints<F> {
+    const SHARDS: usize = 64;
+
+    fn new() -> Self {
+        Prints {
+            shards: (0..Self::SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, print: u64) -> std::sync::MutexGuard<'_, PrintShard<F>> {
+        self.shards[(print >> 58) as usize % Self::SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, print: u64) -> Option<Arc<Canon<F>>> {
+        self.shard(print).get(&print).cloned()
+    }
+
+    fn insert(&self, canon: &Arc<Canon<F>>) {
+        self.shard(canon.print).insert(canon.print, canon.clone());
+    }
+
+    /// Takes `canon` out, if it is still the page under its print.
+    fn remove(&self, canon: &Arc<Canon<F>>) {
+        let mut shard = self.shard(canon.print);
+        if shard
+            .get(&canon.print)
+            .is_some_and(|c| Arc::ptr_eq(c, canon))
+        {
+            shard.remove(&canon.print);
+        }
+    }
 }
 
 /// The tree key: a frame, read in place by the tree (never copied).
@@ -34,6 +101,8 @@ pub(crate) struct Canons<F: AsRef<[u8]> + Send + Sync + 'static> {
     trees: Vec<Arc<Tree<F>>>,
     group_of: HashMap<DomainId, usize>,
     max_sharing: u32,
+    /// Every tree's pages by print (prints are tagged with their group).
+    prints: Arc<Prints<F>>,
 }
 
 /// What [`Canons::find_or_insert`] found.
@@ -65,6 +134,7 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
             trees: (0..groups).map(|_| Arc::new(SdMap::new())).collect(),
             group_of,
             max_sharing: max_sharing.max(1),
+            prints: Arc::new(Prints::new()),
         }
     }
 
@@ -87,6 +157,7 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
             trees,
             group_of,
             max_sharing: self.max_sharing,
+            prints: self.prints.clone(),
         })
     }
 
@@ -108,11 +179,32 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
         match tree.get(bytes) {
             Some(c) if c.sharers.load(Ordering::Relaxed) < self.max_sharing => Found::Existing(c),
             Some(full) => {
-                tree.remove_if(bytes, |v| Arc::ptr_eq(v, &full));
+                self.retire_full(tree, &full);
                 Found::Vacant
             }
             None => Found::Vacant,
         }
+    }
+
+    /// Looks up the canonical page whose print is `print` (tagged with `domain`'s group),
+    /// as [`find`](Self::find) does by contents. A hint: the page found may differ from
+    /// the caller's (a collision of prints), which the backend's merge finds out.
+    pub(crate) fn find_print(&self, domain: DomainId, print: u64) -> Found<F> {
+        match self.prints.get(print) {
+            Some(c) if c.sharers.load(Ordering::Relaxed) == 0 => Found::Vacant,
+            Some(c) if c.sharers.load(Ordering::Relaxed) < self.max_sharing => Found::Existing(c),
+            Some(full) => {
+                self.retire_full(self.tree(domain), &full);
+                Found::Vacant
+            }
+            None => Found::Vacant,
+        }
+    }
+
+    /// A full canonical page leaves both indexes (it keeps its sharers).
+    fn retire_full(&self, tree: &Tree<F>, full: &Arc<Canon<F>>) {
+        tree.remove_if(full.frame.as_ref(), |v| Arc::ptr_eq(v, full));
+        self.prints.remove(full);
     }
 
     /// Whether `canon` can take `more` more sharers without passing `max_page_sharing`.
@@ -120,22 +212,26 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
         canon.sharers.load(Ordering::Relaxed).saturating_add(more) <= self.max_sharing
     }
 
-    /// Makes `frame` canonical in `domain`'s tree unless an equal page got there first.
+    /// Makes `frame` (whose print in `domain`'s group is `print`) canonical in `domain`'s
+    /// tree unless an equal page got there first.
     pub(crate) fn insert(
         &self,
         domain: DomainId,
         frame: F,
+        print: u64,
         counters: &Counters,
     ) -> Result<Arc<Canon<F>>, Arc<Canon<F>>> {
         let canon = Arc::new(Canon {
             frame: frame.clone(),
             sharers: AtomicU32::new(1),
+            print,
         });
         match self
             .tree(domain)
             .insert_or_get(FrameKey(frame), canon.clone())
         {
             Insert::Inserted => {
+                self.prints.insert(&canon);
                 counters.pages_unshared.fetch_add(1, Ordering::Relaxed);
                 Ok(canon)
             }
@@ -162,6 +258,7 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
         if old == 1 {
             self.tree(domain)
                 .remove_if(canon.frame.as_ref(), |v| Arc::ptr_eq(v, canon));
+            self.prints.remove(canon);
         }
     }
 
@@ -169,6 +266,12 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
     pub(crate) fn indexed(&self) -> usize {
         self.trees.iter().map(|t| t.len()).sum()
     }
+}
+
+/// Bytes of the table by print per canonical page (key, value, and the table's slack at
+/// its usual load, as [`Uniques::entry_bytes`](crate::unique::Uniques::entry_bytes)).
+pub(crate) fn print_entry_bytes() -> usize {
+    (std::mem::size_of::<(u64, usize)>() + 1) * 8 / 7
 }
 
 /// Keeps `pages_shared` / `pages_sharing` / `pages_unshared` exact across one change of a

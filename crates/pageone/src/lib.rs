@@ -21,20 +21,29 @@
 //! ```
 //!
 //! # Page life cycle
-//! Every page starts **volatile**. A merge pass reads volatile pages, and write-protects
-//! (**watches**) those whose contents are what the previous pass read (Linux KSM's
-//! checksum test: [`Config::unchanged_before_protect`], on by default; off, every
-//! volatile page is protected at once). A page the guest keeps writing is so never
-//! protected and costs the guest no fault. A page that stays unwritten for
-//! [`Config::stable_periods`] merge passes (two, as in the original: "observe for two
-//! periods, merge in the third"; the unchanged period before protection counts as the
-//! first) is merged:
-//! - all zeros: it is mapped to the shared zero frame (no tree);
-//! - otherwise it is read (runs of pages at once, [`PageMemory::read_pages`]) and looked
-//!   up in the SD tree of canonical pages of its trust-domain group, whose keys are the
-//!   canonical frames read in place; an equal canonical page is merged with it through
-//!   [`PageMemory::merge`], which re-checks protection and compares the page in full
-//!   atomically with the switch;
+//! Every page starts **volatile**. A merge pass reads volatile pages, and keeps
+//! write-protected (**watches**) those whose contents are what the previous pass read
+//! (Linux KSM's checksum test: [`Config::unchanged_before_protect`], on by default; off,
+//! every volatile page is protected at once). The second read is done under protection:
+//! the page is protected, read, and unprotected at once if it changed, so its **print**
+//! (a seeded 64-bit fingerprint of its contents, see *Unique pages*) is exact for as long
+//! as its protection holds. A page the guest keeps writing is then read unprotected, once
+//! a pass, until a read finds it unchanged, so it is protected only for the moment of one
+//! read and costs its guest no fault unless written in that moment. A page that stays
+//! unwritten for [`Config::stable_periods`] merge passes (two, as in the original:
+//! "observe for two periods, merge in the third"; the unchanged period before protection
+//! counts as the first) is merged, **without being read again** when its print is known:
+//! - all zeros (its print is the zero page's, or its contents read so): it is mapped to
+//!   the shared zero frame (no tree);
+//! - otherwise it is looked up by print among the canonical pages of its trust-domain
+//!   group (each canonical page is indexed in the group's SD tree under its contents, the
+//!   frame read in place, and in a table under its print; the tree is the authority, see
+//!   `canon.rs`). A page protected without a read (`unchanged_before_protect` off) is read
+//!   (runs of pages at once, [`PageMemory::read_pages`]) and looked up in the SD tree.
+//!   An equal canonical page is merged with it through [`PageMemory::merge`], which
+//!   re-checks protection and compares the page in full atomically with the switch, so a
+//!   print only ever saves work: a page found by a colliding print differs at the switch
+//!   and is treated as written;
 //! - if there is none, and no *unique* page has the same contents, the page is **unique**:
 //!   it stays where it is, protected, and is indexed (see *Unique pages*);
 //! - if a unique page has the same contents (its **twin**), this page becomes canonical
@@ -82,7 +91,8 @@
 //! the last merge pass over each chunk was quiet (with a `pages_per_pass` budget too).
 //!
 //! **How many passes a quiet memory needs.** With no guest writes, a page goes through
-//! one pass that reads it, one that protects it (together its first stable period; one
+//! one pass that reads it, one that protects and reads it (together its first stable
+//! period; one
 //! pass that protects it without `unchanged_before_protect`), `stable_periods - 2` passes
 //! that watch it (`stable_periods - 1` without) and one that
 //! merges it (or makes it canonical, or indexes it as unique: its twin, found later in
@@ -905,11 +915,12 @@ impl<M: PageMemory + 'static> PageOne<M> {
         let canonical_indexed = layout.canons.indexed() as u64;
         let per_page = page::entry_bytes::<M::Frame>();
         // Per canonical page: its record (behind an Arc: two counters), the tree's map
-        // entry (key + value) and one tree node.
+        // entry (key + value), one tree node, and its entry in the table by print.
         let per_canon = std::mem::size_of::<Canon<M::Frame>>()
             + 2 * std::mem::size_of::<usize>()
             + std::mem::size_of::<(canon::FrameKey<M::Frame>, Arc<Canon<M::Frame>>)>()
-            + sdtree::NODE_BYTES;
+            + sdtree::NODE_BYTES
+            + canon::print_entry_bytes();
         let canon_records = get(&c.pages_shared) + get(&c.pages_unshared);
         let metadata_bytes = pages * per_page as u64
             + canon_records * per_canon as u64
@@ -929,6 +940,7 @@ impl<M: PageMemory + 'static> PageOne<M> {
             cow_breaks: c.cow_breaks.load(Ordering::Relaxed),
             recycled: c.recycled.load(Ordering::Relaxed),
             canonicalized: c.canonicalized.load(Ordering::Relaxed),
+            pages_read: c.pages_read.load(Ordering::Relaxed),
             insert_races: c.insert_races.load(Ordering::Relaxed),
             claim_deferrals: c.claim_deferrals.load(Ordering::Relaxed),
             refused_map_count: c.refused_map_count.load(Ordering::Relaxed),

@@ -24,8 +24,14 @@ pub(crate) enum Phase<F> {
     /// print of its contents at the last pass that read it (0: not read since it changed;
     /// see [`Config::unchanged_before_protect`](crate::Config::unchanged_before_protect)).
     Volatile { print: u64 },
-    /// Write-protected since `token`, unwritten for `periods` merge passes.
-    Watch { token: ProtectToken, periods: u8 },
+    /// Write-protected since `token`, unwritten for `periods` merge passes. `print`: the
+    /// print of its contents (tagged with its tree group) read while it was protected,
+    /// so exact while the token holds; 0 if it was protected without being read.
+    Watch {
+        token: ProtectToken,
+        periods: u8,
+        print: u64,
+    },
     /// Stable, protected since `token`, with no twin found: indexed where it is under
     /// `print` ([`Uniques`]), neither copied nor remapped.
     Unique { token: ProtectToken, print: u64 },
@@ -53,6 +59,9 @@ pub(crate) struct PageEntry<F> {
     skip: u8,
     /// Watched and stable, refused for the mapping limit: waits while the gate is closed.
     parked: bool,
+    /// Volatile, and found changed when last read under protection: the next read is
+    /// done without protection (see `unchanged`).
+    recheck: bool,
 }
 
 impl<F> PageEntry<F> {
@@ -62,6 +71,7 @@ impl<F> PageEntry<F> {
             backoff: 0,
             skip: 0,
             parked: false,
+            recheck: false,
         }
     }
 }
@@ -472,7 +482,7 @@ impl<M: PageMemory> Ctx<'_, M> {
         }
         let mut to_protect: Vec<u32> = Vec::new();
         let mut to_check: Vec<u32> = Vec::new();
-        let mut stable: Vec<(u32, ProtectToken)> = Vec::new();
+        let mut stable: Vec<Stable> = Vec::new();
         let closed = self.gate.is_closed();
         for (i, e) in entries.iter_mut().enumerate() {
             let page = PageId::new(chunk.region, chunk.first + i as u32);
@@ -508,13 +518,18 @@ impl<M: PageMemory> Ctx<'_, M> {
                 // Refused for the mapping limit: not read, looked up or offered to the
                 // backend again until the gate opens.
                 Phase::Watch { .. } if kind == PassKind::Merge && e.parked && closed => {}
-                Phase::Watch { token, periods } if kind == PassKind::Merge => {
+                Phase::Watch {
+                    token,
+                    periods,
+                    print,
+                } if kind == PassKind::Merge => {
                     if periods + 1 >= self.stable_periods {
-                        stable.push((i as u32, token));
+                        stable.push((i as u32, token, print));
                     } else {
                         e.phase = Phase::Watch {
                             token,
                             periods: periods + 1,
+                            print,
                         };
                     }
                 }
@@ -525,11 +540,9 @@ impl<M: PageMemory> Ctx<'_, M> {
             self.merge_stable(chunk, &mut entries, &stable, &mut t, true);
         }
         if !to_check.is_empty() {
-            to_protect = self.unchanged(chunk, &mut entries, &to_check, &mut t);
+            self.unchanged(chunk, &mut entries, &to_check, &mut t);
         }
         if !to_protect.is_empty() {
-            // Pages found unchanged since the previous pass have had one stable period.
-            let periods = u8::from(self.unchanged_first);
             let pages: Vec<PageId> = to_protect
                 .iter()
                 .map(|&i| PageId::new(chunk.region, chunk.first + i))
@@ -538,7 +551,11 @@ impl<M: PageMemory> Ctx<'_, M> {
                 let e = &mut entries[i as usize];
                 match r {
                     Ok(token) => {
-                        e.phase = Phase::Watch { token, periods };
+                        e.phase = Phase::Watch {
+                            token,
+                            periods: 0,
+                            print: 0,
+                        };
                         t.protected += 1;
                     }
                     // Not protected: tried again after a back-off, counted by reason.
@@ -589,40 +606,112 @@ impl<M: PageMemory> Ctx<'_, M> {
         t
     }
 
-    /// Reads the volatile pages `check` (indices in `chunk`, in order) and returns those
-    /// whose contents are what the previous pass read (equal prints): they are to be
-    /// protected now. The others keep their new print and wait (KSM's checksum test:
-    /// a page the guest keeps writing is never protected, so it never faults).
+    /// KSM's checksum test, on the volatile pages `check` (indices in `chunk`, in order).
+    /// A page read at an earlier pass is write-protected, then read, and stays protected
+    /// (watched, with one stable period behind it) if it holds what the earlier read saw;
+    /// read under protection, its print is exact while its token holds, so the pass that
+    /// finds it stable need not read it again (see `merge_stable`). A page that changed is
+    /// unprotected at once and keeps its new print, and its next reads are done without
+    /// protection until one finds it unchanged: a page the guest keeps writing is read
+    /// once a pass, as by KSM, and protected only for the moment of one read. A page
+    /// never read since it changed (print 0) is only read.
     fn unchanged(
         &self,
         chunk: &Chunk<M::Frame>,
         entries: &mut [PageEntry<M::Frame>],
         check: &[u32],
         t: &mut Tally,
-    ) -> Vec<u32> {
-        let mut unchanged = Vec::new();
-        let mut bufs = vec![[0u8; PAGE_SIZE]; READ_GROUP.min(check.len())];
-        for reading in check.chunks(READ_GROUP) {
-            let ids: Vec<PageId> = reading
-                .iter()
-                .map(|&i| PageId::new(chunk.region, chunk.first + i))
-                .collect();
-            let reads = self.memory.read_pages(&ids, &mut bufs);
-            for ((&i, read), buf) in reading.iter().zip(reads).zip(bufs.iter()) {
-                let e = &mut entries[i as usize];
-                if let Err(err) = read {
-                    self.count_error(&err, t);
-                    self.back_off(e);
-                    continue;
-                }
-                let print = self.uniques.print(&buf[..], 0);
-                match e.phase {
-                    Phase::Volatile { print: last } if last == print => unchanged.push(i),
-                    _ => e.phase = Phase::Volatile { print },
+    ) {
+        let group = self.canons.group(chunk.domain);
+        let id = |i: u32| PageId::new(chunk.region, chunk.first + i);
+        let guarded = |e: &PageEntry<M::Frame>| {
+            !e.recheck && !matches!(e.phase, Phase::Volatile { print: 0 })
+        };
+        // The tokens of the pages protected for the read (in `check` order); pages whose
+        // protection was refused back off and are not read.
+        let mut tokens: Vec<Option<ProtectToken>> = vec![None; check.len()];
+        let mut skip = vec![false; check.len()];
+        let again: Vec<usize> = (0..check.len())
+            .filter(|&k| guarded(&entries[check[k] as usize]))
+            .collect();
+        if !again.is_empty() {
+            let pages: Vec<PageId> = again.iter().map(|&k| id(check[k])).collect();
+            for (&k, r) in again.iter().zip(self.memory.protect(&pages)) {
+                match r {
+                    Ok(token) => tokens[k] = Some(token),
+                    Err(err) => {
+                        self.count_error(&err, t);
+                        self.back_off(&mut entries[check[k] as usize]);
+                        skip[k] = true;
+                    }
                 }
             }
         }
-        unchanged
+        let mut changed = Vec::new();
+        let mut bufs = vec![[0u8; PAGE_SIZE]; READ_GROUP.min(check.len())];
+        for (from, reading) in (0..check.len())
+            .step_by(READ_GROUP)
+            .zip(check.chunks(READ_GROUP))
+        {
+            let (idx, ids): (Vec<usize>, Vec<PageId>) = (from..from + reading.len())
+                .filter(|&k| !skip[k])
+                .map(|k| (k, id(check[k])))
+                .unzip();
+            if ids.is_empty() {
+                continue;
+            }
+            let reads = self.memory.read_pages(&ids, &mut bufs);
+            self.counters
+                .pages_read
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+            for ((&k, read), buf) in idx.iter().zip(reads).zip(bufs.iter()) {
+                let i = check[k];
+                let e = &mut entries[i as usize];
+                let print = match read {
+                    Ok(()) => self.uniques.print(&buf[..], group),
+                    Err(err) => {
+                        self.count_error(&err, t);
+                        self.back_off(e);
+                        if tokens[k].is_some() {
+                            changed.push(i);
+                        }
+                        e.phase = Phase::Volatile { print: 0 };
+                        continue;
+                    }
+                };
+                let Phase::Volatile { print: last } = e.phase else {
+                    continue;
+                };
+                match tokens[k] {
+                    Some(token) if last == print => {
+                        e.phase = Phase::Watch {
+                            token,
+                            periods: 1,
+                            print,
+                        };
+                        t.protected += 1;
+                    }
+                    Some(_) => {
+                        changed.push(i);
+                        e.phase = Phase::Volatile { print };
+                        e.recheck = true;
+                    }
+                    None => {
+                        // Unchanged since a read that found it changed under protection:
+                        // it is protected at its next read.
+                        e.recheck = e.recheck && last != 0 && last != print;
+                        e.phase = Phase::Volatile { print };
+                    }
+                }
+            }
+        }
+        if !changed.is_empty() {
+            // A refusal here leaves a page protected that the engine no longer watches:
+            // its next write costs its guest one fault (the backend unprotects it), nothing
+            // else.
+            let pages: Vec<PageId> = changed.iter().map(|&i| id(i)).collect();
+            drop(self.memory.unprotect(&pages));
+        }
     }
 
     /// If the page was written since its token, it is volatile again: drop what it held.
@@ -685,7 +774,7 @@ impl<M: PageMemory> Ctx<'_, M> {
             return;
         }
         let mut batch = Batch::default();
-        let mut stable = Vec::new();
+        let mut stable: Vec<Stable> = Vec::new();
         for (i, canon) in twins {
             let page = PageId::new(chunk.region, chunk.first + i);
             let e = &mut entries[i as usize];
@@ -698,6 +787,7 @@ impl<M: PageMemory> Ctx<'_, M> {
             e.phase = Phase::Watch {
                 token,
                 periods: self.stable_periods,
+                print,
             };
             match canon {
                 Some(c)
@@ -710,7 +800,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                     batch.pending.push(c.clone());
                     batch.merges.push((i, token, Some(c)));
                 }
-                _ => stable.push((i, token)),
+                _ => stable.push((i, token, print)),
             }
         }
         self.flush(chunk, entries, &mut batch, t);
@@ -810,27 +900,49 @@ impl<M: PageMemory> Ctx<'_, M> {
         &self,
         chunk: &Chunk<M::Frame>,
         entries: &mut [PageEntry<M::Frame>],
-        stable: &[(u32, ProtectToken)],
+        stable: &[Stable],
         t: &mut Tally,
         again: bool,
     ) {
         let domain = chunk.domain;
         let group = self.canons.group(domain);
         let id = |i: u32| PageId::new(chunk.region, chunk.first + i);
-        let mut bufs = vec![[0u8; PAGE_SIZE]; READ_GROUP.min(stable.len())];
+        let zero_print = self.uniques.print(&[0u8; PAGE_SIZE], group);
+        let unread = stable.iter().filter(|s| s.2 == 0).count();
+        let mut bufs = vec![[0u8; PAGE_SIZE]; READ_GROUP.min(unread)];
         let mut batch = Batch::default();
         let mut put_off = Vec::new();
         for reading in stable.chunks(READ_GROUP) {
-            let ids: Vec<PageId> = reading.iter().map(|&(i, _)| id(i)).collect();
-            let reads = self.memory.read_pages(&ids, &mut bufs);
-            for ((&(i, token), read), buf) in reading.iter().zip(reads).zip(bufs.iter()) {
-                if let Err(err) = read {
-                    self.count_error(&err, t);
-                    entries[i as usize].phase = Phase::Volatile { print: 0 };
-                    entries[i as usize].parked = false;
-                    continue;
+            // Only pages whose print is not known are read (and looked up by contents);
+            // the others are looked up by print (see *Page life cycle* in the crate docs).
+            let mut at = vec![usize::MAX; reading.len()];
+            let mut ids = Vec::new();
+            for (k, &(i, _, known)) in reading.iter().enumerate() {
+                if known == 0 {
+                    at[k] = ids.len();
+                    ids.push(id(i));
                 }
-                if is_zero_page(&buf[..]) {
+            }
+            let reads = if ids.is_empty() {
+                Vec::new()
+            } else {
+                self.counters
+                    .pages_read
+                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                self.memory.read_pages(&ids, &mut bufs)
+            };
+            for (k, &(i, token, known)) in reading.iter().enumerate() {
+                let bytes = match reads.get(at[k]) {
+                    None => None,
+                    Some(Ok(())) => Some(&bufs[at[k]][..]),
+                    Some(Err(err)) => {
+                        self.count_error(err, t);
+                        entries[i as usize].phase = Phase::Volatile { print: 0 };
+                        entries[i as usize].parked = false;
+                        continue;
+                    }
+                };
+                if bytes.map_or(known == zero_print, is_zero_page) {
                     batch.merges.push((i, token, None));
                     continue;
                 }
@@ -840,13 +952,17 @@ impl<M: PageMemory> Ctx<'_, M> {
                     entries[i as usize].parked = true;
                     continue;
                 }
-                let print = self.uniques.print(&buf[..], group);
+                let print = bytes.map_or(known, |b| self.uniques.print(b, group));
                 if batch.prints.contains(&print) {
                     self.flush(chunk, entries, &mut batch, t);
                 }
                 let mut claimed = None;
                 loop {
-                    match self.canons.find(domain, &buf[..]) {
+                    let found = match bytes {
+                        Some(b) => self.canons.find(domain, b),
+                        None => self.canons.find_print(domain, print),
+                    };
+                    match found {
                         Found::Existing(c) => {
                             if let Some(slot) = claimed.take() {
                                 self.claims.release(slot);
@@ -881,7 +997,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                             // Another thread is making this content canonical: merge with its
                             // page next pass (the page stays watched and stable).
                             Claim::Lost if again => {
-                                put_off.push((i, token, Claims::key(print, group)))
+                                put_off.push((i, token, known, Claims::key(print, group)))
                             }
                             Claim::Lost => {
                                 t.deferred += 1;
@@ -907,10 +1023,13 @@ impl<M: PageMemory> Ctx<'_, M> {
         // the next pass.
         if !put_off.is_empty() {
             let deadline = std::time::Instant::now() + CLAIM_WAIT;
-            for &(_, _, key) in &put_off {
+            for &(.., key) in &put_off {
                 self.claims.wait_released(key, deadline);
             }
-            let again: Vec<_> = put_off.iter().map(|&(i, token, _)| (i, token)).collect();
+            let again: Vec<_> = put_off
+                .iter()
+                .map(|&(i, token, known, _)| (i, token, known))
+                .collect();
             self.merge_stable(chunk, entries, &again, t, false);
         }
     }
@@ -929,13 +1048,13 @@ impl<M: PageMemory> Ctx<'_, M> {
         let vacant = std::mem::take(&mut batch.vacant);
         let claims = std::mem::take(&mut batch.claims);
         let twins = std::mem::take(&mut batch.twins);
+        let prints = std::mem::take(&mut batch.prints);
         batch.pending.clear();
-        batch.prints.clear();
         if !vacant.is_empty() {
             let frames = self.memory.canonicalize_batch(&vacant);
             let mut late = false;
-            let items = vacant.iter().zip(frames).zip(claims).zip(twins);
-            for (((&(page, token), r), claim), twin) in items {
+            let items = vacant.iter().zip(frames).zip(claims).zip(twins).zip(prints);
+            for ((((&(page, token), r), claim), twin), print) in items {
                 let i = page.index - chunk.first;
                 let e = &mut entries[i as usize];
                 // The canonical page the twin (if any) is to merge with.
@@ -945,7 +1064,9 @@ impl<M: PageMemory> Ctx<'_, M> {
                     Ok(frame) => {
                         self.counters.canonicalized.fetch_add(1, Ordering::Relaxed);
                         t.canonicalized += 1;
-                        match self.canons.insert(domain, frame, self.counters) {
+                        // The print was read under the protection the canonicalization
+                        // just verified, so it is the frame's.
+                        match self.canons.insert(domain, frame, print, self.counters) {
                             Ok(mine) => {
                                 made = Some(mine.clone());
                                 e.phase = Phase::Canonical { token, canon: mine };
@@ -1092,6 +1213,9 @@ impl<M: PageMemory> Ctx<'_, M> {
         e.parked = false;
     }
 }
+
+/// A stable page: (index in the chunk, token, its print if known, else 0).
+type Stable = (u32, ProtectToken, u64);
 
 /// A merge to do: (index in the chunk, token, canonical page; `None` for the zero frame).
 type PendingMerge<F> = (u32, ProtectToken, Option<Arc<Canon<F>>>);

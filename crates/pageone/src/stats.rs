@@ -19,6 +19,7 @@ pub(crate) struct Counters {
     pub(crate) cow_breaks: AtomicU64,
     pub(crate) recycled: AtomicU64,
     pub(crate) canonicalized: AtomicU64,
+    pub(crate) pages_read: AtomicU64,
     pub(crate) refused_map_count: AtomicU64,
     pub(crate) refused_pinned: AtomicU64,
     pub(crate) refused_errors: AtomicU64,
@@ -102,6 +103,12 @@ pub struct Stats {
     /// remap), all time. A page is made canonical only once a twin is found (unless
     /// [`Config::unique_in_place`](crate::Config::unique_in_place) is off).
     pub canonicalized: u64,
+    /// Pages read (their contents copied from guest memory, on Linux with
+    /// `process_vm_readv`), all time: KSM's checksum test reads a page twice before it is
+    /// protected (the second time under protection, which makes its print exact); a
+    /// stable page whose print is known is then merged, made canonical or indexed without
+    /// being read again.
+    pub pages_read: u64,
     /// Canonicalizations wasted: the page was made canonical, but an equal page of
     /// another thread was inserted in the tree first, so it was merged with that one.
     /// Kept near zero by the claims described in the crate docs (*Convergence*).

@@ -59,7 +59,7 @@ pub(crate) enum Pair {
 
 /// Keys are prints already: hash them as they are.
 #[derive(Clone, Copy, Default)]
-struct PrintHasher(u64);
+pub(crate) struct PrintHasher(u64);
 
 impl Hasher for PrintHasher {
     fn finish(&self) -> u64 {
@@ -76,7 +76,7 @@ impl Hasher for PrintHasher {
 }
 
 #[derive(Clone, Copy, Default)]
-struct BuildPrintHasher;
+pub(crate) struct BuildPrintHasher;
 
 impl BuildHasher for BuildPrintHasher {
     type Hasher = PrintHasher;

@@ -201,10 +201,11 @@ fn unmerge_all_takes_unique_pages_out_of_the_index() {
     assert_eq!(read(&mem, r, 31), content(1));
 }
 
-/// With `unchanged_before_protect`, a pass reads volatile pages and protects only those
-/// unchanged since the previous pass: memory nobody writes merges in as many passes as
-/// without it, and a page written before every pass is never protected (so a guest
-/// writing it never faults) while the pages around it merge.
+/// With `unchanged_before_protect`, a pass reads volatile pages and keeps protected only
+/// those unchanged since the previous pass: memory nobody writes merges in as many passes
+/// as without it, and a page written before every pass is protected only for the moment
+/// of one read and then read unprotected (so a guest writing it between passes never
+/// faults) while the pages around it merge.
 #[test]
 fn unchanged_before_protect_spares_pages_the_guest_keeps_writing() {
     let mem = Arc::new(SimMemory::new());
@@ -238,4 +239,47 @@ fn unchanged_before_protect_spares_pages_the_guest_keeps_writing() {
     let passes = until_quiet(&engine);
     assert!(passes <= 5, "{passes} passes");
     assert!(mem.is_protected(hot).unwrap());
+}
+
+/// A page is read twice before it merges (KSM's checksum test, the second read under
+/// protection) and never again: the pass that finds it stable merges it, makes it
+/// canonical or indexes it by the print of the read under protection, and a third and
+/// fourth copy of a content find the canonical page by print. The eager mode (protect at
+/// once, no print known) reads each stable page once, as before.
+#[test]
+fn a_stable_page_is_not_read_again_when_its_print_is_known() {
+    for (checksum, reads_per_page) in [(true, 2), (false, 1)] {
+        let mem = Arc::new(SimMemory::new());
+        let r = mem.add_region(256, DomainId(0));
+        // 256 pages: 32 contents 4 times each, 64 zero pages, 64 unique pages.
+        for i in 0..256u32 {
+            match i {
+                0..=127 => write(&mem, r, i, 1 + (i % 32) as u64),
+                128..=191 => {}
+                _ => write(&mem, r, i, 1000 + i as u64),
+            }
+        }
+        let cfg = config(1).unchanged_before_protect(checksum);
+        let engine = PageOne::new(mem.clone(), cfg).unwrap();
+        until_quiet(&engine);
+        let s = engine.stats();
+        assert_eq!(s.pages_read, 256 * reads_per_page, "checksum {checksum}");
+        assert_eq!((s.pages_shared, s.pages_sharing), (32, 96));
+        assert_eq!((s.zero_pages, s.pages_unique), (64, 64));
+        for i in 0..256u32 {
+            let want = match i {
+                0..=127 => content(1 + (i % 32) as u64),
+                128..=191 => vec![0u8; PAGE_SIZE],
+                _ => content(1000 + i as u64),
+            };
+            assert_eq!(read(&mem, r, i), want, "page {i}");
+        }
+        // Writes after the merge are the writer's alone, and merge again once stable.
+        write(&mem, r, 0, 7777);
+        write(&mem, r, 1, 7777);
+        until_quiet(&engine);
+        assert_eq!(read(&mem, r, 0), content(7777));
+        assert_eq!(read(&mem, r, 32), content(1));
+        assert_eq!(engine.stats().pages_sharing, 96 - 2 + 1);
+    }
 }
