@@ -1,9 +1,12 @@
 //! Deduplication across VMM processes: one `pageoned` service against Linux KSM, on the
 //! same processes.
 //!
-//! `--vms` VMM processes (this executable started again: `pageoned::demo`, plain
-//! processes with anonymous guest memory and writer threads; the KVM test VMM does not
-//! embed the agent yet) of `--mib` MiB each. A `--shared` fraction of each VM's pages
+//! `--vms` VMM processes of `--mib` MiB each: where KVM works (and the guest was built),
+//! real guests, each VM a process of the workspace's test VMM whose vCPU writes guest RAM
+//! through KVM (`cross_process/kvm.rs` says what they run); elsewhere, or with
+//! `--plain`, plain processes (this executable started again: `pageoned::demo`) with
+//! anonymous guest memory and writer threads. In the plain processes a `--shared`
+//! fraction of each VM's pages
 //! (default 0.5) holds the same contents in every VM, page for page (VMs booted from one
 //! image); the rest is each VM's own. Each VM runs `--writers` threads (default 1) that
 //! write their own page without pause, reading each write back (a write lost reads
@@ -25,18 +28,27 @@
 //! threads and the wall-clock times compared.
 //!
 //! `CROSS_PROCESS_SMAPS=1` prints the service's largest mappings by `Pss` after each
-//! pageoned run (where its own memory goes).
+//! pageoned run on plain processes (where its own memory goes).
 //!
 //! Needs root (KSM's knobs, userfaultfd with kernel faults) and no other KSM user; it
 //! says what it skipped otherwise. Run with
-//! `cargo run --release --example cross_process -- [--vms 4] [--mib 64] [--shared 0.5]
-//! [--threads 1] [--writers 1] [--scaling] [--no-ksm] [--max-passes 200]`.
+//! `cargo run --release --example cross_process -- [--vms 4] [--mib 64] [--threads 1]
+//! [--scaling] [--no-ksm] [--max-passes 200]`, and for real guests `[--rounds 4]`, for
+//! plain processes `[--plain] [--shared 0.5] [--writers 1]`.
 
 #[cfg(all(target_os = "linux", pageoned))]
 fn main() {
     pageoned::demo::child_main();
+    #[cfg(kvm_vmm)]
+    if kvm::child_main() {
+        return;
+    }
     run::main();
 }
+
+#[cfg(all(target_os = "linux", pageoned, kvm_vmm))]
+#[path = "cross_process/kvm.rs"]
+mod kvm;
 
 #[cfg(not(all(target_os = "linux", pageoned)))]
 fn main() {
@@ -56,15 +68,19 @@ mod run {
     use pageoned::demo::{pss, thread_cpu, Dedup, Vmm};
     use pageoned::service::{Service, ServiceConfig};
 
-    struct Args {
-        vms: usize,
-        mib: usize,
+    pub(crate) struct Args {
+        pub(crate) vms: usize,
+        pub(crate) mib: usize,
         shared: f64,
         threads: usize,
         writers: usize,
         scaling: bool,
         ksm: bool,
-        max_passes: usize,
+        pub(crate) max_passes: usize,
+        /// Plain processes even where KVM works.
+        plain: bool,
+        /// Rounds of the real guests' checker after the measurements.
+        pub(crate) rounds: u64,
     }
 
     fn args() -> Args {
@@ -77,6 +93,8 @@ mod run {
             scaling: false,
             ksm: true,
             max_passes: 200,
+            plain: false,
+            rounds: 4,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -90,6 +108,8 @@ mod run {
                 "--max-passes" => a.max_passes = v().parse().expect("--max-passes N"),
                 "--scaling" => a.scaling = true,
                 "--no-ksm" => a.ksm = false,
+                "--plain" => a.plain = true,
+                "--rounds" => a.rounds = v().parse().expect("--rounds N"),
                 other => panic!("unknown argument {other}"),
             }
         }
@@ -98,25 +118,25 @@ mod run {
     }
 
     /// What one run measured.
-    struct Outcome {
-        engine: String,
-        merged: u64,
-        before: u64,
-        after: u64,
+    pub(crate) struct Outcome {
+        pub(crate) engine: String,
+        pub(crate) merged: u64,
+        pub(crate) before: u64,
+        pub(crate) after: u64,
         /// Of `after`, the engine's own (the service's growth; KSM's metadata).
-        own: u64,
-        cpu: Duration,
-        wall: Duration,
-        checked: Checked,
-        round_trips: Option<u64>,
+        pub(crate) own: u64,
+        pub(crate) cpu: Duration,
+        pub(crate) wall: Duration,
+        pub(crate) checked: Checked,
+        pub(crate) round_trips: Option<u64>,
     }
 
     /// What the VMs' writers and page checks saw.
-    struct Checked {
-        writes: u64,
-        lost: u64,
-        longest_write_us: u64,
-        mismatches: u64,
+    pub(crate) struct Checked {
+        pub(crate) writes: u64,
+        pub(crate) lost: u64,
+        pub(crate) longest_write_us: u64,
+        pub(crate) mismatches: u64,
     }
 
     /// Pages per VM, and of those the ones the same in every VM (the writers' own pages
@@ -309,6 +329,65 @@ mod run {
         }
         let dir = std::env::temp_dir().join(format!("cross-process-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let threads: Vec<usize> = if a.scaling {
+            vec![1, 2]
+        } else {
+            vec![a.threads]
+        };
+        #[cfg(kvm_vmm)]
+        let kvm = if a.plain {
+            Err("--plain".to_string())
+        } else {
+            crate::kvm::usable()
+        };
+        #[cfg(not(kvm_vmm))]
+        let kvm: Result<(), String> = Err("this build has no kvm-vmm".into());
+        let runs = match kvm {
+            #[cfg(kvm_vmm)]
+            Ok(()) => real_guests(&a, &threads, &dir),
+            _ => {
+                if let Err(why) = &kvm {
+                    println!("plain processes ({why})");
+                }
+                plain_processes(&a, &threads, &dir)
+            }
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        report(&a, &runs);
+    }
+
+    /// The runs on real guests (KVM).
+    #[cfg(kvm_vmm)]
+    fn real_guests(a: &Args, threads: &[usize], dir: &Path) -> Vec<Outcome> {
+        println!(
+            "{} VMM processes on KVM x {} MiB of data, filled alike in every VM, then {} \
+             rounds of rewrites checked by the guests; {} pages to merge",
+            a.vms,
+            a.mib,
+            a.rounds,
+            a.mib as u64 * 256 * (a.vms as u64 - 1)
+        );
+        let mut runs = Vec::new();
+        for &t in threads {
+            match crate::kvm::pageoned_run(a, t, dir) {
+                Ok(o) => runs.push(o),
+                Err(why) => {
+                    eprintln!("cross_process: pageoned {t}t on KVM failed: {why}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        if a.ksm {
+            match crate::kvm::ksm_run(a, dir) {
+                Ok(o) => runs.push(o),
+                Err(why) => println!("KSM: SKIPPED: {why}"),
+            }
+        }
+        runs
+    }
+
+    /// The runs on plain processes.
+    fn plain_processes(a: &Args, threads: &[usize], dir: &Path) -> Vec<Outcome> {
         println!(
             "{} VMM processes x {} MiB, {:.0}% of each VM's pages shared by all, {} writer \
              thread(s) per VM; {} pages to merge",
@@ -316,24 +395,23 @@ mod run {
             a.mib,
             a.shared * 100.0,
             a.writers,
-            expected(&a)
+            expected(a)
         );
         let mut runs = Vec::new();
-        let threads: Vec<usize> = if a.scaling {
-            vec![1, 2]
-        } else {
-            vec![a.threads]
-        };
-        for &t in &threads {
-            runs.push(pageoned_run(&a, t, &dir));
+        for &t in threads {
+            runs.push(pageoned_run(a, t, dir));
         }
         if a.ksm {
-            match ksm_run(&a) {
+            match ksm_run(a) {
                 Ok(o) => runs.push(o),
                 Err(why) => println!("KSM: SKIPPED: {why}"),
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        runs
+    }
+
+    /// Prints the runs side by side; exits 1 on a lost write or a wrong page.
+    fn report(a: &Args, runs: &[Outcome]) {
         println!(
             "{:<12} {:>8} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>5} {:>10} {:>6} {:>10}",
             "engine",
@@ -350,7 +428,7 @@ mod run {
             "wrong",
             "rt/merged"
         );
-        for r in &runs {
+        for r in runs {
             println!(
                 "{:<12} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>8.1} {:>8.3} {:>8.3} {:>10} {:>5} {:>10} {:>6} {:>10}",
                 r.engine,
