@@ -220,7 +220,7 @@ pub fn pageoned_run(a: &Args, threads: usize, dir: &Path) -> Result<Outcome, Str
     );
     children.wait_filled()?;
     let before = children.pss();
-    let cpu = |c: &Children| thread_cpu(me, &["pageoned", "pageone"]) + c.agents_cpu();
+    let cpu = |c: &Children| (thread_cpu(me, &["pageoned", "pageone"]), c.agents_cpu());
     let cpu0 = cpu(&children);
     let t0 = Instant::now();
     let domain = loop {
@@ -239,7 +239,14 @@ pub fn pageoned_run(a: &Args, threads: usize, dir: &Path) -> Result<Outcome, Str
         }
     }
     let wall = t0.elapsed();
-    let spent = cpu(&children) - cpu0;
+    let cpu1 = cpu(&children);
+    let (service_cpu, agents_cpu) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+    println!(
+        "pageoned {threads}t: CPU {:.3} s in the service, {:.3} s in the agents",
+        service_cpu.as_secs_f64(),
+        agents_cpu.as_secs_f64()
+    );
+    let spent = service_cpu + agents_cpu;
     let merged = svc.engine_stats(domain).unwrap().pages_sharing;
     let own = pss(me).saturating_sub(own0);
     let after = children.pss() + own;
