@@ -178,7 +178,7 @@ impl PageMemory for LinuxMemory {
         let slot = |f: &LinuxFrame| -> Option<u64> {
             f.0.as_ref()
                 .filter(|s| Arc::ptr_eq(&s.store, &store))
-                .map(|s| s.index)
+                .map(|s| s.index())
         };
         let mut k = 0;
         while k < items.len() {
@@ -295,7 +295,7 @@ impl PageMemory for LinuxMemory {
 }
 
 /// Chooses the store slot a page being made canonical goes to.
-pub(super) type Place<'a> = &'a dyn Fn(&Region, PageId) -> Result<Arc<Slot>, PageError>;
+pub(super) type Place<'a> = &'a dyn Fn(&Region, PageId) -> Result<Slot, PageError>;
 
 impl LinuxMemory {
     /// `canonicalize`, with the page's new slot chosen by `place`.

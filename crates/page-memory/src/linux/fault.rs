@@ -383,7 +383,7 @@ impl Inner {
         region: &Region,
         addr: usize,
         st: &mut PageState,
-    ) -> Result<Option<Arc<Slot>>, PageError> {
+    ) -> Result<Option<Slot>, PageError> {
         self.unwp(region, addr, PAGE_SIZE, false)?;
         st.kind = Kind::StoreCow;
         // SAFETY: a page of a live region, locked by us, no longer write-protected (so the

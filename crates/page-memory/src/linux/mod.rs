@@ -694,7 +694,7 @@ impl LinuxMemory {
         let slot = |p| {
             self.inner.with_page(p, |_, _, s| {
                 Ok(match (s.kind, &s.slot) {
-                    (Kind::Store, Some(x)) => Some(x.index),
+                    (Kind::Store, Some(x)) => Some(x.index()),
                     _ => None,
                 })
             })

@@ -50,7 +50,7 @@ pub(super) struct PageState {
     /// Moves on whenever the page is written while protected, or unprotected.
     pub(super) gen: u64,
     /// The store slot whose page the entry may map.
-    pub(super) slot: Option<Arc<Slot>>,
+    pub(super) slot: Option<Slot>,
     /// The store offset the page's address is mapped to while it lies in a mapping of
     /// the store (kinds `Store` and `StoreCow`): what it reads after an `MADV_DONTNEED`
     /// of the embedder's (see [`Tomb`]).

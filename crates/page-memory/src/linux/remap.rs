@@ -6,7 +6,7 @@
 use std::ops::{Deref, DerefMut};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
@@ -351,7 +351,7 @@ impl Inner {
             }
             (Kind::Anon | Kind::StoreCow, _) => return false,
         };
-        if !self.written_in_window(region, addr, expect.as_deref()) {
+        if !self.written_in_window(region, addr, expect.as_ref()) {
             return false;
         }
         bump(&self.counters.window_writes);
@@ -380,7 +380,7 @@ impl Inner {
         region: &Region,
         addr: usize,
         st: &mut PageState,
-        slot: &Arc<Slot>,
+        slot: &Slot,
     ) -> Result<(), PageError> {
         self.check_page(region, addr, st)?;
         self.guard.admit()?;
@@ -400,7 +400,7 @@ impl Inner {
         }
         st.kind = Kind::Store;
         st.slot = Some(slot.clone());
-        st.tomb = Some(slot.tomb.clone());
+        st.tomb = Some(slot.tomb());
         self.settle(region, addr, st);
         Ok(())
     }
@@ -413,7 +413,7 @@ impl Inner {
         region: &Region,
         addr: usize,
         sts: &mut [MutexGuard<'_, PageState>],
-        slots: &[Arc<Slot>],
+        slots: &[Slot],
     ) -> Result<(), PageError> {
         debug_assert_eq!(sts.len(), slots.len());
         self.check_ours(region, addr, sts)?;
@@ -441,7 +441,7 @@ impl Inner {
         for (st, slot) in sts.iter_mut().zip(slots) {
             st.kind = Kind::Store;
             st.slot = Some(slot.clone());
-            st.tomb = Some(slot.tomb.clone());
+            st.tomb = Some(slot.tomb());
         }
         self.settle_run(region, addr, sts);
         Ok(())

@@ -334,8 +334,7 @@ impl Inner {
                 while j < n && res[j].is_none() {
                     j += 1;
                 }
-                let slots: Vec<Arc<Slot>> =
-                    items[k..j].iter().filter_map(|i| i.2 .0.clone()).collect();
+                let slots: Vec<Slot> = items[k..j].iter().filter_map(|i| i.2 .0.clone()).collect();
                 let r = self.map_slots_run(
                     region,
                     region.addr(pages[k].index),
@@ -414,7 +413,7 @@ impl Inner {
         let store = self.store();
         self.in_run(&pages, out, |region, _, guards| {
             let mut res: Vec<Option<Result<LinuxFrame, PageError>>> = vec![None; n];
-            let mut slots: Vec<Option<Arc<Slot>>> = vec![None; n];
+            let mut slots: Vec<Option<Slot>> = vec![None; n];
             for (k, (g, &(page, token))) in guards.iter().zip(run).enumerate() {
                 res[k] = if g.pinned > 0 {
                     Some(Err(self.pinned(page)))
@@ -439,16 +438,16 @@ impl Inner {
             }
             let mut k = 0;
             while k < n {
-                let Some(s0) = slots[k].as_ref().map(|s| s.index) else {
+                let Some(s0) = slots[k].as_ref().map(|s| s.index()) else {
                     k += 1;
                     continue;
                 };
                 let mut j = k + 1;
-                while j < n && slots[j].as_ref().map(|s| s.index) == Some(s0 + (j - k) as u64) {
+                while j < n && slots[j].as_ref().map(|s| s.index()) == Some(s0 + (j - k) as u64) {
                     j += 1;
                 }
                 let addr = region.addr(pages[k].index);
-                let run_slots: Vec<Arc<Slot>> =
+                let run_slots: Vec<Slot> =
                     slots[k..j].iter_mut().filter_map(Option::take).collect();
                 let r = self
                     .check_ours(region, addr, &guards[k..j])
