@@ -580,7 +580,10 @@ mod tests {
         assert_eq!(store.apply(c, &[ev(HoldKind::Slot)]), Ok(()));
         assert_eq!(store.client_holds(c), (1, 0));
         store.inner.state().holds.get_mut(&key(slot)).unwrap().slot = u32::MAX;
-        assert!(store.frame(slot).is_none(), "no frame beyond the most holds");
+        assert!(
+            store.frame(slot).is_none(),
+            "no frame beyond the most holds"
+        );
     }
 
     /// Stores of more than 2^32 slots are refused (the bookkeeping's keys are `u32`).
