@@ -92,7 +92,7 @@ impl PageMemory for LinuxMemory {
     fn written_since(&self, page: PageId, token: ProtectToken) -> Result<bool, PageError> {
         let tracked = self.inner.uffd.is_some();
         self.inner.with_page(page, |_, _, s| {
-            Ok(!tracked || !s.protected || s.gen != token.0)
+            Ok(!tracked || !s.protected() || s.gen != token.0)
         })
     }
 
@@ -119,7 +119,7 @@ impl PageMemory for LinuxMemory {
             if st.pinned > 0 {
                 return Err(inner.pinned(dup));
             }
-            if !st.protected || st.gen != token.0 {
+            if !st.protected() || st.gen != token.0 {
                 return Ok((MergeOutcome::Changed, false));
             }
             match (&canonical.0, st.kind, &st.slot) {
@@ -266,7 +266,7 @@ impl PageMemory for LinuxMemory {
                     true
                 }
                 Kind::Anon | Kind::StoreCow => {
-                    if st.protected {
+                    if st.protected() {
                         inner.unwp(region, addr, PAGE_SIZE, false)?;
                     }
                     false
@@ -275,7 +275,7 @@ impl PageMemory for LinuxMemory {
             if let Some(uffd) = &inner.uffd {
                 let _ = uffd.wake(addr, PAGE_SIZE);
             }
-            if st.protected || changed {
+            if st.protected() || changed {
                 region.unprotect_at(addr, st);
             }
             if changed {
@@ -312,7 +312,7 @@ impl LinuxMemory {
             if st.pinned > 0 {
                 return Err(inner.pinned(page));
             }
-            if !st.protected || st.gen != token.0 {
+            if !st.protected() || st.gen != token.0 {
                 return Err(PageError::Stale(page));
             }
             match (st.kind, &st.slot) {

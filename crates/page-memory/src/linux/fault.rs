@@ -237,7 +237,7 @@ impl Inner {
                 let Some(mut st) = region.try_lock((page_addr - region.base) / PAGE_SIZE) else {
                     return false;
                 };
-                if !st.gone {
+                if !st.gone() {
                     return self.resolve_write(&region, page_addr, &mut st);
                 }
             }
@@ -313,7 +313,7 @@ impl Inner {
         match what {
             RangeEvent::Unmap if st.own_unmaps > 0 => st.own_unmaps -= 1,
             RangeEvent::Remove if st.own_removes > 0 => st.own_removes -= 1,
-            _ if st.gone => {}
+            _ if st.gone() => {}
             RangeEvent::Unmap => {
                 // Its owner unmapped it (or mapped something else over it): nothing of
                 // the region is there any more, and the page no longer maps its slot.
@@ -326,7 +326,7 @@ impl Inner {
                 // Moved away: the mapping lives on elsewhere, out of the backend's reach,
                 // and may still map its slot, which the page therefore keeps.
                 region.mark_gone(st);
-                st.moved = true;
+                st.set_moved(true);
                 bump(&self.counters.foreign_unmaps);
             }
             RangeEvent::Remove => {
@@ -368,7 +368,7 @@ impl Inner {
                 st.kind = Kind::Anon;
             }
         }
-        if st.protected {
+        if st.protected() {
             region.unprotect_at(addr, st);
         }
         true

@@ -686,7 +686,7 @@ impl LinuxMemory {
 
     /// Whether `page` is protected (for the engine).
     pub fn is_protected(&self, page: PageId) -> Result<bool, PageError> {
-        self.inner.with_page(page, |_, _, s| Ok(s.protected))
+        self.inner.with_page(page, |_, _, s| Ok(s.protected()))
     }
 
     /// Whether `a` and `b` map the same page of the canonical store.

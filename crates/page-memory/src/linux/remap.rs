@@ -69,7 +69,7 @@ impl Inner {
         st: &PageState,
     ) -> Result<(), PageError> {
         if !self.config.checked_access {
-            if st.gone || region.unmapped.load(Ordering::Relaxed) {
+            if st.gone() || region.unmapped.load(Ordering::Relaxed) {
                 return Err(PageError::Unmapped(region.info.id));
             }
             return self.read_guest(region, addr, buf);
@@ -151,13 +151,13 @@ impl Inner {
         addr: usize,
         sts: &[S],
     ) -> Result<(), PageError> {
-        if region.unmapped.load(Ordering::Relaxed) || sts.iter().any(|s| s.gone) {
+        if region.unmapped.load(Ordering::Relaxed) || sts.iter().any(|s| s.gone()) {
             return Err(PageError::Unmapped(region.info.id));
         }
         if self.uffd.is_none() {
             return Ok(());
         }
-        let key = |s: &PageState| (s.registered, s.kernel_wp());
+        let key = |s: &PageState| (s.registered(), s.kernel_wp());
         let mut k = 0;
         while k < sts.len() {
             let (registered, wp) = key(&sts[k]);
@@ -198,7 +198,7 @@ impl Inner {
     /// of it is registered. The fault thread takes it off when it reads the event, which
     /// so is not taken for the owner's unmap. Returns whether it counted.
     pub(super) fn expect_unmap<S: DerefMut<Target = PageState>>(&self, sts: &mut [S]) -> bool {
-        if !self.caps.events || !sts.iter().any(|s| s.registered) {
+        if !self.caps.events || !sts.iter().any(|s| s.registered()) {
             return false;
         }
         for s in sts.iter_mut() {
@@ -232,10 +232,10 @@ impl Inner {
     /// Counts, on the pages about to be dropped (`MADV_DONTNEED`), the
     /// `UFFD_EVENT_REMOVE` each registered one will raise.
     pub(super) fn expect_remove<S: DerefMut<Target = PageState>>(&self, sts: &mut [S]) -> bool {
-        if !self.caps.events || !sts.iter().any(|s| s.registered) {
+        if !self.caps.events || !sts.iter().any(|s| s.registered()) {
             return false;
         }
-        for s in sts.iter_mut().filter(|s| s.registered) {
+        for s in sts.iter_mut().filter(|s| s.registered()) {
             s.own_removes = s.own_removes.saturating_add(1);
         }
         self.own_in_flight.fetch_add(1, Ordering::Relaxed);
@@ -249,7 +249,7 @@ impl Inner {
         counted: bool,
     ) {
         if counted {
-            for s in sts.iter_mut().filter(|s| s.registered) {
+            for s in sts.iter_mut().filter(|s| s.registered()) {
                 s.own_removes = s.own_removes.saturating_sub(1);
             }
         }
@@ -312,8 +312,8 @@ impl Inner {
     /// that keeps its slot, until [`protect`](crate::PageMemory::protect) protects it
     /// again and finds out what it maps ([`reconcile`](Self::reconcile)).
     pub(super) fn settle(&self, region: &Region, addr: usize, st: &mut PageState) {
-        st.registered = self.register(addr).is_ok();
-        let protected = st.registered && self.wp(region, addr, PAGE_SIZE).is_ok();
+        st.set_registered(self.register(addr).is_ok());
+        let protected = st.registered() && self.wp(region, addr, PAGE_SIZE).is_ok();
         if !protected {
             self.untrack(region, addr, st);
             return;
@@ -469,7 +469,7 @@ impl Inner {
             return;
         }
         for st in sts.iter_mut() {
-            st.registered = true;
+            st.set_registered(true);
         }
         // A write in the window left a private page: present and not a file page (or not
         // the zero page). Only those pages are looked at again, one by one.
@@ -523,11 +523,11 @@ impl Inner {
     ) -> Result<(), PageError> {
         // Make sure the page is still ours (its mapping is still registered) first. The
         // probe protects (never unprotects): a write racing the remap must wait for it.
-        if region.unmapped.load(Ordering::Relaxed) || st.gone {
+        if region.unmapped.load(Ordering::Relaxed) || st.gone() {
             return Err(PageError::Unmapped(region.info.id));
         }
         self.uffd()?;
-        if st.registered {
+        if st.registered() {
             if let Err(e) = self.wp_call(addr, PAGE_SIZE, true, false) {
                 return Err(uffd_gone_or(region, "UFFDIO_WRITEPROTECT (probe)", e));
             }
@@ -549,7 +549,7 @@ impl Inner {
         st.kind = Kind::Zero;
         st.slot = None;
         st.tomb = None;
-        st.registered = self.register(addr).is_ok();
+        st.set_registered(self.register(addr).is_ok());
         Ok(())
     }
 
@@ -583,7 +583,7 @@ impl Inner {
             }
             Kind::Store | Kind::StoreCow => {
                 self.map_anon(region, addr, st)?;
-                if !st.registered || self.wp(region, addr, PAGE_SIZE).is_err() {
+                if !st.registered() || self.wp(region, addr, PAGE_SIZE).is_err() {
                     self.untrack(region, addr, st);
                     return Ok(());
                 }

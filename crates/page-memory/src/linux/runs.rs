@@ -106,7 +106,7 @@ impl Inner {
             // one by one, and a write made while they were untracked is accounted for.
             let mut ok: Vec<Result<(), PageError>> = Vec::with_capacity(run.len());
             for (k, g) in guards.iter_mut().enumerate() {
-                if g.gone {
+                if g.gone() {
                     ok.push(Err(PageError::Unmapped(region.info.id)));
                     continue;
                 }
@@ -114,18 +114,18 @@ impl Inner {
                     ok.push(Err(self.pinned(run[k])));
                     continue;
                 }
-                if g.registered {
+                if g.registered() {
                     ok.push(Ok(()));
                     continue;
                 }
                 let addr = region.addr((first + k) as u32);
                 let r = self.register(addr).and_then(|()| {
-                    g.registered = true;
+                    g.set_registered(true);
                     self.wp(region, addr, PAGE_SIZE)
                 });
                 if r.is_ok() {
                     self.reconcile(region, addr, g);
-                    g.protected = true;
+                    g.set_protected(true);
                 }
                 ok.push(r);
             }
@@ -165,11 +165,11 @@ impl Inner {
                         if g.kind == Kind::StoreCow && g.slot.is_some() {
                             self.reconcile(region, region.addr((first + k) as u32), g);
                         }
-                        g.protected = true;
+                        g.set_protected(true);
                         Ok(ProtectToken(g.gen))
                     }
                     Err(e) => {
-                        if g.protected {
+                        if g.protected() {
                             region.unprotect_at(region.addr((first + k) as u32), g);
                         }
                         Err(e)
@@ -186,12 +186,13 @@ impl Inner {
                 .iter_mut()
                 .enumerate()
                 .map(|(k, st)| {
-                    if st.gone {
+                    if st.gone() {
                         Err(PageError::Unmapped(region.info.id))
-                    } else if st.protected {
+                    } else if st.protected() {
                         // A store page keeps its protection (the fault thread must see its
                         // copy-on-write break); it only stops being protected for the engine.
-                        let r = if st.kind != Kind::Store && st.registered && self.uffd.is_some() {
+                        let r = if st.kind != Kind::Store && st.registered() && self.uffd.is_some()
+                        {
                             self.unwp(region, region.addr((first + k) as u32), PAGE_SIZE, true)
                         } else {
                             Ok(())
@@ -296,7 +297,7 @@ impl Inner {
             for (k, (g, &(page, token, frame))) in guards.iter().zip(items).enumerate() {
                 if g.pinned > 0 {
                     res[k] = Some(Err(self.pinned(page)));
-                } else if !g.protected || g.gen != token.0 {
+                } else if !g.protected() || g.gen != token.0 {
                     res[k] = Some(Ok(MergeOutcome::Changed));
                 } else if let (Kind::Store, Some(s), Some(c)) = (g.kind, &g.slot, &frame.0) {
                     if s.same(c) {
@@ -378,7 +379,7 @@ impl Inner {
                 && self.check_ours(region, addr, guards).is_ok()
         } else {
             !region.unmapped.load(Ordering::Relaxed)
-                && guards.iter().all(|s| !s.gone)
+                && guards.iter().all(|s| !s.gone())
                 && self.read_guest(region, addr, whole).is_ok()
         };
         if read {
@@ -417,7 +418,7 @@ impl Inner {
             for (k, (g, &(page, token))) in guards.iter().zip(run).enumerate() {
                 res[k] = if g.pinned > 0 {
                     Some(Err(self.pinned(page)))
-                } else if !g.protected || g.gen != token.0 {
+                } else if !g.protected() || g.gen != token.0 {
                     Some(Err(PageError::Stale(page)))
                 } else {
                     match (g.kind, &g.slot) {
