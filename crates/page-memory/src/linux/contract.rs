@@ -122,7 +122,7 @@ impl PageMemory for LinuxMemory {
             if !st.protected() || st.gen != token.0 {
                 return Ok((MergeOutcome::Changed, false));
             }
-            match (&canonical.0, st.kind, &st.slot) {
+            match (&canonical.0, st.kind, st.slot()) {
                 (None, Kind::Zero, _) => return Ok((MergeOutcome::Merged, false)),
                 (Some(c), Kind::Store, Some(s)) if c.same(s) => {
                     return Ok((MergeOutcome::Merged, false))
@@ -315,7 +315,7 @@ impl LinuxMemory {
             if !st.protected() || st.gen != token.0 {
                 return Err(PageError::Stale(page));
             }
-            match (st.kind, &st.slot) {
+            match (st.kind, st.slot()) {
                 // Already maps a store page (merged, or canonical before): that is its frame.
                 // (A page of a store since replaced, `relink_store`, is copied anew.)
                 (Kind::Store, Some(slot)) if Arc::ptr_eq(&slot.store, &inner.store()) => {

@@ -318,8 +318,7 @@ impl Inner {
                 // Its owner unmapped it (or mapped something else over it): nothing of
                 // the region is there any more, and the page no longer maps its slot.
                 region.mark_gone(st);
-                st.slot = None;
-                st.tomb = None;
+                st.clear_holds();
                 bump(&self.counters.foreign_unmaps);
             }
             RangeEvent::Moved => {
@@ -391,7 +390,7 @@ impl Inner {
         // page's contents into a private page; no contents change.
         let r = unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxPopulateWrite) };
         match r {
-            Ok(()) => Ok(st.slot.take()),
+            Ok(()) => Ok(st.take_slot()),
             // The writer's own copy-on-write will break it; keep the slot until we know.
             Err(e) => Err(gone_or(
                 region,

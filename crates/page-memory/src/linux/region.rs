@@ -45,19 +45,21 @@ pub(super) enum Kind {
     StoreCow,
 }
 
-/// The backend's state of one guest page, under the page's lock: 32 bytes (40 with its
-/// lock), metadata of every guest page (issue 14; `tests/footprint.rs`), so its yes/no
+/// The backend's state of one guest page, under the page's lock: 24 bytes (32 with its
+/// lock), metadata of every guest page (issue 14; `tests/footprint.rs`). So its yes/no
 /// states share one byte ([`Flags`]: `protected`, `registered`, `gone`, `moved`, read and
-/// set through the methods of those names).
+/// set through the methods of those names), and its slot and tomb one pointer:
+/// - the tomb: the store offset the page's address is mapped to
+///   while it lies in a mapping of the store (kinds `Store` and `StoreCow`): what it
+///   reads after an `MADV_DONTNEED` of the embedder's (see [`Tomb`]);
+/// - the slot ([`slot`](Self::slot)): the store slot whose page the entry may map. A
+///   page holds a slot only with its tomb (the slot's own), so the slot is that tomb's
+///   `Arc` *parked* ([`Slot::park`]) and a flag says so.
 pub(super) struct PageState {
     /// Moves on whenever the page is written while protected, or unprotected.
     pub(super) gen: u64,
-    /// The store slot whose page the entry may map.
-    pub(super) slot: Option<Slot>,
-    /// The store offset the page's address is mapped to while it lies in a mapping of
-    /// the store (kinds `Store` and `StoreCow`): what it reads after an `MADV_DONTNEED`
-    /// of the embedder's (see [`Tomb`]).
-    pub(super) tomb: Option<Arc<Tomb>>,
+    /// The tomb, and the slot parked in it if `flags` say so.
+    hold: Option<Arc<Tomb>>,
     pub(super) kind: Kind,
     flags: Flags,
     /// `UFFD_EVENT_UNMAP`s the backend's own remaps of this page will cause and the fault
@@ -68,6 +70,13 @@ pub(super) struct PageState {
     pub(super) own_removes: u16,
     /// Declarations of the page as pinned ([`LinuxMemory::declare_pinned`]) in force.
     pub(super) pinned: u16,
+}
+
+impl Drop for PageState {
+    fn drop(&mut self) {
+        // A parked slot's hold on the contents goes with it (a plain `Arc` would keep it).
+        drop(self.take_slot());
+    }
 }
 
 /// A page's yes/no states, one bit each.
@@ -99,8 +108,7 @@ impl PageState {
     pub(super) fn new(registered: bool) -> PageState {
         let mut st = PageState {
             gen: 0,
-            slot: None,
-            tomb: None,
+            hold: None,
             kind: Kind::Anon,
             flags: Flags::default(),
             own_unmaps: 0,
@@ -139,6 +147,57 @@ impl PageState {
         set_moved,
         8
     );
+    flag!(
+        /// `hold` is a parked slot (see [`PageState`]).
+        holds_slot,
+        set_holds_slot,
+        16
+    );
+
+    /// The store slot whose page the entry may map.
+    pub(super) fn slot(&self) -> Option<&Slot> {
+        if !self.holds_slot() {
+            return None;
+        }
+        // SAFETY: the flag is set only by `set_slot`, with the `Arc` `Slot::park` made,
+        // and cleared whenever that `Arc` is unparked (`take_slot`); the borrow of `self`
+        // keeps it from being unparked meanwhile.
+        self.hold.as_ref().map(|t| unsafe { Slot::parked(t) })
+    }
+
+    /// The page maps `slot` (so lies in a mapping of the store at its offset): it holds
+    /// the slot and its tomb, in place of what it held.
+    pub(super) fn set_slot(&mut self, slot: Slot) {
+        self.clear_holds();
+        self.hold = Some(slot.park());
+        self.set_holds_slot(true);
+    }
+
+    /// Lets go of the slot, which is returned; the tomb stays held.
+    pub(super) fn take_slot(&mut self) -> Option<Slot> {
+        if !self.holds_slot() {
+            return None;
+        }
+        self.set_holds_slot(false);
+        let parked = self.hold.take()?;
+        self.hold = Some(parked.clone());
+        // SAFETY: `parked` is the `Arc` `set_slot` parked the slot in (the flag said so),
+        // and no longer read as a parked slot: the flag is cleared, and `hold` now holds a
+        // plain clone of it.
+        Some(unsafe { Slot::unpark(parked) })
+    }
+
+    /// Lets go of the slot (if held) and of the tomb.
+    pub(super) fn clear_holds(&mut self) {
+        drop(self.take_slot());
+        self.hold = None;
+    }
+
+    /// Lets go of the slot and the tomb without giving them back: held for good.
+    pub(super) fn forget_holds(&mut self) {
+        std::mem::forget(self.take_slot());
+        std::mem::forget(self.hold.take());
+    }
 
     /// Whether the kernel write-protects the page (as far as the backend knows): pages
     /// protected for the engine, and pages that map the store (always protected, so
@@ -459,15 +518,13 @@ impl Inner {
             if st.moved() {
                 // Its owner moved it: the moved memory may still map the slot, which must
                 // read the same for as long as it may (the process's life): kept.
-                std::mem::forget(st.slot.take());
-                std::mem::forget(st.tomb.take());
+                st.forget_holds();
             } else if region.owned
                 || all_gone
                 || st.gone()
                 || !matches!(st.kind, Kind::Store | Kind::StoreCow)
             {
-                st.slot = None;
-                st.tomb = None;
+                st.clear_holds();
             }
         }
     }
@@ -501,8 +558,7 @@ impl Inner {
                     // The moved-in copy is a mapping of its own, not registered.
                     g.set_registered(false);
                     g.kind = Kind::Anon;
-                    g.slot = None;
-                    g.tomb = None;
+                    g.clear_holds();
                     g.set_protected(false);
                     g.gen += 1;
                 }
@@ -587,12 +643,48 @@ mod tests {
 
     /// Every guest page has a `Mutex<PageState>`: it was 48 bytes (a `u64` generation,
     /// two pointers, the kind, four `bool`s and three `u16`s: 40, then the lock's word
-    /// and poison flag), 40 since the `bool`s share one byte. Grown back, this fails
-    /// (issue 14: the agents' metadata per guest page; see `tests/footprint.rs`).
+    /// and poison flag), 32 since the `bool`s share one byte and the slot and its tomb
+    /// one pointer. Grown back, this fails (issue 14: the agents' metadata per guest
+    /// page; see `tests/footprint.rs`).
     #[test]
     fn a_page_state_and_its_lock_stay_small() {
-        assert!(std::mem::size_of::<PageState>() <= 32);
-        assert!(std::mem::size_of::<Mutex<PageState>>() <= 40);
+        assert!(std::mem::size_of::<PageState>() <= 24);
+        assert!(std::mem::size_of::<Mutex<PageState>>() <= 32);
+    }
+
+    /// A slot parked in a page state reads as the slot, lets its contents go when taken
+    /// or cleared (the tomb when cleared), and when the state is dropped.
+    #[test]
+    fn a_parked_slot_holds_contents_and_offset() {
+        let Ok(store) = super::super::store::Store::new(4) else {
+            return; // no memfd here
+        };
+        store.reserve_home(4).unwrap();
+        let live = || store.live.load(Ordering::Relaxed);
+        let slot = store.allocate(2).unwrap();
+        let mut st = PageState::new(false);
+        assert!(st.slot().is_none());
+        st.set_slot(slot.clone());
+        drop(slot);
+        assert_eq!(st.slot().map(|s| s.index()), Some(2));
+        assert_eq!(live(), 1, "the page holds the contents");
+
+        let taken = st.take_slot().unwrap();
+        assert!(st.slot().is_none());
+        drop(taken);
+        assert_eq!(live(), 0, "contents gone with the slot taken");
+        // The tomb stays: the offset is not handed out again.
+        assert_ne!(store.allocate(2).unwrap().index(), 2);
+        st.clear_holds();
+        let again = store.allocate(2).unwrap();
+        assert_eq!(again.index(), 2, "the offset is free once the tomb is gone");
+
+        st.set_slot(again);
+        st.set_slot(store.allocate(3).unwrap());
+        assert_eq!(st.slot().map(|s| s.index()), Some(3));
+        assert_eq!(live(), 1, "the slot replaced is let go");
+        drop(st);
+        assert_eq!(live(), 0, "a dropped state lets go of its slot");
     }
 
     #[test]

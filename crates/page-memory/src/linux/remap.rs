@@ -335,15 +335,15 @@ impl Inner {
     /// the contents its `kind` says (a store page, or zeros), record what it maps now.
     /// Returns whether there was such a write.
     pub(super) fn reconcile(&self, region: &Region, addr: usize, st: &mut PageState) -> bool {
-        let expect = match (st.kind, &st.slot) {
-            (Kind::Store, _) => st.slot.clone(),
+        let expect = match (st.kind, st.slot()) {
+            (Kind::Store, _) => st.slot().cloned(),
             (Kind::Zero, _) => None,
             // A store page that could not be protected: it still maps its slot unless a
             // write made a private copy meanwhile.
             (Kind::StoreCow, Some(slot)) => {
                 let slot = slot.clone();
                 if self.written_in_window(region, addr, Some(&slot)) {
-                    st.slot = None;
+                    drop(st.take_slot());
                     return true;
                 }
                 st.kind = Kind::Store;
@@ -358,7 +358,7 @@ impl Inner {
         if st.kind == Kind::Store {
             // The write made a private copy: the page no longer maps the slot.
             st.kind = Kind::StoreCow;
-            st.slot = None;
+            drop(st.take_slot());
         } else {
             st.kind = Kind::Anon;
         }
@@ -399,8 +399,7 @@ impl Inner {
             return Err(self.mmap_error("mmap of a store page over a guest page", e));
         }
         st.kind = Kind::Store;
-        st.slot = Some(slot.clone());
-        st.tomb = Some(slot.tomb());
+        st.set_slot(slot.clone());
         self.settle(region, addr, st);
         Ok(())
     }
@@ -440,8 +439,7 @@ impl Inner {
         }
         for (st, slot) in sts.iter_mut().zip(slots) {
             st.kind = Kind::Store;
-            st.slot = Some(slot.clone());
-            st.tomb = Some(slot.tomb());
+            st.set_slot(slot.clone());
         }
         self.settle_run(region, addr, sts);
         Ok(())
@@ -547,8 +545,7 @@ impl Inner {
             return Err(self.mmap_error("mmap of anonymous memory over a guest page", e));
         }
         st.kind = Kind::Zero;
-        st.slot = None;
-        st.tomb = None;
+        st.clear_holds();
         st.set_registered(self.register(addr).is_ok());
         Ok(())
     }

@@ -162,7 +162,7 @@ impl Inner {
                 .zip(ok)
                 .map(|((k, g), r)| match r {
                     Ok(()) => {
-                        if g.kind == Kind::StoreCow && g.slot.is_some() {
+                        if g.kind == Kind::StoreCow && g.slot().is_some() {
                             self.reconcile(region, region.addr((first + k) as u32), g);
                         }
                         g.set_protected(true);
@@ -299,7 +299,7 @@ impl Inner {
                     res[k] = Some(Err(self.pinned(page)));
                 } else if !g.protected() || g.gen != token.0 {
                     res[k] = Some(Ok(MergeOutcome::Changed));
-                } else if let (Kind::Store, Some(s), Some(c)) = (g.kind, &g.slot, &frame.0) {
+                } else if let (Kind::Store, Some(s), Some(c)) = (g.kind, g.slot(), &frame.0) {
                     if s.same(c) {
                         res[k] = Some(Ok(MergeOutcome::Merged));
                     }
@@ -421,7 +421,7 @@ impl Inner {
                 } else if !g.protected() || g.gen != token.0 {
                     Some(Err(PageError::Stale(page)))
                 } else {
-                    match (g.kind, &g.slot) {
+                    match (g.kind, g.slot()) {
                         // (A page of a store since replaced is copied anew.)
                         (Kind::Store, Some(slot)) if Arc::ptr_eq(&slot.store, &store) => {
                             Some(Ok(LinuxFrame(Some(slot.clone()))))

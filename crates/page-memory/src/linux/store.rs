@@ -337,6 +337,11 @@ impl Drop for Store {
 /// last goes, the page is punched out (it reads as zeros), but its offset stays taken
 /// while its [`Tomb`] is held. A clone is one pointer and no allocation (a count in the
 /// tomb): see *Lifetime of a slot* in the module docs.
+///
+/// `repr(transparent)`: an `Arc<Tomb>` that carries a hold on the contents (a *parked*
+/// slot, [`park`](Slot::park)) can be read as a `Slot` ([`parked`](Slot::parked)), which is
+/// how a guest page keeps a slot and its tomb in one pointer.
+#[repr(transparent)]
 pub(crate) struct Slot(Arc<Tomb>);
 
 /// The offset of a store slot, taken while any `Arc` of it lives: held by the slot itself
@@ -406,8 +411,41 @@ impl Slot {
     }
 
     /// A hold on the slot's offset (see [`Tomb`]).
+    #[cfg(test)]
     pub(crate) fn tomb(&self) -> Arc<Tomb> {
         self.0.clone()
+    }
+
+    /// Turns the slot into its `Arc`, which keeps the slot's hold on the contents (the
+    /// count of holders is left as it is) until [`unpark`](Slot::unpark) makes it a
+    /// `Slot` again. Dropped as a plain `Arc`, the hold would never be let go.
+    pub(crate) fn park(self) -> Arc<Tomb> {
+        // A clone's hold, and this slot dropped: one hold on the contents, as before, and
+        // one `Arc`.
+        self.0.slots.fetch_add(1, Ordering::Relaxed);
+        self.0.clone()
+    }
+
+    /// The slot parked in `tomb`.
+    ///
+    /// # Safety
+    /// `tomb` was returned by [`park`](Slot::park) and is not unparked (or read as a
+    /// parked slot) elsewhere: it carries a hold on the contents, which the `Slot`
+    /// returned now has.
+    pub(crate) unsafe fn unpark(tomb: Arc<Tomb>) -> Slot {
+        Slot(tomb)
+    }
+
+    /// The slot parked in `tomb`, borrowed.
+    ///
+    /// # Safety
+    /// `tomb` was returned by [`park`](Slot::park) and is not unparked while the borrow
+    /// lives: it carries a hold on the contents, so the contents stay for as long.
+    pub(crate) unsafe fn parked(tomb: &Arc<Tomb>) -> &Slot {
+        // SAFETY: `Slot` is `repr(transparent)` over `Arc<Tomb>`, so the two have one
+        // layout; `tomb` carries a hold on the contents (the caller's guarantee), which is
+        // all a `Slot` is, and it lives as long as the borrow.
+        unsafe { &*(tomb as *const Arc<Tomb>).cast::<Slot>() }
     }
 
     /// The slot's bytes, through the store's view.
