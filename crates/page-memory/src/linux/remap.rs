@@ -390,7 +390,7 @@ impl Inner {
         // still the region's. The new mapping has the page's exact current contents (the
         // slot was compared equal, or copied from it, while the page was
         // write-protected), so no reader sees a change; writers are held by the protection
-        // or land in a copy. `slot` stays allocated while the page maps it (`st.slot`
+        // or land in a copy. `slot` stays allocated while the page maps it (`st.slot()`
         // holds it).
         let r = unsafe { sys::map_file_fixed(addr, PAGE_SIZE, slot.store.fd(), slot.offset()) };
         self.own_done(counted);
