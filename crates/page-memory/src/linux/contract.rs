@@ -92,7 +92,7 @@ impl PageMemory for LinuxMemory {
     fn written_since(&self, page: PageId, token: ProtectToken) -> Result<bool, PageError> {
         let tracked = self.inner.uffd.is_some();
         self.inner.with_page(page, |_, _, s| {
-            Ok(!tracked || !s.protected || s.gen != token.0)
+            Ok(!tracked || !s.protected() || s.gen != token.0)
         })
     }
 
@@ -119,10 +119,10 @@ impl PageMemory for LinuxMemory {
             if st.pinned > 0 {
                 return Err(inner.pinned(dup));
             }
-            if !st.protected || st.gen != token.0 {
+            if !st.protected() || st.gen != token.0 {
                 return Ok((MergeOutcome::Changed, false));
             }
-            match (&canonical.0, st.kind, &st.slot) {
+            match (&canonical.0, st.kind, st.slot()) {
                 (None, Kind::Zero, _) => return Ok((MergeOutcome::Merged, false)),
                 (Some(c), Kind::Store, Some(s)) if c.same(s) => {
                     return Ok((MergeOutcome::Merged, false))
@@ -178,7 +178,7 @@ impl PageMemory for LinuxMemory {
         let slot = |f: &LinuxFrame| -> Option<u64> {
             f.0.as_ref()
                 .filter(|s| Arc::ptr_eq(&s.store, &store))
-                .map(|s| s.index)
+                .map(|s| s.index())
         };
         let mut k = 0;
         while k < items.len() {
@@ -266,7 +266,7 @@ impl PageMemory for LinuxMemory {
                     true
                 }
                 Kind::Anon | Kind::StoreCow => {
-                    if st.protected {
+                    if st.protected() {
                         inner.unwp(region, addr, PAGE_SIZE, false)?;
                     }
                     false
@@ -275,7 +275,7 @@ impl PageMemory for LinuxMemory {
             if let Some(uffd) = &inner.uffd {
                 let _ = uffd.wake(addr, PAGE_SIZE);
             }
-            if st.protected || changed {
+            if st.protected() || changed {
                 region.unprotect_at(addr, st);
             }
             if changed {
@@ -295,7 +295,7 @@ impl PageMemory for LinuxMemory {
 }
 
 /// Chooses the store slot a page being made canonical goes to.
-pub(super) type Place<'a> = &'a dyn Fn(&Region, PageId) -> Result<Arc<Slot>, PageError>;
+pub(super) type Place<'a> = &'a dyn Fn(&Region, PageId) -> Result<Slot, PageError>;
 
 impl LinuxMemory {
     /// `canonicalize`, with the page's new slot chosen by `place`.
@@ -312,10 +312,10 @@ impl LinuxMemory {
             if st.pinned > 0 {
                 return Err(inner.pinned(page));
             }
-            if !st.protected || st.gen != token.0 {
+            if !st.protected() || st.gen != token.0 {
                 return Err(PageError::Stale(page));
             }
-            match (st.kind, &st.slot) {
+            match (st.kind, st.slot()) {
                 // Already maps a store page (merged, or canonical before): that is its frame.
                 // (A page of a store since replaced, `relink_store`, is copied anew.)
                 (Kind::Store, Some(slot)) if Arc::ptr_eq(&slot.store, &inner.store()) => {

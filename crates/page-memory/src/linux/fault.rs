@@ -237,7 +237,7 @@ impl Inner {
                 let Some(mut st) = region.try_lock((page_addr - region.base) / PAGE_SIZE) else {
                     return false;
                 };
-                if !st.gone {
+                if !st.gone() {
                     return self.resolve_write(&region, page_addr, &mut st);
                 }
             }
@@ -313,20 +313,19 @@ impl Inner {
         match what {
             RangeEvent::Unmap if st.own_unmaps > 0 => st.own_unmaps -= 1,
             RangeEvent::Remove if st.own_removes > 0 => st.own_removes -= 1,
-            _ if st.gone => {}
+            _ if st.gone() => {}
             RangeEvent::Unmap => {
                 // Its owner unmapped it (or mapped something else over it): nothing of
                 // the region is there any more, and the page no longer maps its slot.
                 region.mark_gone(st);
-                st.slot = None;
-                st.tomb = None;
+                st.clear_holds();
                 bump(&self.counters.foreign_unmaps);
             }
             RangeEvent::Moved => {
                 // Moved away: the mapping lives on elsewhere, out of the backend's reach,
                 // and may still map its slot, which the page therefore keeps.
                 region.mark_gone(st);
-                st.moved = true;
+                st.set_moved(true);
                 bump(&self.counters.foreign_unmaps);
             }
             RangeEvent::Remove => {
@@ -368,7 +367,7 @@ impl Inner {
                 st.kind = Kind::Anon;
             }
         }
-        if st.protected {
+        if st.protected() {
             region.unprotect_at(addr, st);
         }
         true
@@ -383,7 +382,7 @@ impl Inner {
         region: &Region,
         addr: usize,
         st: &mut PageState,
-    ) -> Result<Option<Arc<Slot>>, PageError> {
+    ) -> Result<Option<Slot>, PageError> {
         self.unwp(region, addr, PAGE_SIZE, false)?;
         st.kind = Kind::StoreCow;
         // SAFETY: a page of a live region, locked by us, no longer write-protected (so the
@@ -391,7 +390,7 @@ impl Inner {
         // page's contents into a private page; no contents change.
         let r = unsafe { sys::madvise(addr, PAGE_SIZE, Advice::LinuxPopulateWrite) };
         match r {
-            Ok(()) => Ok(st.slot.take()),
+            Ok(()) => Ok(st.take_slot()),
             // The writer's own copy-on-write will break it; keep the slot until we know.
             Err(e) => Err(gone_or(
                 region,

@@ -677,7 +677,7 @@ impl LinuxMemory {
                 Kind::Anon => Backing::Private,
                 Kind::Zero => Backing::Zero,
                 Kind::Store => Backing::Store {
-                    offset: s.slot.as_ref().map_or(0, |x| x.offset()),
+                    offset: s.slot().map_or(0, |x| x.offset()),
                 },
                 Kind::StoreCow => Backing::PrivateCopy,
             })
@@ -686,15 +686,15 @@ impl LinuxMemory {
 
     /// Whether `page` is protected (for the engine).
     pub fn is_protected(&self, page: PageId) -> Result<bool, PageError> {
-        self.inner.with_page(page, |_, _, s| Ok(s.protected))
+        self.inner.with_page(page, |_, _, s| Ok(s.protected()))
     }
 
     /// Whether `a` and `b` map the same page of the canonical store.
     pub fn shares_frame(&self, a: PageId, b: PageId) -> Result<bool, PageError> {
         let slot = |p| {
             self.inner.with_page(p, |_, _, s| {
-                Ok(match (s.kind, &s.slot) {
-                    (Kind::Store, Some(x)) => Some(x.index),
+                Ok(match (s.kind, s.slot()) {
+                    (Kind::Store, Some(x)) => Some(x.index()),
                     _ => None,
                 })
             })

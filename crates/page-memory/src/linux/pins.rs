@@ -159,8 +159,8 @@ impl LinuxMemory {
                     .declared_pages
                     .fetch_add(1, Ordering::Relaxed);
             }
-            if st.protected {
-                if st.kind != super::region::Kind::Store && !st.gone {
+            if st.protected() {
+                if st.kind != super::region::Kind::Store && !st.gone() {
                     let _ = self.inner.unwp(&r, r.addr(i), PAGE_SIZE, true);
                 }
                 r.unprotect_at(r.addr(i), &mut st);

@@ -45,25 +45,23 @@ pub(super) enum Kind {
     StoreCow,
 }
 
-/// The backend's state of one guest page, under the page's lock.
+/// The backend's state of one guest page, under the page's lock: 24 bytes (32 with its
+/// lock), metadata of every guest page (issue 14; `tests/footprint.rs`). So its yes/no
+/// states share one byte ([`Flags`]: `protected`, `registered`, `gone`, `moved`, read and
+/// set through the methods of those names), and its slot and tomb one pointer:
+/// - the tomb: the store offset the page's address is mapped to
+///   while it lies in a mapping of the store (kinds `Store` and `StoreCow`): what it
+///   reads after an `MADV_DONTNEED` of the embedder's (see [`Tomb`]);
+/// - the slot ([`slot`](Self::slot)): the store slot whose page the entry may map. A
+///   page holds a slot only with its tomb (the slot's own), so the slot is that tomb's
+///   `Arc` *parked* ([`Slot::park`]) and a flag says so.
 pub(super) struct PageState {
     /// Moves on whenever the page is written while protected, or unprotected.
     pub(super) gen: u64,
-    /// The store slot whose page the entry may map.
-    pub(super) slot: Option<Arc<Slot>>,
-    /// The store offset the page's address is mapped to while it lies in a mapping of
-    /// the store (kinds `Store` and `StoreCow`): what it reads after an `MADV_DONTNEED`
-    /// of the embedder's (see [`Tomb`]).
-    pub(super) tomb: Option<Arc<Tomb>>,
+    /// The tomb, and the slot parked in it if `flags` say so.
+    hold: Option<Arc<Tomb>>,
     pub(super) kind: Kind,
-    /// Protected for the engine (tokens are valid while this holds and `gen` is equal).
-    pub(super) protected: bool,
-    /// The page's mapping is registered with the userfaultfd.
-    pub(super) registered: bool,
-    /// The page's address is no longer the region's: its owner unmapped or moved it
-    /// (learnt from a `UFFD_EVENT_UNMAP` or `UFFD_EVENT_REMAP` the backend did not cause).
-    /// Nothing touches it any more.
-    pub(super) gone: bool,
+    flags: Flags,
     /// `UFFD_EVENT_UNMAP`s the backend's own remaps of this page will cause and the fault
     /// thread has not seen yet (an own event is not the owner's unmap).
     pub(super) own_unmaps: u16,
@@ -72,17 +70,140 @@ pub(super) struct PageState {
     pub(super) own_removes: u16,
     /// Declarations of the page as pinned ([`LinuxMemory::declare_pinned`]) in force.
     pub(super) pinned: u16,
-    /// Gone because its owner moved it (`mremap`): the moved memory may still map its
-    /// slot, which it keeps.
-    pub(super) moved: bool,
+}
+
+impl Drop for PageState {
+    fn drop(&mut self) {
+        // A parked slot's hold on the contents goes with it (a plain `Arc` would keep it).
+        drop(self.take_slot());
+    }
+}
+
+/// A page's yes/no states, one bit each.
+#[derive(Clone, Copy, Default)]
+struct Flags(u8);
+
+/// Defines a getter and a setter of one bit of [`Flags`].
+macro_rules! flag {
+    ($(#[$doc:meta])* $get:ident, $set:ident, $bit:expr) => {
+        $(#[$doc])*
+        pub(super) fn $get(&self) -> bool {
+            self.flags.0 & $bit != 0
+        }
+
+        #[doc = concat!("Sets [`", stringify!($get), "`](Self::", stringify!($get), ").")]
+        pub(super) fn $set(&mut self, on: bool) {
+            if on {
+                self.flags.0 |= $bit;
+            } else {
+                self.flags.0 &= !$bit;
+            }
+        }
+    };
 }
 
 impl PageState {
+    /// A fresh page: anonymous, unprotected, registered with the userfaultfd if
+    /// `registered`.
+    pub(super) fn new(registered: bool) -> PageState {
+        let mut st = PageState {
+            gen: 0,
+            hold: None,
+            kind: Kind::Anon,
+            flags: Flags::default(),
+            own_unmaps: 0,
+            own_removes: 0,
+            pinned: 0,
+        };
+        st.set_registered(registered);
+        st
+    }
+
+    flag!(
+        /// Protected for the engine (tokens are valid while this holds and `gen` is
+        /// equal).
+        protected,
+        set_protected,
+        1
+    );
+    flag!(
+        /// The page's mapping is registered with the userfaultfd.
+        registered,
+        set_registered,
+        2
+    );
+    flag!(
+        /// The page's address is no longer the region's: its owner unmapped or moved it
+        /// (learnt from a `UFFD_EVENT_UNMAP` or `UFFD_EVENT_REMAP` the backend did not
+        /// cause). Nothing touches it any more.
+        gone,
+        set_gone,
+        4
+    );
+    flag!(
+        /// Gone because its owner moved it (`mremap`): the moved memory may still map its
+        /// slot, which it keeps.
+        moved,
+        set_moved,
+        8
+    );
+    flag!(
+        /// `hold` is a parked slot (see [`PageState`]).
+        holds_slot,
+        set_holds_slot,
+        16
+    );
+
+    /// The store slot whose page the entry may map.
+    pub(super) fn slot(&self) -> Option<&Slot> {
+        if !self.holds_slot() {
+            return None;
+        }
+        // SAFETY: the flag is set only by `set_slot`, with the `Arc` `Slot::park` made,
+        // and cleared whenever that `Arc` is unparked (`take_slot`); the borrow of `self`
+        // keeps it from being unparked meanwhile.
+        self.hold.as_ref().map(|t| unsafe { Slot::parked(t) })
+    }
+
+    /// The page maps `slot` (so lies in a mapping of the store at its offset): it holds
+    /// the slot and its tomb, in place of what it held.
+    pub(super) fn set_slot(&mut self, slot: Slot) {
+        self.clear_holds();
+        self.hold = Some(slot.park());
+        self.set_holds_slot(true);
+    }
+
+    /// Lets go of the slot, which is returned; the tomb stays held.
+    pub(super) fn take_slot(&mut self) -> Option<Slot> {
+        if !self.holds_slot() {
+            return None;
+        }
+        self.set_holds_slot(false);
+        let parked = self.hold.take()?;
+        self.hold = Some(parked.clone());
+        // SAFETY: `parked` is the `Arc` `set_slot` parked the slot in (the flag said so),
+        // and no longer read as a parked slot: the flag is cleared, and `hold` now holds a
+        // plain clone of it.
+        Some(unsafe { Slot::unpark(parked) })
+    }
+
+    /// Lets go of the slot (if held) and of the tomb.
+    pub(super) fn clear_holds(&mut self) {
+        drop(self.take_slot());
+        self.hold = None;
+    }
+
+    /// Lets go of the slot and the tomb without giving them back: held for good.
+    pub(super) fn forget_holds(&mut self) {
+        std::mem::forget(self.take_slot());
+        std::mem::forget(self.hold.take());
+    }
+
     /// Whether the kernel write-protects the page (as far as the backend knows): pages
     /// protected for the engine, and pages that map the store (always protected, so
     /// that the fault thread sees their copy-on-write break).
     pub(super) fn kernel_wp(&self) -> bool {
-        self.protected || self.kind == Kind::Store
+        self.protected() || self.kind == Kind::Store
     }
 }
 
@@ -133,7 +254,7 @@ impl Region {
     /// The page at `addr` (locked in `st`) stops being protected for the engine: its
     /// tokens go stale, and the change is noted for [`LinuxMemory::take_unprotected`].
     pub(super) fn unprotect_at(&self, addr: usize, st: &mut PageState) {
-        st.protected = false;
+        st.set_protected(false);
         st.gen += 1;
         let i = (addr - self.base) / PAGE_SIZE;
         if let Some(w) = self.changed.get(i / 64) {
@@ -148,11 +269,11 @@ impl Region {
     /// Marks the page (locked in `st`) gone: its address is no longer the region's. All
     /// pages gone: the region is unmapped.
     pub(super) fn mark_gone(&self, st: &mut PageState) {
-        if st.gone {
+        if st.gone() {
             return;
         }
-        st.gone = true;
-        st.protected = false;
+        st.set_gone(true);
+        st.set_protected(false);
         st.gen += 1;
         let n = self.gone_pages.fetch_add(1, Ordering::Relaxed) + 1;
         if n as usize >= self.pages.len() {
@@ -276,21 +397,7 @@ impl LinuxMemory {
             unmapped: AtomicBool::new(false),
             gone_pages: AtomicU32::new(0),
             pages: (0..pages)
-                .map(|_| {
-                    Mutex::new(PageState {
-                        gen: 0,
-                        slot: None,
-                        tomb: None,
-                        kind: Kind::Anon,
-                        protected: false,
-                        registered: self.inner.uffd.is_some(),
-                        gone: false,
-                        own_unmaps: 0,
-                        own_removes: 0,
-                        pinned: 0,
-                        moved: false,
-                    })
-                })
+                .map(|_| Mutex::new(PageState::new(self.inner.uffd.is_some())))
                 .collect(),
             changed: (0..(pages as usize).div_ceil(64))
                 .map(|_| AtomicU64::new(0))
@@ -382,12 +489,12 @@ impl Inner {
             let guards: Vec<MutexGuard<'_, PageState>> = (0..n).map(|i| region.lock(i)).collect();
             let mut k = 0;
             while k < n {
-                if guards[k].gone {
+                if guards[k].gone() {
                     k += 1;
                     continue;
                 }
                 let mut j = k;
-                while j < n && !guards[j].gone {
+                while j < n && !guards[j].gone() {
                     j += 1;
                 }
                 let (addr, len) = (region.addr(k as u32), (j - k) * PAGE_SIZE);
@@ -408,18 +515,16 @@ impl Inner {
         }
         for i in 0..region.pages.len() {
             let mut st = region.lock(i);
-            if st.moved {
+            if st.moved() {
                 // Its owner moved it: the moved memory may still map the slot, which must
                 // read the same for as long as it may (the process's life): kept.
-                std::mem::forget(st.slot.take());
-                std::mem::forget(st.tomb.take());
+                st.forget_holds();
             } else if region.owned
                 || all_gone
-                || st.gone
+                || st.gone()
                 || !matches!(st.kind, Kind::Store | Kind::StoreCow)
             {
-                st.slot = None;
-                st.tomb = None;
+                st.clear_holds();
             }
         }
     }
@@ -433,7 +538,7 @@ impl Inner {
     pub(super) fn give_back(&self, region: &Region) {
         let n = region.pages.len();
         let mut guards: Vec<MutexGuard<'_, PageState>> = (0..n).map(|i| region.lock(i)).collect();
-        let in_store = |g: &PageState| !g.gone && matches!(g.kind, Kind::Store | Kind::StoreCow);
+        let in_store = |g: &PageState| !g.gone() && matches!(g.kind, Kind::Store | Kind::StoreCow);
         let mut k = 0;
         while k < n {
             if !in_store(&guards[k]) {
@@ -451,11 +556,10 @@ impl Inner {
             {
                 for g in &mut guards[k..j] {
                     // The moved-in copy is a mapping of its own, not registered.
-                    g.registered = false;
+                    g.set_registered(false);
                     g.kind = Kind::Anon;
-                    g.slot = None;
-                    g.tomb = None;
-                    g.protected = false;
+                    g.clear_holds();
+                    g.set_protected(false);
                     g.gen += 1;
                 }
             }
@@ -531,4 +635,68 @@ pub(super) fn gone_or(region: &Region, op: &'static str, e: Errno, gone: &[Errno
 
 pub(super) fn uffd_gone_or(region: &Region, op: &'static str, e: Errno) -> PageError {
     gone_or(region, op, e, &[Errno::NOENT, Errno::FAULT])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every guest page has a `Mutex<PageState>`: it was 48 bytes (a `u64` generation,
+    /// two pointers, the kind, four `bool`s and three `u16`s: 40, then the lock's word
+    /// and poison flag), 32 since the `bool`s share one byte and the slot and its tomb
+    /// one pointer. Grown back, this fails (issue 14: the agents' metadata per guest
+    /// page; see `tests/footprint.rs`).
+    #[test]
+    fn a_page_state_and_its_lock_stay_small() {
+        assert!(std::mem::size_of::<PageState>() <= 24);
+        assert!(std::mem::size_of::<Mutex<PageState>>() <= 32);
+    }
+
+    /// A slot parked in a page state reads as the slot, lets its contents go when taken
+    /// or cleared (the tomb when cleared), and when the state is dropped.
+    #[test]
+    fn a_parked_slot_holds_contents_and_offset() {
+        let Ok(store) = super::super::store::Store::new(4) else {
+            return; // no memfd here
+        };
+        store.reserve_home(4).unwrap();
+        let live = || store.live.load(Ordering::Relaxed);
+        let slot = store.allocate(2).unwrap();
+        let mut st = PageState::new(false);
+        assert!(st.slot().is_none());
+        st.set_slot(slot.clone());
+        drop(slot);
+        assert_eq!(st.slot().map(|s| s.index()), Some(2));
+        assert_eq!(live(), 1, "the page holds the contents");
+
+        let taken = st.take_slot().unwrap();
+        assert!(st.slot().is_none());
+        drop(taken);
+        assert_eq!(live(), 0, "contents gone with the slot taken");
+        // The tomb stays: the offset is not handed out again.
+        assert_ne!(store.allocate(2).unwrap().index(), 2);
+        st.clear_holds();
+        let again = store.allocate(2).unwrap();
+        assert_eq!(again.index(), 2, "the offset is free once the tomb is gone");
+
+        st.set_slot(again);
+        st.set_slot(store.allocate(3).unwrap());
+        assert_eq!(st.slot().map(|s| s.index()), Some(3));
+        assert_eq!(live(), 1, "the slot replaced is let go");
+        drop(st);
+        assert_eq!(live(), 0, "a dropped state lets go of its slot");
+    }
+
+    #[test]
+    fn flags_are_independent_bits() {
+        let mut st = PageState::new(true);
+        assert!(st.registered() && !st.protected() && !st.gone() && !st.moved());
+        st.set_protected(true);
+        st.set_moved(true);
+        st.set_registered(false);
+        assert!(!st.registered() && st.protected() && !st.gone() && st.moved());
+        st.set_gone(true);
+        st.set_protected(false);
+        assert!(!st.registered() && !st.protected() && st.gone() && st.moved());
+    }
 }

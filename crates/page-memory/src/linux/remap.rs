@@ -6,7 +6,7 @@
 use std::ops::{Deref, DerefMut};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
@@ -69,7 +69,7 @@ impl Inner {
         st: &PageState,
     ) -> Result<(), PageError> {
         if !self.config.checked_access {
-            if st.gone || region.unmapped.load(Ordering::Relaxed) {
+            if st.gone() || region.unmapped.load(Ordering::Relaxed) {
                 return Err(PageError::Unmapped(region.info.id));
             }
             return self.read_guest(region, addr, buf);
@@ -151,13 +151,13 @@ impl Inner {
         addr: usize,
         sts: &[S],
     ) -> Result<(), PageError> {
-        if region.unmapped.load(Ordering::Relaxed) || sts.iter().any(|s| s.gone) {
+        if region.unmapped.load(Ordering::Relaxed) || sts.iter().any(|s| s.gone()) {
             return Err(PageError::Unmapped(region.info.id));
         }
         if self.uffd.is_none() {
             return Ok(());
         }
-        let key = |s: &PageState| (s.registered, s.kernel_wp());
+        let key = |s: &PageState| (s.registered(), s.kernel_wp());
         let mut k = 0;
         while k < sts.len() {
             let (registered, wp) = key(&sts[k]);
@@ -198,7 +198,7 @@ impl Inner {
     /// of it is registered. The fault thread takes it off when it reads the event, which
     /// so is not taken for the owner's unmap. Returns whether it counted.
     pub(super) fn expect_unmap<S: DerefMut<Target = PageState>>(&self, sts: &mut [S]) -> bool {
-        if !self.caps.events || !sts.iter().any(|s| s.registered) {
+        if !self.caps.events || !sts.iter().any(|s| s.registered()) {
             return false;
         }
         for s in sts.iter_mut() {
@@ -232,10 +232,10 @@ impl Inner {
     /// Counts, on the pages about to be dropped (`MADV_DONTNEED`), the
     /// `UFFD_EVENT_REMOVE` each registered one will raise.
     pub(super) fn expect_remove<S: DerefMut<Target = PageState>>(&self, sts: &mut [S]) -> bool {
-        if !self.caps.events || !sts.iter().any(|s| s.registered) {
+        if !self.caps.events || !sts.iter().any(|s| s.registered()) {
             return false;
         }
-        for s in sts.iter_mut().filter(|s| s.registered) {
+        for s in sts.iter_mut().filter(|s| s.registered()) {
             s.own_removes = s.own_removes.saturating_add(1);
         }
         self.own_in_flight.fetch_add(1, Ordering::Relaxed);
@@ -249,7 +249,7 @@ impl Inner {
         counted: bool,
     ) {
         if counted {
-            for s in sts.iter_mut().filter(|s| s.registered) {
+            for s in sts.iter_mut().filter(|s| s.registered()) {
                 s.own_removes = s.own_removes.saturating_sub(1);
             }
         }
@@ -312,8 +312,8 @@ impl Inner {
     /// that keeps its slot, until [`protect`](crate::PageMemory::protect) protects it
     /// again and finds out what it maps ([`reconcile`](Self::reconcile)).
     pub(super) fn settle(&self, region: &Region, addr: usize, st: &mut PageState) {
-        st.registered = self.register(addr).is_ok();
-        let protected = st.registered && self.wp(region, addr, PAGE_SIZE).is_ok();
+        st.set_registered(self.register(addr).is_ok());
+        let protected = st.registered() && self.wp(region, addr, PAGE_SIZE).is_ok();
         if !protected {
             self.untrack(region, addr, st);
             return;
@@ -335,15 +335,15 @@ impl Inner {
     /// the contents its `kind` says (a store page, or zeros), record what it maps now.
     /// Returns whether there was such a write.
     pub(super) fn reconcile(&self, region: &Region, addr: usize, st: &mut PageState) -> bool {
-        let expect = match (st.kind, &st.slot) {
-            (Kind::Store, _) => st.slot.clone(),
+        let expect = match (st.kind, st.slot()) {
+            (Kind::Store, _) => st.slot().cloned(),
             (Kind::Zero, _) => None,
             // A store page that could not be protected: it still maps its slot unless a
             // write made a private copy meanwhile.
             (Kind::StoreCow, Some(slot)) => {
                 let slot = slot.clone();
                 if self.written_in_window(region, addr, Some(&slot)) {
-                    st.slot = None;
+                    drop(st.take_slot());
                     return true;
                 }
                 st.kind = Kind::Store;
@@ -351,14 +351,14 @@ impl Inner {
             }
             (Kind::Anon | Kind::StoreCow, _) => return false,
         };
-        if !self.written_in_window(region, addr, expect.as_deref()) {
+        if !self.written_in_window(region, addr, expect.as_ref()) {
             return false;
         }
         bump(&self.counters.window_writes);
         if st.kind == Kind::Store {
             // The write made a private copy: the page no longer maps the slot.
             st.kind = Kind::StoreCow;
-            st.slot = None;
+            drop(st.take_slot());
         } else {
             st.kind = Kind::Anon;
         }
@@ -380,7 +380,7 @@ impl Inner {
         region: &Region,
         addr: usize,
         st: &mut PageState,
-        slot: &Arc<Slot>,
+        slot: &Slot,
     ) -> Result<(), PageError> {
         self.check_page(region, addr, st)?;
         self.guard.admit()?;
@@ -390,7 +390,7 @@ impl Inner {
         // still the region's. The new mapping has the page's exact current contents (the
         // slot was compared equal, or copied from it, while the page was
         // write-protected), so no reader sees a change; writers are held by the protection
-        // or land in a copy. `slot` stays allocated while the page maps it (`st.slot`
+        // or land in a copy. `slot` stays allocated while the page maps it (`st.slot()`
         // holds it).
         let r = unsafe { sys::map_file_fixed(addr, PAGE_SIZE, slot.store.fd(), slot.offset()) };
         self.own_done(counted);
@@ -399,8 +399,7 @@ impl Inner {
             return Err(self.mmap_error("mmap of a store page over a guest page", e));
         }
         st.kind = Kind::Store;
-        st.slot = Some(slot.clone());
-        st.tomb = Some(slot.tomb.clone());
+        st.set_slot(slot.clone());
         self.settle(region, addr, st);
         Ok(())
     }
@@ -413,7 +412,7 @@ impl Inner {
         region: &Region,
         addr: usize,
         sts: &mut [MutexGuard<'_, PageState>],
-        slots: &[Arc<Slot>],
+        slots: &[Slot],
     ) -> Result<(), PageError> {
         debug_assert_eq!(sts.len(), slots.len());
         self.check_ours(region, addr, sts)?;
@@ -440,8 +439,7 @@ impl Inner {
         }
         for (st, slot) in sts.iter_mut().zip(slots) {
             st.kind = Kind::Store;
-            st.slot = Some(slot.clone());
-            st.tomb = Some(slot.tomb.clone());
+            st.set_slot(slot.clone());
         }
         self.settle_run(region, addr, sts);
         Ok(())
@@ -469,7 +467,7 @@ impl Inner {
             return;
         }
         for st in sts.iter_mut() {
-            st.registered = true;
+            st.set_registered(true);
         }
         // A write in the window left a private page: present and not a file page (or not
         // the zero page). Only those pages are looked at again, one by one.
@@ -523,11 +521,11 @@ impl Inner {
     ) -> Result<(), PageError> {
         // Make sure the page is still ours (its mapping is still registered) first. The
         // probe protects (never unprotects): a write racing the remap must wait for it.
-        if region.unmapped.load(Ordering::Relaxed) || st.gone {
+        if region.unmapped.load(Ordering::Relaxed) || st.gone() {
             return Err(PageError::Unmapped(region.info.id));
         }
         self.uffd()?;
-        if st.registered {
+        if st.registered() {
             if let Err(e) = self.wp_call(addr, PAGE_SIZE, true, false) {
                 return Err(uffd_gone_or(region, "UFFDIO_WRITEPROTECT (probe)", e));
             }
@@ -547,9 +545,8 @@ impl Inner {
             return Err(self.mmap_error("mmap of anonymous memory over a guest page", e));
         }
         st.kind = Kind::Zero;
-        st.slot = None;
-        st.tomb = None;
-        st.registered = self.register(addr).is_ok();
+        st.clear_holds();
+        st.set_registered(self.register(addr).is_ok());
         Ok(())
     }
 
@@ -583,7 +580,7 @@ impl Inner {
             }
             Kind::Store | Kind::StoreCow => {
                 self.map_anon(region, addr, st)?;
-                if !st.registered || self.wp(region, addr, PAGE_SIZE).is_err() {
+                if !st.registered() || self.wp(region, addr, PAGE_SIZE).is_err() {
                     self.untrack(region, addr, st);
                     return Ok(());
                 }

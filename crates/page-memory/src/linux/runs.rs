@@ -106,7 +106,7 @@ impl Inner {
             // one by one, and a write made while they were untracked is accounted for.
             let mut ok: Vec<Result<(), PageError>> = Vec::with_capacity(run.len());
             for (k, g) in guards.iter_mut().enumerate() {
-                if g.gone {
+                if g.gone() {
                     ok.push(Err(PageError::Unmapped(region.info.id)));
                     continue;
                 }
@@ -114,18 +114,18 @@ impl Inner {
                     ok.push(Err(self.pinned(run[k])));
                     continue;
                 }
-                if g.registered {
+                if g.registered() {
                     ok.push(Ok(()));
                     continue;
                 }
                 let addr = region.addr((first + k) as u32);
                 let r = self.register(addr).and_then(|()| {
-                    g.registered = true;
+                    g.set_registered(true);
                     self.wp(region, addr, PAGE_SIZE)
                 });
                 if r.is_ok() {
                     self.reconcile(region, addr, g);
-                    g.protected = true;
+                    g.set_protected(true);
                 }
                 ok.push(r);
             }
@@ -162,14 +162,14 @@ impl Inner {
                 .zip(ok)
                 .map(|((k, g), r)| match r {
                     Ok(()) => {
-                        if g.kind == Kind::StoreCow && g.slot.is_some() {
+                        if g.kind == Kind::StoreCow && g.slot().is_some() {
                             self.reconcile(region, region.addr((first + k) as u32), g);
                         }
-                        g.protected = true;
+                        g.set_protected(true);
                         Ok(ProtectToken(g.gen))
                     }
                     Err(e) => {
-                        if g.protected {
+                        if g.protected() {
                             region.unprotect_at(region.addr((first + k) as u32), g);
                         }
                         Err(e)
@@ -186,12 +186,13 @@ impl Inner {
                 .iter_mut()
                 .enumerate()
                 .map(|(k, st)| {
-                    if st.gone {
+                    if st.gone() {
                         Err(PageError::Unmapped(region.info.id))
-                    } else if st.protected {
+                    } else if st.protected() {
                         // A store page keeps its protection (the fault thread must see its
                         // copy-on-write break); it only stops being protected for the engine.
-                        let r = if st.kind != Kind::Store && st.registered && self.uffd.is_some() {
+                        let r = if st.kind != Kind::Store && st.registered() && self.uffd.is_some()
+                        {
                             self.unwp(region, region.addr((first + k) as u32), PAGE_SIZE, true)
                         } else {
                             Ok(())
@@ -296,9 +297,9 @@ impl Inner {
             for (k, (g, &(page, token, frame))) in guards.iter().zip(items).enumerate() {
                 if g.pinned > 0 {
                     res[k] = Some(Err(self.pinned(page)));
-                } else if !g.protected || g.gen != token.0 {
+                } else if !g.protected() || g.gen != token.0 {
                     res[k] = Some(Ok(MergeOutcome::Changed));
-                } else if let (Kind::Store, Some(s), Some(c)) = (g.kind, &g.slot, &frame.0) {
+                } else if let (Kind::Store, Some(s), Some(c)) = (g.kind, g.slot(), &frame.0) {
                     if s.same(c) {
                         res[k] = Some(Ok(MergeOutcome::Merged));
                     }
@@ -334,8 +335,7 @@ impl Inner {
                 while j < n && res[j].is_none() {
                     j += 1;
                 }
-                let slots: Vec<Arc<Slot>> =
-                    items[k..j].iter().filter_map(|i| i.2 .0.clone()).collect();
+                let slots: Vec<Slot> = items[k..j].iter().filter_map(|i| i.2 .0.clone()).collect();
                 let r = self.map_slots_run(
                     region,
                     region.addr(pages[k].index),
@@ -379,7 +379,7 @@ impl Inner {
                 && self.check_ours(region, addr, guards).is_ok()
         } else {
             !region.unmapped.load(Ordering::Relaxed)
-                && guards.iter().all(|s| !s.gone)
+                && guards.iter().all(|s| !s.gone())
                 && self.read_guest(region, addr, whole).is_ok()
         };
         if read {
@@ -414,14 +414,14 @@ impl Inner {
         let store = self.store();
         self.in_run(&pages, out, |region, _, guards| {
             let mut res: Vec<Option<Result<LinuxFrame, PageError>>> = vec![None; n];
-            let mut slots: Vec<Option<Arc<Slot>>> = vec![None; n];
+            let mut slots: Vec<Option<Slot>> = vec![None; n];
             for (k, (g, &(page, token))) in guards.iter().zip(run).enumerate() {
                 res[k] = if g.pinned > 0 {
                     Some(Err(self.pinned(page)))
-                } else if !g.protected || g.gen != token.0 {
+                } else if !g.protected() || g.gen != token.0 {
                     Some(Err(PageError::Stale(page)))
                 } else {
-                    match (g.kind, &g.slot) {
+                    match (g.kind, g.slot()) {
                         // (A page of a store since replaced is copied anew.)
                         (Kind::Store, Some(slot)) if Arc::ptr_eq(&slot.store, &store) => {
                             Some(Ok(LinuxFrame(Some(slot.clone()))))
@@ -439,16 +439,16 @@ impl Inner {
             }
             let mut k = 0;
             while k < n {
-                let Some(s0) = slots[k].as_ref().map(|s| s.index) else {
+                let Some(s0) = slots[k].as_ref().map(|s| s.index()) else {
                     k += 1;
                     continue;
                 };
                 let mut j = k + 1;
-                while j < n && slots[j].as_ref().map(|s| s.index) == Some(s0 + (j - k) as u64) {
+                while j < n && slots[j].as_ref().map(|s| s.index()) == Some(s0 + (j - k) as u64) {
                     j += 1;
                 }
                 let addr = region.addr(pages[k].index);
-                let run_slots: Vec<Arc<Slot>> =
+                let run_slots: Vec<Slot> =
                     slots[k..j].iter_mut().filter_map(Option::take).collect();
                 let r = self
                     .check_ours(region, addr, &guards[k..j])

@@ -34,7 +34,7 @@
 //!   once the VMM's *process* is gone (not merely its connection): a process that lives
 //!   on still maps the slots it holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -100,6 +100,8 @@ pub enum HoldError {
     NotHeld(u64),
     /// A release of a hold the client does not have.
     NotYours(u64),
+    /// An acquire beyond the most holds a slot can count (2^32 - 1 of each kind).
+    TooMany(u64),
 }
 
 impl std::fmt::Display for HoldError {
@@ -108,30 +110,48 @@ impl std::fmt::Display for HoldError {
             HoldError::NoSuchSlot(s) => write!(f, "slot {s} is beyond the store's end"),
             HoldError::NotHeld(s) => write!(f, "slot {s} is not held: it cannot be acquired"),
             HoldError::NotYours(s) => write!(f, "slot {s}: a release of a hold never taken"),
+            HoldError::TooMany(s) => write!(f, "slot {s} holds as many holds as it can count"),
         }
     }
 }
 
 impl std::error::Error for HoldError {}
 
-/// One slot's holds.
-#[derive(Default)]
+/// A slot's number in the bookkeeping: a store has at most 2^32 slots (16 TiB), so 4
+/// bytes instead of 8 in each of the maps' entries (one per slot allocated, one per slot
+/// and client holding it: metadata per guest page, see `tests/footprint.rs`).
+type Key = u32;
+
+/// Holds on one slot, of the two kinds (a slot's in all, or a client's share of them).
+/// Counts stop at `u32::MAX`: an acquire beyond is refused ([`HoldError::TooMany`]).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct Holds {
-    /// Service frames plus VMM slot holds.
-    slot: u64,
+    /// Service frames plus VMM slot holds (a client's: its slot holds).
+    slot: u32,
     /// VMM tomb holds.
-    tomb: u64,
-    /// Punched out while tombs were held: a read through a tomb may have put a page back
-    /// into the memfd, to be punched again when the offset is freed.
-    outlived: bool,
+    tomb: u32,
+}
+
+impl Holds {
+    /// The count of `kind`.
+    fn of(&mut self, kind: HoldKind) -> &mut u32 {
+        match kind {
+            HoldKind::Slot => &mut self.slot,
+            HoldKind::Tomb => &mut self.tomb,
+        }
+    }
 }
 
 struct State {
     alloc: Alloc,
     /// Slots allocated and not yet free.
-    holds: HashMap<u64, Holds>,
-    /// Each client's holds: slot -> (slot holds, tomb holds).
-    clients: HashMap<ClientId, HashMap<u64, (u64, u64)>>,
+    holds: HashMap<Key, Holds>,
+    /// Slots punched out while tombs were held: a read through a tomb may have put a page
+    /// back into the memfd, to be punched again when the offset is freed. (Few: apart
+    /// from `holds`, so that its entries stay 12 bytes.)
+    outlived: HashSet<Key>,
+    /// Each client's holds, per slot.
+    clients: HashMap<ClientId, HashMap<Key, Holds>>,
 }
 
 /// What a [`SharedStore`] holds now.
@@ -184,11 +204,11 @@ impl std::fmt::Debug for SharedStore {
 
 impl SharedStore {
     /// A store with `home_slots` home slots and as many overflow slots (sparse: it uses
-    /// memory only for canonical pages).
+    /// memory only for canonical pages). At most 2^32 slots in all (16 TiB).
     pub fn new(home_slots: u64) -> Result<SharedStore, PageError> {
         let slots = home_slots
             .checked_mul(2)
-            .filter(|s| *s > 0 && s.checked_mul(PAGE_SIZE as u64).is_some())
+            .filter(|s| *s > 0 && *s <= 1 << Key::BITS && s.checked_mul(PAGE_SIZE as u64).is_some())
             .ok_or(PageError::Unsupported(
                 "shared store of no slots or too many",
             ))?;
@@ -212,6 +232,7 @@ impl SharedStore {
                 state: Mutex::new(State {
                     alloc: Alloc::new(home_slots, slots),
                     holds: HashMap::new(),
+                    outlived: HashSet::new(),
                     clients: HashMap::new(),
                 }),
                 punched: std::sync::atomic::AtomicU64::new(0),
@@ -243,7 +264,7 @@ impl SharedStore {
         let slot = st.alloc.allocate(home).ok_or(PageError::Unsupported(
             "the shared store is full: raise the service's store size",
         ))?;
-        st.holds.entry(slot).or_default().slot += 1;
+        st.holds.entry(key(slot)).or_default().slot += 1;
         drop(st);
         Ok(SharedFrame(Some(Arc::new(FrameSlot {
             store: self.inner.clone(),
@@ -251,11 +272,15 @@ impl SharedStore {
         }))))
     }
 
-    /// A frame of slot `slot`, if its contents are held now (by a frame or a VMM).
+    /// A frame of slot `slot`, if its contents are held now (by a frame or a VMM), and
+    /// by fewer than `u32::MAX` holds.
     pub fn frame(&self, slot: u64) -> Option<SharedFrame> {
         let mut st = self.inner.state();
-        let h = st.holds.get_mut(&slot).filter(|h| h.slot > 0)?;
-        h.slot += 1;
+        let h = st
+            .holds
+            .get_mut(&Key::try_from(slot).ok()?)
+            .filter(|h| h.slot > 0)?;
+        h.slot = h.slot.checked_add(1)?;
         drop(st);
         Some(SharedFrame(Some(Arc::new(FrameSlot {
             store: self.inner.clone(),
@@ -291,10 +316,10 @@ impl SharedStore {
         let Some(held) = st.clients.remove(&client) else {
             return;
         };
-        for (slot, (s, t)) in held {
+        for (slot, mine) in held {
             if let Some(h) = st.holds.get_mut(&slot) {
-                h.slot -= s.min(h.slot);
-                h.tomb -= t.min(h.tomb);
+                h.slot -= mine.slot.min(h.slot);
+                h.tomb -= mine.tomb.min(h.tomb);
             }
             self.inner.settle(&mut st, slot);
         }
@@ -303,7 +328,8 @@ impl SharedStore {
     /// Holds `client` has now: (slot holds, tomb holds), summed over slots.
     pub fn client_holds(&self, client: ClientId) -> (u64, u64) {
         self.inner.state().clients.get(&client).map_or((0, 0), |m| {
-            m.values().fold((0, 0), |(a, b), (s, t)| (a + s, b + t))
+            m.values()
+                .fold((0, 0), |(a, b), h| (a + h.slot as u64, b + h.tomb as u64))
         })
     }
 
@@ -312,10 +338,10 @@ impl SharedStore {
         let st = self.inner.state();
         let slots = st.holds.len() as u64;
         let live = st.holds.values().filter(|h| h.slot > 0).count() as u64;
-        let mut holders: HashMap<u64, u32> = HashMap::new();
+        let mut holders: HashMap<Key, u32> = HashMap::new();
         for held in st.clients.values() {
-            for (&slot, &(s, _)) in held {
-                if s > 0 {
+            for (&slot, h) in held {
+                if h.slot > 0 {
                     *holders.entry(slot).or_default() += 1;
                 }
             }
@@ -349,71 +375,60 @@ impl StoreInner {
         if ev.slot >= self.slots {
             return Err(HoldError::NoSuchSlot(ev.slot));
         }
+        let slot = key(ev.slot);
         if ev.acquire {
             // A hold on contents nobody holds would pin whatever the slot holds next.
             let h = st
                 .holds
-                .get_mut(&ev.slot)
+                .get_mut(&slot)
                 .filter(|h| h.slot > 0)
                 .ok_or(HoldError::NotHeld(ev.slot))?;
-            let mine = st
-                .clients
+            // A client's count is part of the slot's: it cannot overflow if that does not.
+            let count = h.of(ev.kind);
+            *count = count.checked_add(1).ok_or(HoldError::TooMany(ev.slot))?;
+            *st.clients
                 .entry(client)
                 .or_default()
-                .entry(ev.slot)
-                .or_default();
-            match ev.kind {
-                HoldKind::Slot => {
-                    h.slot += 1;
-                    mine.0 += 1;
-                }
-                HoldKind::Tomb => {
-                    h.tomb += 1;
-                    mine.1 += 1;
-                }
-            }
+                .entry(slot)
+                .or_default()
+                .of(ev.kind) += 1;
             return Ok(());
         }
         let mine = st
             .clients
             .get_mut(&client)
-            .and_then(|m| m.get_mut(&ev.slot))
+            .and_then(|m| m.get_mut(&slot))
             .ok_or(HoldError::NotYours(ev.slot))?;
-        let count = match ev.kind {
-            HoldKind::Slot => &mut mine.0,
-            HoldKind::Tomb => &mut mine.1,
-        };
+        let count = mine.of(ev.kind);
         if *count == 0 {
             return Err(HoldError::NotYours(ev.slot));
         }
         *count -= 1;
-        if *mine == (0, 0) {
+        if *mine == Holds::default() {
             if let Some(m) = st.clients.get_mut(&client) {
-                m.remove(&ev.slot);
+                m.remove(&slot);
             }
         }
-        if let Some(h) = st.holds.get_mut(&ev.slot) {
-            match ev.kind {
-                HoldKind::Slot => h.slot -= h.slot.min(1),
-                HoldKind::Tomb => h.tomb -= h.tomb.min(1),
-            }
+        if let Some(h) = st.holds.get_mut(&slot) {
+            let count = h.of(ev.kind);
+            *count -= (*count).min(1);
         }
-        self.settle(st, ev.slot);
+        self.settle(st, slot);
         Ok(())
     }
 
     /// After `slot` lost a hold: punch it out if its contents are no longer held, free
     /// it if its offset is not either.
-    fn settle(&self, st: &mut State, slot: u64) {
-        let Some(h) = st.holds.get_mut(&slot) else {
+    fn settle(&self, st: &mut State, slot: Key) {
+        let Some(h) = st.holds.get(&slot) else {
             return;
         };
         if h.slot > 0 {
             return;
         }
         let punch = |inner: &StoreInner| {
-            let r =
-                super::sys::punch_hole(inner.fd.as_fd(), slot * PAGE_SIZE as u64, PAGE_SIZE as u64);
+            let offset = slot as u64 * PAGE_SIZE as u64;
+            let r = super::sys::punch_hole(inner.fd.as_fd(), offset, PAGE_SIZE as u64);
             if r.is_ok() {
                 inner
                     .punched
@@ -423,10 +438,10 @@ impl StoreInner {
         if h.tomb == 0 {
             // Punched now (first time) or again (a tomb read may have refilled it).
             st.holds.remove(&slot);
+            st.outlived.remove(&slot);
             punch(self);
-            st.alloc.release(slot);
-        } else if !h.outlived {
-            h.outlived = true;
+            st.alloc.release(slot as u64);
+        } else if st.outlived.insert(slot) {
             punch(self);
         }
     }
@@ -440,6 +455,11 @@ impl Drop for StoreInner {
     }
 }
 
+/// A slot's key in the bookkeeping: `slot` is below the store's slots, at most 2^32.
+fn key(slot: u64) -> Key {
+    slot as Key
+}
+
 /// A held slot of a shared store.
 struct FrameSlot {
     store: Arc<StoreInner>,
@@ -449,10 +469,11 @@ struct FrameSlot {
 impl Drop for FrameSlot {
     fn drop(&mut self) {
         let mut st = self.store.state();
-        if let Some(h) = st.holds.get_mut(&self.slot) {
+        let slot = key(self.slot);
+        if let Some(h) = st.holds.get_mut(&slot) {
             h.slot -= 1;
         }
-        self.store.settle(&mut st, self.slot);
+        self.store.settle(&mut st, slot);
     }
 }
 
@@ -523,4 +544,51 @@ pub fn read_process(pid: i32, addr: usize, buf: &mut [u8]) -> Result<(), PageErr
         op: "process_vm_readv (another process's guest memory)",
         errno: e.raw_os_error(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bookkeeping's entries are metadata per slot and per slot and client (see
+    /// `tests/footprint.rs`): 12 bytes (a `u32` slot, two `u32` counts) where they were
+    /// 32 and 24. Grown back, this fails.
+    #[test]
+    fn bookkeeping_entries_stay_small() {
+        assert_eq!(std::mem::size_of::<(Key, Holds)>(), 12);
+    }
+
+    /// A count at its most refuses another acquire (instead of wrapping to zero, which
+    /// would let the slot be punched while held) and changes nothing.
+    #[test]
+    fn an_acquire_beyond_the_most_holds_is_refused() {
+        let store = SharedStore::new(4).unwrap();
+        let frame = store.allocate(0).unwrap();
+        let slot = frame.slot().unwrap();
+        store.inner.state().holds.get_mut(&key(slot)).unwrap().tomb = u32::MAX;
+        let ev = |kind| HoldEvent {
+            slot,
+            kind,
+            acquire: true,
+        };
+        let c = ClientId(1);
+        assert_eq!(
+            store.apply(c, &[ev(HoldKind::Tomb)]),
+            Err(vec![HoldError::TooMany(slot)])
+        );
+        assert_eq!(store.client_holds(c), (0, 0));
+        assert_eq!(store.apply(c, &[ev(HoldKind::Slot)]), Ok(()));
+        assert_eq!(store.client_holds(c), (1, 0));
+        store.inner.state().holds.get_mut(&key(slot)).unwrap().slot = u32::MAX;
+        assert!(
+            store.frame(slot).is_none(),
+            "no frame beyond the most holds"
+        );
+    }
+
+    /// Stores of more than 2^32 slots are refused (the bookkeeping's keys are `u32`).
+    #[test]
+    fn at_most_2_pow_32_slots() {
+        assert!(SharedStore::new((1 << 31) + 1).is_err());
+    }
 }

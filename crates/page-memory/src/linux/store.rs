@@ -16,11 +16,14 @@
 //!   (freed ones first).
 //!
 //! # Lifetime of a slot
-//! A slot is an `Arc<Slot>`: the engine's frames ([`LinuxFrame`]) hold clones, and so
-//! does every page whose page-table entry may still map the slot's file page. When the
-//! last clone goes, nothing can read the slot any more, and its page is punched out of
-//! the memfd (`fallocate(PUNCH_HOLE)`), giving the memory back, before the slot is free
-//! again. A page that stops mapping the slot (a copy-on-write break that the fault thread
+//! A slot's contents are held by [`Slot`]s: the engine's frames ([`LinuxFrame`]) hold
+//! clones, and so does every page whose page-table entry may still map the slot's file
+//! page. When the last clone goes, nothing can read the slot any more, and its page is
+//! punched out of the memfd (`fallocate(PUNCH_HOLE)`), giving the memory back, before
+//! the slot is free again (once its offset is not held either: [`Tomb`]). A slot is one
+//! allocation, an `Arc<Tomb>` with a count of the [`Slot`]s among its clones: 48 bytes
+//! of heap per slot of a store (per guest page that maps one, in a linked store, where
+//! each page takes its own), where a slot and its tomb were two allocations. A page that stops mapping the slot (a copy-on-write break that the fault thread
 //! completed itself, a remap) drops its clone only once that is certain: punching a slot
 //! that a page still maps would change what the page reads.
 //!
@@ -33,6 +36,9 @@ use std::sync::{Arc, Mutex};
 
 use super::shared::{HoldEvent, HoldKind, HoldSink};
 use crate::{PageError, PAGE_SIZE};
+
+/// The most slots a store has (16 TiB): a slot's index is a `u32`.
+const MAX_SLOTS: u64 = 1 << 32;
 
 /// The all-zero page the zero frame reads.
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -81,7 +87,8 @@ pub(crate) struct Alloc {
 }
 
 impl Store {
-    /// A store with room for `home_slots` home slots and as many overflow slots.
+    /// A store with room for `home_slots` home slots and as many overflow slots (at most
+    /// 2^32 slots in all).
     pub(crate) fn new(home_slots: u64) -> Result<Arc<Store>, PageError> {
         let os = |op| {
             move |e: rustix::io::Errno| PageError::Os {
@@ -91,7 +98,7 @@ impl Store {
         };
         let slots = home_slots
             .checked_mul(2)
-            .filter(|s| s.checked_mul(PAGE_SIZE as u64).is_some())
+            .filter(|&s| s <= MAX_SLOTS)
             .ok_or(PageError::Unsupported("canonical store too large"))?;
         let bytes = slots * PAGE_SIZE as u64;
         let fd = super::sys::memfd(super::sys::STORE_NAME, bytes)
@@ -113,8 +120,9 @@ impl Store {
     /// A store over `fd`, a memfd of `slots` pages that another process allocates
     /// (see [`Owner::Linked`]).
     pub(crate) fn linked(fd: OwnedFd, slots: u64, sink: HoldSink) -> Result<Arc<Store>, PageError> {
-        let len = slots
-            .checked_mul(PAGE_SIZE as u64)
+        let len = Some(slots)
+            .filter(|&s| s <= MAX_SLOTS)
+            .and_then(|s| s.checked_mul(PAGE_SIZE as u64))
             .and_then(|b| usize::try_from(b).ok())
             .filter(|&b| b > 0)
             .ok_or(PageError::Unsupported(
@@ -185,7 +193,7 @@ impl Store {
 
     /// A free slot: `home` if it is free, else an overflow slot. A linked store's slots
     /// are chosen by its owner ([`adopt`](Self::adopt)).
-    pub(crate) fn allocate(self: &Arc<Self>, home: u64) -> Result<Arc<Slot>, PageError> {
+    pub(crate) fn allocate(self: &Arc<Self>, home: u64) -> Result<Slot, PageError> {
         let index = match self.alloc() {
             Some(mut a) => a.allocate(home).ok_or(PageError::Unsupported(
                 "the canonical store's overflow area is full",
@@ -202,7 +210,7 @@ impl Store {
 
     /// A hold on slot `index` of a linked store, which its owner chose (and holds while
     /// it asks this process to use it); the holds are reported through the sink.
-    pub(crate) fn adopt(self: &Arc<Self>, index: u64) -> Result<Arc<Slot>, PageError> {
+    pub(crate) fn adopt(self: &Arc<Self>, index: u64) -> Result<Slot, PageError> {
         if !self.is_linked() {
             return Err(PageError::Unsupported(
                 "only a linked store's slots are named by their owner",
@@ -216,19 +224,17 @@ impl Store {
         Ok(self.new_slot(index))
     }
 
-    fn new_slot(self: &Arc<Self>, index: u64) -> Arc<Slot> {
+    /// A slot of index `index` (below `slots`, so below [`MAX_SLOTS`]).
+    fn new_slot(self: &Arc<Self>, index: u64) -> Slot {
         self.live.fetch_add(1, Ordering::Relaxed);
         self.tell(index, HoldKind::Slot, true);
         self.tell(index, HoldKind::Tomb, true);
-        Arc::new(Slot {
+        Slot(Arc::new(Tomb {
             store: self.clone(),
-            index,
-            tomb: Arc::new(Tomb {
-                store: self.clone(),
-                index,
-                outlived: AtomicBool::new(false),
-            }),
-        })
+            slots: AtomicU64::new(1),
+            index: index as u32,
+            outlived: AtomicBool::new(false),
+        }))
     }
 
     /// Punches `index` out: its memory goes back to the system and it reads as zeros.
@@ -327,63 +333,127 @@ impl Drop for Store {
     }
 }
 
-/// A page of the canonical store, holding contents while any clone of its `Arc` lives:
-/// when the last goes, the page is punched out (it reads as zeros), but its offset stays
-/// taken while its [`Tomb`] lives.
-pub(crate) struct Slot {
-    pub(crate) store: Arc<Store>,
-    pub(crate) index: u64,
-    /// The slot's offset, held by every guest page whose address lies in a mapping of the
-    /// store at that offset (see *Discards* in the module docs).
-    pub(crate) tomb: Arc<Tomb>,
-}
+/// A page of the canonical store, holding its contents while any clone lives: when the
+/// last goes, the page is punched out (it reads as zeros), but its offset stays taken
+/// while its [`Tomb`] is held. A clone is one pointer and no allocation (a count in the
+/// tomb): see *Lifetime of a slot* in the module docs.
+///
+/// `repr(transparent)`: an `Arc<Tomb>` that carries a hold on the contents (a *parked*
+/// slot, [`park`](Slot::park)) can be read as a `Slot` ([`parked`](Slot::parked)), which is
+/// how a guest page keeps a slot and its tomb in one pointer.
+#[repr(transparent)]
+pub(crate) struct Slot(Arc<Tomb>);
 
-/// The offset of a store slot, taken while any clone lives: held by the slot itself and
-/// by every guest page whose address lies in a private mapping of the store at that
-/// offset, even after a copy-on-write break gave it a private copy. Such a page, dropped
-/// with `MADV_DONTNEED` by the embedder, reads the store at that offset again: the slot's
-/// contents if they are still held (the contents the page had when it was merged), else
-/// a hole (zeros). Never other contents: the offset is not handed out again while any
-/// page can read it so.
+/// The offset of a store slot, taken while any `Arc` of it lives: held by the slot itself
+/// (every [`Slot`] is one) and by every guest page whose address lies in a private
+/// mapping of the store at that offset, even after a copy-on-write break gave it a
+/// private copy. Such a page, dropped with `MADV_DONTNEED` by the embedder, reads the
+/// store at that offset again: the slot's contents if they are still held (the contents
+/// the page had when it was merged), else a hole (zeros). Never other contents: the
+/// offset is not handed out again while any page can read it so.
 pub(crate) struct Tomb {
-    store: Arc<Store>,
-    index: u64,
+    pub(crate) store: Arc<Store>,
+    /// The [`Slot`]s among the `Arc`s: holders of the contents.
+    slots: AtomicU64,
+    index: u32,
     /// Guest pages held it after the slot's contents went: a read through their mapping
     /// may have put a page back into the memfd, to be punched again.
     outlived: AtomicBool,
 }
 
+impl Tomb {
+    /// The slot's index in the store.
+    pub(crate) fn index(&self) -> u64 {
+        self.index as u64
+    }
+
+    /// The slot's offset in the memfd.
+    pub(crate) fn offset(&self) -> u64 {
+        self.index() * PAGE_SIZE as u64
+    }
+}
+
 impl Drop for Tomb {
     fn drop(&mut self) {
         if self.store.is_linked() {
-            self.store.tell(self.index, HoldKind::Tomb, false);
+            self.store.tell(self.index(), HoldKind::Tomb, false);
             return;
         }
         if self.outlived.load(Ordering::Relaxed) {
-            self.store.punch(self.index);
+            self.store.punch(self.index());
         }
-        self.store.release(self.index);
+        self.store.release(self.index());
+    }
+}
+
+impl std::ops::Deref for Slot {
+    type Target = Tomb;
+
+    fn deref(&self) -> &Tomb {
+        &self.0
+    }
+}
+
+impl Clone for Slot {
+    fn clone(&self) -> Slot {
+        // As `Arc::clone`: a new holder comes from an existing one, so nothing needs to
+        // be ordered (the count cannot be zero here: `self` is a holder).
+        self.0.slots.fetch_add(1, Ordering::Relaxed);
+        Slot(self.0.clone())
     }
 }
 
 impl Slot {
     /// Whether `self` and `other` are the same page of the same store (a linked store
-    /// may hand out several `Arc`s of one slot).
+    /// may hand out several `Slot`s of one slot that are not clones of one another).
     pub(crate) fn same(&self, other: &Slot) -> bool {
         self.index == other.index && Arc::ptr_eq(&self.store, &other.store)
     }
 
-    /// The slot's offset in the memfd.
-    pub(crate) fn offset(&self) -> u64 {
-        self.index * PAGE_SIZE as u64
+    /// A hold on the slot's offset (see [`Tomb`]).
+    #[cfg(test)]
+    pub(crate) fn tomb(&self) -> Arc<Tomb> {
+        self.0.clone()
+    }
+
+    /// Turns the slot into its `Arc`, which keeps the slot's hold on the contents (the
+    /// count of holders is left as it is) until [`unpark`](Slot::unpark) makes it a
+    /// `Slot` again. Dropped as a plain `Arc`, the hold would never be let go.
+    pub(crate) fn park(self) -> Arc<Tomb> {
+        // A clone's hold, and this slot dropped: one hold on the contents, as before, and
+        // one `Arc`.
+        self.0.slots.fetch_add(1, Ordering::Relaxed);
+        self.0.clone()
+    }
+
+    /// The slot parked in `tomb`.
+    ///
+    /// # Safety
+    /// `tomb` was returned by [`park`](Slot::park) and is not unparked (or read as a
+    /// parked slot) elsewhere: it carries a hold on the contents, which the `Slot`
+    /// returned now has.
+    pub(crate) unsafe fn unpark(tomb: Arc<Tomb>) -> Slot {
+        Slot(tomb)
+    }
+
+    /// The slot parked in `tomb`, borrowed.
+    ///
+    /// # Safety
+    /// `tomb` was returned by [`park`](Slot::park) and is not unparked while the borrow
+    /// lives: it carries a hold on the contents, so the contents stay for as long.
+    pub(crate) unsafe fn parked(tomb: &Arc<Tomb>) -> &Slot {
+        // SAFETY: `Slot` is `repr(transparent)` over `Arc<Tomb>`, so the two have one
+        // layout; `tomb` carries a hold on the contents (the caller's guarantee), which is
+        // all a `Slot` is, and it lives as long as the borrow.
+        unsafe { &*(tomb as *const Arc<Tomb>).cast::<Slot>() }
     }
 
     /// The slot's bytes, through the store's view.
     pub(crate) fn bytes(&self) -> &[u8] {
         // SAFETY: the view maps the whole memfd read-only and lives as long as the store,
         // which `self.store` keeps alive. The slot's page is written once, before the slot
-        // is handed out (canonicalize), and punched only when the last `Arc<Slot>` is gone,
-        // so its bytes do not change while `self` is borrowed. `index < slots`.
+        // is handed out (canonicalize), and punched only when the last `Slot` is gone, so
+        // its bytes do not change while `self` is borrowed. `index < slots`.
         unsafe {
             std::slice::from_raw_parts(
                 (self.store.view + self.index as usize * PAGE_SIZE) as *const u8,
@@ -395,18 +465,24 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if self.store.is_linked() {
-            // The owner punches it out once no process holds it.
-            self.store.live.fetch_sub(1, Ordering::Relaxed);
-            self.store.tell(self.index, HoldKind::Slot, false);
+        // As `Arc`'s drop: the last holder sees every other holder's reads done.
+        if self.0.slots.fetch_sub(1, Ordering::Release) != 1 {
             return;
         }
-        if self.store.punch(self.index) {
-            self.store.punched.fetch_add(1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Acquire);
+        let store = &self.0.store;
+        if store.is_linked() {
+            // The owner punches it out once no process holds it.
+            store.live.fetch_sub(1, Ordering::Relaxed);
+            store.tell(self.index(), HoldKind::Slot, false);
+            return;
         }
-        self.store.live.fetch_sub(1, Ordering::Relaxed);
-        if Arc::strong_count(&self.tomb) > 1 {
-            self.tomb.outlived.store(true, Ordering::Relaxed);
+        if store.punch(self.index()) {
+            store.punched.fetch_add(1, Ordering::Relaxed);
+        }
+        store.live.fetch_sub(1, Ordering::Relaxed);
+        if Arc::strong_count(&self.0) > 1 {
+            self.0.outlived.store(true, Ordering::Relaxed);
         }
         // The offset is freed when the last tomb goes (this one's, unless pages hold it).
     }
@@ -415,7 +491,7 @@ impl Drop for Slot {
 /// An immutable page of a [`LinuxMemory`](super::LinuxMemory): a page of the canonical
 /// store, or the zero page. Its bytes never change while any clone of it lives.
 #[derive(Clone)]
-pub struct LinuxFrame(pub(crate) Option<Arc<Slot>>);
+pub struct LinuxFrame(pub(crate) Option<Slot>);
 
 impl LinuxFrame {
     /// Whether this is the zero frame.
@@ -441,8 +517,51 @@ impl AsRef<[u8]> for LinuxFrame {
 impl std::fmt::Debug for LinuxFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0 {
-            Some(s) => write!(f, "LinuxFrame(slot {})", s.index),
+            Some(s) => write!(f, "LinuxFrame(slot {})", s.index()),
             None => write!(f, "LinuxFrame(zero)"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot is one allocation of 40 bytes (an `Arc`'s two counts and a 24-byte tomb: a
+    /// 48-byte glibc chunk) held through 8-byte handles; a slot and its tomb were two such
+    /// allocations. In a linked store every guest page that maps a slot takes its own
+    /// (see `tests/footprint.rs`). Grown back, this fails.
+    #[test]
+    fn a_slot_is_one_small_allocation_behind_one_pointer() {
+        use std::mem::size_of;
+        assert!(size_of::<Tomb>() <= 24);
+        assert_eq!(size_of::<Slot>(), 8);
+        assert_eq!(size_of::<Option<Slot>>(), 8);
+        assert_eq!(size_of::<LinuxFrame>(), 8);
+    }
+
+    /// The contents go when the last `Slot` does (not the last `Arc`): clones keep
+    /// them, a tomb alone only keeps the offset.
+    #[test]
+    fn contents_go_with_the_last_slot_and_the_offset_with_the_last_tomb() {
+        let Ok(store) = Store::new(4) else {
+            return; // no memfd here
+        };
+        assert_eq!(store.reserve_home(4).unwrap(), 0);
+        let a = store.allocate(1).unwrap();
+        assert_eq!(a.index(), 1);
+        let b = a.clone();
+        let tomb = a.tomb();
+        drop(a);
+        assert_eq!(store.live.load(Ordering::Relaxed), 1);
+        drop(b);
+        assert_eq!(store.live.load(Ordering::Relaxed), 0);
+        assert_eq!(store.punched.load(Ordering::Relaxed), 1);
+        // The offset is still taken: home slot 1 is not handed out again.
+        let c = store.allocate(1).unwrap();
+        assert_ne!(c.index(), 1);
+        drop(tomb);
+        let d = store.allocate(1).unwrap();
+        assert_eq!(d.index(), 1);
     }
 }

@@ -34,6 +34,7 @@
 //! canonical pages other VMMs of its domain map. Put VMMs that do not trust each other in
 //! different domains (the default does, per uid).
 
+mod gens;
 mod remote;
 mod session;
 

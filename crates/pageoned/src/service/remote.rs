@@ -12,7 +12,7 @@
 //! ever a hint (a merge is checked by the agent, under the page's lock, against the
 //! page's real token).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use page_memory::linux::shared::{read_process, SharedFrame, SharedStore};
@@ -21,6 +21,7 @@ use page_memory::{
     ProtectToken, RegionId, RegionInfo, PAGE_SIZE,
 };
 
+use super::gens::Gens;
 use super::session::Session;
 use crate::wire::{ErrorCode, Op, PageRef, ReplyBody};
 
@@ -35,7 +36,7 @@ pub(crate) struct RemoteRegion {
     /// Its home run in the store (`None`: the home area was full).
     pub(crate) home: Option<u64>,
     /// Per page: the newest generation an agent reported stale tokens below.
-    gens: Box<[AtomicU64]>,
+    gens: Gens,
     pub(crate) live: AtomicBool,
 }
 
@@ -55,16 +56,14 @@ impl RemoteRegion {
             addr,
             pages,
             home,
-            gens: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            gens: Gens::new(pages),
             live: AtomicBool::new(true),
         }
     }
 
     /// An agent reported that tokens of page `index` older than `gen` are stale.
     pub(crate) fn written(&self, index: u32, gen: u64) {
-        if let Some(g) = self.gens.get(index as usize) {
-            g.fetch_max(gen, Ordering::Relaxed);
-        }
+        self.gens.raise(index, gen);
     }
 }
 
@@ -353,7 +352,7 @@ impl PageMemory for RemoteMemory {
         if !r.session.is_alive() {
             return Err(PageError::NoSuchRegion(page.region));
         }
-        Ok(r.gens[page.index as usize].load(Ordering::Relaxed) > token.0)
+        Ok(r.gens.get(page.index).unwrap_or(0) > token.0)
     }
 
     fn canonicalize(&self, page: PageId, token: ProtectToken) -> Result<SharedFrame, PageError> {
