@@ -314,6 +314,31 @@ pub trait PageMemory: Send + Sync {
         None
     }
 
+    /// The mapping budget that merges of `region`'s pages spend. Regions with the same
+    /// budget share one limit: the mappings of one process (`vm.max_map_count` is per
+    /// process). The default puts every region in budget 0, the whole memory's
+    /// ([`mapping_limit`](Self::mapping_limit)); a backend over the memory of several
+    /// processes (the `pageoned` service's) gives each process a budget of its own, so an
+    /// engine that one process refuses for its limit goes on merging the others' pages.
+    fn mapping_budget(&self, region: RegionId) -> u64 {
+        let _ = region;
+        0
+    }
+
+    /// [`mapping_limit`](Self::mapping_limit) of one budget (see
+    /// [`mapping_budget`](Self::mapping_budget)); the default is the whole memory's.
+    fn budget_limit(&self, budget: u64) -> Option<u64> {
+        let _ = budget;
+        self.mapping_limit()
+    }
+
+    /// [`mappings_in_use`](Self::mappings_in_use) of one budget (see
+    /// [`mapping_budget`](Self::mapping_budget)); the default is the whole memory's.
+    fn budget_in_use(&self, budget: u64, recount: bool) -> Option<u64> {
+        let _ = budget;
+        self.mappings_in_use(recount)
+    }
+
     /// Makes `pages` read as zeros, dropping their contents; one result per page.
     fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>>;
 

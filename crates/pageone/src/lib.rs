@@ -126,13 +126,16 @@
 //! process may not have ([`page_memory::PageError::MapCountLimit`]; the Linux backend
 //! stops short of `vm.max_map_count`). Such a page is not retried every pass: it stays
 //! write-protected and watched (its token good) and is **parked**, and the engine closes
-//! its gate for 1 merge pass, then 2, 4, ... up to 32 for each retry in a row that is
-//! refused again; while the gate is closed, parked pages are not read, looked up or
-//! offered to the backend (a pass then costs about what a pass over merged pages costs),
-//! and newly stable pages that would need the tree are parked too (zero pages still
-//! merge). The gate opens early when [`PageMemory::mapping_limit`] reports a higher limit
-//! than at the refusal (`sysctl -w vm.max_map_count=N`); a retry pass that meets no
-//! refusal ends the episode. Refusals are counted by reason in [`Stats`]
+//! the gate of the page's **budget** for 1 merge pass, then 2, 4, ... up to 32 for each
+//! retry in a row that is refused again; while a gate is closed, the parked pages of its
+//! budget are not read, looked up or offered to the backend (a pass then costs about what
+//! a pass over merged pages costs), and its newly stable pages that would need the tree
+//! are parked too (zero pages still merge). A budget is the mappings of one process
+//! ([`PageMemory::mapping_budget`]): one for the whole memory by default, one per VMM
+//! process under the `pageoned` service, whose other VMMs' pages go on merging while one
+//! VMM is at its limit. A gate opens early when [`PageMemory::budget_limit`] reports a
+//! higher limit than at the refusal (`sysctl -w vm.max_map_count=N`); a retry pass that
+//! meets no refusal ends the budget's episode. Refusals are counted by reason in [`Stats`]
 //! (`refused_map_count`, `refused_pinned`, `refused_errors`, `merge_races`,
 //! `insert_races`), the parked pages in `map_count_parked`, and the embedder hears of the
 //! limit as [`Stats::map_count_limit`] / [`Stats::map_count_mappings`] and, once per
@@ -152,7 +155,7 @@
 //! lie alone, whichever way they are laid out (`docs/benchmarks.md`, "PageONE:
 //! convergence, the mapping budget and insert races"). So the engine spends mappings
 //! carefully once they get scarce: when more than a quarter of the backend's limit is in
-//! use ([`PageMemory::mappings_in_use`]: a cheap upper bound before each chunk, an exact
+//! use ([`PageMemory::budget_in_use`]: a cheap upper bound before each chunk, an exact
 //! count at the start of a pass, at most every 16 passes while they stay scarce), stable
 //! pages without a canonical match are made canonical at once instead of being indexed in
 //! place, as in the first version: laid out at their home offsets in runs, they cost no
@@ -161,7 +164,7 @@
 //! duplicates meet the limit, raise it (`sysctl -w vm.max_map_count=N`), or turn
 //! [`Config::unique_in_place`] off from the start. Not done yet:
 //! the engine does not know what a merge costs, so it cannot prefer merges that cost none
-//! when the budget runs low; every refused page waits for the same gate (and the Linux
+//! when the budget runs low; every refused page of a budget waits for its gate (and the Linux
 //! backend's guard charges every remap two mappings, so it would have to admit by cost
 //! too).
 //!
@@ -206,6 +209,7 @@
 #![warn(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+mod budget;
 mod canon;
 mod config;
 mod page;
@@ -221,9 +225,10 @@ use std::time::{Duration, Instant};
 
 use page_memory::{DomainId, PageMemory, RegionId, RegionInfo};
 
+use crate::budget::Gates;
 use crate::canon::{Canon, Canons, Claims};
 use crate::config::Knobs;
-use crate::page::{Chunk, Ctx, MapGate, PassKind, Tally, CHUNK_PAGES};
+use crate::page::{Chunk, Ctx, PassKind, Tally, CHUNK_PAGES};
 use crate::pool::Pool;
 use crate::stats::{get, Counters};
 use crate::unique::Uniques;
@@ -567,8 +572,8 @@ pub(crate) struct Shared<M: PageMemory> {
     hook: Option<Arc<dyn ScanHook<M>>>,
     zero: M::Frame,
     config: Config,
-    /// The mapping budget's gate.
-    gate: MapGate,
+    /// The mapping budgets' gates.
+    gates: Gates,
     /// Claims on contents being made canonical.
     claims: Claims,
     /// What the current pass did so far (chunks add to it as they finish).
@@ -610,7 +615,8 @@ impl<M: PageMemory + 'static> Shared<M> {
             zero: &self.zero,
             stable_periods: self.config.stable_periods.max(1),
             max_backoff: self.config.max_backoff,
-            gate: &self.gate,
+            gates: &self.gates,
+            gate: None,
             claims: &self.claims,
             on_event: self.config.on_event.as_ref(),
             uniques: &self.uniques,
@@ -684,7 +690,7 @@ impl<M: PageMemory + 'static> PageOne<M> {
             knobs: Knobs::new(&config),
             hook,
             zero,
-            gate: MapGate::new(),
+            gates: Gates::new(),
             claims: Claims::new(),
             pass_tally: Mutex::new(Tally::default()),
             pass_lock: Mutex::new(Cursor { chunk: 0 }),
@@ -776,6 +782,12 @@ impl<M: PageMemory + 'static> PageOne<M> {
         for chunk in &retired {
             chunk.retire(&old.canons, &s.uniques, &s.counters);
         }
+        // The gates of budgets no region spends any more (a VMM process gone) go.
+        let budgets: Vec<u64> = regions
+            .iter()
+            .map(|r| s.memory.mapping_budget(r.id))
+            .collect();
+        s.gates.retain(&budgets);
         // The budgeted pass's cursor: the same chunk, or the next one that survives.
         let at = cursor.chunk.min(moved.len());
         cursor.chunk = moved[at..].iter().find_map(|&m| m).unwrap_or(0);
@@ -1004,9 +1016,9 @@ fn run_pass<M: PageMemory + 'static>(
         cursor.chunk = i % n.max(1);
     }
     if kind == PassKind::Merge {
-        shared
-            .gate
-            .start_pass(&*shared.memory, shared.config.unique_in_place);
+        for gate in shared.gates.all() {
+            gate.start_pass(&*shared.memory, shared.config.unique_in_place);
+        }
     }
     *shared.pass_tally.lock().unwrap_or_else(|e| e.into_inner()) = Tally::default();
     pool.run(kind, &layout, &chosen);
@@ -1023,7 +1035,9 @@ fn run_pass<M: PageMemory + 'static>(
     }
     let tally = *shared.pass_tally.lock().unwrap_or_else(|e| e.into_inner());
     if kind == PassKind::Merge {
-        shared.gate.end_pass(tally.map_count);
+        for gate in shared.gates.all() {
+            gate.end_pass();
+        }
     }
     if full_scan {
         shared.counters.full_scans.fetch_add(1, Ordering::Relaxed);

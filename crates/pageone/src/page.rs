@@ -1,7 +1,7 @@
 //! Page states and what a pass does to each page of a chunk.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use page_memory::{
@@ -9,11 +9,12 @@ use page_memory::{
     PAGE_SIZE,
 };
 
+use crate::budget::{Gates, MapGate};
 use crate::canon::{Canon, Canons, Claim, Claims, Found};
 use crate::config::EventHook;
 use crate::stats::{Counters, WorkerCounters};
 use crate::unique::{Pair, UniqueRef, Uniques};
-use crate::{Event, ScanHook};
+use crate::ScanHook;
 
 /// Pages per chunk: the unit of work a thread takes (and steals).
 pub(crate) const CHUNK_PAGES: u32 = 512;
@@ -285,156 +286,6 @@ const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Stable pages read with one [`PageMemory::read_pages`] call.
 const READ_GROUP: usize = 64;
 
-/// Most merge passes the gate stays closed after the mapping limit refused a merge.
-pub(crate) const MAX_MAP_BACKOFF: u64 = 32;
-
-/// The mapping budget's gate: closed (pages refused for the mapping limit stay parked)
-/// for a number of merge passes that doubles at each refusal in a row, up to
-/// [`MAX_MAP_BACKOFF`]; opened early when the backend reports a higher limit.
-pub(crate) struct MapGate {
-    /// Merge passes started.
-    pub(crate) pass: AtomicU64,
-    /// Closed while `pass < closed_until`.
-    closed_until: AtomicU64,
-    /// Passes of the next closing.
-    backoff: AtomicU64,
-    /// The limit at the last refusal (0: none).
-    limit: AtomicU64,
-    /// Whether this episode's event was sent.
-    reported: AtomicBool,
-    /// Whether the gate was open when the current pass started.
-    pub(crate) open_at_start: AtomicBool,
-    /// The backend's mapping limit at the start of the pass (0: none).
-    limit_now: AtomicU64,
-    /// Mappings are scarce: past [`TIGHT_SHARE`] of the limit. Unique pages are then made
-    /// canonical at once rather than indexed in place (see *The mapping budget* in the
-    /// crate docs).
-    tight: AtomicBool,
-    /// The pass of the last exact count.
-    counted_at: AtomicU64,
-}
-
-/// While mappings are scarce, they are counted exactly only every this many passes (a
-/// count reads every mapping: tens of milliseconds near the limit).
-const RECOUNT_PASSES: u64 = 16;
-
-/// Mappings are scarce once more than `1 / TIGHT_SHARE` of the limit is in use.
-pub(crate) const TIGHT_SHARE: u64 = 4;
-
-impl MapGate {
-    pub(crate) fn new() -> Self {
-        MapGate {
-            pass: AtomicU64::new(0),
-            closed_until: AtomicU64::new(0),
-            backoff: AtomicU64::new(1),
-            limit: AtomicU64::new(0),
-            reported: AtomicBool::new(false),
-            open_at_start: AtomicBool::new(true),
-            limit_now: AtomicU64::new(0),
-            tight: AtomicBool::new(false),
-            counted_at: AtomicU64::new(0),
-        }
-    }
-
-    /// Whether mappings are scarce (see [`TIGHT_SHARE`]).
-    pub(crate) fn is_tight(&self) -> bool {
-        self.tight.load(Ordering::Relaxed)
-    }
-
-    /// At the start of a merge pass: decides whether mappings are scarce, from the
-    /// backend's cheap upper bound when that says they are not, else from an exact count
-    /// (at most every [`RECOUNT_PASSES`] passes while they stay scarce).
-    fn measure<M: PageMemory>(&self, memory: &M) {
-        let limit = memory.mapping_limit().unwrap_or(0);
-        self.limit_now.store(limit, Ordering::Relaxed);
-        let scarce = |used: u64| used.saturating_mul(TIGHT_SHARE) > limit;
-        if limit == 0 || !memory.mappings_in_use(false).is_some_and(scarce) {
-            self.tight.store(false, Ordering::Relaxed);
-            return;
-        }
-        let pass = self.pass.load(Ordering::Relaxed);
-        if self.is_tight() && pass < self.counted_at.load(Ordering::Relaxed) + RECOUNT_PASSES {
-            return;
-        }
-        self.counted_at.store(pass, Ordering::Relaxed);
-        let tight = memory.mappings_in_use(true).is_some_and(scarce);
-        self.tight.store(tight, Ordering::Relaxed);
-    }
-
-    /// Before a chunk: mappings became scarce during the pass (the backend's cheap upper
-    /// bound says so; the next pass counts again).
-    pub(crate) fn check_tight<M: PageMemory>(&self, memory: &M) {
-        let limit = self.limit_now.load(Ordering::Relaxed);
-        if limit > 0
-            && !self.is_tight()
-            && memory
-                .mappings_in_use(false)
-                .is_some_and(|used| used.saturating_mul(TIGHT_SHARE) > limit)
-        {
-            self.tight.store(true, Ordering::Relaxed);
-        }
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.pass.load(Ordering::Relaxed) < self.closed_until.load(Ordering::Relaxed)
-    }
-
-    /// At the start of a merge pass: counts it, and opens the gate if the backend's limit
-    /// went up since the refusal.
-    pub(crate) fn start_pass<M: PageMemory>(&self, memory: &M, in_place: bool) {
-        self.pass.fetch_add(1, Ordering::Relaxed);
-        if in_place {
-            self.measure(memory);
-        }
-        if self.is_closed() {
-            let was = self.limit.load(Ordering::Relaxed);
-            if matches!(memory.mapping_limit(), Some(now) if now > was) {
-                self.closed_until.store(0, Ordering::Relaxed);
-            }
-        }
-        self.open_at_start
-            .store(!self.is_closed(), Ordering::Relaxed);
-    }
-
-    /// At the end of a merge pass: a pass that had the gate open and met no refusal for
-    /// the limit ends the episode.
-    pub(crate) fn end_pass(&self, refused_map_count: u64) {
-        if self.open_at_start.load(Ordering::Relaxed) && refused_map_count == 0 {
-            self.backoff.store(1, Ordering::Relaxed);
-            self.reported.store(false, Ordering::Relaxed);
-        }
-    }
-
-    /// The backend refused for the limit: close the gate (if open), record the figures,
-    /// and send the episode's event.
-    fn hit(&self, limit: u64, mappings: u64, counters: &Counters, hook: Option<&EventHook>) {
-        counters.map_count_limit.store(limit, Ordering::Relaxed);
-        counters
-            .map_count_mappings
-            .store(mappings, Ordering::Relaxed);
-        self.limit.store(limit, Ordering::Relaxed);
-        let pass = self.pass.load(Ordering::Relaxed);
-        let until = self.closed_until.load(Ordering::Relaxed);
-        if until <= pass {
-            let backoff = self.backoff.load(Ordering::Relaxed);
-            if self
-                .closed_until
-                .compare_exchange(until, pass + backoff, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-            {
-                self.backoff
-                    .store((backoff * 2).min(MAX_MAP_BACKOFF), Ordering::Relaxed);
-            }
-        }
-        if !self.reported.swap(true, Ordering::Relaxed) {
-            counters.map_count_events.fetch_add(1, Ordering::Relaxed);
-            if let Some(h) = hook {
-                (h.0)(&Event::MapCountLimit { limit, mappings });
-            }
-        }
-    }
-}
-
 /// Everything a pass over a chunk needs.
 pub(crate) struct Ctx<'a, M: PageMemory> {
     pub(crate) memory: &'a M,
@@ -445,7 +296,10 @@ pub(crate) struct Ctx<'a, M: PageMemory> {
     pub(crate) zero: &'a M::Frame,
     pub(crate) stable_periods: u8,
     pub(crate) max_backoff: u8,
-    pub(crate) gate: &'a MapGate,
+    /// The gates of the mapping budgets.
+    pub(crate) gates: &'a Gates,
+    /// The gate of the budget of the chunk being run (set by [`Ctx::run`]).
+    pub(crate) gate: Option<&'a MapGate>,
     pub(crate) claims: &'a Claims,
     pub(crate) on_event: Option<&'a EventHook>,
     pub(crate) uniques: &'a Uniques,
@@ -462,9 +316,33 @@ pub(crate) struct Ctx<'a, M: PageMemory> {
     pub(crate) first_chunk: &'a HashMap<RegionId, usize>,
 }
 
+impl<M: PageMemory> Clone for Ctx<'_, M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+// Every field is a reference or a plain value (no bound on `M` needed, unlike a derive).
+impl<M: PageMemory> Copy for Ctx<'_, M> {}
+
 impl<M: PageMemory> Ctx<'_, M> {
     /// Runs `kind` over every page of `chunk`; returns what it did.
     pub(crate) fn run(&self, chunk: &Chunk<M::Frame>, kind: PassKind) -> Tally {
+        // Merges of the chunk's pages spend its region's budget: its gate decides.
+        let gate = self.gates.of(self.memory, chunk.region);
+        Ctx {
+            gate: Some(&gate),
+            ..*self
+        }
+        .run_chunk(chunk, kind)
+    }
+
+    /// The gate of the budget of the chunk being run.
+    fn gate(&self) -> &MapGate {
+        self.gate.expect("set by Ctx::run for the chunk it runs")
+    }
+
+    fn run_chunk(&self, chunk: &Chunk<M::Frame>, kind: PassKind) -> Tally {
         let mut t = Tally::default();
         let mut entries = chunk.lock();
         if kind == PassKind::Twins {
@@ -476,14 +354,14 @@ impl<M: PageMemory> Ctx<'_, M> {
         }
         if kind == PassKind::Merge {
             if self.in_place {
-                self.gate.check_tight(self.memory);
+                self.gate().check_tight(self.memory);
             }
             self.merge_twins(chunk, &mut entries, &mut t);
         }
         let mut to_protect: Vec<u32> = Vec::new();
         let mut to_check: Vec<u32> = Vec::new();
         let mut stable: Vec<Stable> = Vec::new();
-        let closed = self.gate.is_closed();
+        let closed = self.gate().is_closed();
         for (i, e) in entries.iter_mut().enumerate() {
             let page = PageId::new(chunk.region, chunk.first + i as u32);
             // Per thread only: a shared counter here would bounce its cache line between
@@ -841,7 +719,7 @@ impl<M: PageMemory> Ctx<'_, M> {
         if self.in_place {
             let me = UniqueRef { page, token };
             let live = |r: &UniqueRef| !self.memory.written_since(r.page, r.token).unwrap_or(true);
-            let index = !self.gate.is_tight();
+            let index = !self.gate().is_tight();
             match self.uniques.pair(print, me, index, live) {
                 Pair::Indexed => {
                     e.phase = Phase::Unique { token, print };
@@ -946,7 +824,7 @@ impl<M: PageMemory> Ctx<'_, M> {
                     batch.merges.push((i, token, None));
                     continue;
                 }
-                if self.gate.is_closed() {
+                if self.gate().is_closed() {
                     // The backend refused merges for the mapping limit this pass or recently:
                     // keep the page watched (its token stays good) until the gate opens.
                     entries[i as usize].parked = true;
@@ -1150,7 +1028,7 @@ impl<M: PageMemory> Ctx<'_, M> {
             PageError::MapCountLimit { limit, mappings } => {
                 t.map_count += 1;
                 c.refused_map_count.fetch_add(1, Ordering::Relaxed);
-                self.gate.hit(*limit, *mappings, c, self.on_event);
+                self.gate().hit(*limit, *mappings, c, self.on_event);
             }
             PageError::Pinned(_) => {
                 t.pinned += 1;

@@ -43,6 +43,9 @@ struct Budgeted {
     pinned: Mutex<Vec<PageId>>,
     /// Pages offered to merge or canonicalize (refused ones included).
     offered: AtomicU64,
+    /// If set, region `i` spends its own budget `i` (as pageoned's memory gives each VMM
+    /// process its own), of these mappings left, instead of `budget`.
+    per_region: Option<Vec<AtomicU64>>,
     /// Protect calls for pinned pages.
     pinned_protects: AtomicU64,
 }
@@ -56,13 +59,30 @@ impl Budgeted {
             pinned: Mutex::new(Vec::new()),
             offered: AtomicU64::new(0),
             pinned_protects: AtomicU64::new(0),
+            per_region: None,
         }
     }
 
-    /// Takes one mapping from the budget, or refuses.
-    fn spend(&self) -> Result<(), PageError> {
+    /// Region `i` has budget `i` of `budgets[i]` mappings.
+    fn per_region(budgets: &[u64]) -> Self {
+        Budgeted {
+            per_region: Some(budgets.iter().map(|&b| AtomicU64::new(b)).collect()),
+            ..Budgeted::new(0)
+        }
+    }
+
+    /// What `budget` has left.
+    fn left(&self, budget: u64) -> &AtomicU64 {
+        match &self.per_region {
+            Some(b) => &b[budget as usize],
+            None => &self.budget,
+        }
+    }
+
+    /// Takes one mapping from `page`'s budget, or refuses.
+    fn spend(&self, page: PageId) -> Result<(), PageError> {
         self.offered.fetch_add(1, Ordering::Relaxed);
-        self.budget
+        self.left(self.mapping_budget(page.region))
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
             .map(|_| ())
             .map_err(|_| PageError::MapCountLimit {
@@ -105,7 +125,7 @@ impl PageMemory for Budgeted {
         self.sim.written_since(page, token)
     }
     fn canonicalize(&self, page: PageId, token: ProtectToken) -> Result<SimFrame, PageError> {
-        self.spend()?;
+        self.spend(page)?;
         self.sim.canonicalize(page, token)
     }
     fn merge(
@@ -116,7 +136,7 @@ impl PageMemory for Budgeted {
     ) -> Result<MergeOutcome, PageError> {
         // Zero merges drop the page: no mapping spent.
         if canonical.as_ref() != self.sim.zero_frame().as_ref() {
-            self.spend()?;
+            self.spend(dup)?;
         }
         self.sim.merge(dup, token, canonical)
     }
@@ -127,8 +147,17 @@ impl PageMemory for Budgeted {
         Some(self.limit.load(Ordering::Relaxed))
     }
     fn mappings_in_use(&self, _recount: bool) -> Option<u64> {
+        self.budget_in_use(0, false)
+    }
+    fn mapping_budget(&self, region: RegionId) -> u64 {
+        match self.per_region {
+            Some(_) => region.0 as u64,
+            None => 0,
+        }
+    }
+    fn budget_in_use(&self, budget: u64, _recount: bool) -> Option<u64> {
         let limit = self.limit.load(Ordering::Relaxed);
-        Some(limit.saturating_sub(self.budget.load(Ordering::Relaxed)))
+        Some(limit.saturating_sub(self.left(budget).load(Ordering::Relaxed)))
     }
     fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
         self.sim.recycle(pages)
@@ -411,4 +440,42 @@ fn a_twin_found_when_mappings_are_scarce_still_merges_with_an_indexed_page() {
     assert_eq!((s.pages_shared, s.pages_sharing), (1, 1));
     assert_eq!(s.pages_unique, 15);
     assert_eq!(mem.sim.accounting().frames, 16);
+}
+
+/// Each budget has its own gate: the mappings of one process spent (its region refused for
+/// the limit) park only that region's pages, while a region of another budget (another
+/// VMM process under `pageoned`) goes on merging. With one gate for the whole memory, the
+/// first region's refusal at the start of each retry pass closed it for the second region
+/// too.
+#[test]
+fn a_budget_at_its_limit_does_not_stop_the_others() {
+    let mem = Arc::new(Budgeted::per_region(&[4, 1000]));
+    let a = mem.sim.add_region(128, DomainId(0));
+    let b = mem.sim.add_region(128, DomainId(0));
+    // 32 contents, each in 4 scattered pages of one region (different in each region).
+    fill(&mem.sim, a, 128, |i| (i * 37 % 32) as u64 + 1);
+    fill(&mem.sim, b, 128, |i| (i * 37 % 32) as u64 + 101);
+    let engine = PageOne::new(mem.clone(), Config::default().work_threads(1)).unwrap();
+    let mut parked = 0;
+    for _ in 0..12 {
+        parked = engine.merge_pass().parked;
+    }
+    // Region b: every duplicate merged (32 canonical pages, 96 merges); region a: the 4
+    // mappings it had, the rest parked.
+    let protected = |r: RegionId| {
+        (0..128)
+            .filter(|&i| mem.sim.is_protected(PageId::new(r, i)).unwrap())
+            .count()
+    };
+    assert_eq!(protected(b), 128);
+    let s = engine.stats();
+    assert_eq!((s.pages_sharing, s.pages_unshared), (96, 4), "{s:?}");
+    assert_eq!(parked, 128 - 4);
+    assert_eq!((s.map_count_limit, s.map_count_events), (1000, 1));
+    // Region b's pages read as written.
+    for i in 0..128 {
+        let mut buf = [0u8; PAGE_SIZE];
+        mem.sim.read_page(PageId::new(b, i), &mut buf).unwrap();
+        assert_eq!(buf.to_vec(), content((i * 37 % 32) as u64 + 101));
+    }
 }

@@ -477,6 +477,20 @@ impl PageMemory for RemoteMemory {
         self.sessions_budget().map(|(in_use, _)| in_use)
     }
 
+    /// Each VMM process has its own budget (its `vm.max_map_count`): its client id.
+    fn mapping_budget(&self, region: RegionId) -> u64 {
+        self.region(region).map_or(u64::MAX, |r| r.session.client.0)
+    }
+
+    fn budget_limit(&self, budget: u64) -> Option<u64> {
+        self.session_mappings(budget).map(|(_, limit)| limit)
+    }
+
+    fn budget_in_use(&self, budget: u64, _recount: bool) -> Option<u64> {
+        // As reported by the VMM's agent (every 100 ms while it has work).
+        self.session_mappings(budget).map(|(in_use, _)| in_use)
+    }
+
     fn recycle(&self, pages: &[PageId]) -> Vec<Result<(), PageError>> {
         let out = self.each_done(pages, Op::Recycle);
         for (r, &p) in out.iter().zip(pages) {
@@ -508,6 +522,18 @@ impl PageMemory for RemoteMemory {
 
 impl RemoteMemory {
     /// The mapping budget of the process closest to its limit, scaled: (in use, limit).
+    /// What the agent of the VMM with client id `client` reported of its mappings (in
+    /// use, limit), if it reported a limit.
+    fn session_mappings(&self, client: u64) -> Option<(u64, u64)> {
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        regions
+            .iter()
+            .flatten()
+            .find(|r| r.session.client.0 == client)
+            .map(|r| r.session.mappings())
+            .filter(|&(_, limit)| limit > 0)
+    }
+
     fn sessions_budget(&self) -> Option<(u64, u64)> {
         let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         let mut worst: Option<(u64, u64)> = None;
