@@ -521,7 +521,6 @@ impl PageMemory for RemoteMemory {
 }
 
 impl RemoteMemory {
-    /// The mapping budget of the process closest to its limit, scaled: (in use, limit).
     /// What the agent of the VMM with client id `client` reported of its mappings (in
     /// use, limit), if it reported a limit.
     fn session_mappings(&self, client: u64) -> Option<(u64, u64)> {
@@ -534,6 +533,8 @@ impl RemoteMemory {
             .filter(|&(_, limit)| limit > 0)
     }
 
+    /// The mapping budget of the process closest to its limit, scaled: (in use, limit)
+    /// (the whole memory's budget, for callers that ask without naming a process).
     fn sessions_budget(&self) -> Option<(u64, u64)> {
         let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         let mut worst: Option<(u64, u64)> = None;
