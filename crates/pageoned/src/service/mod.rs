@@ -35,7 +35,7 @@
 //!   ([`Agent::register_pool`](crate::agent::Agent::register_pool): the pool's memory,
 //!   id, secret indicator and the region's first guest frame); the agent's own
 //!   `ppr_host::Recycler` over its Linux backend holds it, and the agent tells the
-//!   service which of its regions have a pool ([`Msg::Pools`](crate::wire::Msg::Pools));
+//!   service which of its regions have a pool ([`Msg::Pools`]);
 //! - each pass offers a chunk's volatile pages (changed recently) to the service's scan
 //!   hook, which sends the agent of a pooled region one
 //!   [`Op::Reclaim`](crate::wire::Op::Reclaim) per batch; pages of regions without a
