@@ -310,19 +310,7 @@ impl Agent {
     /// # Errors
     /// If the thread cannot be spawned.
     pub fn start(config: AgentConfig) -> io::Result<Agent> {
-        let shared = Arc::new(Shared {
-            config,
-            guests: Mutex::new(Vec::new()),
-            memory: RwLock::new(None),
-            link: RwLock::new(None),
-            hook: RwLock::new(None),
-            recycler: RwLock::new(Recycler::new()),
-            pools_gen: AtomicU64::new(0),
-            pools_told: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            counters: Counters::default(),
-            last_error: Mutex::new(None),
-        });
+        let shared = Arc::new(Shared::new(config));
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("pageoned-agent".into())
@@ -557,6 +545,22 @@ enum End {
 }
 
 impl Shared {
+    fn new(config: AgentConfig) -> Self {
+        Shared {
+            config,
+            guests: Mutex::new(Vec::new()),
+            memory: RwLock::new(None),
+            link: RwLock::new(None),
+            hook: RwLock::new(None),
+            recycler: RwLock::new(Recycler::new()),
+            pools_gen: AtomicU64::new(0),
+            pools_told: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+        }
+    }
+
     fn guests(&self) -> std::sync::MutexGuard<'_, Vec<Guest>> {
         self.guests.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1107,4 +1111,157 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    use page_memory::PAGE_SIZE;
+    use pip::{Free, Guest as PipGuest, PoolStorage};
+
+    const FIRST: u64 = 0x40;
+    const SECRET: u64 = 0x0123_4567_89ab_cdef;
+
+    /// A guest region of `pages` pages adopted by `mem`, as `declare` leaves it.
+    fn region(shared: &Shared, mem: &LinuxMemory, pages: usize) -> (usize, RegionId) {
+        let len = pages * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping, unmapped by the test after its region
+        // was removed.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let mut g = Guest {
+            base: base as usize,
+            len,
+            id: None,
+            registered: true,
+            acked: true,
+            pool: None,
+            pooled: false,
+        };
+        shared.adopt(mem, &mut g).unwrap();
+        let id = g.id.unwrap();
+        shared.guests().push(g);
+        (base as usize, id)
+    }
+
+    /// Page `i` of the region at `base`, as the guest's words.
+    fn page(base: usize, i: usize) -> &'static [AtomicU64; PAGE_SIZE / 8] {
+        // SAFETY: inside the test's mapping, which outlives every use; page-aligned;
+        // accessed only atomically (and by the backend's whole-page operations).
+        unsafe { &*((base + i * PAGE_SIZE) as *const [AtomicU64; PAGE_SIZE / 8]) }
+    }
+
+    #[test]
+    fn reclaim_recycles_only_pages_the_pool_proves_free() {
+        let Some(mem) = page_memory::linux::test_util::memory() else {
+            return;
+        };
+        let shared = Shared::new(AgentConfig::new("/nonexistent/pageoned.sock"));
+        let (base, id) = region(&shared, &mem, 4);
+        let (other_base, other) = region(&shared, &mem, 2);
+        for i in 0..4 {
+            for w in page(base, i) {
+                w.store(0x1111 * (i as u64 + 1), Ordering::Relaxed);
+            }
+        }
+        let pool = Arc::new(PoolStorage::<1, 16>::new());
+        let view = pool.init().unwrap();
+        let spec = PoolSpec {
+            memory: pool.clone(),
+            pool_id: 3,
+            indicator: SECRET,
+            first_frame: FIRST,
+        };
+        shared.register_pool(id, 4 * PAGE_SIZE, spec).unwrap();
+        shared.guests()[0].pooled = true;
+        let guest = PipGuest::attach(view).unwrap();
+        // The guest frees pages 1 and 2; then makes page 2's slot name another frame.
+        assert!(matches!(
+            guest.on_free(0, FIRST + 1, page(base, 1)),
+            Free::Offered(_)
+        ));
+        let Free::Offered(slot) = guest.on_free(0, FIRST + 2, page(base, 2)) else {
+            panic!("not offered");
+        };
+        view.slots()[slot as usize].store(FIRST + 3, Ordering::Relaxed);
+        // The other region has no pool: a page marked there (with this pool's secret) is
+        // not recycled either.
+        page(other_base, 0)[0].store(SECRET.to_le(), Ordering::Relaxed);
+        let p = |region: RegionId, index| PageRef {
+            region: region.0,
+            index,
+        };
+        let reply = shared.serve(
+            &mem,
+            Op::Reclaim(vec![
+                p(id, 0),
+                p(id, 1),
+                p(id, 2),
+                p(id, 3),
+                p(id, 4),
+                p(other, 0),
+                p(RegionId(999), 0),
+            ]),
+        );
+        assert_eq!(
+            reply,
+            ReplyBody::Reclaimed(vec![
+                Ok(false),
+                Ok(true),
+                Ok(false),
+                Ok(false),
+                Err(ErrorCode::NoSuchPage),
+                Ok(false),
+                Err(ErrorCode::NoSuchRegion),
+            ])
+        );
+        // Page 1 reads zeros; every other page keeps its contents (page 2 its mark).
+        assert!(page(base, 1).iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        for i in [0, 3] {
+            assert!(page(base, i)
+                .iter()
+                .all(|w| w.load(Ordering::Relaxed) == 0x1111 * (i as u64 + 1)));
+        }
+        assert_eq!(page(base, 2)[0].load(Ordering::Relaxed), SECRET.to_le());
+        assert_eq!(
+            page(other_base, 0)[0].load(Ordering::Relaxed),
+            SECRET.to_le()
+        );
+        let st = shared.recycler().stats();
+        assert_eq!(st.recycled, 1, "{st:?}");
+        assert_eq!(st.invalid_marks(), 1, "{st:?}");
+        let c = &shared.counters;
+        assert_eq!(c.reclaim_requests.load(Ordering::Relaxed), 1);
+        assert_eq!(c.reclaimed.load(Ordering::Relaxed), 1);
+        // Unproven recycling stays refused.
+        assert_eq!(
+            shared.serve(&mem, Op::Recycle(vec![p(id, 3)])),
+            ReplyBody::Done(vec![Err(ErrorCode::Denied)])
+        );
+        assert!(page(base, 3)
+            .iter()
+            .all(|w| w.load(Ordering::Relaxed) == 0x4444));
+        // The region removed: its pool goes (the recycler holds it no more).
+        assert!(shared.recycler_mut().unregister(id));
+        assert_eq!(Arc::strong_count(&pool), 1);
+        for (b, r, n) in [(base, id, 4), (other_base, other, 2)] {
+            mem.remove_region(r).unwrap();
+            // SAFETY: the test's own mapping, its region removed.
+            assert_eq!(
+                unsafe { libc::munmap(b as *mut libc::c_void, n * PAGE_SIZE) },
+                0
+            );
+        }
+    }
 }
