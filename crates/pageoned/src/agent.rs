@@ -1258,10 +1258,8 @@ mod tests {
         for (b, r, n) in [(base, id, 4), (other_base, other, 2)] {
             mem.remove_region(r).unwrap();
             // SAFETY: the test's own mapping, its region removed.
-            assert_eq!(
-                unsafe { libc::munmap(b as *mut libc::c_void, n * PAGE_SIZE) },
-                0
-            );
+            let unmapped = unsafe { libc::munmap(b as *mut libc::c_void, n * PAGE_SIZE) };
+            assert_eq!(unmapped, 0);
         }
     }
 }
