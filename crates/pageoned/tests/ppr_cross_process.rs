@@ -319,3 +319,141 @@ fn removing_a_region_drops_its_pool() {
     drop(agent);
     unmap(ram, len);
 }
+
+mod raw {
+    use std::os::fd::OwnedFd;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use pageoned::socket;
+    use pageoned::wire::{self, Msg, WireError};
+
+    /// Sends `msg`.
+    pub fn send(fd: &OwnedFd, msg: &Msg) {
+        let mut frame = Vec::new();
+        wire::encode(msg, &mut frame).unwrap();
+        socket::send(fd, &frame, &[]).unwrap();
+    }
+
+    /// The next message (`None`: end of stream), waiting at most 5 s.
+    pub fn recv(fd: &OwnedFd) -> Option<Result<Msg, WireError>> {
+        let mut buf = Vec::new();
+        socket::recv(fd, &mut buf, Some(Duration::from_secs(5)))
+            .unwrap()
+            .map(|_| wire::decode(&buf))
+    }
+
+    /// Connects, says hello and takes the welcome (which carries the store).
+    pub fn hello(path: &Path, name: &str) -> OwnedFd {
+        let fd = socket::connect(path).unwrap();
+        send(&fd, &Msg::Hello { name: name.into() });
+        let mut buf = Vec::new();
+        let got = socket::recv(&fd, &mut buf, Some(Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.fds.len(), 1, "the welcome carries the store");
+        fd
+    }
+}
+
+/// An "agent" that says its region has a pool, then answers the service's reclaim
+/// requests with too many results, with the wrong kind of reply, and with errors: the
+/// service believes none of it (nothing counted recycled), asks about no region the agent
+/// did not register, and goes on.
+#[test]
+fn wrong_answers_to_reclaim_are_not_believed() {
+    use pageoned::wire::{ErrorCode, Msg, Op, RegionDecl, ReplyBody};
+    let Some((_dir, path, svc)) = start("liar") else {
+        return;
+    };
+    let d = my_domain();
+    let fd = raw::hello(&path, "liar");
+    // Real memory of this process (the service reads it), never touched by anyone else.
+    let ram = vec![7u8; 32 * 4096];
+    let base = (ram.as_ptr() as u64).next_multiple_of(4096);
+    raw::send(
+        &fd,
+        &Msg::Register {
+            id: 1,
+            regions: vec![RegionDecl {
+                region: 1,
+                addr: base,
+                pages: 16,
+            }],
+        },
+    );
+    assert!(matches!(
+        raw::recv(&fd),
+        Some(Ok(Msg::Registered {
+            id: 1,
+            result: Ok(())
+        }))
+    ));
+    // Region 99 was never registered: named, but never asked about.
+    raw::send(
+        &fd,
+        &Msg::Pools {
+            id: 2,
+            regions: vec![1, 99],
+        },
+    );
+    assert!(matches!(
+        raw::recv(&fd),
+        Some(Ok(Msg::Registered {
+            id: 2,
+            result: Ok(())
+        }))
+    ));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = stop.clone();
+    let liar = std::thread::spawn(move || {
+        let mut reclaims = 0;
+        let mut asked = Vec::new();
+        let mut buf = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let got = pageoned::socket::recv(&fd, &mut buf, Some(Duration::from_millis(20)));
+            match got {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => continue,
+            }
+            let Ok(Msg::Request { id, op }) = pageoned::wire::decode(&buf) else {
+                panic!("not a request");
+            };
+            let body = match op {
+                Op::Reclaim(pages) => {
+                    reclaims += 1;
+                    asked.extend(pages.iter().map(|p| p.region));
+                    let n = pages.len();
+                    match reclaims {
+                        1 => ReplyBody::Reclaimed(vec![Ok(true); n + 1]),
+                        2 => ReplyBody::Done(vec![Ok(()); n]),
+                        _ => ReplyBody::Reclaimed(vec![Err(ErrorCode::Busy); n]),
+                    }
+                }
+                Op::Protect(p) => ReplyBody::Tokens(vec![Err(ErrorCode::Busy); p.len()]),
+                Op::Unprotect(p) | Op::Recycle(p) => ReplyBody::Done(vec![Ok(()); p.len()]),
+                Op::CanonicalizeAt(v) => ReplyBody::Frames(vec![Err(ErrorCode::Busy); v.len()]),
+                Op::MergeAt(v) => ReplyBody::Outcomes(vec![Err(ErrorCode::Busy); v.len()]),
+                Op::Unmerge(_) => ReplyBody::Done(vec![Ok(())]),
+            };
+            raw::send(&fd, &Msg::Reply { id, body });
+        }
+        (reclaims, asked, fd)
+    });
+    for _ in 0..4 {
+        svc.merge_pass(d);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reclaims, asked, _fd) = liar.join().unwrap();
+    assert!(reclaims >= 3, "{reclaims} reclaim requests");
+    assert!(
+        !asked.is_empty() && asked.iter().all(|&r| r == 1),
+        "{asked:?}"
+    );
+    assert_eq!(svc.engine_stats(d).unwrap().recycled, 0);
+    let s = svc.stats();
+    assert_eq!(s.protocol_errors, 0, "{s:?}");
+    assert_eq!(s.vmms, 1, "{s:?}");
+    drop(ram);
+}
