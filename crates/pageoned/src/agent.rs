@@ -882,6 +882,8 @@ impl Shared {
                 if let Err(e) = self.adopt(mem, g) {
                     self.note(format!("adopting a region: {e}"));
                     g.len = 0;
+                    // The region is gone: so is its pool, never registered.
+                    g.pool = None;
                     continue;
                 }
                 if let Some(id) = g.id {
