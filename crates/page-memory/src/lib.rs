@@ -353,9 +353,10 @@ pub trait PageMemory: Send + Sync {
 /// Something that looks at the pages an engine scans, before the engine does: the Per Page
 /// Recycler's host side plugs into PageONE's passes here.
 ///
-/// An engine calls [`examine`](Self::examine) from its work threads, concurrently, for
-/// pages that changed recently (volatile, unprotected); a page the hook takes is left
-/// alone for the rest of that pass.
+/// An engine calls [`examine_batch`](Self::examine_batch) (by default
+/// [`examine`](Self::examine) per page) from its work threads, concurrently, for pages
+/// that changed recently (volatile, unprotected); a page the hook takes is left alone for
+/// the rest of that pass.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
@@ -395,6 +396,19 @@ pub trait ScanHook<M: PageMemory + ?Sized>: Send + Sync {
     /// if the hook took the page (for instance recycled it), so the engine leaves it
     /// alone this pass.
     fn examine(&self, memory: &M, page: PageId) -> bool;
+
+    /// Examines `pages` (volatile, of one region, in order) at once: sets `taken[i]` to
+    /// what [`examine`](Self::examine) would return for `pages[i]`. An engine calls this
+    /// once per batch of volatile pages; a hook whose pages live across a round trip (the
+    /// `pageoned` service's, which asks each VMM's agent) answers a whole batch with one.
+    /// The default calls [`examine`](Self::examine) for each page.
+    ///
+    /// `taken` has at least `pages.len()` entries; entries past them are left alone.
+    fn examine_batch(&self, memory: &M, pages: &[PageId], taken: &mut [bool]) {
+        for (&page, t) in pages.iter().zip(taken.iter_mut()) {
+            *t = self.examine(memory, page);
+        }
+    }
 }
 
 /// Splits `pages` into runs of consecutive pages of one region (in order): what a

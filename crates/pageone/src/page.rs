@@ -372,15 +372,37 @@ impl<M: PageMemory> Ctx<'_, M> {
                 continue;
             }
             self.notice_writes(e, page, chunk.domain, &mut t);
+        }
+        // The volatile pages go to the hook first, in one batch (one round trip where
+        // the hook's pages are across one); those it takes are left alone this pass.
+        let mut taken = vec![false; entries.len()];
+        if let Some(hook) = self.hook.filter(|_| kind != PassKind::Unmerge) {
+            let offered: Vec<u32> = (0..entries.len() as u32)
+                .filter(|&i| matches!(entries[i as usize].phase, Phase::Volatile { .. }))
+                .collect();
+            if !offered.is_empty() {
+                let pages: Vec<PageId> = offered
+                    .iter()
+                    .map(|&i| PageId::new(chunk.region, chunk.first + i))
+                    .collect();
+                let mut took = vec![false; pages.len()];
+                hook.examine_batch(self.memory, &pages, &mut took);
+                for (&i, _) in offered.iter().zip(&took).filter(|(_, &t)| t) {
+                    taken[i as usize] = true;
+                }
+            }
+        }
+        for (i, e) in entries.iter_mut().enumerate() {
+            if kind == PassKind::Unmerge {
+                break;
+            }
             match e.phase {
                 Phase::Volatile { .. } => {
-                    if let Some(hook) = self.hook {
-                        if hook.examine(self.memory, page) {
-                            self.counters.recycled.fetch_add(1, Ordering::Relaxed);
-                            t.recycled += 1;
-                            e.skip = 0;
-                            continue;
-                        }
+                    if taken[i] {
+                        self.counters.recycled.fetch_add(1, Ordering::Relaxed);
+                        t.recycled += 1;
+                        e.skip = 0;
+                        continue;
                     }
                     if kind == PassKind::Merge {
                         if e.skip > 0 {

@@ -20,10 +20,30 @@
 //! their copy-on-write breaks are still handled here) and reconnects every
 //! [`AgentConfig::retry`]; a new service hands it a new store and merging resumes.
 //!
+//! # The Per Page Recycler
+//! A guest that frees pages puts them in a PIP pool in its own RAM (`pip`, `ppr_guest`).
+//! The VMM registers that pool with its agent ([`Agent::register_pool`]: the pool's
+//! memory, as the VMM maps it, with the pool id, the secret indicator and the region's
+//! first guest frame it chose); the agent keeps a [`ppr_host::Recycler`] over its own
+//! backend and tells the service which of its regions have a pool. When the service's
+//! passes offer it pages of such a region ([`Op::Reclaim`]), the agent **proves** each
+//! page free itself, in this process, exactly as [`Recycler::examine`] does: it reads
+//! the page's mark, validates it against the pool, claims the pool's slot (a CAS in
+//! guest RAM), recycles the page (the guest then reads zeros) and completes the claim.
+//! The service only asks: it never sees the pool or its secret, and a compromised
+//! service cannot make the agent drop a page its guest did not offer. A hostile guest
+//! (a broken header, slots naming other frames) only fails its own marks, which the
+//! recycler counts ([`Agent::recycler_stats`]) and skips.
+//!
+//! Unproven recycling ([`Op::Recycle`]: make pages read zeros because the service says
+//! so) stays refused unless [`AgentConfig::allow_recycle`].
+//!
 //! # The embedder's contract
 //! As for [`LinuxMemory::adopt_region`]: regions are private anonymous memory the VMM
 //! keeps mapped until [`Agent::remove_region`] returned (which gives merged pages back as
-//! private copies), and pins (DMA, vhost) are declared through [`Agent::memory`].
+//! private copies), and pins (DMA, vhost) are declared through [`Agent::memory`]. A
+//! region's pool ([`Agent::register_pool`]) is let go of before `remove_region` returns
+//! (or when the agent is dropped).
 
 use std::collections::HashMap;
 use std::io;
@@ -36,7 +56,10 @@ use std::time::{Duration, Instant};
 
 use page_memory::linux::shared::{HoldEvent, StoreLink};
 use page_memory::linux::{LinuxConfig, LinuxMemory};
-use page_memory::{DirtyHook, DomainId, PageError, PageId, PageMemory, ProtectToken, RegionId};
+use page_memory::{
+    DirtyHook, DomainId, PageError, PageId, PageMemory, ProtectToken, RegionId, RegionInfo,
+};
+use ppr_host::{PoolMemory, Recycler, RegisterPoolError};
 
 use crate::socket;
 use crate::wire::{self, ErrorCode, Msg, Op, PageRef, RegionDecl, ReplyBody, WrittenPage};
@@ -58,11 +81,12 @@ pub struct AgentConfig {
     /// which pages were written lags by at most this much, which only delays a merge
     /// decision (the agent checks every merge against the page's real token).
     pub flush: Duration,
-    /// Carry out the service's requests to recycle pages (make them read as zeros)
-    /// (default off). Only a service that runs the Per Page Recycler, which recycles
-    /// only pages the guest marked free, needs it; today's service runs PageONE alone, so
-    /// an agent refuses recycling unless told otherwise: a bug or a compromise of the
-    /// service then cannot zero guest memory.
+    /// Carry out the service's unproven requests to recycle pages ([`Op::Recycle`]: make
+    /// them read as zeros because the service says so) (default off). The Per Page
+    /// Recycler does not need it: its requests ([`Op::Reclaim`]) recycle only pages the
+    /// agent itself proves free against its guest's pool ([`Agent::register_pool`]). So
+    /// an agent refuses unproven recycling unless told otherwise: a bug or a compromise
+    /// of the service then cannot zero guest memory.
     pub allow_recycle: bool,
     /// The user ids a service may run as (checked with `SO_PEERCRED` before anything is
     /// sent; default: root and this process's own user). The service may recycle and
@@ -141,6 +165,10 @@ pub struct AgentStats {
     pub messages_sent: u64,
     /// Connections ended by a malformed or unexpected message, or a refusal.
     pub protocol_errors: u64,
+    /// Reclaim requests ([`Op::Reclaim`]) carried out.
+    pub reclaim_requests: u64,
+    /// Pages those requests recycled (proven free by the agent's recycler).
+    pub reclaimed: u64,
 }
 
 #[derive(Default)]
@@ -151,6 +179,8 @@ struct Counters {
     pages: AtomicU64,
     sent: AtomicU64,
     protocol_errors: AtomicU64,
+    reclaim_requests: AtomicU64,
+    reclaimed: AtomicU64,
 }
 
 /// A VMM region handed to the agent.
@@ -163,6 +193,48 @@ struct Guest {
     registered: bool,
     /// The service took it (answered its registration).
     acked: bool,
+    /// A pool given before the region was adopted: registered with the recycler when
+    /// it is.
+    pool: Option<PoolSpec>,
+    /// Its pool is registered with the recycler.
+    pooled: bool,
+}
+
+/// A PIP pool of a region, as [`Agent::register_pool`] got it.
+struct PoolSpec {
+    memory: Arc<dyn PoolMemory>,
+    pool_id: u32,
+    indicator: u64,
+    first_frame: u64,
+}
+
+/// Why [`Agent::register_pool`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// No such guest region (never added, or removed).
+    NoSuchRegion,
+    /// The recycler refused the pool (a bad header, a pool registered already, frames
+    /// that overflow, the region has a pool).
+    Register(RegisterPoolError),
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolError::NoSuchRegion => write!(f, "no such guest region"),
+            PoolError::Register(e) => write!(f, "the pool was refused: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for PoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PoolError::Register(e) => Some(e),
+            PoolError::NoSuchRegion => None,
+        }
+    }
 }
 
 /// One connection's reports, filled by the store's sink and the VMM's calls.
@@ -184,6 +256,12 @@ struct Shared {
     memory: RwLock<Option<Arc<LinuxMemory>>>,
     link: RwLock<Option<Arc<Link>>>,
     hook: RwLock<Option<DirtyHook>>,
+    /// The Per Page Recycler over `memory`: the pools of the guest regions.
+    recycler: RwLock<Recycler>,
+    /// Bumped whenever the list of regions with a pool changes (and at each connection).
+    pools_gen: AtomicU64,
+    /// The newest `pools_gen` whose list the service acknowledged.
+    pools_told: AtomicU64,
     stop: AtomicBool,
     counters: Counters,
     /// The last error that ended a connection attempt, for [`Agent::last_error`].
@@ -232,16 +310,7 @@ impl Agent {
     /// # Errors
     /// If the thread cannot be spawned.
     pub fn start(config: AgentConfig) -> io::Result<Agent> {
-        let shared = Arc::new(Shared {
-            config,
-            guests: Mutex::new(Vec::new()),
-            memory: RwLock::new(None),
-            link: RwLock::new(None),
-            hook: RwLock::new(None),
-            stop: AtomicBool::new(false),
-            counters: Counters::default(),
-            last_error: Mutex::new(None),
-        });
+        let shared = Arc::new(Shared::new(config));
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("pageoned-agent".into())
@@ -281,6 +350,8 @@ impl Agent {
             id: None,
             registered: false,
             acked: false,
+            pool: None,
+            pooled: false,
         });
         // Adopted now if connected (so that the caller knows it is protected from here
         // on); else when the connection comes.
@@ -299,6 +370,14 @@ impl Agent {
             .filter(|g| g.len > 0)
             .ok_or(PageError::Unsupported("no such guest region"))?;
         g.len = 0;
+        // Its pool goes first: the recycler never touches the pool's memory again.
+        g.pool = None;
+        if std::mem::take(&mut g.pooled) {
+            if let Some(id) = g.id {
+                self.shared.recycler_mut().unregister(id);
+            }
+            self.shared.pools_changed();
+        }
         if let (Some(id), Some(mem)) = (g.id.take(), self.shared.memory()) {
             mem.remove_region(id)?;
             if g.registered {
@@ -308,6 +387,66 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Registers the PIP pool the guest of `region` set up, so that the agent recycles
+    /// the pages the guest frees (see [*The Per Page Recycler*](self#the-per-page-recycler)):
+    /// `pool` is the pool's memory as this process maps it (typically a
+    /// `pip::PoolView::from_raw` over guest RAM, whose safety promise is the VMM's:
+    /// mapped, atomic accesses only, for as long as the agent holds `pool`), `pool_id`
+    /// and `indicator` the id and secret the VMM chose (and tells the guest only through
+    /// the pool's header, which registration writes), and `first_frame` the guest frame
+    /// number of the region's page 0 (the frames the guest names in the pool). As
+    /// [`Recycler::register`]: the pool's header moves to `REGISTERED`, and the guest
+    /// may attach.
+    ///
+    /// If the region is not adopted yet (the agent has not connected yet) the pool is
+    /// registered once it is (a refusal then goes to [`last_error`](Self::last_error)).
+    /// The agent holds `pool` until the region is removed or the agent dropped.
+    ///
+    /// # Errors
+    /// [`PoolError::NoSuchRegion`]; [`PoolError::Register`] if the recycler refuses the
+    /// pool (its header is not a valid layout or not ready, the region has a pool, the
+    /// frames overflow).
+    pub fn register_pool(
+        &self,
+        region: GuestRegion,
+        pool: Arc<dyn PoolMemory>,
+        pool_id: u32,
+        indicator: u64,
+        first_frame: u64,
+    ) -> Result<(), PoolError> {
+        let mut guests = self.shared.guests();
+        let g = guests
+            .get_mut(region.0)
+            .filter(|g| g.len > 0)
+            .ok_or(PoolError::NoSuchRegion)?;
+        if g.pooled || g.pool.is_some() {
+            return Err(PoolError::Register(RegisterPoolError::RegionTaken));
+        }
+        let spec = PoolSpec {
+            memory: pool,
+            pool_id,
+            indicator,
+            first_frame,
+        };
+        match g.id {
+            Some(id) => {
+                self.shared
+                    .register_pool(id, g.len, spec)
+                    .map_err(PoolError::Register)?;
+                g.pooled = true;
+                self.shared.pools_changed();
+            }
+            None => g.pool = Some(spec),
+        }
+        Ok(())
+    }
+
+    /// What the agent's Per Page Recycler did so far (marks seen, pages recycled, marks
+    /// rejected by reason).
+    pub fn recycler_stats(&self) -> ppr_host::Stats {
+        self.shared.recycler().stats()
     }
 
     /// The memory the agent runs (once connected the first time): for
@@ -344,6 +483,8 @@ impl Agent {
             pages: g(&c.pages),
             messages_sent: g(&c.sent),
             protocol_errors: g(&c.protocol_errors),
+            reclaim_requests: g(&c.reclaim_requests),
+            reclaimed: g(&c.reclaimed),
         }
     }
 
@@ -357,12 +498,15 @@ impl Agent {
     }
 
     /// Waits until the agent is connected and the service took every region it was
-    /// given (answered their registration), for at most `timeout`; whether it did.
+    /// given (answered their registration) and knows which have a pool
+    /// ([`register_pool`](Self::register_pool)), for at most `timeout`; whether it did.
     pub fn wait_registered(&self, timeout: Duration) -> bool {
         let t0 = Instant::now();
         loop {
-            let done = self.shared.counters.connected.load(Ordering::Relaxed)
-                && self.shared.guests().iter().all(|g| g.len == 0 || g.acked);
+            let s = &self.shared;
+            let done = s.counters.connected.load(Ordering::Relaxed)
+                && s.guests().iter().all(|g| g.len == 0 || g.acked)
+                && s.pools_told.load(Ordering::SeqCst) >= s.pools_gen.load(Ordering::SeqCst);
             if done || t0.elapsed() >= timeout {
                 return done;
             }
@@ -401,6 +545,22 @@ enum End {
 }
 
 impl Shared {
+    fn new(config: AgentConfig) -> Self {
+        Shared {
+            config,
+            guests: Mutex::new(Vec::new()),
+            memory: RwLock::new(None),
+            link: RwLock::new(None),
+            hook: RwLock::new(None),
+            recycler: RwLock::new(Recycler::new()),
+            pools_gen: AtomicU64::new(0),
+            pools_told: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+        }
+    }
+
     fn guests(&self) -> std::sync::MutexGuard<'_, Vec<Guest>> {
         self.guests.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -420,12 +580,57 @@ impl Shared {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 
+    /// The list of regions with a pool changed: it is sent to the service again.
+    fn pools_changed(&self) {
+        self.pools_gen.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn recycler(&self) -> std::sync::RwLockReadGuard<'_, Recycler> {
+        self.recycler.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn recycler_mut(&self) -> std::sync::RwLockWriteGuard<'_, Recycler> {
+        self.recycler.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers `spec` with the recycler for adopted region `id` of `len` bytes.
+    fn register_pool(
+        &self,
+        id: RegionId,
+        len: usize,
+        spec: PoolSpec,
+    ) -> Result<(), RegisterPoolError> {
+        let pages =
+            u32::try_from(len / page_memory::PAGE_SIZE).map_err(|_| RegisterPoolError::Frames)?;
+        let info = RegionInfo {
+            id,
+            pages,
+            domain: DomainId(0),
+        };
+        self.recycler_mut().register(
+            spec.memory,
+            spec.pool_id,
+            spec.indicator,
+            info,
+            spec.first_frame,
+        )
+    }
+
     fn adopt(&self, mem: &LinuxMemory, g: &mut Guest) -> Result<(), PageError> {
         if g.id.is_none() && g.len > 0 {
             // SAFETY: the embedder promised, in `add_region`, that the range is private
             // anonymous memory that stays mapped until removed.
             let id = unsafe { mem.adopt_region(g.base as *mut u8, g.len, DomainId(0)) }?;
             g.id = Some(id);
+            if let Some(spec) = g.pool.take() {
+                match self.register_pool(id, g.len, spec) {
+                    Ok(()) => {
+                        g.pooled = true;
+                        self.pools_changed();
+                    }
+                    Err(e) => self.note(format!("a region's pool was refused: {e}")),
+                }
+            }
         }
         Ok(())
     }
@@ -553,6 +758,12 @@ impl Shared {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
         self.counters.connected.store(true, Ordering::Relaxed);
         let mut next_id = 1u64;
+        // A new service learns which regions have pools (once they are declared).
+        self.pools_changed();
+        // The list of pooled regions sent last (its `pools_gen`), and the lists not
+        // answered yet: (request id, `pools_gen`).
+        let mut pools_sent: Option<u64> = None;
+        let mut pools_pending: Vec<(u64, u64)> = Vec::new();
         // Registrations sent and not answered yet: their regions (the agent's numbers).
         let mut pending: HashMap<u64, Vec<u32>> = HashMap::new();
         let mut last_mappings = Instant::now() - Duration::from_secs(1);
@@ -570,6 +781,20 @@ impl Shared {
                 }
                 Ok(Some(_)) => match wire::decode(&buf) {
                     Ok(Msg::Request { id, op }) => Some((id, self.serve(&mem, op))),
+                    Ok(Msg::Registered { id, result })
+                        if pools_pending.iter().any(|&(i, _)| i == id) =>
+                    {
+                        pools_pending.retain(|&(i, gen)| {
+                            if i == id && result.is_ok() {
+                                self.pools_told.fetch_max(gen, Ordering::SeqCst);
+                            }
+                            i != id
+                        });
+                        if let Err(code) = result {
+                            self.note(format!("the service refused the pool list: {code:?}"));
+                        }
+                        None
+                    }
                     Ok(Msg::Registered { id, result }) => {
                         let regions = pending.remove(&id).unwrap_or_default();
                         match result {
@@ -600,6 +825,24 @@ impl Shared {
             // before it reads the reply.
             if let Err(end) = self.flush(&fd, &link, &mem, &mut last_mappings, next_id) {
                 return end;
+            }
+            // After the registrations (declare ran first): the service knows the regions.
+            let gen = self.pools_gen.load(Ordering::SeqCst);
+            if pools_sent != Some(gen) {
+                let regions: Vec<u32> = self
+                    .guests()
+                    .iter()
+                    .filter(|g| g.registered && g.pooled)
+                    .filter_map(|g| g.id.map(|id| id.0))
+                    .take(wire::MAX_PAGES_PER_REQUEST)
+                    .collect();
+                let id = next_id;
+                next_id += 1;
+                if let Err(end) = self.send(&fd, &Msg::Pools { id, regions }) {
+                    return end;
+                }
+                pools_sent = Some(gen);
+                pools_pending.push((id, gen));
             }
             if let Some((id, body)) = reply {
                 if let Err(end) = self.send(&fd, &Msg::Reply { id, body }) {
@@ -639,9 +882,15 @@ impl Shared {
                 if let Err(e) = self.adopt(mem, g) {
                     self.note(format!("adopting a region: {e}"));
                     g.len = 0;
+                    // The region is gone: so is its pool, never registered.
+                    g.pool = None;
                     continue;
                 }
                 if let Some(id) = g.id {
+                    if g.pooled {
+                        // Its pool is told once the region is declared.
+                        self.pools_changed();
+                    }
                     decls.push(RegionDecl {
                         region: id.0,
                         addr: g.base as u64,
@@ -726,6 +975,7 @@ impl Shared {
                 },
             )?;
         }
+
         if last_mappings.elapsed() >= Duration::from_millis(100) {
             *last_mappings = Instant::now();
             if let (Some(in_use), Some(limit)) = (mem.mappings_in_use(false), mem.mapping_limit()) {
@@ -824,6 +1074,36 @@ impl Shared {
                 c.pages.fetch_add(1, Ordering::Relaxed);
                 ReplyBody::Done(vec![mem.unmerge(id(&page)).map_err(|e| code(&e))])
             }
+            Op::Reclaim(pages) => {
+                c.pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+                c.reclaim_requests.fetch_add(1, Ordering::Relaxed);
+                // The regions declared to this service, and their sizes: a page of any
+                // other is the service's error, answered as such.
+                let regions: Vec<(u32, usize)> = self
+                    .guests()
+                    .iter()
+                    .filter(|g| g.registered && g.len > 0)
+                    .filter_map(|g| g.id.map(|id| (id.0, g.len / page_memory::PAGE_SIZE)))
+                    .collect();
+                let recycler = self.recycler();
+                ReplyBody::Reclaimed(
+                    pages
+                        .iter()
+                        .map(|p| match regions.iter().find(|(r, _)| *r == p.region) {
+                            None => Err(ErrorCode::NoSuchRegion),
+                            Some(&(_, n)) if p.index as usize >= n => Err(ErrorCode::NoSuchPage),
+                            // No pool for the region: not recycled (`examine` says so).
+                            Some(_) => {
+                                let took = recycler.examine(mem, id(p));
+                                if took {
+                                    c.reclaimed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Ok(took)
+                            }
+                        })
+                        .collect(),
+                )
+            }
         }
     }
 }
@@ -833,4 +1113,155 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    use page_memory::PAGE_SIZE;
+    use pip::{Free, Guest as PipGuest, PoolStorage};
+
+    const FIRST: u64 = 0x40;
+    const SECRET: u64 = 0x0123_4567_89ab_cdef;
+
+    /// A guest region of `pages` pages adopted by `mem`, as `declare` leaves it.
+    fn region(shared: &Shared, mem: &LinuxMemory, pages: usize) -> (usize, RegionId) {
+        let len = pages * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping, unmapped by the test after its region
+        // was removed.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let mut g = Guest {
+            base: base as usize,
+            len,
+            id: None,
+            registered: true,
+            acked: true,
+            pool: None,
+            pooled: false,
+        };
+        shared.adopt(mem, &mut g).unwrap();
+        let id = g.id.unwrap();
+        shared.guests().push(g);
+        (base as usize, id)
+    }
+
+    /// Page `i` of the region at `base`, as the guest's words.
+    fn page(base: usize, i: usize) -> &'static [AtomicU64; PAGE_SIZE / 8] {
+        // SAFETY: inside the test's mapping, which outlives every use; page-aligned;
+        // accessed only atomically (and by the backend's whole-page operations).
+        unsafe { &*((base + i * PAGE_SIZE) as *const [AtomicU64; PAGE_SIZE / 8]) }
+    }
+
+    #[test]
+    fn reclaim_recycles_only_pages_the_pool_proves_free() {
+        let Some(mem) = page_memory::linux::test_util::memory() else {
+            return;
+        };
+        let shared = Shared::new(AgentConfig::new("/nonexistent/pageoned.sock"));
+        let (base, id) = region(&shared, &mem, 4);
+        let (other_base, other) = region(&shared, &mem, 2);
+        for i in 0..4 {
+            for w in page(base, i) {
+                w.store(0x1111 * (i as u64 + 1), Ordering::Relaxed);
+            }
+        }
+        let pool = Arc::new(PoolStorage::<1, 16>::new());
+        let view = pool.init().unwrap();
+        let spec = PoolSpec {
+            memory: pool.clone(),
+            pool_id: 3,
+            indicator: SECRET,
+            first_frame: FIRST,
+        };
+        shared.register_pool(id, 4 * PAGE_SIZE, spec).unwrap();
+        shared.guests()[0].pooled = true;
+        let guest = PipGuest::attach(view).unwrap();
+        // The guest frees pages 1 and 2; then makes page 2's slot name another frame.
+        assert!(matches!(
+            guest.on_free(0, FIRST + 1, page(base, 1)),
+            Free::Offered(_)
+        ));
+        let Free::Offered(slot) = guest.on_free(0, FIRST + 2, page(base, 2)) else {
+            panic!("not offered");
+        };
+        view.slots()[slot as usize].store(FIRST + 3, Ordering::Relaxed);
+        // The other region has no pool: a page marked there (with this pool's secret) is
+        // not recycled either.
+        page(other_base, 0)[0].store(SECRET.to_le(), Ordering::Relaxed);
+        let p = |region: RegionId, index| PageRef {
+            region: region.0,
+            index,
+        };
+        let reply = shared.serve(
+            &mem,
+            Op::Reclaim(vec![
+                p(id, 0),
+                p(id, 1),
+                p(id, 2),
+                p(id, 3),
+                p(id, 4),
+                p(other, 0),
+                p(RegionId(999), 0),
+            ]),
+        );
+        assert_eq!(
+            reply,
+            ReplyBody::Reclaimed(vec![
+                Ok(false),
+                Ok(true),
+                Ok(false),
+                Ok(false),
+                Err(ErrorCode::NoSuchPage),
+                Ok(false),
+                Err(ErrorCode::NoSuchRegion),
+            ])
+        );
+        // Page 1 reads zeros; every other page keeps its contents (page 2 its mark).
+        assert!(page(base, 1).iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        for i in [0, 3] {
+            assert!(page(base, i)
+                .iter()
+                .all(|w| w.load(Ordering::Relaxed) == 0x1111 * (i as u64 + 1)));
+        }
+        assert_eq!(page(base, 2)[0].load(Ordering::Relaxed), SECRET.to_le());
+        assert_eq!(
+            page(other_base, 0)[0].load(Ordering::Relaxed),
+            SECRET.to_le()
+        );
+        let st = shared.recycler().stats();
+        assert_eq!(st.recycled, 1, "{st:?}");
+        assert_eq!(st.invalid_marks(), 1, "{st:?}");
+        let c = &shared.counters;
+        assert_eq!(c.reclaim_requests.load(Ordering::Relaxed), 1);
+        assert_eq!(c.reclaimed.load(Ordering::Relaxed), 1);
+        // Unproven recycling stays refused.
+        assert_eq!(
+            shared.serve(&mem, Op::Recycle(vec![p(id, 3)])),
+            ReplyBody::Done(vec![Err(ErrorCode::Denied)])
+        );
+        assert!(page(base, 3)
+            .iter()
+            .all(|w| w.load(Ordering::Relaxed) == 0x4444));
+        // The region removed: its pool goes (the recycler holds it no more).
+        assert!(shared.recycler_mut().unregister(id));
+        assert_eq!(Arc::strong_count(&pool), 1);
+        for (b, r, n) in [(base, id, 4), (other_base, other, 2)] {
+            mem.remove_region(r).unwrap();
+            // SAFETY: the test's own mapping, its region removed.
+            let unmapped = unsafe { libc::munmap(b as *mut libc::c_void, n * PAGE_SIZE) };
+            assert_eq!(unmapped, 0);
+        }
+    }
 }

@@ -10,6 +10,18 @@
 //! the last N pages, each write read back), `stop-writers` (writes, lost, longest write
 //! in µs), `hotplug N K SEED` (a new region handed to the agent while it runs), `hot R I`
 //! (pages of hot-plugged region R with wrong contents, and page I's backing), `exit`.
+//!
+//! The Per Page Recycler (a guest that frees pages into a PIP pool in its RAM): `pool K
+//! MODE` (the guest puts its pool in its first K pages and the VMM registers it with the
+//! agent, [`Agent::register_pool`]; MODE `ok`, or `garbage` for a header that is no
+//! pool; then the guest's allocator, over the other pages, holds them all in use),
+//! `free I` (the guest frees page I: it is offered to the host), `alloc` (the guest
+//! allocates a page again: its index and whether it read zeros; its contents are then
+//! written again), `zeros` (freed pages that read all zeros), `ppr` (the agent's
+//! recycler: recycled, marks seen, marks rejected; reclaim requests, pages reclaimed),
+//! `tamper header|slots` (a hostile guest scribbles over its pool's header, or makes
+//! every occupied slot name another frame). `check` leaves pool pages and freed pages
+//! out.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -19,6 +31,8 @@ use std::time::{Duration, Instant};
 
 use crate::agent::{Agent, AgentConfig};
 use page_memory::linux::{Backing, LinuxConfig};
+use ppr_guest::{Hooks, PageAllocator, PoolView};
+use ppr_host::PoolMemory;
 
 /// Bytes in a page.
 pub const PAGE: usize = 4096;
@@ -41,6 +55,33 @@ pub fn content(seed: u64, shared: usize, i: usize, w: usize) -> u64 {
         .wrapping_add((i as u64) << 20 | w as u64);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^ (x >> 31)
+}
+
+/// The guest frame number of page 0 of a demo VMM's guest RAM (for its PIP pool).
+pub const FIRST_FRAME: u64 = 0x100;
+
+/// The PIP pool id a demo VMM gives its pool.
+pub const POOL_ID: u32 = 7;
+
+/// A demo guest's PIP pool, in its VMM's guest RAM, as the agent's recycler reads it.
+struct DemoPool {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is into the demo VMM's guest RAM, mapped until the process exits;
+// the pool in it is only accessed atomically (pip).
+unsafe impl Send for DemoPool {}
+// SAFETY: as for Send.
+unsafe impl Sync for DemoPool {}
+
+impl PoolMemory for DemoPool {
+    fn view(&self) -> Option<PoolView<'_>> {
+        // SAFETY: see the Send impl: mapped for the process's life, 64-byte aligned (page
+        // aligned), every access atomic (the guest's allocator, the agent's recycler; the
+        // agent's remaps replace whole pages).
+        unsafe { PoolView::from_raw(self.ptr, self.len) }.ok()
+    }
 }
 
 /// A VMM child process.
@@ -253,6 +294,19 @@ pub fn child_main() {
         Some((agent, region))
     };
     let mut hot: Vec<(crate::agent::GuestRegion, usize, usize, usize, u64)> = Vec::new();
+    // The Per Page Recycler's guest side: the pool's pages, the allocator, freed pages.
+    let mut pool_pages = 0usize;
+    let mut guest_alloc: Option<PageAllocator<'static, [AtomicU64; PAGE / 8]>> = None;
+    let mut freed: std::collections::HashSet<usize> = Default::default();
+    // SAFETY: the guest RAM, mapped until the process exits, as pages of atomics (every
+    // access to it here is atomic); aligned.
+    let guest_pages: &'static [[AtomicU64; PAGE / 8]] =
+        unsafe { std::slice::from_raw_parts(base as *const [AtomicU64; PAGE / 8], pages) };
+    let refill = |i: usize| {
+        for w in 0..PAGE / 8 {
+            word(i, w).store(content(seed, shared, i, w), Ordering::Relaxed);
+        }
+    };
     let say = |s: String| {
         println!("@@ {s}");
         std::io::stdout().flush().unwrap();
@@ -268,7 +322,7 @@ pub fn child_main() {
                 // (Word 1 of a page a writer thread writes is that thread's to check.)
                 let busy = |i: usize, w: usize| w == 1 && i >= pages - writers.len();
                 let mut bad = 0;
-                for i in 0..pages {
+                for i in (pool_pages..pages).filter(|i| !freed.contains(i)) {
                     let wrong: Vec<usize> = (0..PAGE / 8)
                         .filter(|&w| {
                             !busy(i, w)
@@ -416,6 +470,123 @@ pub fn child_main() {
                     Some(Backing::Store { offset }) => format!("{bad} store {offset}"),
                     other => format!("{bad} {other:?}"),
                 });
+            }
+            // The guest sets up its PIP pool in its first `k` pages; the VMM registers it.
+            ["pool", k, mode] => {
+                let k: usize = k.parse().unwrap();
+                let Some((agent, region)) = &agent else {
+                    say("no agent".into());
+                    continue;
+                };
+                if pool_pages > 0 || k == 0 || k >= pages {
+                    say("err no".into());
+                    continue;
+                }
+                pool_pages = k;
+                for i in 0..k {
+                    for w in 0..PAGE / 8 {
+                        word(i, w).store(0, Ordering::Relaxed);
+                    }
+                }
+                let (ptr, len) = (base as *const u8, k * PAGE);
+                let view = if *mode == "garbage" {
+                    for w in 0..8 {
+                        word(0, w).store(0xbad0_0000_0000_0000 | w as u64, Ordering::Relaxed);
+                    }
+                    None
+                } else {
+                    // SAFETY: the first `k` pages of the guest RAM, zeroed, mapped until
+                    // the process exits and accessed only atomically from now on.
+                    Some(unsafe { PoolView::<'static>::init_raw(ptr, len, 2) }.unwrap())
+                };
+                let indicator = 0x5eed_c0de_0000_0001 ^ seed.rotate_left(17);
+                let pool = Arc::new(DemoPool { ptr, len });
+                match agent.register_pool(*region, pool, POOL_ID, indicator, FIRST_FRAME) {
+                    Err(e) => say(format!("err {e}")),
+                    Ok(()) => {
+                        if let Some(view) = view {
+                            // The guest's allocator starts with every other page free
+                            // (offered), then takes them all (its users' data goes back).
+                            let hooks = Hooks::attach(view).unwrap();
+                            let mut a = PageAllocator::with_free(
+                                hooks,
+                                guest_pages,
+                                FIRST_FRAME,
+                                0,
+                                k..pages,
+                            );
+                            while let Some((frame, _)) = a.alloc(0) {
+                                refill((frame - FIRST_FRAME) as usize);
+                            }
+                            guest_alloc = Some(a);
+                        }
+                        // The service knows the region has a pool before we go on.
+                        let told = agent.wait_registered(Duration::from_secs(10));
+                        say(if told { "pool ok" } else { "pool untold" }.into());
+                    }
+                }
+            }
+            ["free", i] => {
+                let i: usize = i.parse().unwrap();
+                let r = guest_alloc
+                    .as_mut()
+                    .map(|a| a.free(0, FIRST_FRAME + i as u64));
+                if matches!(r, Some(Ok(()))) {
+                    freed.insert(i);
+                }
+                say(format!("{r:?}"));
+            }
+            ["alloc"] => match guest_alloc.as_mut().and_then(|a| a.alloc(0)) {
+                Some((frame, page)) => {
+                    let i = (frame - FIRST_FRAME) as usize;
+                    let zeros = page.iter().all(|w| w.load(Ordering::Relaxed) == 0);
+                    freed.remove(&i);
+                    refill(i);
+                    say(format!("{i} {}", zeros as u8));
+                }
+                None => say("none".into()),
+            },
+            ["zeros"] => {
+                let n = freed
+                    .iter()
+                    .filter(|&&i| (0..PAGE / 8).all(|w| word(i, w).load(Ordering::Relaxed) == 0))
+                    .count();
+                say(format!("{n}"));
+            }
+            ["ppr"] => match &agent {
+                Some((agent, _)) => {
+                    let r = agent.recycler_stats();
+                    let s = agent.stats();
+                    say(format!(
+                        "{} {} {} {} {}",
+                        r.recycled,
+                        r.marks_seen,
+                        r.invalid_marks(),
+                        s.reclaim_requests,
+                        s.reclaimed
+                    ));
+                }
+                None => say("0 0 0 0 0".into()),
+            },
+            ["tamper", what] => {
+                let Some(a) = &guest_alloc else {
+                    say("no pool".into());
+                    continue;
+                };
+                let view = a.hooks().guest().map(|g| g.view());
+                match (*what, view) {
+                    ("header", _) => word(0, 0).store(!0, Ordering::Relaxed),
+                    ("slots", Some(view)) => {
+                        for s in view.slots() {
+                            let v = s.load(Ordering::Relaxed);
+                            if v != 0 {
+                                s.store(v + 1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                say("tampered".into());
             }
             ["exit"] => break,
             _ => say(format!("unknown {line}")),

@@ -3,7 +3,12 @@
 //! The daemon runs the engine over the guest RAM of every VMM that connects. Each VMM
 //! embeds an *agent* that connects over a Unix `SOCK_SEQPACKET` socket, registers its
 //! guest RAM, and performs remaps and write protection in its own address space when the
-//! service asks. Each side treats the other's messages as hostile: every frame is
+//! service asks. With the Per Page Recycler on
+//! ([`service::ServiceConfig::with_recycle`]), the service also offers each VMM's recently
+//! changed pages to its agent, which recycles those its guest freed into a PIP pool the
+//! VMM registered ([`agent::Agent::register_pool`]): the agent proves each page free
+//! itself, against the pool in its own memory (see the [`service`] docs, *The Per Page
+//! Recycler across processes*). Each side treats the other's messages as hostile: every frame is
 //! validated, and a malformed one gets an error message and a disconnect, never a panic.
 //!
 //! - [`service`]: the service (one PageONE engine and one canonical store per trust

@@ -66,8 +66,9 @@ use page_memory::{MergeOutcome, PageError, PageId, RegionId, PAGE_SIZE};
 /// The first four bytes of every frame (little-endian; "PGOD" read as a big-endian
 /// number).
 pub const MAGIC: u32 = 0x5047_4F44;
-/// The protocol version this module speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this module speaks (2: the Per Page Recycler's
+/// [`Msg::Pools`], [`Op::Reclaim`] and [`ReplyBody::Reclaimed`]).
+pub const VERSION: u16 = 2;
 /// The longest frame, in bytes (header included).
 pub const MAX_FRAME: usize = 256 * 1024;
 /// The length of the header (magic, version, kind) in front of every body.
@@ -95,6 +96,8 @@ pub mod kind {
     pub const WRITTEN: u16 = 0x0006;
     /// [`Msg::Mappings`](super::Msg::Mappings).
     pub const MAPPINGS: u16 = 0x0007;
+    /// [`Msg::Pools`](super::Msg::Pools).
+    pub const POOLS: u16 = 0x0008;
     /// [`Msg::Welcome`](super::Msg::Welcome).
     pub const WELCOME: u16 = 0x0101;
     /// [`Msg::Registered`](super::Msg::Registered).
@@ -246,6 +249,17 @@ pub enum Msg {
         /// `vm.max_map_count`.
         limit: u64,
     },
+    /// Agent → service: the agent's regions whose guest put a PIP pool in them, which
+    /// the agent registered with its recycler ([`crate::agent::Agent::register_pool`]).
+    /// The whole list each time: it replaces the one sent before. The service sends
+    /// [`Op::Reclaim`] only for pages of these regions, and answers with
+    /// [`Msg::Registered`].
+    Pools {
+        /// The agent's request id, echoed by the answer.
+        id: u64,
+        /// The regions, numbered by the agent.
+        regions: Vec<u32>,
+    },
     /// Service → agent, the answer to [`Msg::Hello`]. The frame carries the canonical
     /// store's memfd as `SCM_RIGHTS` ([`crate::socket::send`]), not in its bytes.
     Welcome {
@@ -254,7 +268,7 @@ pub enum Msg {
         /// The canonical store's size, in page slots.
         store_slots: u64,
     },
-    /// Service → agent: the answer to [`Msg::Register`] `id`.
+    /// Service → agent: the answer to [`Msg::Register`] or [`Msg::Pools`] `id`.
     Registered {
         /// The request's id.
         id: u64,
@@ -297,6 +311,11 @@ pub enum Op {
     /// Give a merged page a private copy again; the reply is [`ReplyBody::Done`] with one
     /// item.
     Unmerge(PageRef),
+    /// Recycle those of the pages that the guest freed, as the agent's Per Page Recycler
+    /// proves them (each page's PIP mark read, validated against its region's pool, the
+    /// pool slot claimed, the page recycled, the claim completed): the agent, not the
+    /// service, decides. The reply is [`ReplyBody::Reclaimed`].
+    Reclaim(Vec<PageRef>),
 }
 
 /// An agent's results for a [`Msg::Request`], one per page, in the request's order.
@@ -310,6 +329,9 @@ pub enum ReplyBody {
     Frames(Vec<Result<Option<u64>, ErrorCode>>),
     /// For [`Op::MergeAt`].
     Outcomes(Vec<Result<Outcome, ErrorCode>>),
+    /// For [`Op::Reclaim`]: whether each page was recycled (`false`: not marked, not
+    /// proven free, or its region has no pool).
+    Reclaimed(Vec<Result<bool, ErrorCode>>),
 }
 
 /// The outcome of a merge that ran: [`page_memory::MergeOutcome`] on the wire.
@@ -501,6 +523,7 @@ impl Msg {
             Msg::Holds { .. } => kind::HOLDS,
             Msg::Written { .. } => kind::WRITTEN,
             Msg::Mappings { .. } => kind::MAPPINGS,
+            Msg::Pools { .. } => kind::POOLS,
             Msg::Welcome { .. } => kind::WELCOME,
             Msg::Registered { .. } => kind::REGISTERED,
             Msg::Request { .. } => kind::REQUEST,
@@ -578,6 +601,13 @@ fn encode_frame(msg: &Msg, out: &mut Vec<u8>) -> Result<(), WireError> {
             put_u64(out, *limit);
             Ok(())
         }
+        Msg::Pools { id, regions } => {
+            put_u64(out, *id);
+            put_list(out, "Pools.regions", regions, |out, r| {
+                put_u32(out, *r);
+                Ok(())
+            })
+        }
         Msg::Welcome {
             domain,
             store_slots,
@@ -648,6 +678,13 @@ fn encode_op(out: &mut Vec<u8>, op: &Op) -> Result<(), WireError> {
             put_page(out, *p);
             Ok(())
         }
+        Op::Reclaim(pages) => {
+            out.push(6);
+            put_list(out, "Op::Reclaim", pages, |out, p| {
+                put_page(out, *p);
+                Ok(())
+            })
+        }
     }
 }
 
@@ -684,6 +721,13 @@ fn encode_reply(out: &mut Vec<u8>, body: &ReplyBody) -> Result<(), WireError> {
                         Outcome::Differs => 2,
                     })
                 });
+                Ok(())
+            })
+        }
+        ReplyBody::Reclaimed(items) => {
+            out.push(4);
+            put_list(out, "ReplyBody::Reclaimed", items, |out, r| {
+                put_result(out, r, |out, b| out.push(u8::from(*b)));
                 Ok(())
             })
         }
@@ -889,6 +933,10 @@ pub fn decode(frame: &[u8]) -> Result<Msg, WireError> {
             in_use: r.u64()?,
             limit: r.u64()?,
         },
+        kind::POOLS => Msg::Pools {
+            id: r.u64()?,
+            regions: r.list("Pools.regions", 4, Reader::u32)?,
+        },
         kind::WELCOME => Msg::Welcome {
             domain: r.u32()?,
             store_slots: r.u64()?,
@@ -1069,6 +1117,7 @@ impl<'a> Reader<'a> {
             })?),
             4 => Op::Recycle(self.pages("Op::Recycle")?),
             5 => Op::Unmerge(self.page()?),
+            6 => Op::Reclaim(self.pages("Op::Reclaim")?),
             _ => return Err(WireError::BadValue { field: "Op" }),
         })
     }
@@ -1091,6 +1140,11 @@ impl<'a> Reader<'a> {
                     1 => Ok(Outcome::Changed),
                     2 => Ok(Outcome::Differs),
                     _ => Err(WireError::BadValue { field: "Outcome" }),
+                })
+            })?),
+            4 => ReplyBody::Reclaimed(self.list("ReplyBody::Reclaimed", 2, |r| {
+                r.result("ReplyBody::Reclaimed", |r| {
+                    r.bool("ReplyBody::Reclaimed.taken")
                 })
             })?),
             _ => return Err(WireError::BadValue { field: "ReplyBody" }),

@@ -127,6 +127,7 @@ fn op() -> impl Strategy<Value = Op> {
         vec((page_ref(), any::<u64>(), any::<Option<u64>>()), LIST).prop_map(Op::MergeAt),
         vec(page_ref(), LIST).prop_map(Op::Recycle),
         page_ref().prop_map(Op::Unmerge),
+        vec(page_ref(), LIST).prop_map(Op::Reclaim),
     ]
 }
 
@@ -136,6 +137,7 @@ fn reply_body() -> impl Strategy<Value = ReplyBody> {
         vec(result(Just(())), LIST).prop_map(ReplyBody::Done),
         vec(result(any::<Option<u64>>()), LIST).prop_map(ReplyBody::Frames),
         vec(result(outcome()), LIST).prop_map(ReplyBody::Outcomes),
+        vec(result(any::<bool>()), LIST).prop_map(ReplyBody::Reclaimed),
     ]
 }
 
@@ -156,6 +158,8 @@ fn msg() -> impl Strategy<Value = Msg> {
         vec(hold, LIST).prop_map(|events| Msg::Holds { events }),
         vec(written, LIST).prop_map(|pages| Msg::Written { pages }),
         (any::<u64>(), any::<u64>()).prop_map(|(in_use, limit)| Msg::Mappings { in_use, limit }),
+        (any::<u64>(), vec(any::<u32>(), LIST))
+            .prop_map(|(id, regions)| Msg::Pools { id, regions }),
         (any::<u32>(), any::<u64>()).prop_map(|(domain, store_slots)| Msg::Welcome {
             domain,
             store_slots
@@ -283,12 +287,13 @@ fn a_hostile_count_allocates_nothing() {
     hostile(kind::REGISTER, &[0; 8]);
     hostile(kind::HOLDS, &[]);
     hostile(kind::WRITTEN, &[]);
-    for tag in 0..4u8 {
+    hostile(kind::POOLS, &[0; 8]);
+    for tag in 0..5u8 {
         let mut prefix = vec![0; 8];
         prefix.push(tag);
         hostile(kind::REPLY, &prefix);
     }
-    for tag in [0u8, 1, 2, 3, 4] {
+    for tag in [0u8, 1, 2, 3, 4, 6] {
         let mut prefix = vec![0; 8];
         prefix.push(tag);
         hostile(kind::REQUEST, &prefix);
@@ -305,8 +310,14 @@ fn the_header_is_checked() {
     bad[0] ^= 1;
     assert_eq!(decode(&bad), Err(WireError::BadMagic));
     let mut bad = good.clone();
-    bad[4..6].copy_from_slice(&2u16.to_le_bytes());
-    assert_eq!(decode(&bad), Err(WireError::BadVersion { got: 2 }));
+    bad[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
+    assert_eq!(
+        decode(&bad),
+        Err(WireError::BadVersion { got: VERSION + 1 })
+    );
+    // Version 1 (before the Per Page Recycler's messages) is not spoken any more.
+    bad[4..6].copy_from_slice(&1u16.to_le_bytes());
+    assert_eq!(decode(&bad), Err(WireError::BadVersion { got: 1 }));
     let mut bad = good.clone();
     bad[6..8].copy_from_slice(&0x0200u16.to_le_bytes());
     assert_eq!(decode(&bad), Err(WireError::UnknownKind(0x0200)));
@@ -345,8 +356,13 @@ fn values_out_of_range_are_rejected() {
     let id = [0u8; 8];
     let cat = |parts: &[&[u8]]| parts.concat();
     // Enum tags.
-    bad(kind::REQUEST, &cat(&[&id, &[6]]), "Op");
-    bad(kind::REPLY, &cat(&[&id, &[4]]), "ReplyBody");
+    bad(kind::REQUEST, &cat(&[&id, &[7]]), "Op");
+    bad(kind::REPLY, &cat(&[&id, &[5]]), "ReplyBody");
+    bad(
+        kind::REPLY,
+        &cat(&[&id, &[4], &1u32.to_le_bytes(), &[0, 2]]),
+        "ReplyBody::Reclaimed.taken",
+    );
     bad(kind::ERROR, &[11, 0], "ErrorCode");
     bad(
         kind::HOLDS,
@@ -505,6 +521,18 @@ fn the_largest_messages_fit_a_frame() {
         },
         Msg::Written {
             pages: vec![WrittenPage { page: p, gen: 1 }; n],
+        },
+        Msg::Reply {
+            id: 0,
+            body: ReplyBody::Reclaimed(vec![Err(worst); n]),
+        },
+        Msg::Request {
+            id: u64::MAX,
+            op: Op::Reclaim(vec![p; n]),
+        },
+        Msg::Pools {
+            id: u64::MAX,
+            regions: vec![u32::MAX; n],
         },
         Msg::Register {
             id: 0,
@@ -679,6 +707,20 @@ fn seed_frames() -> Vec<(&'static str, Vec<u8>)> {
             },
         ),
         (
+            "pools",
+            Msg::Pools {
+                id: 13,
+                regions: vec![0, 2],
+            },
+        ),
+        (
+            "reply-reclaimed",
+            Msg::Reply {
+                id: 14,
+                body: ReplyBody::Reclaimed(vec![Ok(true), Ok(false), Err(ErrorCode::NoSuchPage)]),
+            },
+        ),
+        (
             "welcome",
             Msg::Welcome {
                 domain: 1,
@@ -735,6 +777,13 @@ fn seed_frames() -> Vec<(&'static str, Vec<u8>)> {
             },
         ),
         (
+            "request-reclaim",
+            Msg::Request {
+                id: 15,
+                op: Op::Reclaim(vec![p(0, 4), p(0, 5), p(2, 0)]),
+            },
+        ),
+        (
             "error",
             Msg::Error {
                 code: ErrorCode::Protocol,
@@ -774,7 +823,7 @@ fn hand_written_fuzz_inputs() {
         .iter()
         .map(|(_, bytes)| decode(bytes).expect("a seed decodes").kind())
         .collect();
-    assert_eq!(kinds.len(), 11);
+    assert_eq!(kinds.len(), 12);
 }
 
 /// Writes [`seed_frames`] to `fuzz/corpus/wire_decode/seed-<name>`:

@@ -66,7 +66,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use page_memory::{PageId, PageMemory, RegionInfo, ScanHook, PAGE_SIZE};
+use page_memory::{PageId, PageMemory, RegionId, RegionInfo, ScanHook, PAGE_SIZE};
 use pip::{HostPool, Invalid, Mark, PoolStorage, PoolView, RegisterError, Reject, Release};
 
 #[cfg(feature = "test-util")]
@@ -252,6 +252,20 @@ impl Recycler {
             first_frame,
         });
         Ok(())
+    }
+
+    /// Drops the pool registered for `region` (its region went away): the recycler
+    /// lets go of the pool's memory and never touches it again. Returns whether there
+    /// was one.
+    pub fn unregister(&mut self, region: RegionId) -> bool {
+        let before = self.pools.len();
+        self.pools.retain(|p| p.region.id != region);
+        self.pools.len() != before
+    }
+
+    /// The regions that have a pool, in registration order.
+    pub fn pooled_regions(&self) -> Vec<RegionId> {
+        self.pools.iter().map(|p| p.region.id).collect()
     }
 
     fn pool_for(&self, page: PageId) -> Option<&Pool> {

@@ -216,3 +216,29 @@ fn a_broken_pool_header_is_counted_not_trusted() {
     assert_eq!(stats.invalid_pool, 1);
     assert!(!mem.is_zero_mapped(p).unwrap());
 }
+
+#[test]
+fn an_unregistered_pool_is_never_touched_again() {
+    let (mem, info, pool, mut recycler) = setup(4);
+    assert_eq!(recycler.pooled_regions(), [info.id]);
+    let view = pool.view().unwrap();
+    let pages = SimGuestPage::region(&mem, info.id, 4);
+    let mut alloc = PageAllocator::new(Hooks::attach(view).unwrap(), &pages, 1);
+    let (frame, page) = alloc.alloc(0).unwrap();
+    page.fill(9);
+    alloc.free(0, frame).unwrap();
+    // Its region went away: the pool is dropped, nothing is read or recycled any more.
+    assert!(recycler.unregister(info.id));
+    assert!(!recycler.unregister(info.id));
+    assert!(recycler.pooled_regions().is_empty());
+    assert_eq!(Arc::strong_count(&pool), 1);
+    assert!(!recycler.examine(&*mem, page.id()));
+    assert_eq!(recycler.scan_pass(&*mem), 0);
+    assert_eq!(recycler.stats().pages_scanned, 0);
+    assert!(!mem.is_zero_mapped(page.id()).unwrap());
+    // The region can have a pool again.
+    let again = Arc::new(Pool::new());
+    again.init().unwrap();
+    recycler.register(again, 4, SECRET ^ 1, info, 1).unwrap();
+    assert_eq!(recycler.pooled_regions(), [info.id]);
+}

@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! pageoned [--socket PATH] [--domain UID=DOMAIN]... [--only-listed]
-//!          [--period-ms N] [--threads N] [--stable-periods N] [--stats-s N]
+//!          [--period-ms N] [--threads N] [--stable-periods N] [--stats-s N] [--recycle]
 //! ```
+//! `--recycle` runs the Per Page Recycler in the passes: the agents of VMMs that
+//! registered PIP pools recycle the pages their guests freed.
 //! Runs until killed. A killed service leaves every guest running (see the module docs
 //! of `pageoned::service`); a restarted one removes the stale socket and the agents
 //! reconnect.
@@ -23,11 +25,12 @@ fn main() {
     let mut threads = 1;
     let mut stable = 2u8;
     let mut stats_every = Duration::from_secs(10);
+    let mut recycle = false;
     let usage = |why: &str| -> ! {
         eprintln!("pageoned: {why}");
         eprintln!(
             "usage: pageoned [--socket PATH] [--domain UID=DOMAIN]... [--only-listed] \
-             [--period-ms N] [--threads N] [--stable-periods N] [--stats-s N]"
+             [--period-ms N] [--threads N] [--stable-periods N] [--stats-s N] [--recycle]"
         );
         std::process::exit(2)
     };
@@ -50,6 +53,7 @@ fn main() {
                 }
             }
             "--only-listed" => only_listed = true,
+            "--recycle" => recycle = true,
             "--period-ms" => {
                 period =
                     Duration::from_millis(value().parse().unwrap_or_else(|_| usage("--period-ms")))
@@ -74,7 +78,8 @@ fn main() {
         .stable_periods(stable);
     let mut config = ServiceConfig::new(&socket)
         .with_engine(engine)
-        .with_only_listed(only_listed);
+        .with_only_listed(only_listed)
+        .with_recycle(recycle);
     for (uid, d) in domains {
         config = config.with_domain(uid, DomainId(d));
     }
@@ -99,8 +104,8 @@ fn main() {
         for d in service.domains() {
             if let Some(e) = service.engine_stats(d) {
                 line += &format!(
-                    "; domain {:#x}: {} shared, {} sharing, {} unique",
-                    d.0, e.pages_shared, e.pages_sharing, e.pages_unique
+                    "; domain {:#x}: {} shared, {} sharing, {} unique, {} recycled",
+                    d.0, e.pages_shared, e.pages_sharing, e.pages_unique, e.recycled
                 );
             }
         }

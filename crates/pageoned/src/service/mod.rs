@@ -25,6 +25,31 @@
 //!   agents), merged pages stay valid (the VMMs keep mapping the old store), and agents
 //!   reconnect to a new service, which starts from scratch with new stores.
 //!
+//! # The Per Page Recycler across processes
+//! With [`ServiceConfig::with_recycle`], a domain's passes also give back the pages the
+//! guests freed (PPR, `ppr_host`). The PIP pool stays where the guest put it, in its
+//! VMM's guest RAM, and the proof that a page is free is a CAS on the pool's slot, so
+//! **the agent proves, the service only asks**:
+//!
+//! - the VMM registers the pool with its agent
+//!   ([`Agent::register_pool`](crate::agent::Agent::register_pool): the pool's memory,
+//!   id, secret indicator and the region's first guest frame); the agent's own
+//!   `ppr_host::Recycler` over its Linux backend holds it, and the agent tells the
+//!   service which of its regions have a pool ([`Msg::Pools`]);
+//! - each pass offers a chunk's volatile pages (changed recently) to the service's scan
+//!   hook, which sends the agent of a pooled region one
+//!   [`Op::Reclaim`](crate::wire::Op::Reclaim) per batch; pages of regions without a
+//!   pool, and VMMs without pools, are never asked about;
+//! - the agent runs `Recycler::examine` on each page in its own process (read the mark,
+//!   validate it against the pool, claim the slot, recycle the page, complete the
+//!   claim) and answers which pages it recycled; the engine leaves those alone this
+//!   pass.
+//!
+//! The service never reads or writes a pool, never learns a pool's secret, and cannot
+//! make an agent recycle a page its guest did not offer: a compromised service can only
+//! ask. A hostile guest's pool (a bad header, marks or slots naming other frames) is the
+//! agent's recycler's to reject, page by page (counted in its `ppr_host::Stats`).
+//!
 //! # Consistency
 //! The engine's invariants hold across processes: the agent checks each merge under the
 //! page's lock (protected under its token, equal to the canonical page) in the VMM, and a
@@ -50,7 +75,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use page_memory::linux::shared::{is_guest_range, ClientId, SharedStore, SharedStoreStats};
-use page_memory::{DomainId, PageMemory, PAGE_SIZE};
+use page_memory::{DomainId, PageId, PageMemory, ScanHook, PAGE_SIZE};
 use pageone::{PageOne, PassReport};
 
 use self::remote::RemoteRegion;
@@ -84,6 +109,12 @@ pub struct ServiceConfig {
     pub max_pages_per_vmm: u64,
     /// The most VMMs connected at once (default 4096); more are refused.
     pub max_vmms: usize,
+    /// Run the Per Page Recycler in every domain's passes (default off): each pass
+    /// offers the volatile pages of VMMs whose agents registered PIP pools to those
+    /// agents ([`Op::Reclaim`](crate::wire::Op::Reclaim), one request per batch), which
+    /// recycle the ones their guests freed. See [*The Per Page
+    /// Recycler*](self#the-per-page-recycler-across-processes).
+    pub recycle: bool,
 }
 
 impl ServiceConfig {
@@ -99,7 +130,14 @@ impl ServiceConfig {
             request_timeout: Duration::from_secs(10),
             max_pages_per_vmm: 1 << 26,
             max_vmms: 4096,
+            recycle: false,
         }
+    }
+
+    /// Sets [`recycle`](Self::recycle).
+    pub fn with_recycle(mut self, on: bool) -> Self {
+        self.recycle = on;
+        self
     }
 
     /// Sets [`max_vmms`](Self::max_vmms).
@@ -164,6 +202,23 @@ impl ServiceConfig {
             Some(d) => Some(*d),
             None if self.only_listed => None,
             None => Some(DomainId(PER_UID | (uid & !PER_UID))),
+        }
+    }
+}
+
+/// The Per Page Recycler in a domain's passes ([`ServiceConfig::recycle`]): PageONE
+/// offers it each chunk's volatile pages, and it asks each page's agent, one request per
+/// batch, to reclaim them ([`RemoteMemory::reclaim`]); the agents prove and recycle.
+struct Reclaimer;
+
+impl ScanHook<RemoteMemory> for Reclaimer {
+    fn examine(&self, memory: &RemoteMemory, page: PageId) -> bool {
+        matches!(memory.reclaim(&[page]).pop(), Some(Ok(true)))
+    }
+
+    fn examine_batch(&self, memory: &RemoteMemory, pages: &[PageId], taken: &mut [bool]) {
+        for (t, r) in taken.iter_mut().zip(memory.reclaim(pages)) {
+            *t = matches!(r, Ok(true));
         }
     }
 }
@@ -435,7 +490,15 @@ impl Shared {
         let store = SharedStore::new(self.config.store_home_slots)
             .map_err(|e| io::Error::other(format!("the domain's store: {e}")))?;
         let memory = Arc::new(RemoteMemory::new(id, Arc::new(store)));
-        let engine = PageOne::new(memory.clone(), self.config.engine.clone())?;
+        let engine = if self.config.recycle {
+            PageOne::with_hook(
+                memory.clone(),
+                self.config.engine.clone(),
+                Arc::new(Reclaimer),
+            )?
+        } else {
+            PageOne::new(memory.clone(), self.config.engine.clone())?
+        };
         let d = Arc::new(Domain { memory, engine });
         domains.insert(id, d.clone());
         Ok(d)
@@ -618,6 +681,13 @@ impl Shared {
                     }
                 }
                 Msg::Mappings { in_use, limit } => session.set_mappings(in_use, limit),
+                Msg::Pools { id, regions } => {
+                    session.set_pools(&regions);
+                    let answer = Msg::Registered { id, result: Ok(()) };
+                    if session.send(&answer, &[]).is_err() {
+                        return;
+                    }
+                }
                 Msg::Register { id, regions } => {
                     let result = self.register(session, dom, &regions);
                     if session.send(&Msg::Registered { id, result }, &[]).is_err() {

@@ -577,3 +577,37 @@ impl RemoteMemory {
         finish(out)
     }
 }
+
+impl RemoteMemory {
+    /// The Per Page Recycler across processes: asks the agent of each page's VMM to
+    /// recycle those of `pages` its guest freed ([`Op::Reclaim`]: the agent proves each
+    /// against the pool in its guest's memory), one request per run of one region.
+    /// Pages of regions whose agent reported no pool are not asked about (`Ok(false)`).
+    /// Recycled pages are told to the dirty hook.
+    pub(crate) fn reclaim(&self, pages: &[PageId]) -> Vec<Result<bool, PageError>> {
+        let mut out = results(pages.len());
+        for (r, idx) in self.plan(pages, |p| *p, &mut out) {
+            if !r.session.has_pool(r.agent_region) {
+                for &i in &idx {
+                    out[i] = Some(Ok(false));
+                }
+                continue;
+            }
+            let refs = idx.iter().map(|&i| r.at(pages[i].index)).collect();
+            let reply = r.session.call(Op::Reclaim(refs)).and_then(|b| match b {
+                ReplyBody::Reclaimed(v) => Ok(v),
+                _ => Err(WRONG),
+            });
+            spread(&mut out, &idx, reply, |i, d| {
+                d.map_err(|c| to_err(c, pages[i]))
+            });
+        }
+        let out = finish(out);
+        for (r, &p) in out.iter().zip(pages) {
+            if matches!(r, Ok(true)) {
+                self.dirty(p);
+            }
+        }
+        out
+    }
+}

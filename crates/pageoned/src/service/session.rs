@@ -1,6 +1,6 @@
 //! A connected VMM: its socket, its calls in flight, and what it reported.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +44,9 @@ pub(crate) struct Session {
     timeout: Duration,
     /// Its regions, by the agent's number.
     pub(crate) regions: RwLock<HashMap<u32, Arc<RemoteRegion>>>,
+    /// Its regions (the agent's numbers) with a PIP pool ([`Msg::Pools`]): the only
+    /// ones it is asked to reclaim pages of.
+    pooled: RwLock<HashSet<u32>>,
     pub(crate) counters: SessionCounters,
 }
 
@@ -75,6 +78,7 @@ impl Session {
             limit: AtomicU64::new(0),
             timeout,
             regions: RwLock::new(HashMap::new()),
+            pooled: RwLock::new(HashSet::new()),
             counters: SessionCounters::default(),
         }
     }
@@ -103,6 +107,19 @@ impl Session {
     pub(crate) fn set_mappings(&self, in_use: u64, limit: u64) {
         self.in_use.store(in_use, Ordering::Relaxed);
         self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// The agent's regions with a pool are now `regions` (its [`Msg::Pools`]).
+    pub(crate) fn set_pools(&self, regions: &[u32]) {
+        *self.pooled.write().unwrap_or_else(|e| e.into_inner()) = regions.iter().copied().collect();
+    }
+
+    /// Whether the agent's region `region` has a pool (its pages may be reclaimed).
+    pub(crate) fn has_pool(&self, region: u32) -> bool {
+        self.pooled
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&region)
     }
 
     /// Sends `msg` (with `fds`), whole or not at all.
@@ -199,7 +216,7 @@ impl Session {
 /// Pages an operation names.
 fn op_pages(op: &Op) -> u64 {
     (match op {
-        Op::Protect(v) | Op::Unprotect(v) | Op::Recycle(v) => v.len(),
+        Op::Protect(v) | Op::Unprotect(v) | Op::Recycle(v) | Op::Reclaim(v) => v.len(),
         Op::CanonicalizeAt(v) => v.len(),
         Op::MergeAt(v) => v.len(),
         Op::Unmerge(_) => 1,
