@@ -274,46 +274,83 @@ mod run {
         }
     }
 
-    fn ksm_run(a: &Args) -> Result<Outcome, String> {
-        ksm::available()?;
-        if ksm::in_use() {
-            return Err(ksm::IN_USE.into());
+    /// KSM claimed for a run: ksmd's pid, and the knobs to put back when dropped.
+    pub(crate) struct KsmRun {
+        pid: u32,
+        _restore: ksm::Restore,
+    }
+
+    /// What ksmd did from `run` = 1 until `pages_sharing` reached the count asked for.
+    pub(crate) struct KsmConverged {
+        pub(crate) wall: Duration,
+        pub(crate) cpu: Duration,
+        pub(crate) merged: u64,
+        /// Its metadata in the kernel (rmap items), which no `Pss` shows.
+        pub(crate) metadata: u64,
+    }
+
+    impl KsmRun {
+        /// Claims KSM (refused if another user has pages merged or it running), fast
+        /// knobs: `pages_to_scan` 4096, `sleep_millisecs` 0 (the rest of
+        /// `set_up_comparison`).
+        pub(crate) fn claim() -> Result<KsmRun, String> {
+            ksm::available()?;
+            if ksm::in_use() {
+                return Err(ksm::IN_USE.into());
+            }
+            let pid = ksm::ksmd()?;
+            let restore = ksm::set_up_comparison();
+            ksm::put("pages_to_scan", "4096");
+            ksm::put("sleep_millisecs", "0");
+            Ok(KsmRun {
+                pid,
+                _restore: restore,
+            })
         }
-        let pid = ksm::ksmd()?;
-        let _restore = ksm::set_up_comparison();
-        ksm::put("pages_to_scan", "4096");
-        ksm::put("sleep_millisecs", "0");
+
+        /// Runs ksmd until `pages_sharing` reaches `want` (at most 600 s).
+        pub(crate) fn converge(&self, want: u64) -> KsmConverged {
+            let cpu0 = thread_cpu(self.pid, &[]);
+            let t0 = Instant::now();
+            ksm::put("run", "1");
+            while ksm::num("pages_sharing") < want && t0.elapsed() < Duration::from_secs(600) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let wall = t0.elapsed();
+            let cpu = thread_cpu(self.pid, &[]) - cpu0;
+            let merged = ksm::num("pages_sharing");
+            // general_profit is what merging saved net of KSM's metadata.
+            let metadata = match ksm::read("general_profit").trim().parse::<i64>() {
+                Ok(profit) => (merged as i64 * 4096 - profit).max(0) as u64,
+                Err(_) => 0,
+            };
+            KsmConverged {
+                wall,
+                cpu,
+                merged,
+                metadata,
+            }
+        }
+    }
+
+    fn ksm_run(a: &Args) -> Result<Outcome, String> {
+        let run = KsmRun::claim()?;
         let mut vms = spawn_vms(a, &Dedup::Ksm);
         let before: u64 = vms.iter().map(|v| v.pss()).sum();
         start_writers(&mut vms, a.writers);
-        let cpu0 = thread_cpu(pid, &[]);
-        let t0 = Instant::now();
-        ksm::put("run", "1");
-        let want = expected(a);
-        while ksm::num("pages_sharing") < want && t0.elapsed() < Duration::from_secs(600) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let wall = t0.elapsed();
-        let spent = thread_cpu(pid, &[]) - cpu0;
-        let merged = ksm::num("pages_sharing");
-        // KSM's own metadata (rmap items) is kernel memory no Pss shows: general_profit
-        // is what merging saved net of it.
-        let metadata = match ksm::read("general_profit").trim().parse::<i64>() {
-            Ok(profit) => (merged as i64 * 4096 - profit).max(0) as u64,
-            Err(_) => 0,
-        };
-        let after = vms.iter().map(|v| v.pss()).sum::<u64>() + metadata;
+        let k = run.converge(expected(a));
+        let after = vms.iter().map(|v| v.pss()).sum::<u64>() + k.metadata;
         let checked = finish(&mut vms);
         drop(vms);
         ksm::unmerge_and_stop(Duration::from_secs(30), Duration::from_millis(10));
         Ok(Outcome {
             engine: "KSM".into(),
-            merged,
+            merged: k.merged,
             before,
             after,
-            own: metadata,
-            cpu: spent,
-            wall,
+            own: k.metadata,
+            cpu: k.cpu,
+            wall: k.wall,
             checked,
             round_trips: None,
         })

@@ -33,7 +33,7 @@ use pageoned::agent::{Agent, AgentConfig};
 use pageoned::demo::{pss, thread_cpu};
 use pageoned::service::{Service, ServiceConfig};
 
-use crate::run::{Args, Checked, Outcome};
+use crate::run::{Args, Checked, KsmRun, Outcome};
 
 /// Where a child learns how to deduplicate: `ksm`, or the service's socket.
 const DEDUP_ENV: &str = "CROSS_PROCESS_KVM_DEDUP";
@@ -281,42 +281,22 @@ pub fn pageoned_run(a: &Args, threads: usize, dir: &Path) -> Result<Outcome, Str
 
 /// The KSM run on real guests.
 pub fn ksm_run(a: &Args, dir: &Path) -> Result<Outcome, String> {
-    ksm::available()?;
-    if ksm::in_use() {
-        return Err(ksm::IN_USE.into());
-    }
-    let pid = ksm::ksmd()?;
-    let _restore = ksm::set_up_comparison();
-    ksm::put("pages_to_scan", "4096");
-    ksm::put("sleep_millisecs", "0");
+    let run = KsmRun::claim()?;
     let children = Children::spawn(a, "ksm", &dir.join("gate-ksm"));
     children.wait_filled()?;
     let before = children.pss();
-    let cpu0 = thread_cpu(pid, &[]);
-    let t0 = Instant::now();
-    ksm::put("run", "1");
-    let want = want(a);
-    while ksm::num("pages_sharing") < want && t0.elapsed() < Duration::from_secs(600) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let wall = t0.elapsed();
-    let spent = thread_cpu(pid, &[]) - cpu0;
-    let merged = ksm::num("pages_sharing");
-    let metadata = match ksm::read("general_profit").trim().parse::<i64>() {
-        Ok(profit) => (merged as i64 * 4096 - profit).max(0) as u64,
-        Err(_) => 0,
-    };
-    let after = children.pss() + metadata;
+    let k = run.converge(want(a));
+    let after = children.pss() + k.metadata;
     let checked = children.finish();
     ksm::unmerge_and_stop(Duration::from_secs(30), Duration::from_millis(10));
     Ok(Outcome {
         engine: "KSM".into(),
-        merged,
+        merged: k.merged,
         before,
         after,
-        own: metadata,
-        cpu: spent,
-        wall,
+        own: k.metadata,
+        cpu: k.cpu,
+        wall: k.wall,
         checked: checked?,
         round_trips: None,
     })

@@ -1129,19 +1129,9 @@ mod tests {
     /// A guest region of `pages` pages adopted by `mem`, as `declare` leaves it.
     fn region(shared: &Shared, mem: &LinuxMemory, pages: usize) -> (usize, RegionId) {
         let len = pages * PAGE_SIZE;
-        // SAFETY: a fresh private anonymous mapping, unmapped by the test after its region
-        // was removed.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
+        // A fresh private anonymous mapping, unmapped by the test after its region was
+        // removed.
+        let base = page_memory::linux::test_util::embedder_mmap(len);
         let mut g = Guest {
             base: base as usize,
             len,

@@ -239,22 +239,8 @@ fn removing_a_region_drops_its_pool() {
     let Some((_dir, path, _svc)) = start("remove") else {
         return;
     };
-    let map = |len: usize| {
-        // SAFETY: a fresh private anonymous mapping, unmapped by `unmap` after the
-        // region was removed.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        p as *mut u8
-    };
+    // A fresh private anonymous mapping, unmapped by `unmap` after the region was removed.
+    let map = page_memory::linux::test_util::embedder_mmap;
     let unmap = |p: *mut u8, len: usize| {
         // SAFETY: our own mapping, its region removed from the agent.
         assert_eq!(unsafe { libc::munmap(p.cast(), len) }, 0);
@@ -320,41 +306,9 @@ fn removing_a_region_drops_its_pool() {
     unmap(ram, len);
 }
 
-mod raw {
-    use std::os::fd::OwnedFd;
-    use std::path::Path;
-    use std::time::Duration;
-
-    use pageoned::socket;
-    use pageoned::wire::{self, Msg, WireError};
-
-    /// Sends `msg`.
-    pub fn send(fd: &OwnedFd, msg: &Msg) {
-        let mut frame = Vec::new();
-        wire::encode(msg, &mut frame).unwrap();
-        socket::send(fd, &frame, &[]).unwrap();
-    }
-
-    /// The next message (`None`: end of stream), waiting at most 5 s.
-    pub fn recv(fd: &OwnedFd) -> Option<Result<Msg, WireError>> {
-        let mut buf = Vec::new();
-        socket::recv(fd, &mut buf, Some(Duration::from_secs(5)))
-            .unwrap()
-            .map(|_| wire::decode(&buf))
-    }
-
-    /// Connects, says hello and takes the welcome (which carries the store).
-    pub fn hello(path: &Path, name: &str) -> OwnedFd {
-        let fd = socket::connect(path).unwrap();
-        send(&fd, &Msg::Hello { name: name.into() });
-        let mut buf = Vec::new();
-        let got = socket::recv(&fd, &mut buf, Some(Duration::from_secs(5)))
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.fds.len(), 1, "the welcome carries the store");
-        fd
-    }
-}
+/// A connection that speaks the wire protocol by hand (a broken or hostile agent).
+#[path = "common/raw.rs"]
+mod raw;
 
 /// An "agent" that says its region has a pool, then answers the service's reclaim
 /// requests with too many results, with the wrong kind of reply, and with errors: the
