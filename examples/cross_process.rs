@@ -333,27 +333,35 @@ mod run {
         }
     }
 
+    impl KsmConverged {
+        /// The run's outcome, from the VMs' memory before and after (`Pss`) and what
+        /// their checks saw; unmerges everything and stops ksmd.
+        pub(crate) fn outcome(self, before: u64, pss_after: u64, checked: Checked) -> Outcome {
+            ksm::unmerge_and_stop(Duration::from_secs(30), Duration::from_millis(10));
+            Outcome {
+                engine: "KSM".into(),
+                merged: self.merged,
+                before,
+                after: pss_after + self.metadata,
+                own: self.metadata,
+                cpu: self.cpu,
+                wall: self.wall,
+                checked,
+                round_trips: None,
+            }
+        }
+    }
+
     fn ksm_run(a: &Args) -> Result<Outcome, String> {
         let run = KsmRun::claim()?;
         let mut vms = spawn_vms(a, &Dedup::Ksm);
         let before: u64 = vms.iter().map(|v| v.pss()).sum();
         start_writers(&mut vms, a.writers);
         let k = run.converge(expected(a));
-        let after = vms.iter().map(|v| v.pss()).sum::<u64>() + k.metadata;
+        let after = vms.iter().map(|v| v.pss()).sum::<u64>();
         let checked = finish(&mut vms);
         drop(vms);
-        ksm::unmerge_and_stop(Duration::from_secs(30), Duration::from_millis(10));
-        Ok(Outcome {
-            engine: "KSM".into(),
-            merged: k.merged,
-            before,
-            after,
-            own: k.metadata,
-            cpu: k.cpu,
-            wall: k.wall,
-            checked,
-            round_trips: None,
-        })
+        Ok(k.outcome(before, after, checked))
     }
 
     pub fn main() {

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use kvm_vmm::process::{child_vm, send, ChildVm};
 use kvm_vmm::workload::Checker;
 use kvm_vmm::{abi, CallHook, Vm};
-use page_memory::linux::test_util::ksm;
 use page_memory::vmm::vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use pageoned::agent::{Agent, AgentConfig};
 use pageoned::demo::{pss, thread_cpu};
@@ -286,18 +285,7 @@ pub fn ksm_run(a: &Args, dir: &Path) -> Result<Outcome, String> {
     children.wait_filled()?;
     let before = children.pss();
     let k = run.converge(want(a));
-    let after = children.pss() + k.metadata;
-    let checked = children.finish();
-    ksm::unmerge_and_stop(Duration::from_secs(30), Duration::from_millis(10));
-    Ok(Outcome {
-        engine: "KSM".into(),
-        merged: k.merged,
-        before,
-        after,
-        own: k.metadata,
-        cpu: k.cpu,
-        wall: k.wall,
-        checked: checked?,
-        round_trips: None,
-    })
+    let after = children.pss();
+    let checked = children.finish()?;
+    Ok(k.outcome(before, after, checked))
 }

@@ -36,31 +36,8 @@ fn socket(name: &str) -> (tempdir::Dir, PathBuf) {
     (dir, path)
 }
 
-mod tempdir {
-    /// A directory removed when dropped.
-    pub struct Dir(pub std::path::PathBuf);
-
-    impl Dir {
-        pub fn new(name: &str) -> Dir {
-            let p = std::env::temp_dir().join(format!(
-                "pageoned-test-{name}-{}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+#[path = "common/tempdir.rs"]
+mod tempdir;
 
 /// Whether the backend can run here (userfaultfd write-protect); says why not.
 fn backend_here() -> bool {

@@ -27,29 +27,9 @@ fn vmm(socket: &Path, pages: usize, seed: u64) -> Vmm {
     Vmm::spawn(cmd, &Dedup::Service(socket.to_path_buf()), pages, 0, seed)
 }
 
-/// A directory removed when dropped.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!(
-            "pageoned-ppr-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+#[path = "common/tempdir.rs"]
+mod tempdir;
+use tempdir::Dir;
 
 /// A service with the recycler (passes by hand) on a fresh socket, where the backend can
 /// run.
