@@ -2,14 +2,18 @@
 //!
 //! # Two indexes, one authority
 //! Each canonical page is indexed twice: in its group's SD tree under its contents (the
-//! frame, read in place), and in a table under its *print* (the engine's seeded
+//! frame, read in place), and in a table under its *print* (the engine's keyed
 //! fingerprint of the frame, tagged with the group: see [`Uniques`](crate::unique)).
 //! The tree is the authority: `insert_or_get` on it decides which of two equal pages
 //! becomes canonical, and a page whose contents were read is looked up there. The table
 //! lets a stable page whose print is already known (computed when it was protected: see
 //! *Page life cycle* in the crate docs) find its canonical page without being read again.
 //! A print is a hint: a merge found through it is verified in full by the backend at the
-//! switch, like every merge, and a page that turns out to differ is treated as written.
+//! switch, like every merge, and a page that turns out to differ (a collision of prints)
+//! is looked up by its contents at the next pass. Of two canonical pages with equal
+//! prints the one entered first keeps the table's entry while it has sharers; a table hit
+//! of another group's page (equal tagged prints of equal contents: possible only by a
+//! collision) is ignored, so the table never merges across trust domains.
 //!
 //! # Consistency
 //! A canonical page enters the table just after the tree and leaves it when it leaves the
@@ -37,6 +41,8 @@ pub(crate) struct Canon<F> {
     pub(crate) sharers: AtomicU32,
     /// The frame's print in its group (its key in [`Prints`]).
     print: u64,
+    /// Its tree's group: a page of another group never takes it from the table.
+    group: usize,
 }
 
 /// Canonical pages by print, in shards locked separately.
@@ -67,8 +73,18 @@ impl<F> Prints<F> {
         self.shard(print).get(&print).cloned()
     }
 
+    /// Enters `canon` under its print, unless a canonical page that still has sharers is
+    /// there (equal prints of other contents: the one entered first keeps the entry, and
+    /// pages of `canon`'s contents find it in the tree by their contents, see
+    /// `MergeOutcome::Differs` in `flush`).
     fn insert(&self, canon: &Arc<Canon<F>>) {
-        self.shard(canon.print).insert(canon.print, canon.clone());
+        let mut shard = self.shard(canon.print);
+        match shard.get(&canon.print) {
+            Some(live) if live.sharers.load(Ordering::Relaxed) > 0 => {}
+            _ => {
+                shard.insert(canon.print, canon.clone());
+            }
+        }
     }
 
     /// Takes `canon` out, if it is still the page under its print.
@@ -190,8 +206,9 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
     /// as [`find`](Self::find) does by contents. A hint: the page found may differ from
     /// the caller's (a collision of prints), which the backend's merge finds out.
     pub(crate) fn find_print(&self, domain: DomainId, print: u64) -> Found<F> {
+        let group = self.group(domain);
         match self.prints.get(print) {
-            Some(c) if c.sharers.load(Ordering::Relaxed) == 0 => Found::Vacant,
+            Some(c) if c.group != group || c.sharers.load(Ordering::Relaxed) == 0 => Found::Vacant,
             Some(c) if c.sharers.load(Ordering::Relaxed) < self.max_sharing => Found::Existing(c),
             Some(full) => {
                 self.retire_full(self.tree(domain), &full);
@@ -225,6 +242,7 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
             frame: frame.clone(),
             sharers: AtomicU32::new(1),
             print,
+            group: self.group(domain),
         });
         match self
             .tree(domain)

@@ -57,11 +57,15 @@ pub struct Config {
     /// of its limit in use; see *Unique pages* and *The mapping budget* in the crate
     /// docs).
     pub unique_in_place: bool,
-    /// Protect a volatile page only once a pass found it unchanged since the previous pass
-    /// (equal prints of two reads: Linux KSM's checksum test), rather than at the first
-    /// pass that sees it volatile (default on). A page the guest keeps writing is then
-    /// never write-protected, so it never costs the guest a fault (on Linux a round trip
-    /// to the backend's fault thread, several times KSM's copy-on-write break); the price
+    /// Keep a volatile page protected only once a pass found it unchanged since the
+    /// previous pass (equal prints of two reads: Linux KSM's checksum test), rather than
+    /// protecting it at the first pass that sees it volatile (default on). The second read
+    /// is done under protection (so the print is exact and the page need not be read
+    /// again when it merges), and a page found changed is unprotected at the end of that
+    /// read and read unprotected at later passes until a read finds it unchanged. A page
+    /// the guest keeps writing is so protected only while one chunk of pages is read, and
+    /// costs the guest a fault (on Linux a round trip to the backend's fault thread,
+    /// several times KSM's copy-on-write break) only if written in that moment; the price
     /// is a read and a print of every volatile page each merge pass. The unchanged period
     /// counts as the first of `stable_periods`, so a page written once still merges in the
     /// same pass as without it (with `stable_periods` 1, one pass later). Off: every
@@ -73,6 +77,12 @@ pub struct Config {
     /// Called with every [`Event`] as it happens (on a work thread: keep it short). The
     /// same facts are in [`Stats`](crate::Stats) for an embedder that polls.
     pub on_event: Option<EventHook>,
+    /// Test hook: prints keep only their lowest `print_bits` bits (64, the default: all),
+    /// so that pages of different contents get equal prints. A print is only a hint
+    /// (every merge is verified in full by the backend), and the engine's tests use this
+    /// to show that collisions cost work and never a missed or wrong merge.
+    #[doc(hidden)]
+    pub print_bits: u32,
 }
 
 /// Something the embedder may want to act on, sent to [`Config::on_event`].
@@ -127,11 +137,29 @@ impl Default for Config {
             unique_in_place: true,
             unchanged_before_protect: true,
             on_event: None,
+            print_bits: 64,
         }
     }
 }
 
 impl Config {
+    /// Sets the `print_bits` field (a test hook).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn print_bits(mut self, bits: u32) -> Self {
+        self.print_bits = bits;
+        self
+    }
+
+    /// The mask `print_bits` keeps of a print.
+    pub(crate) fn print_mask(&self) -> u64 {
+        if self.print_bits >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.print_bits) - 1
+        }
+    }
+
     /// Sets the `merge_period` field.
     #[must_use]
     pub fn merge_period(mut self, period: Duration) -> Self {

@@ -42,8 +42,9 @@
 //!   (runs of pages at once, [`PageMemory::read_pages`]) and looked up in the SD tree.
 //!   An equal canonical page is merged with it through [`PageMemory::merge`], which
 //!   re-checks protection and compares the page in full atomically with the switch, so a
-//!   print only ever saves work: a page found by a colliding print differs at the switch
-//!   and is treated as written;
+//!   print only ever saves work: a page found by a colliding print differs at the switch,
+//!   stays watched, and is read and looked up in the SD tree by its contents at the next
+//!   pass (test `colliding_prints_cost_work_not_merges`, with prints cut to a few bits);
 //! - if there is none, and no *unique* page has the same contents, the page is **unique**:
 //!   it stays where it is, protected, and is indexed (see *Unique pages*);
 //! - if a unique page has the same contents (its **twin**), this page becomes canonical
@@ -685,7 +686,7 @@ impl<M: PageMemory + 'static> PageOne<M> {
         let shared = Arc::new(Shared {
             memory,
             layout: RwLock::new(Arc::new(layout)),
-            uniques: Uniques::new(),
+            uniques: Uniques::with_mask(config.print_mask()),
             counters: Counters::default(),
             knobs: Knobs::new(&config),
             hook,

@@ -402,6 +402,9 @@ impl<M: PageMemory> Ctx<'_, M> {
                         self.counters.recycled.fetch_add(1, Ordering::Relaxed);
                         t.recycled += 1;
                         e.skip = 0;
+                        // Its contents are gone: its next read is a first one.
+                        e.phase = Phase::Volatile { print: 0 };
+                        e.recheck = false;
                         continue;
                     }
                     if kind == PassKind::Merge {
@@ -1028,11 +1031,21 @@ impl<M: PageMemory> Ctx<'_, M> {
                     e.backoff = 0;
                     e.parked = false;
                 }
-                // `Differs`: the tree verified equality against our snapshot of a protected
-                // page, so the backend saw a write we did not: treat it as one.
+                // `Differs`: the page is protected and unwritten but not equal to the
+                // canonical page: it was found by a print its contents share with other
+                // contents (a collision), or it was written in a way the backend saw and
+                // we have not yet. Either way it stays watched and is read and looked up
+                // by its contents at the next pass (a write, if any, is noticed first),
+                // never again by that print: a collision costs work, not a merge.
                 (Ok(MergeOutcome::Differs), _) => {
                     t.differs += 1;
-                    self.raced(e);
+                    self.counters.merge_races.fetch_add(1, Ordering::Relaxed);
+                    e.phase = Phase::Watch {
+                        token,
+                        periods: self.stable_periods,
+                        print: 0,
+                    };
+                    e.parked = false;
                 }
                 (Ok(MergeOutcome::Changed), _) => {
                     t.changed += 1;

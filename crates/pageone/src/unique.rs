@@ -24,9 +24,16 @@
 //! merge itself is verified as every merge is: the newcomer becomes canonical only if it
 //! is still protected under its token, and the indexed page merges with it only if the
 //! backend finds it protected, unwritten and equal in full at the switch. Equal prints of
-//! different contents (a collision: about one in 2⁶⁴ per pair, and the seed is random per
-//! engine, so a guest cannot aim for one) cost one needless canonicalization; the indexed
-//! page then finds no equal canonical page and is indexed again.
+//! different contents (a collision) cost work, never a wrong merge: one needless
+//! canonicalization, after which the indexed page, found different at the switch, is read
+//! and looked up by its contents at the next pass (in the SD tree, not by print) and
+//! merged or indexed again.
+//!
+//! The print is XXH3 keyed with a secret of 192 random bytes per engine
+//! (`xxh3_64_with_secret`: its long-input rounds are an NH-style universal hash of the
+//! data XORed with the secret), tagged with the tree group. It is not a cryptographic
+//! MAC: it makes collisions unlikely for contents chosen without the secret, which no
+//! guest sees, and a collision found anyway only costs work as above.
 //!
 //! An entry is removed when its page is written (the engine notices at its next pass over
 //! the page), when a twin takes it (under the shard's lock, so one twin takes it once),
@@ -37,7 +44,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 
-use page_memory::{PageId, ProtectToken, PAGE_SIZE};
+use page_memory::{PageId, ProtectToken};
 
 /// An indexed unique page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,30 +98,45 @@ type Shard = HashMap<u64, UniqueRef, BuildPrintHasher>;
 /// holds one shard for a hash probe).
 pub(crate) struct Uniques {
     shards: Box<[Mutex<Shard>]>,
-    seed: u64,
+    /// The print's key ([`fingerprint`]).
+    secret: Box<[u8; SECRET_BYTES]>,
+    /// Test hook: prints are masked to this many bits (+1) to force collisions.
+    mask: u64,
 }
+
+/// Bytes of the print's secret (XXH3's default secret size).
+const SECRET_BYTES: usize = 192;
 
 impl Uniques {
     const SHARDS: usize = 64;
 
+    #[cfg(test)]
     pub(crate) fn new() -> Self {
-        // A seed nobody outside the engine knows, so a guest cannot aim for collisions.
-        let seed = std::collections::hash_map::RandomState::new().hash_one(0x5EED_u64);
+        Self::with_mask(u64::MAX)
+    }
+
+    /// An index whose prints keep only the bits of `mask` (all: `u64::MAX`); tests make
+    /// prints collide with a small mask.
+    pub(crate) fn with_mask(mask: u64) -> Self {
+        // A secret nobody outside the engine knows (std's per-process random keys).
+        let keys = std::collections::hash_map::RandomState::new();
+        let mut secret = Box::new([0u8; SECRET_BYTES]);
+        for (i, chunk) in secret.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&keys.hash_one(i as u64).to_le_bytes());
+        }
         Uniques {
             shards: (0..Self::SHARDS)
                 .map(|_| Mutex::new(Shard::default()))
                 .collect(),
-            seed,
+            secret,
+            mask,
         }
     }
 
     /// The print of a page's contents in tree group `group`: equal contents in one group
     /// have equal prints. Never 0.
     pub(crate) fn print(&self, bytes: &[u8], group: usize) -> u64 {
-        fingerprint(
-            bytes,
-            self.seed ^ (group as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        ) | 1
+        (fingerprint(bytes, &self.secret) ^ group_tag(group)) & self.mask | 1
     }
 
     fn shard(&self, print: u64) -> std::sync::MutexGuard<'_, Shard> {
@@ -162,32 +184,24 @@ impl Uniques {
     }
 }
 
-/// A seeded 64-bit fingerprint of a page (every word counts): equal pages have equal
-/// ones.
-pub(crate) fn fingerprint(bytes: &[u8], seed: u64) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    debug_assert!(bytes.len() <= PAGE_SIZE);
-    let mut lanes = [
-        seed ^ 1,
-        seed ^ 2,
-        seed.rotate_left(17) ^ 3,
-        seed.rotate_left(41) ^ 4,
-    ];
-    for c in bytes.chunks_exact(32) {
-        for (l, w) in lanes.iter_mut().zip(c.chunks_exact(8)) {
-            let w = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-            *l = (*l ^ w).wrapping_mul(K).rotate_left(29);
-        }
-    }
-    lanes
-        .iter()
-        .fold(seed, |h, &l| (h ^ l).wrapping_mul(K).rotate_left(31))
+/// A keyed 64-bit fingerprint of a page: equal pages have equal ones (see the module
+/// docs for what else it promises).
+fn fingerprint(bytes: &[u8], secret: &[u8; SECRET_BYTES]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_secret(bytes, secret)
+}
+
+/// What tells prints of different tree groups apart (a bijective mix of the group).
+fn group_tag(group: usize) -> u64 {
+    let mut x = (group as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use page_memory::RegionId;
+    use page_memory::{RegionId, PAGE_SIZE};
 
     fn page(i: u32) -> UniqueRef {
         UniqueRef {
@@ -215,6 +229,18 @@ mod tests {
         assert!(matches!(u.pair(p, page(6), false, |_| true), Pair::Alone));
         assert!(matches!(u.pair(p, page(7), true, |_| true), Pair::Indexed));
         assert!(matches!(u.pair(p, page(8), false, |_| true), Pair::Twin(r) if r == page(7)));
+    }
+
+    /// The old fingerprint's differential (bit 63 of word j against bit 28 of word j + 4,
+    /// which collided for every seed) does not collide.
+    #[test]
+    fn a_known_differential_does_not_collide() {
+        let u = Uniques::new();
+        let a: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 31 + 7) as u8).collect();
+        let mut b = a.clone();
+        b[7] ^= 0x80;
+        b[35] ^= 0x10;
+        assert_ne!(u.print(&a, 0), u.print(&b, 0));
     }
 
     #[test]

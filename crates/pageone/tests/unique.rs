@@ -283,3 +283,57 @@ fn a_stable_page_is_not_read_again_when_its_print_is_known() {
         assert_eq!(engine.stats().pages_sharing, 96 - 2 + 1);
     }
 }
+
+/// Prints are hints: with prints cut to 3 bits (so most contents share their print with
+/// others), every duplicate still merges with an equal page and nothing else, across the
+/// tree groups too, and every page reads as written. Collisions cost reads and
+/// refusals (`Differs`), never a missed or wrong merge.
+#[test]
+fn colliding_prints_cost_work_not_merges() {
+    for threads in [1, 2] {
+        let mem = Arc::new(SimMemory::new());
+        let a = mem.add_region(192, DomainId(0));
+        let b = mem.add_region(64, DomainId(1));
+        // Region a: 32 contents 4 times each (128 pages) and 64 unique pages; region b, in
+        // another trust domain: the same 32 contents twice each.
+        let seed_a = |i: u32| {
+            if i < 128 {
+                1 + (i * 7 % 32) as u64
+            } else {
+                500 + i as u64
+            }
+        };
+        let seed_b = |i: u32| 1 + (i % 32) as u64;
+        for i in 0..192 {
+            write(&mem, a, i, seed_a(i));
+        }
+        for i in 0..64 {
+            write(&mem, b, i, seed_b(i));
+        }
+        let engine = PageOne::new(mem.clone(), config(threads).print_bits(3)).unwrap();
+        for _ in 0..40 {
+            if engine.merge_pass().quiet() {
+                break;
+            }
+        }
+        let s = engine.stats();
+        // a: 32 canonical pages with 3 sharers each beyond the first; b: 32 with 1.
+        assert_eq!(
+            (s.pages_shared, s.pages_sharing),
+            (64, 96 + 32),
+            "{threads}t: {s:?}"
+        );
+        assert!(
+            s.merge_races > 0,
+            "the collisions were refused at the switch"
+        );
+        for i in 0..192 {
+            assert_eq!(read(&mem, a, i), content(seed_a(i)), "a {i}");
+        }
+        for i in 0..64 {
+            assert_eq!(read(&mem, b, i), content(seed_b(i)), "b {i}");
+        }
+        // Nothing is shared across the domains: 64 frames of contents, 64 unique pages.
+        assert_eq!(mem.accounting().frames, 64 + 64);
+    }
+}
