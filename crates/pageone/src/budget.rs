@@ -25,6 +25,9 @@ pub(crate) struct MapGate {
     budget: u64,
     /// Refusals for the limit in the current pass.
     refused: AtomicU64,
+    /// A chunk of this budget was run in the current merge pass (a pass with a
+    /// `pages_per_pass` budget may visit none: it neither retries nor ends the episode).
+    visited: AtomicBool,
     /// Merge passes started.
     pub(crate) pass: AtomicU64,
     /// Closed while `pass < closed_until`.
@@ -59,6 +62,7 @@ impl MapGate {
         MapGate {
             budget,
             refused: AtomicU64::new(0),
+            visited: AtomicBool::new(false),
             pass: AtomicU64::new(0),
             closed_until: AtomicU64::new(0),
             backoff: AtomicU64::new(1),
@@ -118,6 +122,7 @@ impl MapGate {
     /// went up since the refusal.
     pub(crate) fn start_pass<M: PageMemory>(&self, memory: &M, in_place: bool) {
         self.pass.fetch_add(1, Ordering::Relaxed);
+        self.visited.store(false, Ordering::Relaxed);
         if in_place {
             self.measure(memory);
         }
@@ -131,11 +136,17 @@ impl MapGate {
             .store(!self.is_closed(), Ordering::Relaxed);
     }
 
-    /// At the end of a merge pass: a pass that had the gate open and met no refusal for
-    /// the limit ends the episode.
+    /// A chunk of this budget is being run in a merge pass.
+    pub(crate) fn visit(&self) {
+        self.visited.store(true, Ordering::Relaxed);
+    }
+
+    /// At the end of a merge pass: a pass that ran chunks of this budget with the gate
+    /// open and met no refusal for the limit ends the episode.
     pub(crate) fn end_pass(&self) {
         let refused = self.refused.swap(0, Ordering::Relaxed);
-        if self.open_at_start.load(Ordering::Relaxed) && refused == 0 {
+        let visited = self.visited.swap(false, Ordering::Relaxed);
+        if visited && self.open_at_start.load(Ordering::Relaxed) && refused == 0 {
             self.backoff.store(1, Ordering::Relaxed);
             self.reported.store(false, Ordering::Relaxed);
         }
@@ -192,8 +203,14 @@ impl Gates {
         }
     }
 
-    /// The gate of the budget `region`'s merges spend.
-    pub(crate) fn of<M: PageMemory>(&self, memory: &M, region: RegionId) -> Arc<MapGate> {
+    /// The gate of the budget `region`'s merges spend. A gate made now (the budget's
+    /// first chunk, in a pass under way) starts its pass at once, measuring the budget.
+    pub(crate) fn of<M: PageMemory>(
+        &self,
+        memory: &M,
+        region: RegionId,
+        in_place: bool,
+    ) -> Arc<MapGate> {
         let budget = memory.mapping_budget(region);
         if let Some(g) = self
             .map
@@ -207,7 +224,11 @@ impl Gates {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .entry(budget)
-            .or_insert_with(|| Arc::new(MapGate::new(budget)))
+            .or_insert_with(|| {
+                let gate = MapGate::new(budget);
+                gate.start_pass(memory, in_place);
+                Arc::new(gate)
+            })
             .clone()
     }
 

@@ -329,7 +329,10 @@ impl<M: PageMemory> Ctx<'_, M> {
     /// Runs `kind` over every page of `chunk`; returns what it did.
     pub(crate) fn run(&self, chunk: &Chunk<M::Frame>, kind: PassKind) -> Tally {
         // Merges of the chunk's pages spend its region's budget: its gate decides.
-        let gate = self.gates.of(self.memory, chunk.region);
+        let gate = self.gates.of(self.memory, chunk.region, self.in_place);
+        if kind == PassKind::Merge {
+            gate.visit();
+        }
         Ctx {
             gate: Some(&gate),
             ..*self

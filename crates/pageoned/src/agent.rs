@@ -30,8 +30,12 @@
 //! page free itself, in this process, exactly as [`Recycler::examine`] does: it reads
 //! the page's mark, validates it against the pool, claims the pool's slot (a CAS in
 //! guest RAM), recycles the page (the guest then reads zeros) and completes the claim.
-//! The service only asks: it never sees the pool or its secret, and a compromised
-//! service cannot make the agent drop a page its guest did not offer. A hostile guest
+//! The service only asks: the protocol never carries the pool or its secret, and no
+//! message can make the agent drop a page its guest did not offer. (A compromised
+//! service is another matter: it has the ptrace access the agent grants it for
+//! `process_vm_readv`, which also allows writing the VMM's memory, and it holds the
+//! store the merged pages map, so it is trusted with the guests' memory; what the
+//! protocol denies it is only what it cannot do without that.) A hostile guest
 //! (a broken header, slots naming other frames) only fails its own marks, which the
 //! recycler counts ([`Agent::recycler_stats`]) and skips.
 //!
@@ -85,8 +89,8 @@ pub struct AgentConfig {
     /// them read as zeros because the service says so) (default off). The Per Page
     /// Recycler does not need it: its requests ([`Op::Reclaim`]) recycle only pages the
     /// agent itself proves free against its guest's pool ([`Agent::register_pool`]). So
-    /// an agent refuses unproven recycling unless told otherwise: a bug or a compromise
-    /// of the service then cannot zero guest memory.
+    /// an agent refuses unproven recycling unless told otherwise: a bug in the service
+    /// then cannot zero guest memory through the protocol.
     pub allow_recycle: bool,
     /// The user ids a service may run as (checked with `SO_PEERCRED` before anything is
     /// sent; default: root and this process's own user). The service may recycle and

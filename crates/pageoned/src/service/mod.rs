@@ -45,9 +45,11 @@
 //!   claim) and answers which pages it recycled; the engine leaves those alone this
 //!   pass.
 //!
-//! The service never reads or writes a pool, never learns a pool's secret, and cannot
-//! make an agent recycle a page its guest did not offer: a compromised service can only
-//! ask. A hostile guest's pool (a bad header, marks or slots naming other frames) is the
+//! The protocol never carries a pool or its secret, and no message makes an agent
+//! recycle a page its guest did not offer: through the protocol the service can only
+//! ask. (The service is trusted with the guests' memory all the same: the ptrace access
+//! its reads need also allows writes, and merged pages map its store.) A hostile guest's
+//! pool (a bad header, marks or slots naming other frames) is the
 //! agent's recycler's to reject, page by page (counted in its `ppr_host::Stats`).
 //!
 //! # Consistency

@@ -477,9 +477,11 @@ impl PageMemory for RemoteMemory {
         self.sessions_budget().map(|(in_use, _)| in_use)
     }
 
-    /// Each VMM process has its own budget (its `vm.max_map_count`): its client id.
+    /// Each VMM process has its own budget (its `vm.max_map_count`): its process id
+    /// (`SO_PEERCRED`; one budget for every connection of one process).
     fn mapping_budget(&self, region: RegionId) -> u64 {
-        self.region(region).map_or(u64::MAX, |r| r.session.client.0)
+        self.region(region)
+            .map_or(u64::MAX, |r| r.session.peer.pid as u32 as u64)
     }
 
     fn budget_limit(&self, budget: u64) -> Option<u64> {
@@ -521,16 +523,18 @@ impl PageMemory for RemoteMemory {
 }
 
 impl RemoteMemory {
-    /// What the agent of the VMM with client id `client` reported of its mappings (in
-    /// use, limit), if it reported a limit.
-    fn session_mappings(&self, client: u64) -> Option<(u64, u64)> {
+    /// What an agent of the VMM process `pid` reported of its mappings (in use, limit),
+    /// if it reported a limit (the highest of its connections' reports: they count the
+    /// same process's mappings).
+    fn session_mappings(&self, pid: u64) -> Option<(u64, u64)> {
         let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         regions
             .iter()
             .flatten()
-            .find(|r| r.session.client.0 == client)
+            .filter(|r| r.session.peer.pid as u32 as u64 == pid)
             .map(|r| r.session.mappings())
             .filter(|&(_, limit)| limit > 0)
+            .max_by_key(|&(in_use, _)| in_use)
     }
 
     /// The mapping budget of the process closest to its limit, scaled: (in use, limit)
