@@ -1449,3 +1449,76 @@ fn spinning_fault_threads_resolve_every_write_and_stop() {
         drop(mem);
     }
 }
+
+/// The CPUs a thread of this process may run on, from `/proc` (`Cpus_allowed_list`).
+fn cpus_allowed(task: &std::path::Path) -> String {
+    std::fs::read_to_string(task.join("status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A batch of the backend's own remaps brings the fault thread onto the caller's CPU
+/// (`LinuxConfig::fault_threads_follow`, see the backend's `follow.rs`), and its own
+/// affinity is back once the batch is done: the contents merge as ever.
+#[test]
+fn the_fault_thread_goes_back_to_its_cpus_after_a_batch() {
+    let Some(mem) = memory() else { return };
+    let r = mem.add_region(64, DomainId(0)).unwrap();
+    let pages: Vec<PageId> = (0..64).map(|i| PageId::new(r, i)).collect();
+    for &p in &pages {
+        fill(&mem, p, 1 + (p.index % 2) as u64);
+    }
+    let ours = cpus_allowed(std::path::Path::new("/proc/thread-self"));
+    // This memory's fault threads (other tests' run beside them).
+    let t0 = Instant::now();
+    while mem.fault_thread_ids().is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let faults: Vec<std::path::PathBuf> = mem
+        .fault_thread_ids()
+        .iter()
+        .map(|tid| std::path::PathBuf::from(format!("/proc/self/task/{tid}")))
+        .collect();
+    assert!(!faults.is_empty(), "a fault thread runs");
+    // What the fault threads may run on while the batch is under way (the dirty hook is
+    // told of each merged page inside the batch).
+    let during = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen, watched) = (during.clone(), faults.clone());
+    mem.set_dirty_hook(Some(Arc::new(move |_| {
+        let mut seen = seen.lock().unwrap();
+        if seen.is_empty() {
+            seen.extend(watched.iter().map(|t| cpus_allowed(t)));
+        }
+    })));
+    let tokens: Vec<page_memory::ProtectToken> = mem
+        .protect(&pages)
+        .into_iter()
+        .map(|t| t.unwrap())
+        .collect();
+    let canon = mem
+        .canonicalize_batch(&[(pages[0], tokens[0]), (pages[1], tokens[1])])
+        .into_iter()
+        .map(|f| f.unwrap())
+        .collect::<Vec<_>>();
+    let items: Vec<(PageId, page_memory::ProtectToken, &LinuxFrame)> = (2..64)
+        .map(|i| (pages[i], tokens[i], &canon[i % 2]))
+        .collect();
+    for r in mem.merge_batch(&items) {
+        assert_eq!(r.unwrap(), MergeOutcome::Merged);
+    }
+    let during = during.lock().unwrap().clone();
+    assert_eq!(during.len(), faults.len());
+    for cpus in &during {
+        // One CPU (the caller's) while the batch ran.
+        assert!(cpus.parse::<usize>().is_ok(), "during the batch: {cpus}");
+    }
+    for t in &faults {
+        assert_eq!(cpus_allowed(t), ours, "{}", t.display());
+    }
+    for &p in &pages {
+        assert!(holds(&mem, p, 1 + (p.index % 2) as u64));
+    }
+}

@@ -171,6 +171,7 @@ impl PageMemory for LinuxMemory {
         if let Err(refused) = inner.pins_last_checked(&ids) {
             return refused;
         }
+        let _near = inner.follow();
         let mut out = Vec::with_capacity(items.len());
         let max = inner.config.max_run_pages.max(1);
         // The store slot of a frame of this memory (`None`: the zero frame, or foreign).
@@ -231,6 +232,7 @@ impl PageMemory for LinuxMemory {
         if let Err(refused) = self.inner.pins_checked(pages) {
             return refused;
         }
+        let _near = self.inner.follow();
         let mut out = Vec::with_capacity(pages.len());
         for run in consecutive_runs(pages) {
             let start = out.len();
@@ -356,6 +358,7 @@ impl LinuxMemory {
         if let Err(refused) = self.inner.pins_last_checked(&ids) {
             return refused;
         }
+        let _near = self.inner.follow();
         let mut out = Vec::with_capacity(pages.len());
         let max = self.inner.config.max_run_pages.max(1);
         let mut k = 0;

@@ -117,6 +117,7 @@ const RETRY: Duration = Duration::from_micros(20);
 fn fault_loop(inner: &Inner, stop: &OwnedFd) {
     let Some(uffd) = &inner.uffd else { return };
     IN_FAULT_THREAD.with(|f| f.set(true));
+    inner.follow.register_this_thread();
     let mut buf = Uffd::msg_buffer(64);
     let mut pending: VecDeque<Work> = VecDeque::new();
     let spin = inner.config.fault_spin;

@@ -487,6 +487,7 @@ mod config;
 mod contract;
 mod error;
 mod fault;
+mod follow;
 mod linked;
 mod map_guard;
 mod pins;
@@ -543,6 +544,8 @@ struct Inner {
     /// are any, the fault threads poll without sleeping if `own_event_spin` is on, so that
     /// the kernel, which holds the caller until its event is read, lets it go at once.
     own_in_flight: std::sync::atomic::AtomicUsize,
+    /// Where the fault threads run while a batch of remaps is under way.
+    follow: follow::Follow,
     hook: RwLock<Option<DirtyHook>>,
     counters: Counters,
 }
@@ -621,6 +624,7 @@ impl LinuxMemory {
             guard,
             pins: PinWatch::new(),
             own_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            follow: follow::Follow::default(),
             hook: RwLock::new(None),
             counters: Counters::default(),
             config,
@@ -630,6 +634,16 @@ impl LinuxMemory {
             None => None,
         };
         Ok(LinuxMemory { inner, faults })
+    }
+
+    /// The thread ids of the fault threads that have started (each registers as it
+    /// starts, so right after [`new`](Self::new) the list may still be short): for an
+    /// embedder's placement of them (priority, cgroups). With
+    /// [`LinuxConfig::fault_threads_follow`] the backend narrows their CPU affinity while a
+    /// batch of its own remaps is under way and puts back the affinity they had when they
+    /// started.
+    pub fn fault_thread_ids(&self) -> Vec<i32> {
+        self.inner.follow.thread_ids()
     }
 
     /// What the kernel offered.
@@ -830,6 +844,12 @@ impl Drop for LinuxMemory {
 }
 
 impl Inner {
+    /// The fault threads on this thread's CPU until the returned guard drops, for a batch
+    /// of remaps (see `follow.rs`), if configured.
+    fn follow(&self) -> Option<follow::Following<'_>> {
+        (self.config.fault_threads_follow && self.uffd.is_some()).then(|| self.follow.follow())
+    }
+
     /// The canonical store now.
     fn store(&self) -> Arc<Store> {
         self.store.read().unwrap_or_else(|e| e.into_inner()).clone()

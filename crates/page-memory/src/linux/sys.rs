@@ -604,3 +604,32 @@ pub(crate) fn smaps_totals(ranges: &[(usize, usize)]) -> std::io::Result<SmapsTo
     }
     Ok(t)
 }
+
+/// Thread affinity, for the fault threads to follow the backend's own remaps
+/// (`follow.rs`).
+pub(super) mod affinity {
+    use rustix::thread::{CpuSet, Pid};
+
+    /// The calling thread's id.
+    pub(in super::super) fn this_thread() -> Pid {
+        rustix::thread::gettid()
+    }
+
+    /// The CPUs thread `tid` may run on.
+    pub(in super::super) fn get(tid: Pid) -> Option<CpuSet> {
+        rustix::thread::sched_getaffinity(Some(tid)).ok()
+    }
+
+    /// Lets thread `tid` run on `cpus` only (a thread that is gone, or CPUs the process
+    /// may not use, leave it as it was).
+    pub(in super::super) fn set(tid: Pid, cpus: &CpuSet) {
+        let _ = rustix::thread::sched_setaffinity(Some(tid), cpus);
+    }
+
+    /// The CPU the calling thread runs on now (alone in a set).
+    pub(in super::super) fn here() -> CpuSet {
+        let mut set = CpuSet::new();
+        set.set(rustix::thread::sched_getcpu());
+        set
+    }
+}
