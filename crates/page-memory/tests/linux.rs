@@ -1521,4 +1521,14 @@ fn the_fault_thread_goes_back_to_its_cpus_after_a_batch() {
     for &p in &pages {
         assert!(holds(&mem, p, 1 + (p.index % 2) as u64));
     }
+    // An affinity the embedder gives a fault thread between batches stays after the next.
+    let tid = mem.fault_thread_ids()[0];
+    let mut cpu0 = rustix::thread::CpuSet::new();
+    cpu0.set(0);
+    rustix::thread::sched_setaffinity(rustix::thread::Pid::from_raw(tid), &cpu0).unwrap();
+    for r in mem.recycle(&pages[32..40]) {
+        r.unwrap();
+    }
+    let task = std::path::PathBuf::from(format!("/proc/self/task/{tid}"));
+    assert_eq!(cpus_allowed(&task), "0");
 }

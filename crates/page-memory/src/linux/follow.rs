@@ -10,57 +10,68 @@
 //! (`docs/benchmarks.md`). So while a batch of remaps is under way
 //! ([`PageMemory::merge_batch`](crate::PageMemory::merge_batch), `canonicalize_batch`,
 //! `recycle`), the fault threads may run only on the caller's CPU, where the caller is
-//! blocked in the kernel and the hand-off is a context switch; their own affinity is put
-//! back when the last batch under way ends. A guest's write fault meanwhile is resolved
+//! blocked in the kernel and the hand-off is a context switch; the affinity they had when
+//! the first batch under way began (the embedder's placement, if it set one) is put back
+//! when the last one ends. A guest's write fault meanwhile is resolved
 //! on that CPU too. Concurrent batches on different CPUs: the last to start wins, the
 //! others' round trips cross CPUs as without this. [`LinuxConfig::fault_threads_follow`]
 //! (default on) turns it off.
 //!
 //! [`LinuxConfig::fault_threads_follow`]: super::LinuxConfig::fault_threads_follow
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use rustix::thread::{CpuSet, Pid};
 
 use super::sys::affinity;
 
-/// The fault threads' ids and own affinities, and the batches under way.
+/// The fault threads and the batches under way.
 #[derive(Default)]
 pub(super) struct Follow {
-    threads: Mutex<Vec<(Pid, CpuSet)>>,
-    batches: AtomicUsize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Each fault thread, and the affinity to put back (read when a batch begins with
+    /// none under way).
+    threads: Vec<(Pid, Option<CpuSet>)>,
+    /// Batches under way.
+    batches: usize,
 }
 
 /// A batch of remaps under way: the fault threads are on its CPU until it drops.
 pub(super) struct Following<'a>(&'a Follow);
 
 impl Follow {
-    /// Called by each fault thread as it starts: records its id and affinity.
+    /// Called by each fault thread as it starts: records its id.
     pub(super) fn register_this_thread(&self) {
-        let tid = affinity::this_thread();
-        if let Some(cpus) = affinity::get(tid) {
-            self.lock().push((tid, cpus));
-        }
+        self.lock().threads.push((affinity::this_thread(), None));
     }
 
     /// The registered fault threads' ids.
     pub(super) fn thread_ids(&self) -> Vec<i32> {
         self.lock()
+            .threads
             .iter()
             .map(|(tid, _)| tid.as_raw_nonzero().get())
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Pid, CpuSet)>> {
-        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Brings the fault threads to the calling thread's CPU for a batch of remaps.
     pub(super) fn follow(&self) -> Following<'_> {
-        self.batches.fetch_add(1, Ordering::AcqRel);
         let here = affinity::here();
-        for (tid, _) in self.lock().iter() {
+        let mut state = self.lock();
+        let first = state.batches == 0;
+        state.batches += 1;
+        for (tid, saved) in state.threads.iter_mut() {
+            if first {
+                *saved = affinity::get(*tid);
+            }
             affinity::set(*tid, &here);
         }
         Following(self)
@@ -69,9 +80,13 @@ impl Follow {
 
 impl Drop for Following<'_> {
     fn drop(&mut self) {
-        if self.0.batches.fetch_sub(1, Ordering::AcqRel) == 1 {
-            for (tid, cpus) in self.0.lock().iter() {
-                affinity::set(*tid, cpus);
+        let mut state = self.0.lock();
+        state.batches -= 1;
+        if state.batches == 0 {
+            for (tid, saved) in state.threads.iter_mut() {
+                if let Some(cpus) = saved.take() {
+                    affinity::set(*tid, &cpus);
+                }
             }
         }
     }

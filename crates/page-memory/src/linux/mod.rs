@@ -638,10 +638,10 @@ impl LinuxMemory {
 
     /// The thread ids of the fault threads that have started (each registers as it
     /// starts, so right after [`new`](Self::new) the list may still be short): for an
-    /// embedder's placement of them (priority, cgroups). With
+    /// embedder's placement of them (priority, cgroups, affinity). With
     /// [`LinuxConfig::fault_threads_follow`] the backend narrows their CPU affinity while a
-    /// batch of its own remaps is under way and puts back the affinity they had when they
-    /// started.
+    /// batch of its own remaps is under way and puts back the affinity they had when the
+    /// batch began: an affinity the embedder sets between batches stays.
     pub fn fault_thread_ids(&self) -> Vec<i32> {
         self.inner.follow.thread_ids()
     }
