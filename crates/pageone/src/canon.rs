@@ -26,13 +26,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use page_memory::DomainId;
 use sdtree::{Insert, SdMap};
 
 use crate::stats::Counters;
-use crate::unique::BuildPrintHasher;
+use crate::unique::PrintMap;
 
 /// A canonical page: an immutable frame and the pages that map it.
 pub(crate) struct Canon<F> {
@@ -45,32 +45,20 @@ pub(crate) struct Canon<F> {
     group: usize,
 }
 
-/// Canonical pages by print, in shards locked separately.
+/// Canonical pages by print.
 struct Prints<F> {
-    shards: Box<[Mutex<PrintShard<F>>]>,
+    map: PrintMap<Arc<Canon<F>>>,
 }
 
-type PrintShard<F> = HashMap<u64, Arc<Canon<F>>, BuildPrintHasher>;
-
 impl<F> Prints<F> {
-    const SHARDS: usize = 64;
-
     fn new() -> Self {
         Prints {
-            shards: (0..Self::SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
+            map: PrintMap::new(),
         }
     }
 
-    fn shard(&self, print: u64) -> std::sync::MutexGuard<'_, PrintShard<F>> {
-        self.shards[(print >> 58) as usize % Self::SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
     fn get(&self, print: u64) -> Option<Arc<Canon<F>>> {
-        self.shard(print).get(&print).cloned()
+        self.map.shard(print).get(&print).cloned()
     }
 
     /// Enters `canon` under its print, unless a canonical page that still has sharers is
@@ -78,7 +66,7 @@ impl<F> Prints<F> {
     /// pages of `canon`'s contents find it in the tree by their contents, see
     /// `MergeOutcome::Differs` in `flush`).
     fn insert(&self, canon: &Arc<Canon<F>>) {
-        let mut shard = self.shard(canon.print);
+        let mut shard = self.map.shard(canon.print);
         match shard.get(&canon.print) {
             Some(live) if live.sharers.load(Ordering::Relaxed) > 0 => {}
             _ => {
@@ -89,7 +77,7 @@ impl<F> Prints<F> {
 
     /// Takes `canon` out, if it is still the page under its print.
     fn remove(&self, canon: &Arc<Canon<F>>) {
-        let mut shard = self.shard(canon.print);
+        let mut shard = self.map.shard(canon.print);
         if shard
             .get(&canon.print)
             .is_some_and(|c| Arc::ptr_eq(c, canon))
@@ -286,10 +274,9 @@ impl<F: AsRef<[u8]> + Clone + Send + Sync + 'static> Canons<F> {
     }
 }
 
-/// Bytes of the table by print per canonical page (key, value, and the table's slack at
-/// its usual load, as [`Uniques::entry_bytes`](crate::unique::Uniques::entry_bytes)).
-pub(crate) fn print_entry_bytes() -> usize {
-    (std::mem::size_of::<(u64, usize)>() + 1) * 8 / 7
+/// Bytes of the table by print per canonical page.
+pub(crate) fn print_entry_bytes<F>() -> usize {
+    PrintMap::<Arc<Canon<F>>>::entry_bytes()
 }
 
 /// Keeps `pages_shared` / `pages_sharing` / `pages_unshared` exact across one change of a

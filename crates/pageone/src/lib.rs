@@ -933,7 +933,7 @@ impl<M: PageMemory + 'static> PageOne<M> {
             + 2 * std::mem::size_of::<usize>()
             + std::mem::size_of::<(canon::FrameKey<M::Frame>, Arc<Canon<M::Frame>>)>()
             + sdtree::NODE_BYTES
-            + canon::print_entry_bytes();
+            + canon::print_entry_bytes::<M::Frame>();
         let canon_records = get(&c.pages_shared) + get(&c.pages_unshared);
         let metadata_bytes = pages * per_page as u64
             + canon_records * per_canon as u64

@@ -813,7 +813,7 @@ impl<M: PageMemory> Ctx<'_, M> {
         let domain = chunk.domain;
         let group = self.canons.group(domain);
         let id = |i: u32| PageId::new(chunk.region, chunk.first + i);
-        let zero_print = self.uniques.print(&[0u8; PAGE_SIZE], group);
+        let zero_print = self.uniques.zero_print(group);
         let unread = stable.iter().filter(|s| s.2 == 0).count();
         let mut bufs = vec![[0u8; PAGE_SIZE]; READ_GROUP.min(unread)];
         let mut batch = Batch::default();

@@ -44,7 +44,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 
-use page_memory::{PageId, ProtectToken};
+use page_memory::{PageId, ProtectToken, PAGE_SIZE};
 
 /// An indexed unique page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,7 +66,7 @@ pub(crate) enum Pair {
 
 /// Keys are prints already: hash them as they are.
 #[derive(Clone, Copy, Default)]
-pub(crate) struct PrintHasher(u64);
+struct PrintHasher(u64);
 
 impl Hasher for PrintHasher {
     fn finish(&self) -> u64 {
@@ -83,7 +83,7 @@ impl Hasher for PrintHasher {
 }
 
 #[derive(Clone, Copy, Default)]
-pub(crate) struct BuildPrintHasher;
+struct BuildPrintHasher;
 
 impl BuildHasher for BuildPrintHasher {
     type Hasher = PrintHasher;
@@ -92,14 +92,47 @@ impl BuildHasher for BuildPrintHasher {
     }
 }
 
-type Shard = HashMap<u64, UniqueRef, BuildPrintHasher>;
+/// Values keyed by prints, in shards locked separately (a lookup holds one shard for a
+/// hash probe): the index of unique pages, and the canonical pages by print
+/// (`canon.rs`).
+pub(crate) struct PrintMap<V> {
+    shards: Box<[Mutex<HashMap<u64, V, BuildPrintHasher>>]>,
+}
 
-/// The index of unique pages: prints to pages, in shards locked separately (a lookup
-/// holds one shard for a hash probe).
+impl<V> PrintMap<V> {
+    const SHARDS: usize = 64;
+
+    pub(crate) fn new() -> Self {
+        PrintMap {
+            shards: (0..Self::SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+        }
+    }
+
+    /// The shard that holds `print`, locked.
+    pub(crate) fn shard(
+        &self,
+        print: u64,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, V, impl BuildHasher>> {
+        self.shards[(print >> 58) as usize % Self::SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes per entry (key, value, and the table's slack at its usual load).
+    pub(crate) fn entry_bytes() -> usize {
+        (std::mem::size_of::<(u64, V)>() + 1) * 8 / 7
+    }
+}
+
+/// The index of unique pages: prints to pages.
 pub(crate) struct Uniques {
-    shards: Box<[Mutex<Shard>]>,
+    map: PrintMap<UniqueRef>,
     /// The print's key ([`fingerprint`]).
     secret: Box<[u8; SECRET_BYTES]>,
+    /// The fingerprint of the all-zero page (before its group's tag).
+    zeros: u64,
     /// Test hook: prints are masked to this many bits (+1) to force collisions.
     mask: u64,
 }
@@ -108,8 +141,6 @@ pub(crate) struct Uniques {
 const SECRET_BYTES: usize = 192;
 
 impl Uniques {
-    const SHARDS: usize = 64;
-
     #[cfg(test)]
     pub(crate) fn new() -> Self {
         Self::with_mask(u64::MAX)
@@ -124,11 +155,11 @@ impl Uniques {
         for (i, chunk) in secret.chunks_exact_mut(8).enumerate() {
             chunk.copy_from_slice(&keys.hash_one(i as u64).to_le_bytes());
         }
+        let zeros = fingerprint(&[0u8; PAGE_SIZE], &secret);
         Uniques {
-            shards: (0..Self::SHARDS)
-                .map(|_| Mutex::new(Shard::default()))
-                .collect(),
+            map: PrintMap::new(),
             secret,
+            zeros,
             mask,
         }
     }
@@ -136,13 +167,16 @@ impl Uniques {
     /// The print of a page's contents in tree group `group`: equal contents in one group
     /// have equal prints. Never 0.
     pub(crate) fn print(&self, bytes: &[u8], group: usize) -> u64 {
-        (fingerprint(bytes, &self.secret) ^ group_tag(group)) & self.mask | 1
+        self.tagged(fingerprint(bytes, &self.secret), group)
     }
 
-    fn shard(&self, print: u64) -> std::sync::MutexGuard<'_, Shard> {
-        self.shards[(print >> 58) as usize % Self::SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// The print of the all-zero page in tree group `group` (computed once).
+    pub(crate) fn zero_print(&self, group: usize) -> u64 {
+        self.tagged(self.zeros, group)
+    }
+
+    fn tagged(&self, fingerprint: u64, group: usize) -> u64 {
+        (fingerprint ^ group_tag(group)) & self.mask | 1
     }
 
     /// Indexes `me` under `print` (if `index`), unless a live page is indexed there
@@ -155,7 +189,7 @@ impl Uniques {
         index: bool,
         live: impl FnOnce(&UniqueRef) -> bool,
     ) -> Pair {
-        let mut shard = self.shard(print);
+        let mut shard = self.map.shard(print);
         match shard.get(&print) {
             Some(other) if other.page != me.page && live(other) => {
                 let other = *other;
@@ -172,7 +206,7 @@ impl Uniques {
 
     /// Takes `page`'s entry under `print` out of the index, if it is still there.
     pub(crate) fn remove(&self, print: u64, page: PageId) {
-        let mut shard = self.shard(print);
+        let mut shard = self.map.shard(print);
         if shard.get(&print).is_some_and(|r| r.page == page) {
             shard.remove(&print);
         }
@@ -180,7 +214,7 @@ impl Uniques {
 
     /// Bytes of index per entry (key, value, and the table's slack at its usual load).
     pub(crate) fn entry_bytes() -> usize {
-        (std::mem::size_of::<(u64, UniqueRef)>() + 1) * 8 / 7
+        PrintMap::<UniqueRef>::entry_bytes()
     }
 }
 
@@ -201,7 +235,7 @@ fn group_tag(group: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use page_memory::{RegionId, PAGE_SIZE};
+    use page_memory::RegionId;
 
     fn page(i: u32) -> UniqueRef {
         UniqueRef {
