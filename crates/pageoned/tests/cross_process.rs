@@ -424,7 +424,7 @@ fn an_agent_that_stops_answering_is_cut_off_and_the_passes_go_on() {
     if !backend_here() {
         return;
     }
-    use pageoned::wire::{self, Msg};
+    use pageoned::wire::Msg;
     let (_dir, path) = socket("mute");
     let engine = pageone::Config::default().stable_periods(1);
     let svc = Service::start(
@@ -436,23 +436,7 @@ fn an_agent_that_stops_answering_is_cut_off_and_the_passes_go_on() {
     .unwrap();
     // An "agent" that registers real memory of this process, then never answers.
     let fd = raw::hello(&path, "mute");
-    let ram = vec![7u8; 32 * 4096];
-    let base = (ram.as_ptr() as u64).next_multiple_of(4096);
-    raw::send(
-        &fd,
-        &Msg::Register {
-            id: 1,
-            regions: vec![wire::RegionDecl {
-                region: 1,
-                addr: base,
-                pages: 16,
-            }],
-        },
-    );
-    assert!(matches!(
-        raw::recv(&fd),
-        Some(Ok(Msg::Registered { result: Ok(()), .. }))
-    ));
+    let ram = raw::register_own_memory(&fd);
     let d = my_domain();
     let t0 = std::time::Instant::now();
     for _ in 0..4 {

@@ -296,33 +296,14 @@ mod raw;
 /// did not register, and goes on.
 #[test]
 fn wrong_answers_to_reclaim_are_not_believed() {
-    use pageoned::wire::{ErrorCode, Msg, Op, RegionDecl, ReplyBody};
+    use pageoned::wire::{ErrorCode, Msg, Op, ReplyBody};
     let Some((_dir, path, svc)) = start("liar") else {
         return;
     };
     let d = my_domain();
     let fd = raw::hello(&path, "liar");
     // Real memory of this process (the service reads it), never touched by anyone else.
-    let ram = vec![7u8; 32 * 4096];
-    let base = (ram.as_ptr() as u64).next_multiple_of(4096);
-    raw::send(
-        &fd,
-        &Msg::Register {
-            id: 1,
-            regions: vec![RegionDecl {
-                region: 1,
-                addr: base,
-                pages: 16,
-            }],
-        },
-    );
-    assert!(matches!(
-        raw::recv(&fd),
-        Some(Ok(Msg::Registered {
-            id: 1,
-            result: Ok(())
-        }))
-    ));
+    let ram = raw::register_own_memory(&fd);
     // Region 99 was never registered: named, but never asked about.
     raw::send(
         &fd,

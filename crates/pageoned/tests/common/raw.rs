@@ -33,3 +33,30 @@ pub fn hello(path: &Path, name: &str) -> OwnedFd {
     assert_eq!(got.fds.len(), 1, "the welcome carries the store");
     fd
 }
+
+/// Registers 16 pages of this process's own memory (which the service can read) as the
+/// connection's region 1, and waits for the service's yes; the memory is returned, to be
+/// kept while the region is registered.
+pub fn register_own_memory(fd: &OwnedFd) -> Vec<u8> {
+    let ram = vec![7u8; 32 * 4096];
+    let base = (ram.as_ptr() as u64).next_multiple_of(4096);
+    send(
+        fd,
+        &Msg::Register {
+            id: 1,
+            regions: vec![wire::RegionDecl {
+                region: 1,
+                addr: base,
+                pages: 16,
+            }],
+        },
+    );
+    assert!(matches!(
+        recv(fd),
+        Some(Ok(Msg::Registered {
+            id: 1,
+            result: Ok(())
+        }))
+    ));
+    ram
+}
