@@ -25,11 +25,12 @@
 //! write-protected (**watches**) those whose contents are what the previous pass read
 //! (Linux KSM's checksum test: [`Config::unchanged_before_protect`], on by default; off,
 //! every volatile page is protected at once). The second read is done under protection:
-//! the page is protected, read, and unprotected at once if it changed, so its **print**
-//! (a seeded 64-bit fingerprint of its contents, see *Unique pages*) is exact for as long
-//! as its protection holds. A page the guest keeps writing is then read unprotected, once
-//! a pass, until a read finds it unchanged, so it is protected only for the moment of one
-//! read and costs its guest no fault unless written in that moment. A page that stays
+//! the page is protected, read, and unprotected if it changed once its chunk's pages are
+//! read, so its **print** (a keyed 64-bit fingerprint of its contents, see *Unique
+//! pages*) is exact for as long as its protection holds. A page the guest keeps writing
+//! is then read unprotected, once a pass, until a read finds it unchanged, so it is
+//! protected only while one chunk is read and costs its guest no fault unless written in
+//! that moment. A page that stays
 //! unwritten for [`Config::stable_periods`] merge passes (two, as in the original:
 //! "observe for two periods, merge in the third"; the unchanged period before protection
 //! counts as the first) is merged, **without being read again** when its print is known:
@@ -58,15 +59,16 @@
 //! stable, as the first version did, costs the backend a copy and a remap per page (on
 //! Linux a store slot, an `mmap(MAP_FIXED)` and its round trip to the fault thread) that
 //! Linux KSM never pays. Instead a stable page with no canonical match is entered in an
-//! index of unique pages under a *print* of its contents (a 64-bit fingerprint seeded at
-//! random per engine, tagged with the page's tree group) and left alone: protected, its
+//! index of unique pages under a *print* of its contents (a 64-bit fingerprint keyed with
+//! a random secret per engine, tagged with the page's tree group) and left alone: protected, its
 //! own memory, no mapping spent. Only when a second stable page with the same print comes
 //! along do both pay: the newcomer is made canonical, and the indexed page (its twin) is
 //! flagged in its chunk and merged with it, by the thread that holds that chunk, either
 //! before that thread lets the chunk go or in a short sweep at the end of the pass over
 //! the flagged chunks only. A print is a hint: every merge is verified in full by the
-//! backend, and a collision (about 2⁻⁶⁴ per pair; a guest cannot aim for one without the
-//! seed) costs one needless canonicalization. A write to a unique page takes it out of the
+//! backend, and a collision (rare for contents chosen without the engine's secret, which
+//! no guest sees) costs work: one needless canonicalization, after which the page is
+//! looked up by its contents. A write to a unique page takes it out of the
 //! index at the next pass. The index is keyed by prints rather than by the pages read in
 //! place because a key read in place is read by every later search that passes by it, and
 //! a VMM may unmap guest memory at any time (the Linux backend reads guest memory only

@@ -517,9 +517,9 @@ impl<M: PageMemory> Ctx<'_, M> {
     /// (watched, with one stable period behind it) if it holds what the earlier read saw;
     /// read under protection, its print is exact while its token holds, so the pass that
     /// finds it stable need not read it again (see `merge_stable`). A page that changed is
-    /// unprotected at once and keeps its new print, and its next reads are done without
+    /// unprotected once the chunk is read and keeps its new print, and its next reads are done without
     /// protection until one finds it unchanged: a page the guest keeps writing is read
-    /// once a pass, as by KSM, and protected only for the moment of one read. A page
+    /// once a pass, as by KSM, and protected only while one chunk is read. A page
     /// never read since it changed (print 0) is only read.
     fn unchanged(
         &self,

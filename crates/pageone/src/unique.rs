@@ -2,7 +2,7 @@
 //!
 //! A stable page that matches no canonical page is not copied anywhere. It stays in the
 //! guest's own memory, write-protected, and is entered in this index under a *print* of
-//! its contents (a seeded 64-bit fingerprint, tagged with the page's tree group). Only
+//! its contents (a keyed 64-bit fingerprint, tagged with the page's tree group). Only
 //! when a second stable page with the same print comes along do both pages pay for
 //! sharing: the newcomer is made canonical (a copy into the backend's store and a remap)
 //! and the indexed page is handed that canonical page, through its chunk's list of twins,
